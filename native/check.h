@@ -1,0 +1,7 @@
+#ifndef VMBUSD_CHECK_H
+#define VMBUSD_CHECK_H
+#include "vmbusd.h"
+int64_t vmb_check_echo(const uint8_t *buf, const uint32_t *index, uint32_t n,
+                       uint64_t expect_tid, const uint8_t *pattern, uint32_t pattern_len,
+                       const uint32_t *lens, uint32_t payload_len);
+#endif
