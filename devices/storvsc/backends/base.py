@@ -15,7 +15,15 @@ from typing import Any, Protocol, runtime_checkable
 
 
 class BackendIOError(Exception):
-    """An I/O to the backing store failed; the command gets MEDIUM ERROR."""
+    """An I/O to the backing store failed; the command gets MEDIUM ERROR.
+
+    `offset`, when the backend knows it, is the byte offset of the first failed
+    block: the SCSI layer reports its LBA in the sense INFORMATION field.
+    """
+
+    def __init__(self, *args: object, offset: int | None = None) -> None:
+        super().__init__(*args)
+        self.offset = offset
 
 
 class BackendConfigError(Exception):
@@ -41,6 +49,22 @@ class DiskBackend(Protocol):
     async def unmap(self, ranges: Sequence[tuple[int, int]]) -> None: ...  # (offset, length)
     async def write_zeroes(self, offset: int, length: int) -> None: ...
     async def close(self) -> None: ...
+
+
+# Optional members a backend may have (looked up with getattr, so backends
+# without them keep working):
+#   unmap_zeroes: bool                 unmapped blocks read back as zeros (LBPRZ)
+#   async open() -> None               I/O the constructor may not do (connect, ...)
+#   async resize(new_capacity) -> None change the capacity (the LUN then reports
+#                                      UNIT ATTENTION / CAPACITY DATA HAS CHANGED)
+
+
+async def open_backend(backend: DiskBackend) -> DiskBackend:
+    """Run the backend's optional async `open()` step; returns the backend."""
+    opener = getattr(backend, "open", None)
+    if opener is not None:
+        await opener()
+    return backend
 
 
 def load_backend(name: str, options: dict[str, Any]) -> DiskBackend:
