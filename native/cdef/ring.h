@@ -1,0 +1,142 @@
+/* VMBus ring buffer, both ends. Contract shared with the pure-Python twin in
+ * vmbus/ring.py (PyRingReader / PyRingWriter); tests compare the two byte for byte.
+ * Definitions live in native/ring.h, the code in native/ring.c.
+ *
+ * A ring is one header page (4096 bytes, shared, guest-writable) and a data area
+ * of `size` bytes. If `doubled` is 1 the data area is mapped twice back to back
+ * (data[size..2*size) is the same memory as data[0..size)), so a packet that wraps
+ * is one span; otherwise the code copies in two pieces. Either way no access
+ * leaves [data, data+size) (or [data, data+2*size) when doubled), whatever the
+ * guest wrote. The struct itself is private memory: `priv` is our own index (next
+ * read offset for a reader, next write offset for a writer) and is never read back
+ * from the shared page. The peer's index is read once per decision, then validated.
+ *
+ * Return codes: 0 = OK, negative = one of VMB_E_* (distinct values -1..-14). */
+
+#define VMB_E_WINDEX_RANGE ...     /* write_index >= size */
+#define VMB_E_WINDEX_ALIGN ...     /* write_index not 8-aligned */
+#define VMB_E_RINDEX_RANGE ...     /* read_index >= size */
+#define VMB_E_RINDEX_ALIGN ...     /* read_index not 8-aligned */
+#define VMB_E_AVAIL_PARTIAL ...    /* 0 < bytes available < 16 (half a descriptor) */
+#define VMB_E_OFFSET8_SMALL ...    /* offset8 < 2, or < 3 for types 7 and 9 */
+#define VMB_E_LEN8_LT_OFFSET8 ...  /* len8 < offset8 */
+#define VMB_E_LEN8_GT_AVAIL ...    /* len8*8 + 8 (trailer) > bytes available */
+#define VMB_E_LEN8_GT_RING ...     /* len8*8 + 8 >= size: could never fit in this ring */
+#define VMB_E_BAD_TYPE ...         /* packet type not in the reader's allowed mask */
+#define VMB_E_BAD_FLAGS ...        /* flags other than COMPLETION_REQUESTED */
+#define VMB_E_OUT_TOO_SMALL ...    /* first packet larger than the caller's out buffer */
+#define VMB_E_PKT_TOO_BIG ...      /* writer: packet can never fit in this ring */
+#define VMB_E_BAD_ARG ...          /* caller error: bad size, lengths, ext_len, flags, ... */
+
+#define VMB_READ_PEEK ...          /* read flag: copy out but do not advance or commit */
+#define VMB_RAW_COMPLETE ...       /* write_raw flag: packets with COMPLETION_REQUESTED
+                                      are written as VM_PKT_COMP with flags 0; others as is */
+#define VMB_WRITE_TRANS_ID_BASE ... /* write flag: packet i of the call gets
+                                       trans_id_base + i instead of its own trans_id */
+
+#define VMB_RING_HDR_SIZE ...      /* 4096 */
+#define VMB_RING_OFF_WINDEX ...    /* header offsets (spec §1.1) */
+#define VMB_RING_OFF_RINDEX ...
+#define VMB_RING_OFF_IMASK ...
+#define VMB_RING_OFF_PENDING ...
+#define VMB_RING_OFF_FEATURES ...
+#define VMB_RING_FEAT_PENDING_SEND_SZ ...
+#define VMB_RING_MIN_SIZE ...      /* 32 */
+#define VMB_RING_MAX_SIZE ...      /* 1 << 30: bounds all index arithmetic */
+#define VMB_RING_DEFAULT_TYPES ... /* bits 6, 7, 9, 0xb */
+
+struct vmb_ring {
+    uint8_t *hdr;        /* 4096-byte shared header page */
+    uint8_t *data;       /* shared data area (size bytes, or 2*size if doubled) */
+    uint32_t size;       /* data size D: multiple of 8, 32 <= D <= 1<<30 (checked by open) */
+    uint32_t doubled;
+    uint32_t priv;       /* private index, always < size and 8-aligned */
+    uint32_t allowed_types; /* reader: bit t set = packet type t accepted */
+    uint32_t pending;    /* writer: pending_send_sz value we set, 0 if none */
+    uint32_t _pad;
+};
+
+struct vmb_read_result {
+    uint32_t npkts;      /* packets copied to out (and consumed unless PEEK) */
+    uint32_t out_bytes;  /* bytes used in out */
+    uint32_t consumed;   /* ring bytes consumed (sum of len8*8 + 8) */
+    uint32_t signal;     /* 1: the writer was waiting (pending_send_sz) and now has room */
+};
+
+struct vmb_send {        /* one packet for vmb_ring_write */
+    uint16_t type;
+    uint16_t flags;
+    uint32_t ext_len;    /* first ext_len bytes of the gathered body are the descriptor
+                            extension (multiple of 8): offset8 = (16 + ext_len) / 8 */
+    uint64_t trans_id;
+    uint32_t iov_start;  /* body = concatenation of iov[iov_start .. iov_start+iov_cnt) */
+    uint32_t iov_cnt;
+};
+
+struct vmb_iov {
+    const uint8_t *base;
+    uint64_t len;
+};
+
+struct vmb_write_result {
+    uint32_t npkts;      /* whole packets written (a prefix of the batch) */
+    uint32_t bytes;      /* ring bytes used (sum of len8*8 + 8) */
+    uint32_t signal;     /* 1: the reader should be signalled (was empty, mask clear) */
+    uint32_t _pad;
+};
+
+/* Reader (consumer). open: check size, take the current read_index as priv after
+ * validating it (range, then alignment). */
+int vmb_ring_reader_open(struct vmb_ring *r);
+/* Copy up to max_pkts whole packets (descriptor included, len8*8 bytes each) into out,
+ * each at an 8-aligned offset; index[2i] = offset in out, index[2i+1] = length. The
+ * descriptor in out is the copy that was validated (the guest cannot change it later).
+ * One write_index load (acquire, validated: WINDEX_*), then per packet: avail < 16 ->
+ * AVAIL_PARTIAL; descriptor checks in this order: BAD_TYPE, BAD_FLAGS, OFFSET8_SMALL,
+ * LEN8_LT_OFFSET8, LEN8_GT_RING, LEN8_GT_AVAIL. A packet that does not fit in the rest
+ * of out ends the batch (OUT_TOO_SMALL only if it is the first). Unless PEEK, one
+ * read_index store (release, between full barriers) for the batch and then the
+ * pending_send_sz decision (spec §3.4; signal only if something was consumed, the
+ * ring's feature bit 0 is set, P != 0, and not (W - B > P) and W > P, with W the raw
+ * free space from a re-read, valid write_index). On a validation error the packets
+ * before the bad one are still returned and consumed; the return value is the error. */
+int vmb_ring_read(struct vmb_ring *r, uint8_t *out, uint32_t out_cap, uint32_t *index,
+                  uint32_t max_pkts, uint32_t flags, struct vmb_read_result *res);
+/* Bytes available to read (validated); negative VMB_E_* on a corrupt write_index. */
+int64_t vmb_ring_bytes_to_read(struct vmb_ring *r);
+void vmb_ring_mask(struct vmb_ring *r);                  /* interrupt_mask = 1, full barrier */
+/* interrupt_mask = 0, full barrier, re-check: 1 if data arrived (or the index is corrupt,
+ * so the caller's next read reports it), 0 if the ring is empty. */
+int vmb_ring_unmask(struct vmb_ring *r);
+
+/* Writer (producer). open: check size, take the current write_index as priv after
+ * validating it, and set feature_bits bit 0 (we honour pending_send_sz). */
+int vmb_ring_writer_open(struct vmb_ring *r);
+/* Write a prefix of pkts[0..n) that fits (Linux rule: free > len8*8 + 8), each packet
+ * as descriptor (built here), gathered body, zero pad to 8, trailer (start << 32).
+ * The whole batch is checked first (BAD_ARG: ext_len not a multiple of 8 or beyond the
+ * body, unknown flags; PKT_TOO_BIG: len8 > 0xffff or len8*8 + 8 >= size): an error
+ * writes nothing. read_index is read once (RINDEX_* on corruption). If anything was
+ * written: full barrier, one write_index store (release), clear our pending_send_sz
+ * if we had set it (write barrier first), full barrier, then signal iff interrupt_mask
+ * == 0 and a re-read read_index equals write_index before the batch.
+ * flags: VMB_WRITE_TRANS_ID_BASE (then trans_id_base is used). */
+int vmb_ring_write(struct vmb_ring *r, const struct vmb_send *pkts, uint32_t n,
+                   const struct vmb_iov *iov, uint32_t flags, uint64_t trans_id_base,
+                   struct vmb_write_result *res);
+/* Write preformed packets: buf (buf_len bytes) holds packets as vmb_ring_read returns
+ * them (descriptor included), index as vmb_ring_read fills it. Each entry is checked
+ * first (BAD_ARG: outside buf, length not a multiple of 8 or < 16, len8*8 != length,
+ * offset8 < 2 or > len8; PKT_TOO_BIG) and the trailer is ours; otherwise as
+ * vmb_ring_write. flags: VMB_RAW_COMPLETE. */
+int vmb_ring_write_raw(struct vmb_ring *r, const uint8_t *buf, uint64_t buf_len,
+                       const uint32_t *index, uint32_t n, uint32_t flags,
+                       struct vmb_write_result *res);
+/* Free bytes as Linux counts them (raw free space); negative VMB_E_* on a corrupt read_index. */
+int64_t vmb_ring_bytes_to_write(struct vmb_ring *r);
+/* Blocked writer: pending_send_sz = need (the next packet's len8*8 + 8), full barrier,
+ * re-read read_index. Returns 1 if the packet now fits (free > need; pending cleared
+ * again), 0 if the caller must wait for a signal (pending stays set until the next
+ * successful write), negative VMB_E_* on a corrupt read_index, BAD_ARG for need == 0,
+ * PKT_TOO_BIG for need >= size. */
+int vmb_ring_request_space(struct vmb_ring *r, uint32_t need);
