@@ -26,3 +26,18 @@ int64_t vmb_check_echo(const uint8_t *buf, const uint32_t *index, uint32_t n,
     }
     return -1;
 }
+
+void vmb_bench_memcpy(uint8_t *dst, uint32_t dst_size, const uint8_t *src, uint32_t size,
+                      uint64_t count)
+{
+    uint32_t off = 0, step = (size + 7u) & ~7u;
+    if (step == 0 || step > dst_size)
+        return;
+    for (uint64_t i = 0; i < count; i++) {
+        if (off + step > dst_size)
+            off = 0;
+        memcpy(dst + off, src, size);
+        off += step;
+    }
+    __asm__ volatile("" : : "r"(dst) : "memory"); /* keep the copies */
+}

@@ -5,3 +5,7 @@
 int64_t vmb_check_echo(const uint8_t *buf, const uint32_t *index, uint32_t n,
                        uint64_t expect_tid, const uint8_t *pattern, uint32_t pattern_len,
                        const uint32_t *lens, uint32_t payload_len);
+/* Baseline for benchmarks: copy `count` packets of `size` bytes from src into a ring-like
+ * dst of dst_size bytes at 8-aligned advancing offsets (what a ring write costs at best). */
+void vmb_bench_memcpy(uint8_t *dst, uint32_t dst_size, const uint8_t *src, uint32_t size,
+                      uint64_t count);

@@ -1,0 +1,312 @@
+"""`vmbusd bench ring`: guest -> host -> guest echo between two processes, with baselines.
+
+For each implementation (native, python) the orchestrator starts two processes: a
+vmbusd host serving one echo device, and a simulated VM that opens a fresh echo
+channel per payload size and saturates it. The same two processes also run the
+socketpair baseline (the same messages over an AF_UNIX SOCK_SEQPACKET socketpair
+whose ends the orchestrator hands them), so the comparison shares every cost but
+the transport. memcpy is measured inside the orchestrator.
+
+`python -m vmbus.bench host|vm ...` are the two child roles (not a public CLI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+SIZES = [64, 256, 1024, 4096, 16384, 65536]
+RING_SIZE = 1 << 20  # per direction: room for a window of 64 KiB packets
+QUICK_SECONDS = 0.4
+FULL_SECONDS = 2.0
+SOCKPAIR_BUF = 65536 + 64
+
+
+# -- orchestrator ------------------------------------------------------------------
+
+
+def _log(msg: str) -> None:
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def memcpy_baseline(size: int, seconds: float) -> dict[str, Any]:
+    """Bytes per second of C memcpy of `size`-byte packets into a ring-sized buffer."""
+    from vmbus import native
+
+    src = bytes(range(256)) * (size // 256 + 1)
+    dst = bytearray(RING_SIZE)
+    count = 1
+    # Grow the count until one call takes long enough to time.
+    while True:
+        t0 = time.perf_counter()
+        if native.NATIVE:
+            native.lib.vmb_bench_memcpy(
+                native.ffi.from_buffer(dst), len(dst), src, size, count
+            )
+        else:  # the pure-Python copy is not a memcpy baseline; use the extension anyway
+            from vmbus.native import native_module
+
+            m = native_module()
+            m.lib.vmb_bench_memcpy(m.ffi.from_buffer(dst), len(dst), src, size, count)
+        dt = time.perf_counter() - t0
+        if dt >= seconds / 4 or count > 1 << 34:
+            break
+        count *= 4
+    pps = count / dt
+    return {
+        "size": size,
+        "impl": "memcpy",
+        "packets_per_s": pps,
+        "bytes_per_s": pps * size,
+        "wakeups_per_packet": 0.0,
+        "seconds": dt,
+    }
+
+
+def _run_pair(impl: str, sizes: list[int], seconds: float) -> list[dict[str, Any]]:
+    """Start host + VM children with VMBUSD_NATIVE set for `impl`; collect their records."""
+    env = dict(os.environ, VMBUSD_NATIVE="1" if impl == "native" else "0")
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with tempfile.TemporaryDirectory(prefix="vmbusd-bench-") as tmp:
+        path = os.path.join(tmp, "vmbusd.sock")
+        host = subprocess.Popen(
+            [sys.executable, "-m", "vmbus.bench", "host", "--listen", path,
+             "--sockfd", str(a.fileno())],
+            env=env, pass_fds=[a.fileno()], stdout=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 30
+        while not os.path.exists(path):
+            if host.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("bench host did not start")
+            time.sleep(0.02)
+        vm = subprocess.Popen(
+            [sys.executable, "-m", "vmbus.bench", "vm", "--connect", path,
+             "--sockfd", str(b.fileno()), "--seconds", str(seconds),
+             "--sizes", ",".join(map(str, sizes)), "--impl", impl,
+             "--socketpair", "1" if impl == "native" else "0"],
+            env=env, pass_fds=[b.fileno()], stdout=subprocess.PIPE,
+        )
+        a.close()
+        b.close()
+        vm_out, _ = vm.communicate(timeout=600)
+        host_out, _ = host.communicate(timeout=60)
+    if vm.returncode != 0:
+        raise RuntimeError(f"bench VM ({impl}) failed with status {vm.returncode}")
+    guest = json.loads(vm_out.decode().strip().splitlines()[-1])
+    host_stats = json.loads(host_out.decode().strip().splitlines()[-1]) if host_out.strip() else []
+    ring_runs = iter(host_stats)  # the host closed one channel per ring run, in order
+    records = []
+    for rec in guest["records"]:
+        hst = next(ring_runs, {}) if rec["impl"] != "socketpair" else {}
+        host_wake = hst.get("wakeups", 0)
+        guest_wake = rec.pop("guest_wakeups", 0)
+        if rec["impl"] != "socketpair":
+            rec["wakeups_per_packet"] = (host_wake + guest_wake) / max(1, rec["packets"])
+            rec["host_wakeups"] = host_wake
+            rec["guest_wakeups"] = guest_wake
+        records.append(rec)
+    return records
+
+
+def _table(records: list[dict[str, Any]]) -> str:
+    by = {(r["size"], r["impl"]): r for r in records}
+    lines = [
+        f"{'size':>6} {'impl':<10} {'packets/s':>12} {'MB/s':>10} {'wakeups/pkt':>11}"
+        f" {'vs socketpair':>13} {'vs python':>9} {'vs memcpy':>9}"
+    ]
+    for size in sorted({r["size"] for r in records}):
+        for impl in ("native", "python", "socketpair", "memcpy"):
+            r = by.get((size, impl))
+            if r is None:
+                continue
+            sp, py, mc = by.get((size, "socketpair")), by.get((size, "python")), by.get(
+                (size, "memcpy")
+            )
+
+            def ratio(base: dict[str, Any] | None, key: str, r: dict[str, Any] = r) -> str:
+                if base is None or base is r or not base[key]:
+                    return "-"
+                return f"{r[key] / base[key]:.2f}x"
+
+            lines.append(
+                f"{size:>6} {impl:<10} {r['packets_per_s']:>12,.0f} "
+                f"{r['bytes_per_s'] / 1e6:>10,.1f} {r['wakeups_per_packet']:>11.4f}"
+                f" {ratio(sp, 'packets_per_s'):>13} {ratio(py, 'packets_per_s'):>9}"
+                f" {ratio(mc, 'bytes_per_s'):>9}"
+            )
+    return "\n".join(lines)
+
+
+def run_bench(what: str, *, quick: bool = False, json_path: str | None = None) -> int:
+    if what != "ring":
+        print(f"unknown benchmark {what!r}", file=sys.stderr)
+        return 2
+    seconds = QUICK_SECONDS if quick else FULL_SECONDS
+    records: list[dict[str, Any]] = []
+    for size in SIZES:
+        _log(f"memcpy {size} B")
+        records.append(memcpy_baseline(size, seconds))
+    for impl in ("native", "python"):
+        _log(f"{impl}: two processes, {len(SIZES)} sizes x {seconds} s"
+             + (" (+ socketpair baseline)" if impl == "native" else ""))
+        records.extend(_run_pair(impl, SIZES, seconds))
+    print(_table(records))
+    print(f"\n(ring: {RING_SIZE // 1024} KiB per direction; {seconds} s per point; "
+          f"{os.cpu_count()} CPUs; round-trip payload rates)")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(records, f, indent=1)
+        _log(f"wrote {json_path}")
+    return 0
+
+
+# -- child: host -------------------------------------------------------------------
+
+
+def _sockpair_echo(fd: int) -> None:
+    """Host side of the socketpair baseline: echo every message until EOF."""
+    s = socket.socket(fileno=fd)
+    try:
+        while True:
+            m = s.recv(SOCKPAIR_BUF)
+            if not m:
+                return
+            s.send(m)
+    except OSError:
+        return
+    finally:
+        s.close()
+
+
+def host_main(args: argparse.Namespace) -> int:
+    import trio
+
+    from devices.echo import EchoDevice
+    from vmbus import attach
+    from vmbus.server import VmSession
+
+    t = threading.Thread(target=_sockpair_echo, args=(args.sockfd,), daemon=True)
+    t.start()
+
+    async def serve() -> dict[str, Any]:
+        listener = await attach.listen(args.listen)
+        conn = await listener.accept()
+        await listener.aclose()
+        session = VmSession(conn, [EchoDevice(ring_size_hint=RING_SIZE)], vm_label="bench")
+        await session.run()
+        return [st for _relid, _d, st in session.closed_stats]  # one per channel, in order
+
+    stats: list[dict[str, Any]] = trio.run(serve)
+    print(json.dumps(stats), flush=True)
+    return 0
+
+
+# -- child: VM ---------------------------------------------------------------------
+
+
+def _sockpair_client(fd: int, size: int, seconds: float) -> dict[str, Any]:
+    """Guest side of the socketpair baseline: a window of messages in flight, echoed back."""
+    s = socket.socket(fileno=fd)
+    msg = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    window = max(1, min(256, (RING_SIZE // 2) // (size + 24)))
+    sent = recvd = 0
+    t0 = time.perf_counter()
+    deadline = t0 + seconds
+    stop_at: int | None = None
+    while stop_at is None or recvd < stop_at:
+        while stop_at is None and sent - recvd < window:
+            s.send(msg)
+            sent += 1
+        if stop_at is None and time.perf_counter() >= deadline:
+            stop_at = sent
+        if recvd < sent:
+            m = s.recv(SOCKPAIR_BUF)
+            if len(m) != size:
+                raise RuntimeError("socketpair baseline: short message")
+            recvd += 1
+    dt = time.perf_counter() - t0
+    s.detach()
+    return {
+        "size": size,
+        "impl": "socketpair",
+        "packets": recvd,
+        "packets_per_s": recvd / dt,
+        "bytes_per_s": recvd * size / dt,
+        "wakeups_per_packet": float("nan"),
+        "seconds": dt,
+    }
+
+
+def vm_main(args: argparse.Namespace) -> int:
+    import trio
+
+    from devices.echo import ECHO_IF_TYPE
+    from vmbus import attach
+    from vmbus.guest.vm import SimulatedVm
+    from vmbus.guest.workloads import echo_fixed
+
+    sizes = [int(x) for x in args.sizes.split(",")]
+    records: list[dict[str, Any]] = []
+    if args.socketpair == "1":
+        for size in sizes:
+            records.append(_sockpair_client(args.sockfd, size, args.seconds))
+    os.close(args.sockfd)
+
+    async def run() -> None:
+        vm = SimulatedVm(ram_size=64 << 20, vm_id="bench")
+        conn = await attach.connect(args.connect)
+        async with trio.open_nursery() as nursery:
+            await vm.start(conn, nursery)
+            offer = vm.find_offers(ECHO_IF_TYPE)[0]
+            for size in sizes:
+                print(f"bench: {args.impl} {size} B", file=sys.stderr, flush=True)
+                gch = await vm.open_channel(offer, RING_SIZE)
+                res = await echo_fixed(gch.channel, size, seconds=args.seconds)
+                await vm.close_channel(gch)
+                records.append(
+                    {
+                        "size": size,
+                        "impl": args.impl,
+                        "packets": res.packets,
+                        "packets_per_s": res.packets_per_s,
+                        "bytes_per_s": res.bytes_per_s,
+                        "seconds": res.seconds,
+                        "guest_wakeups": gch.channel.stats.wakeups,
+                    }
+                )
+            await vm.unload()
+            nursery.cancel_scope.cancel()
+        vm.close()
+
+    trio.run(run)
+    print(json.dumps({"records": records}), flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m vmbus.bench")
+    sub = p.add_subparsers(dest="role", required=True)
+    h = sub.add_parser("host")
+    h.add_argument("--listen", required=True)
+    h.add_argument("--sockfd", type=int, required=True)
+    v = sub.add_parser("vm")
+    v.add_argument("--connect", required=True)
+    v.add_argument("--sockfd", type=int, required=True)
+    v.add_argument("--seconds", type=float, required=True)
+    v.add_argument("--sizes", required=True)
+    v.add_argument("--impl", required=True)
+    v.add_argument("--socketpair", default="1")
+    args = p.parse_args(argv)
+    return host_main(args) if args.role == "host" else vm_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,274 @@
+"""The simulated VM: a process that plays VMM and guest kernel.
+
+It owns guest RAM (a memfd), speaks the VMM side of the attach protocol, and runs
+the sans-IO guest VMBus client (`vmbus.guest.client.VmBusClient`, modelled on
+Linux hv_vmbus) plus guest drivers found by interface GUID. Guest channels use the
+same `Channel` class as the host, with the rings' roles swapped, so the load
+generator's hot loops are the native ring functions too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from vmbus import attach
+from vmbus.channel import Channel, EventFd
+from vmbus.gpadl import PAGE_SIZE
+from vmbus.guest import client as gc
+from vmbus.guest.ram import GuestRam
+from vmbus.memory import GuestMemory
+from vmbus.ring import RingReader, RingWriter, init_ring_header
+
+log = logging.getLogger(__name__)
+
+CONTROL_TIMEOUT_S = 10.0
+
+
+class GuestError(Exception):
+    """The host refused or did not answer a guest request."""
+
+
+@dataclass
+class GuestOffer:
+    relid: int
+    if_type: uuid.UUID
+    if_instance: uuid.UUID
+    sub_channel_index: int
+    connection_id: int
+    rescinded: bool = False
+
+
+@dataclass
+class GuestChannel:
+    """A guest-side open channel: its pages, GPADL, mapping and Channel."""
+
+    offer: GuestOffer
+    pfns: list[int]
+    gpadl: int
+    mapping: Any
+    channel: Channel
+    kick: EventFd
+    call: EventFd
+
+
+Driver = Callable[["SimulatedVm", GuestOffer], Awaitable[None]]
+
+
+class SimulatedVm:
+    """VMM + guest VMBus client over one attach connection."""
+
+    def __init__(self, *, ram_size: int = 256 << 20, vcpus: int = 2, vm_id: str = "sim") -> None:
+        self.ram = GuestRam(ram_size)
+        self.vcpus = vcpus
+        self.vm_id = vm_id
+        self.memory = GuestMemory()  # the guest's own view, to build wrap-free ring mappings
+        for r in self.ram.regions:
+            self.memory.add_region(r.gpa, r.size, self.ram.fd, r.offset)
+        self.client = gc.VmBusClient()
+        self.conn: attach.AttachConnection | None = None
+        self.offers: dict[int, GuestOffer] = {}
+        self.version: int | None = None
+        self._waiters: dict[tuple[str, int], trio.MemorySendChannel[Any]] = {}
+        self._binds: dict[int, attach.Bind] = {}
+        self._all_offers = trio.Event()
+        self._connected = trio.Event()
+        self._offer_added: trio.MemorySendChannel[GuestOffer]
+        self._offer_added, self.offer_events = trio.open_memory_channel[GuestOffer](1024)
+        self._send_lock = trio.Lock()
+        self.channels: dict[int, GuestChannel] = {}
+
+    # -- attach side -------------------------------------------------------------
+
+    async def start(self, conn: attach.AttachConnection, nursery: trio.Nursery) -> None:
+        """Hello, hand over RAM, start the receive task, negotiate VMBus, get offers."""
+        self.conn = conn
+        await attach.handshake(
+            conn,
+            attach.Hello(
+                version=attach.PROTOCOL_VERSION,
+                role="vmm",
+                vm_id=self.vm_id,
+                vcpus=self.vcpus,
+            ),
+        )
+        await conn.send(
+            attach.MemoryRegions(
+                regions=tuple(
+                    attach.Region(gpa=r.gpa, size=r.size, fd=self.ram.fd, offset=r.offset)
+                    for r in self.ram.regions
+                )
+            )
+        )
+        nursery.start_soon(self._receive_loop, name="vmm receive")
+        self.client.connect()
+        await self._pump()
+        with trio.fail_after(CONTROL_TIMEOUT_S):
+            await self._all_offers.wait()
+
+    async def _receive_loop(self) -> None:
+        assert self.conn is not None
+        while True:
+            try:
+                msg = await self.conn.receive()
+            except attach.ConnectionClosed:
+                return
+            if isinstance(msg, attach.PostToGuest):
+                self.client.receive(msg.payload)
+                await self._pump()
+            elif isinstance(msg, attach.Bind):
+                self._binds[msg.relid] = msg
+            elif isinstance(msg, attach.Unbind):
+                b = self._binds.pop(msg.relid, None)
+                if b is not None:
+                    _close_quiet(b.kick)
+                    _close_quiet(b.call)
+            elif isinstance(msg, attach.Error):
+                log.warning("vmbusd reported error %s: %s", msg.code, msg.message)
+                return
+
+    async def _pump(self) -> None:
+        while (ev := self.client.next_event()) is not None:
+            await self._dispatch(ev)
+
+    async def _dispatch(self, ev: Any) -> None:
+        if isinstance(ev, gc.PostMessage):
+            assert self.conn is not None
+            async with self._send_lock:
+                await self.conn.send(
+                    attach.PostFromGuest(connection_id=ev.connection_id, vcpu=0, payload=ev.payload)
+                )
+        elif isinstance(ev, gc.Connected):
+            self.version = ev.version
+            self._connected.set()
+        elif isinstance(ev, gc.OfferReceived):
+            o = ev.offer
+            go = GuestOffer(
+                ev.relid, o.if_type, o.if_instance, o.sub_channel_index, ev.connection_id
+            )
+            self.offers[go.relid] = go
+            self._offer_added.send_nowait(go)
+        elif isinstance(ev, gc.AllOffersDelivered):
+            self._all_offers.set()
+        elif isinstance(ev, gc.Rescinded):
+            if ev.relid in self.offers:
+                self.offers[ev.relid].rescinded = True
+            self._wake("rescind", ev.relid, True)
+        elif isinstance(ev, gc.GpadlCreated):
+            self._wake("gpadl", ev.handle, ev.status)
+        elif isinstance(ev, gc.GpadlTorndown):
+            self._wake("torndown", ev.handle, True)
+        elif isinstance(ev, gc.OpenResult):
+            self._wake("open", ev.relid, ev.status)
+        elif isinstance(ev, gc.UnloadComplete):
+            self._wake("unload", 0, True)
+
+    def _wake(self, kind: str, key: int, value: Any) -> None:
+        ch = self._waiters.pop((kind, key), None)
+        if ch is not None:
+            ch.send_nowait(value)
+
+    async def _request(self, kind: str, key: int, start: Callable[[], Any]) -> Any:
+        """Send a control request and wait for its answer (with a timeout)."""
+        send, recv = trio.open_memory_channel[Any](1)
+        self._waiters[(kind, key)] = send
+        start()
+        await self._pump()
+        try:
+            with trio.fail_after(CONTROL_TIMEOUT_S):
+                return await recv.receive()
+        except trio.TooSlowError:
+            self._waiters.pop((kind, key), None)
+            raise GuestError(f"no answer from the host for {kind} {key:#x}") from None
+
+    # -- guest kernel services ------------------------------------------------------
+
+    def find_offers(self, if_type: uuid.UUID) -> list[GuestOffer]:
+        return [o for o in self.offers.values() if o.if_type == if_type and not o.rescinded]
+
+    async def open_channel(
+        self, offer: GuestOffer, ring_size: int = 64 * 1024, *, target_vp: int = 0
+    ) -> GuestChannel:
+        """What Linux vmbus_open does: ring GPADL, init headers, OPENCHANNEL."""
+        if ring_size % PAGE_SIZE or ring_size < 2 * PAGE_SIZE:
+            raise ValueError("ring size must be a page multiple of at least 2 pages")
+        pages = ring_size // PAGE_SIZE
+        pfns = self.ram.alloc_pages(2 * pages)  # outbound ring first, then inbound
+        handle = self.client.next_gpadl_handle()
+        status = await self._request(
+            "gpadl", handle, lambda: self.client.create_gpadl(offer.relid, pfns, handle=handle)
+        )
+        if status != 0:
+            self.ram.free_pages(pfns)
+            raise GuestError(f"GPADL {handle:#x} refused with status {status:#x}")
+        gpadl = self.client.gpadl(handle)
+        mapping = self.memory.map_ring_pair(gpadl, pages)
+        # Linux zeroes both headers and sets feature_bits after the GPADL, before the open.
+        init_ring_header(mapping.upstream_hdr)
+        init_ring_header(mapping.downstream_hdr)
+        status = await self._request(
+            "open",
+            offer.relid,
+            lambda: self.client.open_channel(offer.relid, handle, pages, target_vp=target_vp),
+        )
+        if status != 0:
+            mapping.close()
+            await self._teardown_gpadl(offer.relid, handle)
+            self.ram.free_pages(pfns)
+            raise GuestError(f"OPENCHANNEL relid {offer.relid} refused with status {status:#x}")
+        bind = self._binds.get(offer.relid)
+        if bind is None:
+            raise GuestError(f"relid {offer.relid} opened without a bind")
+        kick, call = EventFd(bind.kick), EventFd(bind.call)
+        reader = RingReader(
+            mapping.downstream_hdr, mapping.downstream_data, mapping.downstream_size, doubled=True
+        )
+        writer = RingWriter(
+            mapping.upstream_hdr, mapping.upstream_data, mapping.upstream_size, doubled=True
+        )
+        reader.open()
+        writer.open()
+        ch = Channel(reader, writer, call, kick, name=f"guest/{offer.relid}")
+        gch = GuestChannel(offer, pfns, handle, mapping, ch, kick, call)
+        self.channels[offer.relid] = gch
+        return gch
+
+    async def close_channel(self, gch: GuestChannel) -> None:
+        """What Linux vmbus_close does: CLOSECHANNEL, then GPADL teardown."""
+        relid = gch.offer.relid
+        self.channels.pop(relid, None)
+        self.client.close_channel(relid)
+        await self._pump()
+        gch.mapping.close()
+        await self._teardown_gpadl(relid, gch.gpadl)
+        self.ram.free_pages(gch.pfns)
+        self._binds.pop(relid, None)
+
+    async def _teardown_gpadl(self, relid: int, handle: int) -> None:
+        await self._request("torndown", handle, lambda: self.client.teardown_gpadl(relid, handle))
+
+    async def unload(self) -> None:
+        await self._request("unload", 0, self.client.unload)
+
+    async def post_raw(self, payload: bytes, connection_id: int = 1) -> None:
+        """Post arbitrary bytes as a control message: for hostile-guest tests."""
+        assert self.conn is not None
+        async with self._send_lock:
+            await self.conn.send(attach.PostFromGuest(connection_id=connection_id, vcpu=0, payload=payload))
+
+    def close(self) -> None:
+        self.memory.close()
+        self.ram.close()
+
+
+def _close_quiet(fd: int) -> None:
+    import os
+
+    with contextlib.suppress(OSError):
+        os.close(fd)

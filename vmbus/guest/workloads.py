@@ -1,0 +1,128 @@
+"""Guest-side traffic generators: the demo's mixed-size echo and the ring benchmark.
+
+Both keep a bounded window of bytes in flight (less than either ring holds), so
+the generator never blocks on its own ring; every echoed packet is checked for
+order (trans_id) and bytes in C.
+"""
+
+from __future__ import annotations
+
+import array
+import random
+import time
+from dataclasses import dataclass
+
+from vmbus.channel import PACKET_OVERHEAD, Channel
+from vmbus.guest.check import check_echo
+from vmbus.ring import OutPacket, SendBatch
+
+VM_PKT_DATA_INBAND = 6
+VM_PKT_COMP = 0xB
+COMPLETION_REQUESTED = 1
+
+
+class EchoMismatch(Exception):
+    """An echoed packet came back out of order or with different bytes."""
+
+
+@dataclass
+class TrafficResult:
+    packets: int
+    bytes: int  # payload bytes, each direction
+    seconds: float
+    completions: int
+
+    @property
+    def packets_per_s(self) -> float:
+        return self.packets / self.seconds if self.seconds else 0.0
+
+    @property
+    def bytes_per_s(self) -> float:
+        return self.bytes / self.seconds if self.seconds else 0.0
+
+
+def _ring_cost(payload: int) -> int:
+    return PACKET_OVERHEAD + ((payload + 7) & ~7)
+
+
+def mixed_sizes(n: int, max_payload: int, seed: int) -> list[int]:
+    """Sizes from 1 byte to max_payload, log-uniform, with both ends always present."""
+    rng = random.Random(seed)
+    sizes = [max(1, min(max_payload, int(2 ** rng.uniform(0, max_payload.bit_length()))))
+             for _ in range(n)]
+    if n >= 2:
+        sizes[0], sizes[-1] = 1, max_payload
+    return sizes
+
+
+async def echo_mixed(ch: Channel, packets: int, max_payload: int, *, seed: int = 7) -> TrafficResult:
+    """Send `packets` packets of mixed sizes, every third asking for a completion."""
+    rng = random.Random(seed)
+    pattern = rng.randbytes(max_payload)
+    sizes = mixed_sizes(packets, max_payload, seed)
+    lens = array.array("I", sizes)
+    window = min(ch.reader.size, ch.writer.size) // 2
+    assert _ring_cost(max_payload) <= window, "max payload must fit the in-flight window"
+    sent = recvd = inflight = completions = total_bytes = 0
+    t0 = time.perf_counter()
+    while recvd < packets:
+        pkts: list[OutPacket] = []
+        while sent < packets and inflight + _ring_cost(sizes[sent]) <= window:
+            flags = COMPLETION_REQUESTED if sent % 3 == 2 else 0
+            pkts.append(OutPacket(VM_PKT_DATA_INBAND, flags, sent + 1, [pattern[: sizes[sent]]]))
+            inflight += _ring_cost(sizes[sent])
+            sent += 1
+        if pkts:
+            await ch.send(pkts)
+        batch = await ch.receive()
+        bad = check_echo(batch.buffer, batch.index, batch.n, recvd + 1, pattern, lens[recvd:])
+        if bad >= 0:
+            i = recvd + bad
+            raise EchoMismatch(
+                f"echoed packet {i} (trans_id {i + 1}, {sizes[i]} bytes) came back wrong "
+                "or out of order"
+            )
+        for k, pkt in enumerate(batch):
+            i = recvd + k
+            want = VM_PKT_COMP if i % 3 == 2 else VM_PKT_DATA_INBAND
+            if pkt.type != want:
+                raise EchoMismatch(f"packet {i}: type {pkt.type:#x}, expected {want:#x}")
+            completions += pkt.type == VM_PKT_COMP
+            inflight -= _ring_cost(sizes[i])
+            total_bytes += sizes[i]
+        recvd += batch.n
+    return TrafficResult(packets, total_bytes, time.perf_counter() - t0, completions)
+
+
+async def echo_fixed(
+    ch: Channel, size: int, *, seconds: float, batch: int = 256, seed: int = 3
+) -> TrafficResult:
+    """Saturate the channel with `size`-byte packets for about `seconds` (the benchmark)."""
+    pattern = random.Random(seed).randbytes(max(size, 1))
+    cost = _ring_cost(size)
+    window = min(ch.reader.size, ch.writer.size) // 2
+    per_batch = max(1, min(batch, window // (2 * cost)))
+    sb = SendBatch([OutPacket(VM_PKT_DATA_INBAND, 0, 0, [pattern[:size]])] * per_batch)
+    writer = ch.writer
+    sent = recvd = 0
+    deadline = time.perf_counter() + seconds
+    t0 = time.perf_counter()
+    stop_at: int | None = None
+    while stop_at is None or recvd < stop_at:
+        while stop_at is None and (sent - recvd + per_batch) * cost <= window:
+            res = writer.write(sb, trans_id_base=sent + 1)
+            sent += res.npkts
+            ch._account(res.npkts, res.bytes, res.signal)
+            if res.npkts < per_batch:
+                break
+        if stop_at is None and time.perf_counter() >= deadline:
+            stop_at = sent
+        if recvd >= sent:
+            continue
+        got = await ch.receive()
+        bad = check_echo(got.buffer, got.index, got.n, recvd + 1, pattern, None, size)
+        if bad >= 0:
+            raise EchoMismatch(f"packet {recvd + bad} of {size} bytes came back wrong")
+        recvd += got.n
+    dt = time.perf_counter() - t0
+    return TrafficResult(recvd, recvd * size, dt, 0)

@@ -1,0 +1,326 @@
+"""The service: one attach session per VM, one nursery per VM, one task per channel.
+
+`VmSession` is the thin trio layer over the sans-IO bus (`vmbus.bus.VmBusServer`):
+it feeds the guest's posted messages in, carries the bus's events out (control
+messages to the VMM, ring mappings, channel tasks), and keeps a misbehaving
+channel or VM from touching any other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import trio
+
+from vmbus import attach, bus
+from vmbus.channel import Channel, EventFd, new_eventfd
+from vmbus.device import ChannelInfo, Device
+from vmbus.memory import GuestMemory, GuestMemoryError
+from vmbus.ring import RingCorrupt, RingReader, RingWriter
+
+log = logging.getLogger(__name__)
+
+MAX_SESSIONS = 64
+
+
+@dataclass
+class OpenChannel:
+    """Host-side state of one open channel; owned by the session."""
+
+    relid: int
+    device: Device
+    mapping: object
+    channel: Channel
+    kick: EventFd
+    call: EventFd
+    cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
+    done: trio.Event = field(default_factory=trio.Event)
+    failed: str | None = None
+
+
+class VmSession:
+    """Serves one VM's VMBus over one attach connection."""
+
+    def __init__(
+        self,
+        conn: attach.AttachConnection,
+        devices: Sequence[Device],
+        *,
+        vm_label: str = "vm",
+        on_channel_event: Callable[[str, int, str], None] | None = None,
+    ) -> None:
+        self.conn = conn
+        self.devices = list(devices)
+        self.label = vm_label
+        self.memory = GuestMemory()
+        self.bus: bus.VmBusServer | None = None
+        self.device_of: dict[int, tuple[Device, int]] = {}  # relid -> (device, sub index)
+        self.open: dict[int, OpenChannel] = {}
+        self.peer: attach.Hello | None = None
+        self._nursery: trio.Nursery | None = None
+        self._send_lock = trio.Lock()
+        self._on_channel_event = on_channel_event
+        self.failed_channels: dict[int, str] = {}
+        self.epoch = 0  # the VMM's reset count; fences our messages sent before a reset
+        self.closed_stats: list[tuple[int, str, dict[str, int]]] = []  # (relid, device, stats)
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve until the VMM disconnects or breaks the protocol; always cleans up."""
+        try:
+            self.peer = await attach.handshake(
+                self.conn,
+                attach.Hello(
+                    version=attach.PROTOCOL_VERSION,
+                    role="vmbusd",
+                    vm_id="",
+                    vcpus=0,
+                ),
+            )
+            self.label = self.peer.vm_id or self.label
+            self.bus = bus.VmBusServer(
+                vcpu_count=max(1, self.peer.vcpus), validate_pfns=self._pfns_in_ram
+            )
+            for dev in self.devices:
+                self._offer(dev)
+            log.info("%s: attached (%d vCPUs)", self.label, self.peer.vcpus)
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                try:
+                    await self._receive_loop()
+                finally:
+                    for oc in list(self.open.values()):
+                        oc.cancel.cancel()
+        except attach.ConnectionClosed:
+            log.info("%s: VMM disconnected", self.label)
+        except attach.AttachProtocolError as exc:
+            log.warning("%s: attach protocol error: %s", self.label, exc)
+            await self.conn.abort(exc.code, str(exc))
+        finally:
+            await self._teardown()
+
+    def _offer(self, dev: Device) -> None:
+        assert self.bus is not None
+        o = dev.offer
+        for sub in range(o.sub_channels + 1):
+            relid = self.bus.add_offer(
+                bus.Offer(
+                    if_type=o.if_type,
+                    if_instance=o.if_instance,
+                    sub_channel_index=sub,
+                    mmio_megabytes=o.mmio_megabytes,
+                    flags=o.flags,
+                    user_def=o.user_def,
+                )
+            )
+            self.device_of[relid] = (dev, sub)
+
+    async def add_device(self, dev: Device) -> None:
+        """Hot-add: offer a new device to a running guest."""
+        self.devices.append(dev)
+        self._offer(dev)
+        await self._pump()
+
+    async def remove_device(self, dev: Device) -> None:
+        """Hot-remove: rescind every channel of the device."""
+        assert self.bus is not None
+        for relid, (d, _sub) in list(self.device_of.items()):
+            if d is dev:
+                self.bus.rescind(relid)
+        await self._pump()
+
+    async def _teardown(self) -> None:
+        for relid in list(self.open):
+            await self._close_channel(relid, notify_bus=False)
+        self.memory.close()
+        with contextlib.suppress(Exception):
+            await self.conn.aclose()
+
+    # -- attach messages in --------------------------------------------------
+
+    async def _receive_loop(self) -> None:
+        assert self.bus is not None
+        while True:
+            msg = await self.conn.receive()
+            if isinstance(msg, attach.PostFromGuest):
+                self.bus.receive(msg.payload, msg.connection_id)
+                await self._pump()
+            elif isinstance(msg, attach.MemoryRegions):
+                self._add_memory(msg)
+            elif isinstance(msg, attach.Reset):
+                log.info("%s: guest reset", self.label)
+                self.epoch = msg.epoch
+                self.bus.reset()
+                await self._pump()
+            elif isinstance(msg, attach.Error):
+                log.warning("%s: VMM reported error %s: %s", self.label, msg.code, msg.message)
+                return
+            else:
+                raise attach.AttachProtocolError(f"unexpected {type(msg).__name__} from the VMM")
+
+    def _add_memory(self, msg: attach.MemoryRegions) -> None:
+        try:
+            for r in msg.regions:
+                try:
+                    self.memory.add_region(r.gpa, r.size, r.fd, r.offset)
+                finally:
+                    os.close(r.fd)
+        except GuestMemoryError as exc:
+            raise attach.AttachProtocolError(
+                f"bad memory region: {exc}", code=attach.ErrorCode.RESOURCE
+            ) from exc
+
+    def _pfns_in_ram(self, pfns: Sequence[int]) -> bool:
+        return all(self.memory.contains(p << 12, 4096) for p in pfns)
+
+    # -- bus events out ----------------------------------------------------------
+
+    async def _pump(self) -> None:
+        """Carry out everything the bus asked for, in order."""
+        assert self.bus is not None
+        while (ev := self.bus.next_event()) is not None:
+            if isinstance(ev, bus.SendMessage):
+                await self._send(
+                    attach.PostToGuest(vcpu=ev.target_vcpu, payload=ev.payload, epoch=self.epoch)
+                )
+            elif isinstance(ev, bus.OpenRequest):
+                status = await self._open_channel(ev)
+                self.bus.open_complete(ev.relid, status)
+            elif isinstance(ev, bus.ChannelClosed):
+                await self._close_channel(ev.relid)
+            elif isinstance(ev, bus.ProtocolViolation):
+                log.warning("%s: guest protocol violation: %s", self.label, ev.reason)
+            elif isinstance(ev, bus.Connected):
+                log.info("%s: VMBus version %s negotiated", self.label, bus.version_str(ev.version))
+            else:
+                log.debug("%s: bus event %r", self.label, ev)
+
+    async def _send(self, msg: attach.Message) -> None:
+        async with self._send_lock:
+            await self.conn.send(msg)
+
+    async def _open_channel(self, ev: bus.OpenRequest) -> int:
+        """Map the rings, validate their indices, bind eventfds, start the device task."""
+        dev, sub = self.device_of[ev.relid]
+        try:
+            mapping = self.memory.map_ring_pair(ev.gpadl, ev.downstream_offset)
+        except GuestMemoryError as exc:
+            log.warning("%s: relid %d: open refused: %s", self.label, ev.relid, exc)
+            return bus.STATUS_UNSUCCESSFUL
+        try:
+            reader = RingReader(
+                mapping.upstream_hdr,
+                mapping.upstream_data,
+                mapping.upstream_size,
+                doubled=True,
+                allowed_types=dev.packet_types,
+            )
+            writer = RingWriter(
+                mapping.downstream_hdr, mapping.downstream_data, mapping.downstream_size,
+                doubled=True,
+            )
+            reader.open()
+            writer.open()
+        except RingCorrupt as exc:
+            log.warning("%s: relid %d: open refused, bad ring indices: %s", self.label, ev.relid, exc)
+            mapping.close()
+            return bus.STATUS_UNSUCCESSFUL
+        kick, call = EventFd(new_eventfd()), EventFd(new_eventfd())
+        channel = Channel(reader, writer, kick, call, name=f"{self.label}/{ev.relid}")
+        oc = OpenChannel(ev.relid, dev, mapping, channel, kick, call)
+        await self._send(
+            attach.Bind(
+                relid=ev.relid,
+                connection_id=ev.connection_id,
+                vcpu=ev.target_vp,
+                kick=kick.fd,
+                call=call.fd,
+                epoch=self.epoch,
+            )
+        )
+        self.open[ev.relid] = oc
+        info = ChannelInfo(ev.relid, sub, ev.target_vp, ev.userdata)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._serve_channel, oc, info, name=f"channel {ev.relid}")
+        return 0
+
+    async def _serve_channel(self, oc: OpenChannel, info: ChannelInfo) -> None:
+        """One channel's task. A failure stops this channel only, with one log line."""
+        try:
+            with oc.cancel:
+                await oc.device.serve(oc.channel, info)
+        except RingCorrupt as exc:
+            oc.failed = f"corrupt ring: {exc}"
+        except Exception as exc:  # a device bug or bad guest data: isolate it
+            oc.failed = f"{type(exc).__name__}: {exc}"
+            log.debug("channel failure", exc_info=True)
+        finally:
+            oc.done.set()
+        if oc.failed:
+            self.failed_channels[oc.relid] = oc.failed
+            log.warning(
+                "%s: relid %d (%s): channel stopped: %s",
+                self.label,
+                oc.relid,
+                oc.device.name,
+                oc.failed,
+            )
+            if self._on_channel_event:
+                self._on_channel_event(self.label, oc.relid, oc.failed)
+
+    async def _close_channel(self, relid: int, *, notify_bus: bool = True) -> None:
+        oc = self.open.pop(relid, None)
+        if oc is not None:
+            oc.cancel.cancel()
+            await oc.done.wait()
+            with contextlib.suppress(Exception):
+                await self._send(attach.Unbind(relid=relid, epoch=self.epoch))
+            oc.kick.close()
+            oc.call.close()
+            oc.mapping.close()  # type: ignore[attr-defined]
+            self.closed_stats.append((relid, oc.device.name, oc.channel.stats.as_dict()))
+        if notify_bus and self.bus is not None:
+            self.bus.close_complete(relid)
+            await self._pump()
+
+
+async def serve_listener(
+    path: str,
+    devices_factory: Callable[[], Sequence[Device]],
+    *,
+    allowed_uids: set[int] | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """`vmbusd serve --listen PATH`: accept VMMs, one isolated session each."""
+    listener = await attach.listen(path, allowed_uids=allowed_uids)
+    task_status.started()
+    async with trio.open_nursery() as nursery:
+        n = 0
+        while True:
+            conn = await listener.accept()
+            n += 1
+            if n > MAX_SESSIONS:
+                log.warning("refusing VMM: %d sessions already", MAX_SESSIONS)
+                await conn.aclose()
+                continue
+            session = VmSession(conn, devices_factory(), vm_label=f"vm{n}")
+            nursery.start_soon(_run_isolated, session)
+
+
+async def _run_isolated(session: VmSession) -> None:
+    try:
+        await session.run()
+    except Exception:
+        log.exception("%s: session failed", session.label)
+
+
+async def attach_to(path: str, devices: Sequence[Device]) -> None:
+    """`vmbusd attach PATH`: connect to a VMM that listens, serve its VM until it leaves."""
+    conn = await attach.connect(path)
+    await VmSession(conn, devices, vm_label=str(uuid.uuid4())[:8]).run()
