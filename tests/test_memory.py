@@ -7,12 +7,17 @@ Every test runs on both backends (C fast path and the pure-Python twin).
 
 from __future__ import annotations
 
+import errno
+import itertools
 import mmap
 import os
 import random
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from vmbus import memory as M
 from vmbus import native as native_sel
 from vmbus.gpadl import PAGE_SIZE, Gpadl, GpaRange
 from vmbus.memory import (
@@ -28,7 +33,8 @@ from vmbus.memory import (
 def _native_ok() -> bool:
     if not native_sel.native_available():
         return False
-    return hasattr(native_sel.native_module().lib, "vmb_gpa_range_walk")
+    lib = native_sel.native_module().lib
+    return hasattr(lib, "vmb_gpa_range_walk") and lib.VMB_MEM_E_PFN == M.E_PFN  # not stale
 
 
 BACKENDS = [
@@ -510,3 +516,166 @@ def test_ffi_from_buffer_pins_mapping(ram):
     ffi.release(p)
     r.close()
     g.close()
+
+
+# --- differential: the C fast path and the Python twin agree --------------------------
+# Hypothesis drives the GPA-range walk (valid and hostile ranges) and the batched
+# MAP_FIXED (random scattered page lists): both backends must return the same
+# segments or error code, and map the same guest bytes.
+
+needs_native = pytest.mark.skipif(not _native_ok(), reason="vmbus._native without memory.c")
+
+
+@pytest.fixture(scope="module")
+def diff_ram():
+    r = Ram("vmbusd-diff")
+    yield r
+    r.close()
+
+
+@pytest.fixture(scope="module")
+def pair(diff_ram):
+    gms = (M.GuestMemory(native=True), M.GuestMemory(native=False))
+    for g in gms:
+        diff_ram.add_to(g)
+    yield gms
+    for g in gms:
+        g.close()
+
+
+VALID_PFNS = (
+    st.integers(A_PFN, A_PFN + A_PAGES - 1)
+    | st.integers(C_PFN, C_PFN + C_PAGES - 1)
+    | st.integers(B_PFN, B_PFN + B_PAGES - 1)
+)
+HOSTILE_PFNS = st.sampled_from(
+    [0, A_PFN - 1, C_PFN + C_PAGES, B_PFN - 1, B_PFN + B_PAGES, 1 << 40, M.MAX_PFN, 1 << 63]
+)
+
+
+def _in_ram(pfn: int) -> bool:
+    return any(b <= pfn < b + n for b, n in ((A_PFN, A_PAGES), (B_PFN, B_PAGES), (C_PFN, C_PAGES)))
+
+
+@st.composite
+def page_lists(draw, hostile: bool, max_size: int = 24) -> list[int]:
+    """Scattered pages with some physically consecutive runs, like a vmalloc buffer."""
+    out: list[int] = []
+    n = draw(st.integers(1, max_size))
+    while len(out) < n:
+        start = draw(VALID_PFNS | HOSTILE_PFNS if hostile else VALID_PFNS)
+        run = draw(st.integers(1, 4))
+        out.extend(p for p in range(start, start + run) if hostile or _in_ram(p))
+    return out[:n]
+
+
+@st.composite
+def gpa_ranges(draw) -> GpaRange:
+    pfns = draw(page_lists(hostile=draw(st.booleans())))
+    n = len(pfns)
+    off = draw(st.integers(0, PAGE_SIZE - 1) | st.sampled_from([PAGE_SIZE, 1 << 32]))
+    lo, hi = max(1, (n - 1) * PAGE_SIZE - off + 1), n * PAGE_SIZE - off
+    count = draw(
+        st.integers(max(lo, 1), max(hi, 1))
+        | st.integers(0, 2 * n * PAGE_SIZE)
+        | st.sampled_from([0, M.U32_MAX, M.U32_MAX - off + 1, 1 << 40])
+    )
+    return GpaRange(count, off, tuple(pfns))
+
+
+@needs_native
+@settings(
+    max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(rng=gpa_ranges())
+def test_walk_agrees(pair, diff_ram, rng):
+    nat, py = pair
+    t_n, t_p = nat._table, py._table
+    got_n = nat._ops.walk(t_n.backend, rng.byte_offset, rng.byte_count, rng.pfns)
+    got_p = py._ops.walk(t_p.backend, rng.byte_offset, rng.byte_count, rng.pfns)
+    assert got_n == got_p
+    if isinstance(got_n, int):
+        with pytest.raises(M.GuestMemoryError):
+            nat.iovecs_for_range(rng)
+        return
+    # an independent model: the range's bytes from the guest's side
+    want = b"".join(diff_ram.page(p) for p in rng.pfns)[
+        rng.byte_offset : rng.byte_offset + rng.byte_count
+    ]
+    assert b"".join(nat.iovecs_for_range(rng)) == want == b"".join(py.iovecs_for_range(rng))
+    # coalescing is maximal: no two neighbouring segments could have been one
+    for (r1, o1, n1), (r2, o2, _) in itertools.pairwise(got_n):
+        assert not (r1 == r2 and o1 + n1 == o2)
+
+
+@needs_native
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(pfns=page_lists(hostile=False, max_size=40))
+def test_linear_mapping_agrees(pair, diff_ram, pfns):
+    want = b"".join(diff_ram.page(p) for p in pfns)
+    maps = [g.map_linear(gpadl_of(pfns)) for g in pair]
+    try:
+        for m in maps:
+            v = m.view
+            assert bytes(v) == want
+            del v
+    finally:
+        for m in maps:
+            m.close()
+
+
+@needs_native
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(pfns=page_lists(hostile=False, max_size=30), data=st.data())
+def test_ring_mapping_agrees(pair, diff_ram, pfns, data):
+    if len(pfns) < 4:
+        pfns = pfns + [A_PFN] * (4 - len(pfns))
+    k = data.draw(st.integers(2, len(pfns) - 2))
+    rings = [g.map_ring_pair(gpadl_of(pfns), k) for g in pair]
+    try:
+        up = b"".join(diff_ram.page(p) for p in pfns[1:k])
+        down = b"".join(diff_ram.page(p) for p in pfns[k + 1 :])
+        for r in rings:
+            assert bytes(r.upstream_hdr) == diff_ram.page(pfns[0])
+            assert bytes(r.downstream_hdr) == diff_ram.page(pfns[k])
+            assert bytes(r.upstream_data) == up + up
+            assert bytes(r.downstream_data) == down + down
+    finally:
+        for r in rings:
+            r.close()
+
+
+def _reservation(pages: int) -> mmap.mmap:
+    return mmap.mmap(-1, pages * PAGE_SIZE, flags=mmap.MAP_PRIVATE)
+
+
+@needs_native
+@pytest.mark.parametrize(
+    ("reserved", "runs", "want"),
+    [
+        (2, [("A", 0, 3)], M.E_BAD_ARG),  # runs do not fit the reservation
+        (4, [("A", 0, 2), ("A", 0, 3)], M.E_BAD_ARG),  # ... only in sum
+        (2, [("A", 0, 0)], M.E_BAD_ARG),  # empty run
+        (2, [("A", 100, 1)], M.E_BAD_ARG),  # misaligned file offset
+        (2, [(-1, 0, 1)], M.E_BAD_ARG),  # negative fd
+        (2, [(1 << 20, 0, 1)], -errno.EBADF),  # not an open fd
+        (2, [("A", 0, 1), ("A", PAGE_SIZE, 1)], 0),
+    ],
+)
+def test_map_runs_contract_agrees(ram, reserved, runs, want):
+    ops = (M._ops(True), M._ops(False))
+    runs = [(ram.fds[fd] if isinstance(fd, str) else fd, off, n) for fd, off, n in runs]
+    for o in ops:
+        mm = _reservation(reserved)
+        try:
+            assert o.map_runs(M._address_of(mm), reserved, runs) == want
+            if want != 0:
+                assert mm[:] == bytes(reserved * PAGE_SIZE)  # nothing was mapped over it
+            else:
+                assert mm[:] == os.pread(ram.fds["A"], reserved * PAGE_SIZE, 0)
+        finally:
+            mm.close()

@@ -1,7 +1,8 @@
 /* Guest memory: batched MAP_FIXED of page runs into a reserved VA range, and the
  * per-request GPA-range walk. Contract shared with the pure-Python twin in
  * vmbus/memory.py (_PyOps); tests compare the two. Return codes: >= 0 OK,
- * negative = -errno (map) or one of VMB_MEM_E_* (walk). */
+ * negative = -errno (map only) or one of VMB_MEM_E_* (both; all below -4095, so
+ * they never collide with a -errno). */
 
 #define VMB_MEM_E_BAD_ARG ...    /* caller error: runs do not fit the reservation, ... */
 #define VMB_MEM_E_RANGE ...      /* byte_offset >= 4096, byte_count 0, u32 overflow,
