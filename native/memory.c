@@ -9,6 +9,9 @@
 #define VMB_PAGE_SHIFT 12
 #define VMB_PAGE_SIZE  (1ull << VMB_PAGE_SHIFT)
 
+/* vmbus/memory.py unpacks the segment array in bulk as "=IIQQ". */
+_Static_assert(sizeof(struct vmb_iov_seg) == 24, "struct vmb_iov_seg layout");
+
 /* Map every run, back to back from base, with MAP_FIXED|MAP_SHARED. The runs come
  * from our own validated PFN walk, but base+length must still never leave the
  * reservation, or MAP_FIXED would silently replace unrelated mappings: check the
