@@ -26,10 +26,12 @@ examples:
 """
 
 
-def _default_devices() -> list:
-    from devices.echo import EchoDevice
+def _devices_factory(config: str | None):
+    """A fresh set of devices per VM session, from --config or the default."""
+    from vmbus.config import load_devices
 
-    return [EchoDevice()]
+    load_devices(config)  # fail early, before listening, on a bad file
+    return lambda: load_devices(config)
 
 
 def _setup_logging(verbose: int) -> None:
@@ -47,7 +49,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     uids = {int(u) for u in args.allow_uid} if args.allow_uid else None
     print(f"vmbusd: listening on {args.listen}", file=sys.stderr)
     try:
-        trio.run(lambda: serve_listener(args.listen, _default_devices, allowed_uids=uids))
+        factory = _devices_factory(args.config)
+        trio.run(lambda: serve_listener(args.listen, factory, allowed_uids=uids))
     except KeyboardInterrupt:
         pass
     return 0
@@ -56,7 +59,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_attach(args: argparse.Namespace) -> int:
     from vmbus.server import attach_to
 
-    trio.run(attach_to, args.path, _default_devices())
+    trio.run(attach_to, args.path, _devices_factory(args.config)())
     return 0
 
 
@@ -109,11 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="UID",
         help="peer uid allowed to connect (repeatable; default: our own uid)",
     )
+    s.add_argument("--config", metavar="FILE", help="TOML file listing each VM's devices")
     s.set_defaults(func=cmd_serve)
 
     a = sub.add_parser("attach", help="connect to a VMM that listens and serve its VM")
     a.description = "Connect to a VM's attach socket and serve it until the VMM disconnects."
     a.add_argument("path", metavar="PATH", help="the VMM's attach socket")
+    a.add_argument("--config", metavar="FILE", help="TOML file listing the VM's devices")
     a.set_defaults(func=cmd_attach)
 
     v = sub.add_parser("vm", help="run the simulated VM (VMM + guest VMBus client)")
