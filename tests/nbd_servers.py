@@ -10,8 +10,11 @@ from __future__ import annotations
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import trio
@@ -164,10 +167,149 @@ def short_socket_path(tmp_path: Path, name: str) -> Path:
 
 __all__ = [
     "IMAGE_SIZE",
+    "FakeNbdServer",
+    "FakeRequest",
     "NbdServer",
+    "chunk",
     "free_tcp_port",
     "make_qcow2",
     "nbdkit_memory",
     "qemu_nbd",
     "short_socket_path",
+    "simple_reply",
 ]
+
+
+# ======================================================================================
+# An in-process NBD server on trio, for behaviour no real server shows on demand:
+# broken replies, hangs, dropped connections.
+# ======================================================================================
+
+_NBDMAGIC = 0x4E42444D41474943
+_IHAVEOPT = 0x49484156454F5054
+_REP_MAGIC = 0x0003E889045565A9
+_SIMPLE = 0x67446698
+_STRUCTURED = 0x668E33EF
+_FLAGS = 1 | (1 << 2) | (1 << 3) | (1 << 5) | (1 << 6)  # HAS_FLAGS FLUSH FUA TRIM ZEROES
+
+
+@dataclass
+class FakeRequest:
+    conn_no: int  # 0 for the first connection, 1 after the first reconnect, ...
+    command: int
+    flags: int
+    handle: int
+    offset: int
+    length: int
+    payload: bytes = b""
+
+
+def simple_reply(handle: int, error: int = 0, data: bytes = b"") -> bytes:
+    return struct.pack(">IIQ", _SIMPLE, error, handle) + data
+
+
+def chunk(handle: int, ctype: int, payload: bytes, done: bool = True, length: int | None = None):
+    n = len(payload) if length is None else length
+    return struct.pack(">IHHQI", _STRUCTURED, 1 if done else 0, ctype, handle, n) + payload
+
+
+class FakeNbdServer:
+    """A tiny RAM-disk NBD server; `misbehave(req, stream)` may take over any request.
+
+    `misbehave` returns True when it handled the request itself (sent something odd,
+    closed the stream, or slept forever); False lets the server answer normally.
+    """
+
+    def __init__(
+        self,
+        size: int = 1 << 20,
+        *,
+        structured: bool = True,
+        block_sizes: tuple[int, int, int] | None = None,
+        misbehave: Callable[[FakeRequest, trio.SocketStream], Awaitable[bool]] | None = None,
+    ) -> None:
+        self.disk = bytearray(size)
+        self.structured = structured
+        self.block_sizes = block_sizes
+        self.misbehave = misbehave
+        self.requests: list[FakeRequest] = []
+        self.connections = 0
+        self.port = 0
+
+    @property
+    def address(self) -> str:
+        return f"tcp:127.0.0.1:{self.port}"
+
+    async def run(self, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started(self.port)
+        await trio.serve_listeners(self._serve, listeners)
+
+    async def _serve(self, stream: trio.SocketStream) -> None:
+        conn_no = self.connections
+        self.connections += 1
+        buf = bytearray()
+
+        async def exactly(n: int) -> bytes:
+            while len(buf) < n:
+                data = await stream.receive_some()
+                if not data:
+                    raise EOFError
+                buf.extend(data)
+            out = bytes(buf[:n])
+            del buf[:n]
+            return out
+
+        structured = False
+        try:
+            await stream.send_all(struct.pack(">QQH", _NBDMAGIC, _IHAVEOPT, 3))
+            await exactly(4)
+            while True:
+                _, opt, length = struct.unpack(">QII", await exactly(16))
+                await exactly(length)  # option data: the export name is not checked
+                if opt == 8:  # STRUCTURED_REPLY
+                    structured = self.structured
+                    rtype = 1 if structured else (1 << 31) | 1
+                    await stream.send_all(struct.pack(">QIII", _REP_MAGIC, opt, rtype, 0))
+                elif opt == 7:  # GO
+                    info = struct.pack(">HQH", 0, len(self.disk), _FLAGS)
+                    out = struct.pack(">QIII", _REP_MAGIC, opt, 3, len(info)) + info
+                    if self.block_sizes:
+                        bs = struct.pack(">HIII", 3, *self.block_sizes)
+                        out += struct.pack(">QIII", _REP_MAGIC, opt, 3, len(bs)) + bs
+                    out += struct.pack(">QIII", _REP_MAGIC, opt, 1, 0)
+                    await stream.send_all(out)
+                    break
+                else:
+                    await stream.send_all(struct.pack(">QIII", _REP_MAGIC, opt, (1 << 31) | 1, 0))
+            while True:
+                _, flags, cmd, handle, offset, length = struct.unpack(">IHHQQI", await exactly(28))
+                payload = await exactly(length) if cmd == 1 else b""
+                req = FakeRequest(conn_no, cmd, flags, handle, offset, length, payload)
+                self.requests.append(req)
+                if cmd == 2:  # DISC
+                    return
+                if self.misbehave is not None and await self.misbehave(req, stream):
+                    continue
+                await stream.send_all(self.answer(req, structured))
+        except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await stream.aclose()
+
+    def answer(self, req: FakeRequest, structured: bool) -> bytes:
+        """The correct reply to a request, applying it to the RAM disk."""
+        end = req.offset + req.length
+        if end > len(self.disk):
+            return simple_reply(req.handle, 22)
+        if req.command == 0:
+            data = bytes(self.disk[req.offset : end])
+            if structured:
+                return chunk(req.handle, 1, struct.pack(">Q", req.offset) + data)
+            return simple_reply(req.handle, 0, data)
+        if req.command == 1:
+            self.disk[req.offset : end] = req.payload
+        elif req.command in (4, 6):
+            self.disk[req.offset : end] = bytes(req.length)
+        return simple_reply(req.handle)

@@ -283,6 +283,7 @@ class NbdBackend:
         self.write_back = False
         self.can_unmap = False
         self.can_write_zeroes = False
+        self.unmap_zeroes = False  # NBD promises nothing about trimmed blocks' contents
         self.max_transfer = 0
         self.can_multi_conn = False
         self.export_info: ExportInfo | None = None
@@ -534,10 +535,12 @@ class NbdBackend:
                         self.replays += 1
                         continue
                     if reply.error:
+                        where = offset if reply.error_offset is None else reply.error_offset
                         raise BackendIOError(
                             f"nbd: {_COMMAND_NAMES.get(command, command)} at {offset}+{length} "
                             f"failed: {error_name(reply.error)}"
-                            + (f" ({reply.message})" if reply.message else "")
+                            + (f" ({reply.message})" if reply.message else ""),
+                            offset=where // self.block_size * self.block_size,
                         )
                     return
         finally:

@@ -411,6 +411,7 @@ class ReplyDone:
     handle: int
     error: int
     message: str = ""
+    error_offset: int | None = None  # from NBD_REPLY_TYPE_ERROR_OFFSET, when given
 
 
 class _Scatter:
@@ -479,7 +480,16 @@ class _Coverage:
 class _Pending:
     """One request awaiting its reply."""
 
-    __slots__ = ("abandoned", "command", "coverage", "error", "length", "message", "offset")
+    __slots__ = (
+        "abandoned",
+        "command",
+        "coverage",
+        "error",
+        "error_offset",
+        "length",
+        "message",
+        "offset",
+    )
 
     def __init__(self, command: int, offset: int, length: int) -> None:
         self.command = command
@@ -487,6 +497,7 @@ class _Pending:
         self.length = length
         self.error = 0
         self.message = ""
+        self.error_offset: int | None = None
         self.abandoned = False
         self.coverage: _Coverage | None = None
 
@@ -685,7 +696,7 @@ class NbdClientConnection:
                 if self.structured:
                     raise NbdProtocolError("simple reply with data to a structured read")
                 self._handle = handle
-                self._start_data(req, 0, req.length, done=True)
+                self._start_data(0, req.length, done=True)
             else:
                 self._complete(handle, error, "")
             return True
@@ -735,7 +746,7 @@ class NbdClientConnection:
             (offset,) = _U64.unpack(payload)
             count = self._data_count
             rel = self._claim(req, offset, count)
-            self._start_data(req, rel, count, done=done)
+            self._start_data(rel, count, done=done)
             return
         if ctype == NBD_REPLY_TYPE_OFFSET_HOLE:
             offset, size = _HOLE.unpack(payload)
@@ -751,12 +762,15 @@ class NbdClientConnection:
                 raise NbdProtocolError("error message longer than its chunk")
             if error == 0:
                 raise NbdProtocolError("error chunk with error 0")
+            offset = None
             if ctype == NBD_REPLY_TYPE_ERROR_OFFSET:
                 if len(payload) != _ERROR.size + msg_len + _U64.size:
                     raise NbdProtocolError("error offset chunk of the wrong length")
                 (offset,) = _U64.unpack_from(payload, _ERROR.size + msg_len)
                 if req.length and not req.offset <= offset < req.offset + req.length:
                     raise NbdProtocolError("error offset outside the request")
+            if req.error_offset is None or (offset is not None and offset < req.error_offset):
+                req.error_offset = offset
             if req.error == 0:
                 req.error = error
                 req.message = _decode_text(payload[_ERROR.size : _ERROR.size + msg_len])
@@ -772,7 +786,7 @@ class NbdClientConnection:
         req.coverage.add(offset - req.offset, offset - req.offset + count)
         return offset - req.offset
 
-    def _start_data(self, req: _Pending, rel: int, count: int, done: bool) -> None:
+    def _start_data(self, rel: int, count: int, done: bool) -> None:
         self._data_rel = rel
         self._data_left = count
         self._data_done = done
@@ -793,11 +807,13 @@ class NbdClientConnection:
             covered = req.coverage.covered if req.coverage else 0
             if covered != req.length:
                 raise NbdProtocolError("read reply finished without covering the request")
-        self._complete(self._handle, req.error, req.message)
+        self._complete(self._handle, req.error, req.message, req.error_offset)
 
-    def _complete(self, handle: int, error: int, message: str) -> None:
+    def _complete(
+        self, handle: int, error: int, message: str, error_offset: int | None = None
+    ) -> None:
         del self._pending[handle]
-        self._events.append(ReplyDone(handle, error, message))
+        self._events.append(ReplyDone(handle, error, message, error_offset))
 
 
 def encode_disconnect() -> bytes:
