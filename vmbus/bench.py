@@ -48,9 +48,7 @@ def memcpy_baseline(size: int, seconds: float) -> dict[str, Any]:
     while True:
         t0 = time.perf_counter()
         if native.NATIVE:
-            native.lib.vmb_bench_memcpy(
-                native.ffi.from_buffer(dst), len(dst), src, size, count
-            )
+            native.lib.vmb_bench_memcpy(native.ffi.from_buffer(dst), len(dst), src, size, count)
         else:  # the pure-Python copy is not a memcpy baseline; use the extension anyway
             from vmbus.native import native_module
 
@@ -78,9 +76,19 @@ def _run_pair(impl: str, sizes: list[int], seconds: float) -> list[dict[str, Any
     with tempfile.TemporaryDirectory(prefix="vmbusd-bench-") as tmp:
         path = os.path.join(tmp, "vmbusd.sock")
         host = subprocess.Popen(
-            [sys.executable, "-m", "vmbus.bench", "host", "--listen", path,
-             "--sockfd", str(a.fileno())],
-            env=env, pass_fds=[a.fileno()], stdout=subprocess.PIPE,
+            [
+                sys.executable,
+                "-m",
+                "vmbus.bench",
+                "host",
+                "--listen",
+                path,
+                "--sockfd",
+                str(a.fileno()),
+            ],
+            env=env,
+            pass_fds=[a.fileno()],
+            stdout=subprocess.PIPE,
         )
         deadline = time.monotonic() + 30
         while not os.path.exists(path):
@@ -88,11 +96,27 @@ def _run_pair(impl: str, sizes: list[int], seconds: float) -> list[dict[str, Any
                 raise RuntimeError("bench host did not start")
             time.sleep(0.02)
         vm = subprocess.Popen(
-            [sys.executable, "-m", "vmbus.bench", "vm", "--connect", path,
-             "--sockfd", str(b.fileno()), "--seconds", str(seconds),
-             "--sizes", ",".join(map(str, sizes)), "--impl", impl,
-             "--socketpair", "1" if impl == "native" else "0"],
-            env=env, pass_fds=[b.fileno()], stdout=subprocess.PIPE,
+            [
+                sys.executable,
+                "-m",
+                "vmbus.bench",
+                "vm",
+                "--connect",
+                path,
+                "--sockfd",
+                str(b.fileno()),
+                "--seconds",
+                str(seconds),
+                "--sizes",
+                ",".join(map(str, sizes)),
+                "--impl",
+                impl,
+                "--socketpair",
+                "1" if impl == "native" else "0",
+            ],
+            env=env,
+            pass_fds=[b.fileno()],
+            stdout=subprocess.PIPE,
         )
         a.close()
         b.close()
@@ -127,8 +151,10 @@ def _table(records: list[dict[str, Any]]) -> str:
             r = by.get((size, impl))
             if r is None:
                 continue
-            sp, py, mc = by.get((size, "socketpair")), by.get((size, "python")), by.get(
-                (size, "memcpy")
+            sp, py, mc = (
+                by.get((size, "socketpair")),
+                by.get((size, "python")),
+                by.get((size, "memcpy")),
             )
 
             def ratio(base: dict[str, Any] | None, key: str, r: dict[str, Any] = r) -> str:
@@ -155,12 +181,16 @@ def run_bench(what: str, *, quick: bool = False, json_path: str | None = None) -
         _log(f"memcpy {size} B")
         records.append(memcpy_baseline(size, seconds))
     for impl in ("native", "python"):
-        _log(f"{impl}: two processes, {len(SIZES)} sizes x {seconds} s"
-             + (" (+ socketpair baseline)" if impl == "native" else ""))
+        _log(
+            f"{impl}: two processes, {len(SIZES)} sizes x {seconds} s"
+            + (" (+ socketpair baseline)" if impl == "native" else "")
+        )
         records.extend(_run_pair(impl, SIZES, seconds))
     print(_table(records))
-    print(f"\n(ring: {RING_SIZE // 1024} KiB per direction; {seconds} s per point; "
-          f"{os.cpu_count()} CPUs; round-trip payload rates)")
+    print(
+        f"\n(ring: {RING_SIZE // 1024} KiB per direction; {seconds} s per point; "
+        f"{os.cpu_count()} CPUs; round-trip payload rates)"
+    )
     if json_path:
         with open(json_path, "w") as f:
             json.dump(records, f, indent=1)

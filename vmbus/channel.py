@@ -172,6 +172,11 @@ class Channel:
         self._masked = False
         self._send_lock = trio.Lock()
 
+    def release(self) -> None:
+        """Drop our views of the shared rings so their mapping can be unmapped."""
+        self.reader.release()
+        self.writer.release()
+
     # -- receive ---------------------------------------------------------------
 
     async def receive(self, max_pkts: int | None = None) -> PacketBatch:

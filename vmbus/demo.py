@@ -26,26 +26,25 @@ async def _demo(packets: int, ring_size: int) -> int:
     with tempfile.TemporaryDirectory(prefix="vmbusd-demo-") as tmp:
         path = os.path.join(tmp, "vmbusd.sock")
         listener = await attach.listen(path)
+        out_path = os.path.join(tmp, "vm.json")
         cmd = vm_command(
-            path, "--packets", str(packets), "--ring-size", str(ring_size), "--json", "-"
+            path, "--packets", str(packets), "--ring-size", str(ring_size), "--json", out_path
         )
         out: dict[str, Any] = {}
         session: VmSession | None = None
         with trio.fail_after(DEMO_TIMEOUT_S):
             async with trio.open_nursery() as nursery:
                 proc = await nursery.start(
-                    lambda **kw: trio.run_process(
-                        cmd, capture_stdout=True, check=False, **kw
-                    )
+                    lambda **kw: trio.run_process(cmd, capture_stdout=True, check=False, **kw)
                 )
                 conn = await listener.accept()
                 await listener.aclose()
                 session = VmSession(conn, [EchoDevice()], vm_label="demo-vm")
                 await session.run()
-        stdout = proc.stdout.decode() if proc.stdout else ""
         try:
-            out = json.loads(stdout.strip().splitlines()[-1]) if stdout.strip() else {}
-        except json.JSONDecodeError:
+            with open(out_path) as f:
+                out = json.load(f)
+        except (OSError, json.JSONDecodeError):
             out = {}
     assert session is not None
     return _report(out, proc.returncode, session)
@@ -57,8 +56,9 @@ def _report(out: dict[str, Any], rc: int, session: VmSession) -> int:
         print(f"vmbusd demo: FAILED: {msg}", file=sys.stderr)
         return 1
     if session.failed_channels:
-        print(f"vmbusd demo: FAILED: host channel errors {session.failed_channels}",
-              file=sys.stderr)
+        print(
+            f"vmbusd demo: FAILED: host channel errors {session.failed_channels}", file=sys.stderr
+        )
         return 1
     host = {relid: st for relid, _dev, st in session.closed_stats}
     print(f"VMBus version negotiated : {out['version']}")
@@ -66,12 +66,18 @@ def _report(out: dict[str, Any], rc: int, session: VmSession) -> int:
     for ch in out["channels"]:
         hst = host.get(ch["relid"], {})
         wake = ch["guest_wakeups"] + hst.get("wakeups", 0)
-        print(f"  echo relid {ch['relid']:<4}       : {ch['packets']} packets, "
-              f"{ch['bytes']} payload bytes each way, {ch['completions']} completions")
-        print(f"  throughput             : {ch['packets_per_s']:,.0f} packets/s, "
-              f"{ch['bytes_per_s'] / 1e6:,.1f} MB/s round trip")
-        print(f"  wake-ups per packet    : {wake / max(1, ch['packets']):.4f} "
-              f"(host {hst.get('wakeups', 0)}, guest {ch['guest_wakeups']})")
+        print(
+            f"  echo relid {ch['relid']:<4}       : {ch['packets']} packets, "
+            f"{ch['bytes']} payload bytes each way, {ch['completions']} completions"
+        )
+        print(
+            f"  throughput             : {ch['packets_per_s']:,.0f} packets/s, "
+            f"{ch['bytes_per_s'] / 1e6:,.1f} MB/s round trip"
+        )
+        print(
+            f"  wake-ups per packet    : {wake / max(1, ch['packets']):.4f} "
+            f"(host {hst.get('wakeups', 0)}, guest {ch['guest_wakeups']})"
+        )
     print("every byte and the order verified: OK")
     return 0
 

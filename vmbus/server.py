@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import trio
 
 from vmbus import attach, bus
+from vmbus import protocol as vp
 from vmbus.channel import Channel, EventFd, new_eventfd
 from vmbus.device import ChannelInfo, Device
 from vmbus.memory import GuestMemory, GuestMemoryError
@@ -94,11 +95,16 @@ class VmSession:
                 self._nursery = nursery
                 try:
                     await self._receive_loop()
+                except attach.ConnectionClosed:
+                    log.info("%s: VMM disconnected", self.label)
+                except attach.AttachProtocolError as exc:
+                    log.warning("%s: attach protocol error: %s", self.label, exc)
+                    await self.conn.abort(exc.code, str(exc))
                 finally:
                     for oc in list(self.open.values()):
                         oc.cancel.cancel()
         except attach.ConnectionClosed:
-            log.info("%s: VMM disconnected", self.label)
+            log.info("%s: VMM disconnected during hello", self.label)
         except attach.AttachProtocolError as exc:
             log.warning("%s: attach protocol error: %s", self.label, exc)
             await self.conn.abort(exc.code, str(exc))
@@ -196,8 +202,10 @@ class VmSession:
                 await self._close_channel(ev.relid)
             elif isinstance(ev, bus.ProtocolViolation):
                 log.warning("%s: guest protocol violation: %s", self.label, ev.reason)
+            elif isinstance(ev, bus.BusReset):
+                log.info("%s: VMBus reset: %s", self.label, ev.reason)
             elif isinstance(ev, bus.Connected):
-                log.info("%s: VMBus version %s negotiated", self.label, bus.version_str(ev.version))
+                log.info("%s: VMBus version %s negotiated", self.label, vp.version_str(ev.version))
             else:
                 log.debug("%s: bus event %r", self.label, ev)
 
@@ -212,7 +220,8 @@ class VmSession:
             mapping = self.memory.map_ring_pair(ev.gpadl, ev.downstream_offset)
         except GuestMemoryError as exc:
             log.warning("%s: relid %d: open refused: %s", self.label, ev.relid, exc)
-            return bus.STATUS_UNSUCCESSFUL
+            return vp.STATUS_UNSUCCESSFUL
+        reader = writer = None
         try:
             reader = RingReader(
                 mapping.upstream_hdr,
@@ -222,15 +231,22 @@ class VmSession:
                 allowed_types=dev.packet_types,
             )
             writer = RingWriter(
-                mapping.downstream_hdr, mapping.downstream_data, mapping.downstream_size,
+                mapping.downstream_hdr,
+                mapping.downstream_data,
+                mapping.downstream_size,
                 doubled=True,
             )
             reader.open()
             writer.open()
         except RingCorrupt as exc:
-            log.warning("%s: relid %d: open refused, bad ring indices: %s", self.label, ev.relid, exc)
+            log.warning(
+                "%s: relid %d: open refused, bad ring indices: %s", self.label, ev.relid, exc
+            )
+            for ring in (reader, writer):
+                if ring is not None:
+                    ring.release()
             mapping.close()
-            return bus.STATUS_UNSUCCESSFUL
+            return vp.STATUS_UNSUCCESSFUL
         kick, call = EventFd(new_eventfd()), EventFd(new_eventfd())
         channel = Channel(reader, writer, kick, call, name=f"{self.label}/{ev.relid}")
         oc = OpenChannel(ev.relid, dev, mapping, channel, kick, call)
@@ -283,6 +299,7 @@ class VmSession:
                 await self._send(attach.Unbind(relid=relid, epoch=self.epoch))
             oc.kick.close()
             oc.call.close()
+            oc.channel.release()
             oc.mapping.close()  # type: ignore[attr-defined]
             self.closed_stats.append((relid, oc.device.name, oc.channel.stats.as_dict()))
         if notify_bus and self.bus is not None:

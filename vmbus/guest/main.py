@@ -85,8 +85,10 @@ async def run_vm(
                 summary["ok"] = True
                 status = 0
             else:
-                print(f"vm: VMBus {summary['version']}, {len(vm.offers)} offers; idle",
-                      file=sys.stderr)
+                print(
+                    f"vm: VMBus {summary['version']}, {len(vm.offers)} offers; idle",
+                    file=sys.stderr,
+                )
                 await trio.sleep_forever()
             nursery.cancel_scope.cancel()
     except EchoMismatch as exc:

@@ -20,10 +20,11 @@ import trio
 
 from vmbus import attach
 from vmbus.channel import Channel, EventFd
-from vmbus.gpadl import PAGE_SIZE
+from vmbus.gpadl import PAGE_SIZE, Gpadl, GpaRange
 from vmbus.guest import client as gc
 from vmbus.guest.ram import GuestRam
 from vmbus.memory import GuestMemory
+from vmbus.protocol import ProtocolError
 from vmbus.ring import RingReader, RingWriter, init_ring_header
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,10 @@ class SimulatedVm:
             except attach.ConnectionClosed:
                 return
             if isinstance(msg, attach.PostToGuest):
-                self.client.receive(msg.payload)
+                try:
+                    self.client.receive(msg.payload)
+                except ProtocolError as exc:
+                    log.warning("host sent a bad control message: %s", exc)
                 await self._pump()
             elif isinstance(msg, attach.Bind):
                 self._binds[msg.relid] = msg
@@ -148,9 +152,8 @@ class SimulatedVm:
             self.version = ev.version
             self._connected.set()
         elif isinstance(ev, gc.OfferReceived):
-            o = ev.offer
             go = GuestOffer(
-                ev.relid, o.if_type, o.if_instance, o.sub_channel_index, ev.connection_id
+                ev.relid, ev.if_type, ev.if_instance, ev.sub_channel_index, ev.connection_id
             )
             self.offers[go.relid] = go
             self._offer_added.send_nowait(go)
@@ -174,11 +177,16 @@ class SimulatedVm:
         if ch is not None:
             ch.send_nowait(value)
 
-    async def _request(self, kind: str, key: int, start: Callable[[], Any]) -> Any:
-        """Send a control request and wait for its answer (with a timeout)."""
+    async def _request(self, kind: str, key: int | None, start: Callable[[], Any]) -> Any:
+        """Queue a control request, then wait for its answer (with a timeout).
+
+        The client is sans-IO: `start` only queues messages, so the waiter is in place
+        before anything reaches the host. key None: the key is what `start` returns.
+        """
+        ret = start()
+        key = ret if key is None else key
         send, recv = trio.open_memory_channel[Any](1)
         self._waiters[(kind, key)] = send
-        start()
         await self._pump()
         try:
             with trio.fail_after(CONTROL_TIMEOUT_S):
@@ -200,14 +208,18 @@ class SimulatedVm:
             raise ValueError("ring size must be a page multiple of at least 2 pages")
         pages = ring_size // PAGE_SIZE
         pfns = self.ram.alloc_pages(2 * pages)  # outbound ring first, then inbound
-        handle = self.client.next_gpadl_handle()
-        status = await self._request(
-            "gpadl", handle, lambda: self.client.create_gpadl(offer.relid, pfns, handle=handle)
-        )
+        handle = 0
+
+        def create() -> int:
+            nonlocal handle
+            handle = self.client.create_gpadl(offer.relid, pfns)
+            return handle
+
+        status = await self._request("gpadl", None, create)
         if status != 0:
             self.ram.free_pages(pfns)
             raise GuestError(f"GPADL {handle:#x} refused with status {status:#x}")
-        gpadl = self.client.gpadl(handle)
+        gpadl = Gpadl(handle, offer.relid, (GpaRange(len(pfns) * PAGE_SIZE, 0, tuple(pfns)),))
         mapping = self.memory.map_ring_pair(gpadl, pages)
         # Linux zeroes both headers and sets feature_bits after the GPADL, before the open.
         init_ring_header(mapping.upstream_hdr)
@@ -245,6 +257,7 @@ class SimulatedVm:
         self.channels.pop(relid, None)
         self.client.close_channel(relid)
         await self._pump()
+        gch.channel.release()
         gch.mapping.close()
         await self._teardown_gpadl(relid, gch.gpadl)
         self.ram.free_pages(gch.pfns)
@@ -260,7 +273,9 @@ class SimulatedVm:
         """Post arbitrary bytes as a control message: for hostile-guest tests."""
         assert self.conn is not None
         async with self._send_lock:
-            await self.conn.send(attach.PostFromGuest(connection_id=connection_id, vcpu=0, payload=payload))
+            await self.conn.send(
+                attach.PostFromGuest(connection_id=connection_id, vcpu=0, payload=payload)
+            )
 
     def close(self) -> None:
         self.memory.close()

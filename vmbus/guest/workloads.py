@@ -48,14 +48,18 @@ def _ring_cost(payload: int) -> int:
 def mixed_sizes(n: int, max_payload: int, seed: int) -> list[int]:
     """Sizes from 1 byte to max_payload, log-uniform, with both ends always present."""
     rng = random.Random(seed)
-    sizes = [max(1, min(max_payload, int(2 ** rng.uniform(0, max_payload.bit_length()))))
-             for _ in range(n)]
+    sizes = [
+        max(1, min(max_payload, int(2 ** rng.uniform(0, max_payload.bit_length()))))
+        for _ in range(n)
+    ]
     if n >= 2:
         sizes[0], sizes[-1] = 1, max_payload
     return sizes
 
 
-async def echo_mixed(ch: Channel, packets: int, max_payload: int, *, seed: int = 7) -> TrafficResult:
+async def echo_mixed(
+    ch: Channel, packets: int, max_payload: int, *, seed: int = 7
+) -> TrafficResult:
     """Send `packets` packets of mixed sizes, every third asking for a completion."""
     rng = random.Random(seed)
     pattern = rng.randbytes(max_payload)
