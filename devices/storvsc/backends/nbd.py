@@ -227,6 +227,7 @@ class _Connection:
         self.receiving = False
         self.dead = False
         self.why = ""
+        self.replies = 0  # replies received: a connection that never gets one is flapping
         self.acked_writes = 0  # cached (non-FUA) writes acknowledged on this connection
         self.flushed_upto = 0  # acked_writes count covered by a successful flush
 
@@ -297,6 +298,7 @@ class NbdBackend:
         self._active = 0
         self._idle: trio.Event | None = None
         self._cache_lost = False
+        self._flap_delay = 0.0  # backoff before redialing after a useless connection
         self.reconnects = 0  # counters, for stats and tests
         self.replays = 0
 
@@ -526,6 +528,7 @@ class NbdBackend:
                         reply = await self._attempt(conn, command, offset, length, flags, buffers)
                     except _ConnectionLost as e:
                         if command == NBD_CMD_FLUSH:
+                            self._cache_lost = False  # this failure is the one report of it
                             raise BackendIOError(f"nbd: flush interrupted: {e}") from None
                         now = trio.current_time()
                         if give_up_at is None:
@@ -642,6 +645,7 @@ class NbdBackend:
     def _dispatch(self, conn: _Connection) -> None:
         shutting_down = False
         while (event := conn.core.next_event()) is not None:
+            conn.replies += 1
             waiter = conn.waiters.pop(event.handle, None)
             if waiter is None:
                 continue  # abandoned by its caller
@@ -673,6 +677,14 @@ class NbdBackend:
         conn.dead, conn.why = True, why
         if self.write_back and conn.acked_writes > conn.flushed_upto:
             self._cache_lost = True
+        # A server that accepts connections and then breaks every one must not be
+        # hammered: back off before the next dial until a connection proves useful.
+        if conn.replies:
+            self._flap_delay = 0.0
+        else:
+            self._flap_delay = min(
+                max(self._flap_delay * 2, self._reconnect_delay), self._reconnect_max_delay
+            )
         log.warning("nbd %s: connection lost: %s", self.address, why)
         conn.sock.close()
         for w in conn.waiters.values():
@@ -690,6 +702,8 @@ class NbdBackend:
                     return conn  # another request reconnected meanwhile
                 if self._closed:
                     raise BackendIOError("nbd: backend is closed")
+                if self._flap_delay:
+                    await trio.sleep(self._flap_delay)
                 conn = await self._dial_with_backoff(give_up_at, False)
                 info, old = conn.info, self.export_info
                 assert old is not None
@@ -701,7 +715,7 @@ class NbdBackend:
                 self._conn = conn
                 self.reconnects += 1
                 return conn
-        raise BackendIOError(f"nbd: gave up reconnecting to {self.address}")
+        raise BackendIOError(f"nbd: giving up reconnecting to {self.address}")
 
     async def _dial_with_backoff(self, give_up_at: float, at_open: bool) -> _Connection:
         delay = self._reconnect_delay
