@@ -313,3 +313,47 @@ async def test_file_backend_direct_4k_matches_model(tmp_path, ops):
         await run_disk_model(disk, ops)
     finally:
         await disk.close()
+
+
+@pytest.fixture
+def loop_device(tmp_path):
+    """A real block device: a loop device over a sparse file (needs root and losetup)."""
+    import shutil
+
+    if os.geteuid() != 0 or not shutil.which("losetup"):
+        pytest.skip("needs root and losetup")
+    image = tmp_path / "loop.img"
+    with open(image, "wb") as f:
+        f.truncate(4 * MIB)
+    proc = subprocess.run(
+        ["losetup", "--find", "--show", str(image)], capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"losetup failed: {proc.stderr.strip()}")
+    dev = proc.stdout.strip()
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "--detach", dev], check=False)
+
+
+async def test_block_device(loop_device):
+    disk = FileBackend(loop_device, direct=True)
+    assert disk.is_block_device and disk.capacity == 4 * MIB and disk.can_unmap
+    ctrl = ScsiController()
+    ctrl.add_lun(0, disk)
+    data = os.urandom(8 * BS)
+    res, _ = await scsi(ctrl, write10(1, 8, flags=0x08), data_out=data)  # FUA, bounced
+    assert res.status == GOOD
+    _, got = await scsi(ctrl, read10(1, 8), data_in_len=8 * BS)
+    assert got == data
+    params = unmap_params([(0, 16)])
+    res, _ = await scsi(ctrl, unmap_cdb(len(params)), data_out=params)
+    assert res.status == GOOD
+    _, got = await scsi(ctrl, read10(1, 8), data_in_len=8 * BS)
+    assert got == bytes(8 * BS)
+    res, _ = await scsi(ctrl, sync10())
+    assert res.status == GOOD
+    with pytest.raises(BackendConfigError):
+        await disk.resize(8 * MIB)
+    await disk.close()
