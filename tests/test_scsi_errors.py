@@ -205,3 +205,22 @@ async def test_any_cdb_gets_a_scsi_answer(cdb, buf_len, data_in, lun):
     else:
         assert res.status == CHECK_CONDITION and len(res.sense) == 18
         assert res.transferred == 0
+
+
+def test_configuration_errors():
+    import pytest
+
+    from devices.storvsc.backends.base import BackendConfigError
+    from devices.storvsc.scsi import DiskIdentity
+
+    ctrl = ScsiController()
+    ctrl.add_lun(0, MemoryBackend(size=BS * 8))
+    for lun in (0, -1, 256):  # duplicate, out of storvsc's 0..255
+        with pytest.raises(BackendConfigError):
+            ctrl.add_lun(lun, MemoryBackend(size=BS * 8))
+    for bad in ({"vendor": "TooLongVendor"}, {"product": "Ünïcode"}, {"serial": "a\nb"}):
+        with pytest.raises(BackendConfigError):
+            DiskIdentity(**bad)
+    assert ctrl.luns == [0] and 0 in ctrl and 1 not in ctrl
+    ctrl.remove_lun(0)
+    assert ctrl.luns == []
