@@ -286,6 +286,10 @@ def test_add_offer_misuse() -> None:
     with pytest.raises(p.LocalProtocolError):
         s.add_offer(b.Offer(NIC, INST2, user_def=bytes(121)))
     with pytest.raises(p.LocalProtocolError):
+        s.add_offer(b.Offer(NIC, INST2, flags=0x10000))
+    with pytest.raises(p.LocalProtocolError):
+        s.add_offer(b.Offer(NIC, INST2, monitor_id=128))
+    with pytest.raises(p.LocalProtocolError):
         s.rescind(99)
 
 

@@ -36,6 +36,11 @@ Device side (local calls; misuse raises :class:`LocalProtocolError`):
 Guest side: ``receive(payload, connection_id)`` never raises for guest errors;
 they become ``ProtocolViolation`` and, where the protocol has one, a failure reply.
 
+Output: ``next_event() -> Event | None`` (``events()`` drains).  Introspection:
+``version``, ``connected``, ``channel_state(relid)``, ``relids()``,
+``pending_events``, ``dropped_messages``, ``violations``, ``gpadl_count``,
+``gpadls_in_progress``, ``gpadl_pages``, ``check_invariants()`` (for tests).
+
 Events (all frozen dataclasses): ``SendMessage(payload, target_vcpu)``,
 ``Connected(version, target_vcpu, interrupt_page, monitor_page1, monitor_page2)``,
 ``BusReset(reason)``, ``OpenRequest(relid, gpadl, downstream_offset, target_vp,
@@ -392,8 +397,9 @@ class VmBusServer:
         """Register a channel; returns its relid.  Hot-adds it if offers were already sent."""
         if len(offer.user_def) > p.USER_DEF_SIZE:
             raise LocalProtocolError(f"user_def longer than {p.USER_DEF_SIZE} bytes")
-        if not 0 <= offer.sub_channel_index <= 0xFFFF:
-            raise LocalProtocolError("sub_channel_index is a u16")
+        for name in ("sub_channel_index", "mmio_megabytes", "flags"):
+            if not 0 <= getattr(offer, name) <= 0xFFFF:
+                raise LocalProtocolError(f"{name} is a u16")
         if offer.monitor_id is not None and not 0 <= offer.monitor_id <= p.MAX_MONITOR_ID:
             raise LocalProtocolError(f"monitor_id must be 0..{p.MAX_MONITOR_ID}")
         live = {ch.key for ch in self._channels.values() if not ch.rescinded}
