@@ -385,6 +385,27 @@ async def test_cancelled_read_never_touches_its_buffer_later() -> None:
     assert server.connections == 1
 
 
+async def test_close_waits_for_in_flight_requests_then_disconnects() -> None:
+    async def slow_reads(req: FakeRequest, stream: trio.SocketStream) -> bool:
+        if req.command == p.NBD_CMD_READ:
+            await trio.sleep(0.1)
+        return False
+
+    server = FakeNbdServer(misbehave=slow_reads)
+    server.disk[:512] = b"q" * 512
+    out = bytearray(512)
+    async with running(server):
+        b = await NbdBackend.connect(server.address, **FAST)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(b.readv, 0, [memoryview(out)])
+            await trio.sleep(0.02)
+            await b.close()
+        with pytest.raises(BackendIOError, match="closed"):
+            await b.readv(0, [memoryview(out)])
+    assert out == b"q" * 512
+    assert [r.command for r in server.requests] == [p.NBD_CMD_READ, p.NBD_CMD_DISC]
+
+
 # --- broken servers ------------------------------------------------------------------------
 
 

@@ -418,10 +418,8 @@ class NbdBackend:
 
     async def flush(self) -> None:
         self._check_open()
-        if self.write_back:
+        if self.write_back:  # without a server cache, every acknowledged write is stable
             await self._request(NBD_CMD_FLUSH, 0, None)
-        elif self._cache_lost:  # pragma: no cover - only servers with a cache set it
-            self._cache_lost = False
 
     async def unmap(self, ranges: Sequence[tuple[int, int]]) -> None:
         """TRIM is a hint: without server support the data simply stays."""
@@ -707,6 +705,9 @@ class NbdBackend:
                 conn = await self._dial_with_backoff(give_up_at, False)
                 info, old = conn.info, self.export_info
                 assert old is not None
+                if self._closed:  # close() ran while we were dialing: do not leak this one
+                    conn.sock.close()
+                    raise BackendIOError("nbd: backend is closed")
                 if info.size != old.size or (info.min_block or 1) > self.block_size:
                     conn.sock.close()
                     raise BackendIOError(
@@ -729,7 +730,7 @@ class NbdBackend:
                 last: Exception = e
             except (*_SOCKET_ERRORS, NbdProtocolError, trio.TooSlowError) as e:
                 last = e
-            if trio.current_time() + delay >= give_up_at:
+            if trio.current_time() + delay >= give_up_at or self._closed:
                 raise BackendIOError(f"nbd: cannot connect to {self.address}: {last!r}")
             log.info("nbd %s: connect failed (%r); retrying in %.2f s", self.address, last, delay)
             await trio.sleep(delay)
