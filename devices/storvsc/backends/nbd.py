@@ -31,7 +31,17 @@ with exponential backoff and re-send
   next flush fails once: the disk tells the guest that its cache was lost, the way a
   disk with a volatile cache would after a power loss.
 A request gives up with BackendIOError `give_up_after` seconds after its first
-failure; no call waits forever.
+failure; no call waits forever. An error the server reports (EIO, ENOSPC, ...) is
+not retried: it fails that request only, and the connection carries on. A caller
+cancelled mid-request leaves its reply to be drained without touching its buffers.
+
+Options (keyword arguments, so they can come from the TOML config): `export`,
+`connect_timeout`, `request_timeout`, `give_up_after`, `reconnect_delay` and
+`reconnect_max_delay` (seconds), `max_in_flight`, `structured_replies` (ask for
+them; on by default), `block_size` (force 512 or 4096), `read_only`.
+
+Not done: TLS, several connections per export (NBD_FLAG_CAN_MULTI_CONN is read and
+exposed as `can_multi_conn`, nothing more), NBD_CMD_BLOCK_STATUS.
 """
 
 from __future__ import annotations
