@@ -446,7 +446,7 @@ def _decode(data: bytes, fds: list[int]) -> Message:
     try:
         obj = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
     except Exception as e:  # msgpack raises a zoo of types for bad input
-        raise AttachProtocolError(f"not msgpack: {type(e).__name__}") from None
+        raise AttachProtocolError(f"not msgpack: {type(e).__name__}: {str(e)[:80]}") from None
     if type(obj) is not dict:
         raise AttachProtocolError("datagram is not a msgpack map")
     t = obj.get("t")
