@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 import msgpack
 import pytest
 import trio
+import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -591,3 +592,35 @@ def test_decode_any_map(t: str, body: dict[str, object], nfds: int) -> None:
         return
     assert sorted(msg.fds()) == sorted(fds)
     attach.close_fds(fds)
+
+
+async def test_accept_keeps_serving_after_a_denial(tmp_path: object) -> None:
+    path = os.path.join(str(tmp_path), "attach.sock")
+    async with await attach.listen(path, allowed_uids={os.getuid() + 1}) as listener:
+        async with trio.open_nursery() as n:
+            accepted: list[AttachConnection] = []
+
+            async def accept_one() -> None:
+                accepted.append(await listener.accept())
+
+            n.start_soon(accept_one)
+            denied = await attach.connect(path)
+            assert (await denied.receive()).code == "denied"
+            await denied.aclose()
+            listener.allowed_uids = frozenset({os.getuid()})
+            allowed = await attach.connect(path)
+        assert len(accepted) == 1
+        await allowed.send(Reset(1))
+        assert await accepted[0].receive() == Reset(1)
+        await allowed.aclose()
+        await accepted[0].aclose()
+
+
+async def test_two_receivers_is_an_error(pair: tuple[AttachConnection, AttachConnection]) -> None:
+    a, b = pair
+    async with trio.open_nursery() as n:
+        n.start_soon(b.receive)
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(trio.BusyResourceError):
+            await b.receive()
+        await a.send(Reset(1))
