@@ -228,32 +228,46 @@ async def test_random_writes_then_checksummed_readback(qemu_unix: NbdServer) -> 
             assert got == want.hexdigest(), f"chunk at {off} differs"
 
 
-async def test_many_requests_in_flight(nbdkit: NbdServer) -> None:
+async def test_many_requests_in_flight(sock_dir: Path) -> None:
+    """64 requests at once on one connection: a 50 ms server delay each, not 64 x 50 ms."""
+    delay = 0.05
+    server = nbdkit_memory(
+        sock_dir / "slow.sock",
+        "16M",
+        ["delay"],
+        f"delay-read={int(delay * 1000)}ms",
+        f"delay-write={int(delay * 1000)}ms",
+    )
+    server.argv[1:1] = ["--threads=64"]
     rng = random.Random(2)
     blobs = [rng.randbytes(64 * 1024) for _ in range(64)]
-    async with NbdBackend(nbdkit.address, max_in_flight=64) as b:
-        assert b._conn is not None
-        core = b._conn.core
-        peak = 0
-        real_send = core.send_request
+    with server:
+        async with NbdBackend(server.address, max_in_flight=64) as b:
+            assert b._conn is not None
+            core = b._conn.core
+            peak = 0
+            real_send = core.send_request
 
-        def counting_send(*args, **kwargs):
-            nonlocal peak
-            header = real_send(*args, **kwargs)
-            peak = max(peak, core.in_flight)
-            return header
+            def counting_send(*args, **kwargs):
+                nonlocal peak
+                header = real_send(*args, **kwargs)
+                peak = max(peak, core.in_flight)
+                return header
 
-        core.send_request = counting_send  # type: ignore[method-assign]
-        with trio.fail_after(NO_HANG):
-            async with trio.open_nursery() as nursery:
-                for i, blob in enumerate(blobs):
-                    nursery.start_soon(b.writev, i * 128 * 1024, [memoryview(blob)])
-            outs = [bytearray(64 * 1024) for _ in blobs]
-            async with trio.open_nursery() as nursery:
-                for i, out in enumerate(outs):
-                    nursery.start_soon(b.readv, i * 128 * 1024, [memoryview(out)])
-        assert outs == [bytearray(x) for x in blobs]
-        assert peak > 8, peak  # really concurrent on one connection
+            core.send_request = counting_send  # type: ignore[method-assign]
+            start = trio.current_time()
+            with trio.fail_after(NO_HANG):
+                async with trio.open_nursery() as nursery:
+                    for i, blob in enumerate(blobs):
+                        nursery.start_soon(b.writev, i * 128 * 1024, [memoryview(blob)])
+                outs = [bytearray(64 * 1024) for _ in blobs]
+                async with trio.open_nursery() as nursery:
+                    for i, out in enumerate(outs):
+                        nursery.start_soon(b.readv, i * 128 * 1024, [memoryview(out)])
+            elapsed = trio.current_time() - start
+            assert outs == [bytearray(x) for x in blobs]
+            assert peak == 64, peak  # every request was out at once
+            assert elapsed < 64 * delay, elapsed  # so the server worked on them in parallel
 
 
 async def test_random_caller_cancellations_do_not_wedge_or_corrupt(nbdkit: NbdServer) -> None:
