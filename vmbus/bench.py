@@ -28,6 +28,8 @@ RING_SIZE = 1 << 20  # per direction: room for a window of 64 KiB packets
 QUICK_SECONDS = 0.4
 FULL_SECONDS = 2.0
 SOCKPAIR_BUF = 65536 + 64
+SOCKPAIR_INFLIGHT = 96 * 1024
+SOCKPAIR_MSG_OVERHEAD = 1024  # kernel bookkeeping per queued datagram (skb truesize)
 
 
 # -- orchestrator ------------------------------------------------------------------
@@ -246,7 +248,9 @@ def _sockpair_client(fd: int, size: int, seconds: float) -> dict[str, Any]:
     """Guest side of the socketpair baseline: a window of messages in flight, echoed back."""
     s = socket.socket(fileno=fd)
     msg = bytes(range(256)) * (size // 256) + bytes(size % 256)
-    window = max(1, min(256, (RING_SIZE // 2) // (size + 24)))
+    # Both socket buffers (about 208 KiB each, counted with per-message overhead) must
+    # hold the window, or both ends block in send(): keep it well inside.
+    window = max(1, min(64, SOCKPAIR_INFLIGHT // (size + SOCKPAIR_MSG_OVERHEAD)))
     sent = recvd = 0
     t0 = time.perf_counter()
     deadline = t0 + seconds
