@@ -202,6 +202,9 @@ class VmSession:
                 await self._close_channel(ev.relid)
             elif isinstance(ev, bus.ProtocolViolation):
                 log.warning("%s: guest protocol violation: %s", self.label, ev.reason)
+            elif isinstance(ev, bus.ChannelRemoved):
+                self.device_of.pop(ev.relid, None)  # hot-remove finished: relid is free
+                log.info("%s: relid %d removed", self.label, ev.relid)
             elif isinstance(ev, bus.BusReset):
                 log.info("%s: VMBus reset: %s", self.label, ev.reason)
             elif isinstance(ev, bus.Connected):
@@ -238,6 +241,9 @@ class VmSession:
             )
             reader.open()
             writer.open()
+            # The guest's own indices too (spec 8.1: r, w < D and 8-aligned at open).
+            reader.bytes_to_read()
+            writer.bytes_to_write()
         except RingCorrupt as exc:
             log.warning(
                 "%s: relid %d: open refused, bad ring indices: %s", self.label, ev.relid, exc

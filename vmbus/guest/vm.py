@@ -84,6 +84,7 @@ class SimulatedVm:
         self._offer_added, self.offer_events = trio.open_memory_channel[GuestOffer](1024)
         self._send_lock = trio.Lock()
         self.channels: dict[int, GuestChannel] = {}
+        self._reset_epoch = 0
 
     # -- attach side -------------------------------------------------------------
 
@@ -120,6 +121,13 @@ class SimulatedVm:
                 msg = await self.conn.receive()
             except attach.ConnectionClosed:
                 return
+            epoch = getattr(msg, "epoch", None)
+            if epoch is not None and epoch < self._reset_epoch:
+                # Sent before vmbusd saw our reset: it belongs to the old guest.
+                if isinstance(msg, attach.Bind):
+                    _close_quiet(msg.kick)
+                    _close_quiet(msg.call)
+                continue
             if isinstance(msg, attach.PostToGuest):
                 try:
                     self.client.receive(msg.payload)
@@ -201,9 +209,17 @@ class SimulatedVm:
         return [o for o in self.offers.values() if o.if_type == if_type and not o.rescinded]
 
     async def open_channel(
-        self, offer: GuestOffer, ring_size: int = 64 * 1024, *, target_vp: int = 0
+        self,
+        offer: GuestOffer,
+        ring_size: int = 64 * 1024,
+        *,
+        target_vp: int = 0,
+        before_open: Callable[[Any], None] | None = None,
     ) -> GuestChannel:
-        """What Linux vmbus_open does: ring GPADL, init headers, OPENCHANNEL."""
+        """What Linux vmbus_open does: ring GPADL, init headers, OPENCHANNEL.
+
+        `before_open(mapping)` runs after the headers are initialised (hostile-guest tests).
+        """
         if ring_size % PAGE_SIZE or ring_size < 2 * PAGE_SIZE:
             raise ValueError("ring size must be a page multiple of at least 2 pages")
         pages = ring_size // PAGE_SIZE
@@ -224,6 +240,8 @@ class SimulatedVm:
         # Linux zeroes both headers and sets feature_bits after the GPADL, before the open.
         init_ring_header(mapping.upstream_hdr)
         init_ring_header(mapping.downstream_hdr)
+        if before_open is not None:
+            before_open(mapping)
         status = await self._request(
             "open",
             offer.relid,
@@ -244,8 +262,13 @@ class SimulatedVm:
         writer = RingWriter(
             mapping.upstream_hdr, mapping.upstream_data, mapping.upstream_size, doubled=True
         )
-        reader.open()
-        writer.open()
+        try:
+            reader.open()
+            writer.open()
+        except Exception:
+            reader.release()
+            writer.release()
+            raise
         ch = Channel(reader, writer, call, kick, name=f"guest/{offer.relid}")
         gch = GuestChannel(offer, pfns, handle, mapping, ch, kick, call)
         self.channels[offer.relid] = gch
@@ -264,7 +287,45 @@ class SimulatedVm:
         self._binds.pop(relid, None)
 
     async def _teardown_gpadl(self, relid: int, handle: int) -> None:
+        offer = self.offers.get(relid)
+        if offer is not None and offer.rescinded:
+            # Linux posts no GPADL_TEARDOWN after a rescind: the host frees it itself.
+            self.client.teardown_gpadl(relid, handle)
+            return
         await self._request("torndown", handle, lambda: self.client.teardown_gpadl(relid, handle))
+
+    async def wait_rescind(self, relid: int) -> None:
+        """Wait until the host rescinds `relid` (hot-remove)."""
+        if self.offers.get(relid) is not None and self.offers[relid].rescinded:
+            return
+        await self._request("rescind", relid, lambda: None)
+
+    async def release_offer(self, relid: int) -> None:
+        """What Linux does once a rescinded device is gone: close if open, RELID_RELEASED."""
+        gch = self.channels.get(relid)
+        if gch is not None:
+            await self.close_channel(gch)
+        self.client.release_relid(relid)
+        self.offers.pop(relid, None)
+        await self._pump()
+
+    async def reboot(self) -> None:
+        """The guest rebooted: the VMM says `reset`, the new kernel negotiates afresh."""
+        assert self.conn is not None
+        self._reset_epoch = self._reset_epoch + 1
+        for gch in list(self.channels.values()):
+            gch.channel.release()
+            gch.mapping.close()
+            self.ram.free_pages(gch.pfns)
+        self.channels.clear()
+        self.offers.clear()
+        self._all_offers = trio.Event()
+        self.client = gc.VmBusClient()
+        await self.conn.send(attach.Reset(epoch=self._reset_epoch))
+        self.client.connect()
+        await self._pump()
+        with trio.fail_after(CONTROL_TIMEOUT_S):
+            await self._all_offers.wait()
 
     async def unload(self) -> None:
         await self._request("unload", 0, self.client.unload)
