@@ -16,9 +16,7 @@ NATIVE_ABI = 2  # bump when any cdef changes; vmbus/native.py checks it at impor
 
 ffibuilder = FFI()
 _cdefs = sorted((HERE / "cdef").glob("*.h"))
-ffibuilder.cdef(
-    "#define VMBUSD_NATIVE_ABI ...\n" + "\n".join(p.read_text() for p in _cdefs)
-)
+ffibuilder.cdef("#define VMBUSD_NATIVE_ABI ...\n" + "\n".join(p.read_text() for p in _cdefs))
 _sources = sorted(str(p.relative_to(HERE.parent)) for p in HERE.glob("*.c"))
 _headers = "".join(f'#include "{p.name}"\n' for p in sorted(HERE.glob("*.h")))
 ffibuilder.set_source(
