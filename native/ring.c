@@ -484,3 +484,109 @@ int vmb_ring_request_space(struct vmb_ring *r, uint32_t need)
     }
     return 0;
 }
+
+/* ---------------------------------------------------------------- forward */
+
+/* Copy n bytes from ring `src` at spos to ring `dst` at dpos, wrapping either side;
+ * returns the next dst position. Both positions are < their ring size, n < both sizes. */
+static uint32_t ring_copy(const struct vmb_ring *src, uint32_t spos, struct vmb_ring *dst,
+                          uint32_t dpos, uint32_t n)
+{
+    if (src->doubled && dst->doubled) {
+        memcpy(dst->data + dpos, src->data + spos, n);
+        return (uint32_t)(((uint64_t)dpos + n) % dst->size);
+    }
+    while (n) {
+        uint32_t s_run = src->doubled ? n : src->size - spos;
+        uint32_t d_run = dst->doubled ? n : dst->size - dpos;
+        uint32_t k = n < s_run ? n : s_run;
+
+        if (k > d_run)
+            k = d_run;
+        memcpy(dst->data + dpos, src->data + spos, k);
+        spos = wrap(spos + k, src->size);
+        dpos = wrap(dpos + k, dst->size);
+        n -= k;
+    }
+    return dpos;
+}
+
+int vmb_ring_forward(struct vmb_ring *rd, struct vmb_ring *wr, uint32_t max_pkts,
+                     uint32_t flags, struct vmb_fwd_result *res)
+{
+    uint32_t rpos = rd->priv, wpos = wr->priv, old_w = wr->priv;
+    uint32_t w, ri, avail, free_b, consumed = 0, npkts = 0;
+    struct vmb_write_result wres;
+    int rc;
+
+    memset(res, 0, sizeof(*res));
+    if (flags & ~VMB_RAW_COMPLETE)
+        return VMB_E_BAD_ARG;
+    /* Acquire pairs with the guest's release store of write_index; loaded once. */
+    w = vmb_ld32_acquire(rd->hdr + VMB_RING_OFF_WINDEX);
+    rc = check_index(w, rd->size, VMB_E_WINDEX_RANGE, VMB_E_WINDEX_ALIGN);
+    if (rc)
+        return rc;
+    ri = vmb_ld32(wr->hdr + VMB_RING_OFF_RINDEX);  /* untrusted, read once */
+    rc = check_index(ri, wr->size, VMB_E_RINDEX_RANGE, VMB_E_RINDEX_ALIGN);
+    if (rc)
+        return rc;
+    avail = vmb_ring_avail(w, rpos, rd->size);
+    free_b = vmb_ring_free(wpos, ri, wr->size);
+    vmb_mb();  /* [B] the reader's read_index is read before we overwrite the space */
+
+    while (npkts < max_pkts && avail) {
+        uint8_t raw[VMB_PKT_DESC_SIZE];
+        struct vmb_desc d;
+        uint32_t len, start = wpos;
+
+        if (avail < VMB_PKT_DESC_SIZE) {
+            rc = VMB_E_AVAIL_PARTIAL;
+            break;
+        }
+        ring_get(rd, rpos, raw, VMB_PKT_DESC_SIZE);  /* the one read of this descriptor */
+        d.type = le16(raw);
+        d.offset8 = le16(raw + 2);
+        d.len8 = le16(raw + 4);
+        d.flags = le16(raw + 6);
+        d.trans_id = le64(raw + 8);
+        rc = check_desc(rd, &d, avail);
+        if (rc)
+            break;
+        len = (uint32_t)d.len8 * 8u;
+        if (len + VMB_PKT_TRAILER_SIZE >= wr->size) {
+            rc = VMB_E_PKT_TOO_BIG;  /* could never fit the other ring */
+            break;
+        }
+        if (free_b <= len + VMB_PKT_TRAILER_SIZE)
+            break;  /* no room now: the rest stays in rd for the next call */
+        if ((flags & VMB_RAW_COMPLETE) && (d.flags & VMB_PKT_FLAG_COMPLETION_REQUESTED)) {
+            put_le16(raw, VMB_PKT_TYPE_COMP);
+            put_le16(raw + 6, 0);
+        }
+        /* The validated descriptor copy goes out; the payload is opaque to a forwarder,
+         * so it moves ring to ring (a guest rewriting it only changes its own data). */
+        wpos = ring_put(wr, wpos, raw, VMB_PKT_DESC_SIZE);
+        wpos = ring_copy(rd, wrap(rpos + VMB_PKT_DESC_SIZE, rd->size), wr, wpos,
+                         len - VMB_PKT_DESC_SIZE);
+        put_trailer(wr, &wpos, start);
+        free_b -= len + VMB_PKT_TRAILER_SIZE;
+        consumed += len + VMB_PKT_TRAILER_SIZE;
+        avail -= len + VMB_PKT_TRAILER_SIZE;
+        rpos = (uint32_t)(((uint64_t)rpos + len + VMB_PKT_TRAILER_SIZE) % rd->size);
+        npkts++;
+    }
+
+    res->npkts = npkts;
+    res->consumed = consumed;
+    if (npkts) {
+        memset(&wres, 0, sizeof(wres));
+        publish(wr, old_w, wpos, &wres);  /* [C] full barrier: payload reads are done */
+        res->write_signal = wres.signal;
+        vmb_st32_release(rd->hdr + VMB_RING_OFF_RINDEX, rpos);
+        rd->priv = rpos;
+        vmb_mb();  /* [A] read_index is visible before we look at pending_send_sz */
+        res->read_signal = pending_signal(rd, consumed);
+    }
+    return rc;
+}

@@ -126,4 +126,13 @@ int vmb_ring_write_raw(struct vmb_ring *r, const uint8_t *buf, uint64_t buf_len,
 int64_t vmb_ring_bytes_to_write(struct vmb_ring *r);
 int vmb_ring_request_space(struct vmb_ring *r, uint32_t need);
 
+struct vmb_fwd_result {
+    uint32_t npkts;
+    uint32_t consumed;
+    uint32_t read_signal;
+    uint32_t write_signal;
+};
+int vmb_ring_forward(struct vmb_ring *rd, struct vmb_ring *wr, uint32_t max_pkts,
+                     uint32_t flags, struct vmb_fwd_result *res);
+
 #endif

@@ -30,6 +30,7 @@ from vmbus.ring import (
     RingReader,
     RingWriter,
     SendBatch,
+    forward,
     iter_packets,
 )
 
@@ -227,6 +228,50 @@ class Channel:
         self.stats.wakeups += 1
         self.reader.mask()
         self._masked = True
+
+    async def forward(
+        self, dest: Channel | None = None, *, complete: bool = False, max_pkts: int | None = None
+    ) -> int:
+        """Move packets from this channel's incoming ring straight into `dest`'s outgoing
+        ring (default: back to the sender), for pass-through devices. Waits for at least
+        one packet and for room; returns how many moved. Descriptors are validated as
+        by receive(); payloads are opaque and never copied into our memory.
+        """
+        dest = dest or self
+        n_max = min(max_pkts or self.max_batch, self.max_batch)
+        if not self._masked:
+            self.reader.mask()
+            self._masked = True
+        while True:
+            async with dest._send_lock:
+                res = forward(self.reader, dest.writer, n_max, complete)
+            if res.read_signal:
+                self._signal()
+            if res.npkts:
+                st = self.stats
+                st.packets_in += res.npkts
+                st.bytes_in += res.consumed
+                st.batches_in += 1
+                dest._account(res.npkts, res.consumed, res.write_signal)
+                if res.error is not None:
+                    self._pending_error = res.error
+                await trio.lowlevel.checkpoint()
+                return res.npkts
+            if res.error is not None:
+                self.stats.errors += 1
+                raise RingCorrupt(res.error)
+            if self._pending_error is not None:
+                err, self._pending_error = self._pending_error, None
+                raise RingCorrupt(err)
+            if self.reader.bytes_to_read():
+                # A packet is waiting but dest has no room: ask for exactly its size.
+                peek = self.reader.read(self._out, self._index, 1, peek=True)
+                if peek.npkts:
+                    await dest._wait_space(self._index[1] + 8)
+                    continue
+                if peek.error is not None:
+                    raise RingCorrupt(peek.error)
+            await self._idle()
 
     # -- send ------------------------------------------------------------------
 

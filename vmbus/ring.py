@@ -147,6 +147,16 @@ class WriteResult(NamedTuple):
     signal: bool
 
 
+class ForwardResult(NamedTuple):
+    """One forward call: packets moved from a reader's ring straight into a writer's."""
+
+    npkts: int
+    consumed: int
+    read_signal: bool  # the reader ring's producer was waiting for room and now has it
+    write_signal: bool  # the writer ring's consumer should be signalled
+    error: RingError | None
+
+
 class OutPacket(NamedTuple):
     """A packet to send: the body's first ext_len bytes are the descriptor extension."""
 
@@ -842,6 +852,88 @@ def iter_packets(out: Buffer, index: Buffer, n: int) -> Iterator[Packet]:
             raise ValueError(f"packet {i}: descriptor does not match its index entry")
         p = off + off8 * 8
         yield Packet(typ, flags, tid, off8, len8, out_v[off + DESC_SIZE : p], out_v[p : off + ln])
+
+
+def py_forward(
+    reader: PyRingReader, writer: PyRingWriter, max_pkts: int, complete: bool = False
+) -> ForwardResult:
+    """Twin of vmb_ring_forward: descriptors copied once and validated, payload ring to
+    ring, as many packets as the writer's ring has room for."""
+    _check_u32(max_pkts, "max_pkts")
+    rsize, wsize = reader.size, writer.size
+    w = reader._ld(OFF_WRITE_INDEX)  # untrusted, loaded once
+    err = _check_index(w, rsize, RingError.WINDEX_RANGE, RingError.WINDEX_ALIGN)
+    if err is not None:
+        return ForwardResult(0, 0, False, False, err)
+    ri = writer._ld(OFF_READ_INDEX)  # untrusted, read once
+    err = _check_index(ri, wsize, RingError.RINDEX_RANGE, RingError.RINDEX_ALIGN)
+    if err is not None:
+        return ForwardResult(0, 0, False, False, err)
+    rpos, wpos = reader._priv, writer._priv
+    old_w = wpos
+    avail = _avail(w, rpos, rsize)
+    free_b = _free(wpos, ri, wsize)
+    consumed = npkts = 0
+    while npkts < max_pkts and avail:
+        if avail < DESC_SIZE:
+            err = RingError.AVAIL_PARTIAL
+            break
+        raw = reader._get(rpos, DESC_SIZE)  # the one read of this descriptor
+        typ, off8, len8, flags, tid = _DESC.unpack(raw)
+        err = reader._check_desc(typ, off8, len8, flags, avail)
+        if err is not None:
+            break
+        n = len8 * 8
+        if n + TRAILER_SIZE >= wsize:
+            err = RingError.PKT_TOO_BIG
+            break
+        if free_b <= n + TRAILER_SIZE:
+            break
+        if complete and flags & FLAG_COMPLETION_REQUESTED:
+            raw = _DESC.pack(VM_PKT_COMP, off8, len8, 0, tid)
+        p0 = wpos
+        wpos = writer._put(wpos, raw)
+        wpos = writer._put(wpos, reader._get((rpos + DESC_SIZE) % rsize, n - DESC_SIZE))
+        wpos = writer._trailer(wpos, p0)
+        free_b -= n + TRAILER_SIZE
+        consumed += n + TRAILER_SIZE
+        avail -= n + TRAILER_SIZE
+        rpos = (rpos + n + TRAILER_SIZE) % rsize
+        npkts += 1
+    wsig = rsig = False
+    if npkts:
+        wsig = writer._publish(old_w, wpos)
+        reader._st(OFF_READ_INDEX, rpos)
+        reader._priv = rpos
+        rsig = reader._pending_signal(consumed)
+    return ForwardResult(npkts, consumed, rsig, wsig, err)
+
+
+def native_forward(
+    reader: NativeRingReader, writer: NativeRingWriter, max_pkts: int, complete: bool = False
+) -> ForwardResult:
+    """One vmb_ring_forward call (see py_forward for the contract)."""
+    _check_u32(max_pkts, "max_pkts")
+    lib, ffi = reader._lib, reader._ffi
+    res = ffi.new("struct vmb_fwd_result *")
+    rc = lib.vmb_ring_forward(
+        reader._r, writer._r, max_pkts, lib.VMB_RAW_COMPLETE if complete else 0, res
+    )
+    if rc == RingError.BAD_ARG:
+        raise RingArgumentError(rc, "forward flags")
+    err = RingError(rc) if rc else None
+    return ForwardResult(
+        int(res.npkts), int(res.consumed), bool(res.read_signal), bool(res.write_signal), err
+    )
+
+
+def forward(reader: Any, writer: Any, max_pkts: int, complete: bool = False) -> ForwardResult:
+    """Forward with whichever flavour the two rings are (both must be the same)."""
+    if isinstance(reader, NativeRingReader) and isinstance(writer, NativeRingWriter):
+        return native_forward(reader, writer, max_pkts, complete)
+    if isinstance(reader, PyRingReader) and isinstance(writer, PyRingWriter):
+        return py_forward(reader, writer, max_pkts, complete)
+    raise TypeError("forward needs a reader and a writer of the same flavour")
 
 
 if TYPE_CHECKING:  # one interface, two flavours: type-check against the twin

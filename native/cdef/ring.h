@@ -140,3 +140,19 @@ int64_t vmb_ring_bytes_to_write(struct vmb_ring *r);
  * successful write), negative VMB_E_* on a corrupt read_index, BAD_ARG for need == 0,
  * PKT_TOO_BIG for need >= size. */
 int vmb_ring_request_space(struct vmb_ring *r, uint32_t need);
+
+/* Forward packets from reader ring rd straight into writer ring wr (a pass-through
+ * device such as echo or a loopback NIC): each descriptor is copied once to private
+ * memory and validated as vmb_ring_read does; the payload, opaque to a forwarder,
+ * moves ring to ring. Stops at max_pkts, an empty rd, or a packet wr has no room for
+ * (it stays in rd). flags: VMB_RAW_COMPLETE. One write_index and one read_index
+ * update per call; both signal decisions are returned. On a validation error the
+ * packets before the bad one are forwarded and the error is returned. */
+struct vmb_fwd_result {
+    uint32_t npkts;
+    uint32_t consumed;      /* rd ring bytes consumed (= wr ring bytes written) */
+    uint32_t read_signal;   /* rd's producer was waiting for room and now has it */
+    uint32_t write_signal;  /* wr's consumer should be signalled */
+};
+int vmb_ring_forward(struct vmb_ring *rd, struct vmb_ring *wr, uint32_t max_pkts,
+                     uint32_t flags, struct vmb_fwd_result *res);
