@@ -37,7 +37,7 @@ from vmbus.ring import (
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH = 1024
-POLL_NS_MIN = 0
+POLL_NS_MIN = 2_000
 POLL_NS_MAX = 200_000
 POLL_NS_DEFAULT = 50_000
 SPACE_RECHECK_S = 0.1  # a peer that frees room without signalling is still noticed
@@ -126,21 +126,30 @@ class PacketBatch:
 
 @dataclass
 class _Poller:
-    """Adaptive poll budget: grow while polling finds work, shrink while it does not."""
+    """Adaptive poll budget, learnt from how long the channel actually sat idle.
+
+    A sleep that ended sooner than the longest budget means polling that long would
+    have saved the wake-up, so the budget grows to cover it; polls that find nothing
+    shrink it, down to a floor (never zero, or it could not learn again).
+    """
 
     ns: int = POLL_NS_DEFAULT
     max_ns: int = POLL_NS_MAX
+    min_ns: int = POLL_NS_MIN
     misses: int = field(default=0)
 
     def hit(self) -> None:
         self.misses = 0
-        self.ns = min(self.max_ns, max(self.ns * 2, 1_000))
 
     def miss(self) -> None:
         self.misses += 1
         if self.misses >= 4:
-            self.ns //= 2
+            self.ns = max(self.min_ns, self.ns // 2)
             self.misses = 0
+
+    def slept(self, ns: int) -> None:
+        if ns < self.max_ns:
+            self.ns = min(self.max_ns, max(self.ns, 2 * ns))
 
 
 class Channel:
@@ -164,7 +173,7 @@ class Channel:
         self.name = name
         self.stats = ChannelStats()
         self.max_batch = max_batch
-        self._poll = _Poller(ns=poll_ns, max_ns=max(poll_ns, POLL_NS_MIN))
+        self._poll = _Poller(ns=poll_ns, max_ns=max(poll_ns, POLL_NS_MAX))
         size = reader.size
         # A whole ring's worth of packets always fits in the private copy.
         self._out = bytearray(size)
@@ -224,7 +233,9 @@ class Channel:
             self.reader.mask()
             self._masked = True
             return
+        t0 = time.perf_counter_ns()
         await self.wait_fd.wait()
+        self._poll.slept(time.perf_counter_ns() - t0)
         self.stats.wakeups += 1
         self.reader.mask()
         self._masked = True
