@@ -4,7 +4,7 @@
 
 int64_t vmb_check_echo(const uint8_t *buf, const uint32_t *index, uint32_t n,
                        uint64_t expect_tid, const uint8_t *pattern, uint32_t pattern_len,
-                       const uint32_t *lens, uint32_t payload_len)
+                       const uint32_t *lens, uint32_t payload_len, uint32_t flags)
 {
     for (uint32_t i = 0; i < n; i++) {
         const uint8_t *p = buf + index[2 * i];
@@ -21,7 +21,7 @@ int64_t vmb_check_echo(const uint8_t *buf, const uint32_t *index, uint32_t n,
         if (end > plen || off > end || want > pattern_len || end - off < want ||
             end - off >= want + 8)
             return i;
-        if (memcmp(p + off, pattern, want) != 0)
+        if ((flags & VMB_CHECK_BYTES) && memcmp(p + off, pattern, want) != 0)
             return i;
     }
     return -1;

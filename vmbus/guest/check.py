@@ -1,8 +1,9 @@
 """Echo verification for load generators, native and pure-Python twins.
 
 `check_echo` returns -1 when packet i of the batch carries trans_id expect_tid + i
-and the first `len` bytes of `pattern` as its payload (padding excluded), else the
-index of the first packet that does not.
+and a payload of its sender's length (padding excluded) equal to the first bytes of
+`pattern` (compared only when check_bytes), else the index of the first packet that
+does not.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ def py_check_echo(
     pattern: bytes,
     lens: Sequence[int] | None = None,
     payload_len: int = 0,
+    check_bytes: bool = True,
 ) -> int:
     mv = memoryview(buf)
     for i in range(n):
@@ -35,7 +37,7 @@ def py_check_echo(
             return i
         if end > plen or off > end or want > len(pattern) or not want <= end - off < want + 8:
             return i
-        if mv[start + off : start + off + want] != pattern[:want]:
+        if check_bytes and mv[start + off : start + off + want] != pattern[:want]:
             return i
     return -1
 
@@ -48,6 +50,7 @@ def native_check_echo(
     pattern: bytes,
     lens: array.array | None = None,
     payload_len: int = 0,
+    check_bytes: bool = True,
 ) -> int:
     ffi, lib = native.ffi, native.lib
     if n > len(index) // 2 or (lens is not None and len(lens) < n):
@@ -63,8 +66,31 @@ def native_check_echo(
             len(pattern),
             c_lens,
             payload_len,
+            lib.VMB_CHECK_BYTES if check_bytes else 0,
         )
     )
 
 
 check_echo = native_check_echo if native.NATIVE else py_check_echo
+
+
+def py_bench_memcpy(dst: bytearray, src: bytes, size: int, count: int) -> None:
+    """Twin of vmb_bench_memcpy: count packets of size bytes at 8-aligned advancing offsets."""
+    step = (size + 7) & ~7
+    if step == 0 or step > len(dst):
+        return
+    off = 0
+    mv = memoryview(dst)
+    for _ in range(count):
+        if off + step > len(dst):
+            off = 0
+        mv[off : off + size] = src[:size]
+        off += step
+
+
+def native_bench_memcpy(dst: bytearray, src: bytes, size: int, count: int) -> None:
+    if len(src) < size:
+        raise ValueError("src shorter than size")
+    native.native_module().lib.vmb_bench_memcpy(
+        native.native_module().ffi.from_buffer(dst), len(dst), src, size, count
+    )
