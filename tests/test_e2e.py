@@ -135,13 +135,28 @@ async def test_poisoned_channel_does_not_stop_the_other(tmp_path: Path) -> None:
                 a.kick.signal()
             log = sp.wait_log("channel stopped: corrupt ring")
             assert log.count("channel stopped") == 1
-            # b still echoes after a was poisoned, and a new channel can still open
+            # b still echoes after a was poisoned
             await echo_mixed(b.channel, 300, MAXP, seed=9)
-            await vm.close_channel(a)
-            await vm.close_channel(b)
-            c = await vm.open_channel(a_offer, RING)
+            # channel reset: a is rescinded; once the guest lets go, the same device
+            # comes back on a fresh channel and works
+            with trio.fail_after(10):
+                await vm.wait_rescind(a_offer.relid)
+            await vm.release_offer(a_offer.relid)
+            with trio.fail_after(10):
+                while True:
+                    fresh = [
+                        o
+                        for o in vm.find_offers(ECHO_IF_TYPE)
+                        if o.if_instance == a_offer.if_instance
+                    ]
+                    if fresh:
+                        break
+                    await vm.offer_events.receive()
+            c = await vm.open_channel(fresh[0], RING)
             await echo_mixed(c.channel, 300, MAXP, seed=10)
+            await echo_mixed(b.channel, 300, MAXP, seed=11)
             await vm.close_channel(c)
+            await vm.close_channel(b)
         assert sp.alive()
 
 
@@ -170,6 +185,23 @@ async def test_guest_that_stops_reading_blocks_only_its_channel(tmp_path: Path) 
             await vm.close_channel(b)
         assert sp.alive()
         assert "Traceback" not in sp.log()
+
+
+async def test_modifychannel_rebinds_and_traffic_continues(tmp_path: Path) -> None:
+    with serve_process(tmp_path) as sp:
+        async with guest(sp.path) as vm:
+            (offer,) = vm.find_offers(ECHO_IF_TYPE)
+            ch = await vm.open_channel(offer, RING)
+            await echo_mixed(ch.channel, 300, MAXP)
+            assert await vm.modify_channel(ch, 1) == 0
+            assert ch.vcpu == 1
+            await echo_mixed(ch.channel, 300, MAXP, seed=2)
+            # a vCPU the VM does not have is refused, and the binding stays
+            assert await vm.modify_channel(ch, 7) != 0
+            assert ch.vcpu == 1
+            await echo_mixed(ch.channel, 100, MAXP, seed=3)
+            await vm.close_channel(ch)
+        assert sp.alive()
 
 
 async def test_open_refused_for_bad_ring_indices(tmp_path: Path) -> None:

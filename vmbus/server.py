@@ -34,6 +34,8 @@ class OpenChannel:
     """Host-side state of one open channel; owned by the session."""
 
     relid: int
+    connection_id: int
+    vcpu: int
     device: Device
     mapping: object
     channel: Channel
@@ -65,6 +67,8 @@ class VmSession:
         self.peer: attach.Hello | None = None
         self._nursery: trio.Nursery | None = None
         self._send_lock = trio.Lock()
+        self._pump_lock = trio.Lock()  # bus events are carried out in order, one pump at a time
+        self._reoffer: dict[int, tuple[Device, int]] = {}  # reset channels awaiting release
         self._on_channel_event = on_channel_event
         self.failed_channels: dict[int, str] = {}
         self.epoch = 0  # the VMM's reset count; fences our messages sent before a reset
@@ -112,20 +116,24 @@ class VmSession:
             await self._teardown()
 
     def _offer(self, dev: Device) -> None:
+        for sub in range(dev.offer.sub_channels + 1):
+            self._offer_one(dev, sub)
+
+    def _offer_one(self, dev: Device, sub: int) -> int:
         assert self.bus is not None
         o = dev.offer
-        for sub in range(o.sub_channels + 1):
-            relid = self.bus.add_offer(
-                bus.Offer(
-                    if_type=o.if_type,
-                    if_instance=o.if_instance,
-                    sub_channel_index=sub,
-                    mmio_megabytes=o.mmio_megabytes,
-                    flags=o.flags,
-                    user_def=o.user_def,
-                )
+        relid = self.bus.add_offer(
+            bus.Offer(
+                if_type=o.if_type,
+                if_instance=o.if_instance,
+                sub_channel_index=sub,
+                mmio_megabytes=o.mmio_megabytes,
+                flags=o.flags,
+                user_def=o.user_def,
             )
-            self.device_of[relid] = (dev, sub)
+        )
+        self.device_of[relid] = (dev, sub)
+        return relid
 
     async def add_device(self, dev: Device) -> None:
         """Hot-add: offer a new device to a running guest."""
@@ -188,7 +196,11 @@ class VmSession:
     # -- bus events out ----------------------------------------------------------
 
     async def _pump(self) -> None:
-        """Carry out everything the bus asked for, in order."""
+        """Carry out everything the bus asked for, in order (from any task)."""
+        async with self._pump_lock:
+            await self._pump_locked()
+
+    async def _pump_locked(self) -> None:
         assert self.bus is not None
         while (ev := self.bus.next_event()) is not None:
             if isinstance(ev, bus.SendMessage):
@@ -205,6 +217,11 @@ class VmSession:
             elif isinstance(ev, bus.ChannelRemoved):
                 self.device_of.pop(ev.relid, None)  # hot-remove finished: relid is free
                 log.info("%s: relid %d removed", self.label, ev.relid)
+                again = self._reoffer.pop(ev.relid, None)
+                if again is not None:  # the second half of a channel reset
+                    self._offer_one(*again)
+            elif isinstance(ev, bus.ChannelModified):
+                await self._rebind(ev.relid, ev.target_vp)
             elif isinstance(ev, bus.BusReset):
                 log.info("%s: VMBus reset: %s", self.label, ev.reason)
             elif isinstance(ev, bus.Connected):
@@ -255,7 +272,9 @@ class VmSession:
             return vp.STATUS_UNSUCCESSFUL
         kick, call = EventFd(new_eventfd()), EventFd(new_eventfd())
         channel = Channel(reader, writer, kick, call, name=f"{self.label}/{ev.relid}")
-        oc = OpenChannel(ev.relid, dev, mapping, channel, kick, call)
+        oc = OpenChannel(
+            ev.relid, ev.connection_id, ev.target_vp, dev, mapping, channel, kick, call
+        )
         await self._send(
             attach.Bind(
                 relid=ev.relid,
@@ -295,6 +314,35 @@ class VmSession:
             )
             if self._on_channel_event:
                 self._on_channel_event(self.label, oc.relid, oc.failed)
+            await self._reset_channel(oc.relid)
+
+    async def _reset_channel(self, relid: int) -> None:
+        """Channel reset: rescind the broken channel; once the guest has released it,
+        the same device is offered again on a fresh channel (the guest's driver
+        re-probes, as after a hot-remove and hot-add)."""
+        if self.bus is None or relid not in self.device_of:
+            return
+        self._reoffer[relid] = self.device_of[relid]
+        self.bus.rescind(relid)
+        await self._pump()
+
+    async def _rebind(self, relid: int, vcpu: int) -> None:
+        """MODIFYCHANNEL: the guest moved the channel's interrupts to another vCPU."""
+        oc = self.open.get(relid)
+        if oc is None:
+            return
+        oc.vcpu = vcpu
+        await self._send(attach.Unbind(relid=relid, epoch=self.epoch))
+        await self._send(
+            attach.Bind(
+                relid=relid,
+                connection_id=oc.connection_id,
+                vcpu=vcpu,
+                kick=oc.kick.fd,
+                call=oc.call.fd,
+                epoch=self.epoch,
+            )
+        )
 
     async def _close_channel(self, relid: int, *, notify_bus: bool = True) -> None:
         oc = self.open.pop(relid, None)
@@ -309,8 +357,8 @@ class VmSession:
             oc.mapping.close()  # type: ignore[attr-defined]
             self.closed_stats.append((relid, oc.device.name, oc.channel.stats.as_dict()))
         if notify_bus and self.bus is not None:
+            # Called from inside the pump: its loop carries out what this queues.
             self.bus.close_complete(relid)
-            await self._pump()
 
 
 async def serve_listener(

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -57,6 +57,8 @@ class GuestChannel:
     channel: Channel
     kick: EventFd
     call: EventFd
+    vcpu: int = 0
+    stale_fds: list[int] = field(default_factory=list)  # replaced by a rebind; closed at close
 
 
 Driver = Callable[["SimulatedVm", GuestOffer], Awaitable[None]]
@@ -136,9 +138,16 @@ class SimulatedVm:
                 await self._pump()
             elif isinstance(msg, attach.Bind):
                 self._binds[msg.relid] = msg
+                gch = self.channels.get(msg.relid)
+                if gch is not None:
+                    # A rebind (MODIFYCHANNEL) of an open channel: switch to the new fds;
+                    # the old ones stay open until the channel closes, since a task may
+                    # be waiting on them right now.
+                    gch.stale_fds += [gch.kick.fd, gch.call.fd]
+                    gch.kick.fd, gch.call.fd, gch.vcpu = msg.kick, msg.call, msg.vcpu
             elif isinstance(msg, attach.Unbind):
                 b = self._binds.pop(msg.relid, None)
-                if b is not None:
+                if b is not None and msg.relid not in self.channels:
                     _close_quiet(b.kick)
                     _close_quiet(b.call)
             elif isinstance(msg, attach.Error):
@@ -177,6 +186,8 @@ class SimulatedVm:
             self._wake("torndown", ev.handle, True)
         elif isinstance(ev, gc.OpenResult):
             self._wake("open", ev.relid, ev.status)
+        elif isinstance(ev, gc.ModifyResult):
+            self._wake("modify", ev.relid, ev.status)
         elif isinstance(ev, gc.UnloadComplete):
             self._wake("unload", 0, True)
 
@@ -282,6 +293,8 @@ class SimulatedVm:
         await self._pump()
         gch.channel.release()
         gch.mapping.close()
+        for fd in gch.stale_fds:
+            _close_quiet(fd)
         await self._teardown_gpadl(relid, gch.gpadl)
         self.ram.free_pages(gch.pfns)
         self._binds.pop(relid, None)
@@ -326,6 +339,27 @@ class SimulatedVm:
         await self._pump()
         with trio.fail_after(CONTROL_TIMEOUT_S):
             await self._all_offers.wait()
+
+    async def modify_channel(self, gch: GuestChannel, target_vp: int) -> int:
+        """MODIFYCHANNEL: move the channel's interrupts to another vCPU (>= 4.1).
+
+        Returns the host's status (5.3 answers; before that 0 is assumed) once the
+        VMM side has seen the rebind for the new vCPU.
+        """
+        relid = gch.offer.relid
+        if self.version is not None and self.version >= 0x00050003:
+            status = await self._request(
+                "modify", relid, lambda: self.client.modify_channel(relid, target_vp)
+            )
+        else:
+            self.client.modify_channel(relid, target_vp)
+            await self._pump()
+            status = 0
+        if status == 0:
+            with trio.fail_after(CONTROL_TIMEOUT_S):
+                while gch.vcpu != target_vp:
+                    await trio.sleep(0.001)
+        return status
 
     async def unload(self) -> None:
         await self._request("unload", 0, self.client.unload)
