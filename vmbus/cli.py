@@ -87,7 +87,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from vmbus.bench import run_bench
 
-    return run_bench(args.what, quick=args.quick, json_path=args.json)
+    return run_bench(args.what, quick=args.quick, json_path=args.json, seconds=args.seconds)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("what", choices=["ring"], help="which benchmark")
     b.add_argument("--quick", action="store_true", help="short run (under 30 s)")
     b.add_argument("--json", metavar="FILE", help="write the records as JSON")
+    b.add_argument(
+        "--seconds", type=float, metavar="S", help="seconds per point (overrides --quick)"
+    )
     b.set_defaults(func=cmd_bench)
     return p
 
