@@ -136,6 +136,21 @@ static int check_desc(const struct vmb_ring *r, const struct vmb_desc *d, uint32
     return 0;
 }
 
+/* The one read of the descriptor at pos (into raw, private), then its validation. */
+static int fetch_desc(const struct vmb_ring *r, uint32_t pos, uint32_t avail,
+                      uint8_t raw[VMB_PKT_DESC_SIZE], struct vmb_desc *d)
+{
+    if (avail < VMB_PKT_DESC_SIZE)
+        return VMB_E_AVAIL_PARTIAL;
+    ring_get(r, pos, raw, VMB_PKT_DESC_SIZE);
+    d->type = le16(raw);
+    d->offset8 = le16(raw + 2);
+    d->len8 = le16(raw + 4);
+    d->flags = le16(raw + 6);
+    d->trans_id = le64(raw + 8);
+    return check_desc(r, d, avail);
+}
+
 /* The releasing consumer's half of pending_send_sz (spec §3.4, Linux
  * hv_pkt_iter_close): wake the producer only on its blocked -> unblocked edge. */
 static uint32_t pending_signal(const struct vmb_ring *r, uint32_t consumed)
@@ -187,17 +202,7 @@ int vmb_ring_read(struct vmb_ring *r, uint8_t *out, uint32_t out_cap, uint32_t *
         struct vmb_desc d;
         uint32_t len;
 
-        if (avail < VMB_PKT_DESC_SIZE) {
-            rc = VMB_E_AVAIL_PARTIAL;
-            break;
-        }
-        ring_get(r, pos, raw, VMB_PKT_DESC_SIZE);  /* the one read of this descriptor */
-        d.type = le16(raw);
-        d.offset8 = le16(raw + 2);
-        d.len8 = le16(raw + 4);
-        d.flags = le16(raw + 6);
-        d.trans_id = le64(raw + 8);
-        rc = check_desc(r, &d, avail);
+        rc = fetch_desc(r, pos, avail, raw, &d);
         if (rc)
             break;
         len = (uint32_t)d.len8 * 8u;
@@ -540,17 +545,7 @@ int vmb_ring_forward(struct vmb_ring *rd, struct vmb_ring *wr, uint32_t max_pkts
         struct vmb_desc d;
         uint32_t len, start = wpos;
 
-        if (avail < VMB_PKT_DESC_SIZE) {
-            rc = VMB_E_AVAIL_PARTIAL;
-            break;
-        }
-        ring_get(rd, rpos, raw, VMB_PKT_DESC_SIZE);  /* the one read of this descriptor */
-        d.type = le16(raw);
-        d.offset8 = le16(raw + 2);
-        d.len8 = le16(raw + 4);
-        d.flags = le16(raw + 6);
-        d.trans_id = le64(raw + 8);
-        rc = check_desc(rd, &d, avail);
+        rc = fetch_desc(rd, rpos, avail, raw, &d);
         if (rc)
             break;
         len = (uint32_t)d.len8 * 8u;

@@ -457,6 +457,16 @@ class PyRingReader(_PyRing):
             return RingError.LEN8_GT_AVAIL
         return None
 
+    def _fetch_desc(
+        self, pos: int, avail: int
+    ) -> tuple[bytes, tuple[int, int, int, int, int], RingError | None]:
+        """The one read of the descriptor at pos (a private copy), then its validation."""
+        if avail < DESC_SIZE:
+            return b"", (0, 0, 0, 0, 0), RingError.AVAIL_PARTIAL
+        raw = self._get(pos, DESC_SIZE)
+        d = _DESC.unpack(raw)
+        return raw, d, self._check_desc(d[0], d[1], d[2], d[3], avail)
+
     def read(self, out: Buffer, index: Buffer, max_pkts: int, peek: bool = False) -> ReadResult:
         """Copy up to max_pkts whole packets into out; index gets (offset, length) pairs."""
         out_v, idx_b = _read_args(out, index, max_pkts)
@@ -470,12 +480,7 @@ class PyRingReader(_PyRing):
         out_cap = out_v.nbytes
         used = consumed = npkts = 0
         while npkts < max_pkts and avail:
-            if avail < DESC_SIZE:
-                err = RingError.AVAIL_PARTIAL
-                break
-            raw = self._get(pos, DESC_SIZE)  # the one read of this descriptor
-            typ, off8, len8, flags, _tid = _DESC.unpack(raw)
-            err = self._check_desc(typ, off8, len8, flags, avail)
+            raw, (_typ, _off8, len8, _flags, _tid), err = self._fetch_desc(pos, avail)
             if err is not None:
                 break
             n = len8 * 8
@@ -555,6 +560,16 @@ class NativeRingReader(_NativeRing):
         rc = self._lib.vmb_ring_reader_open(self._r)
         if rc:
             _raise(rc, "read_index at open")
+
+    def _fetch_desc(
+        self, pos: int, avail: int
+    ) -> tuple[bytes, tuple[int, int, int, int, int], RingError | None]:
+        """The one read of the descriptor at pos (a private copy), then its validation."""
+        if avail < DESC_SIZE:
+            return b"", (0, 0, 0, 0, 0), RingError.AVAIL_PARTIAL
+        raw = self._get(pos, DESC_SIZE)
+        d = _DESC.unpack(raw)
+        return raw, d, self._check_desc(d[0], d[1], d[2], d[3], avail)
 
     def read(self, out: Buffer, index: Buffer, max_pkts: int, peek: bool = False) -> ReadResult:
         """Copy up to max_pkts whole packets into out; index gets (offset, length) pairs."""
@@ -875,12 +890,7 @@ def py_forward(
     free_b = _free(wpos, ri, wsize)
     consumed = npkts = 0
     while npkts < max_pkts and avail:
-        if avail < DESC_SIZE:
-            err = RingError.AVAIL_PARTIAL
-            break
-        raw = reader._get(rpos, DESC_SIZE)  # the one read of this descriptor
-        typ, off8, len8, flags, tid = _DESC.unpack(raw)
-        err = reader._check_desc(typ, off8, len8, flags, avail)
+        raw, (_typ, off8, len8, flags, tid), err = reader._fetch_desc(rpos, avail)
         if err is not None:
             break
         n = len8 * 8
