@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -20,10 +21,10 @@ import pytest
 import trio
 from e2e_support import guest, serve_process
 
-from devices.echo import ECHO_IF_TYPE
+from devices.echo import ECHO_IF_TYPE, EchoDevice
 from vmbus import attach
 from vmbus import protocol as vp
-from vmbus.guest.vm import GuestError
+from vmbus.guest.vm import GuestError, SimulatedVm
 from vmbus.guest.workloads import echo_mixed
 from vmbus.ring import OFF_READ_INDEX, OFF_WRITE_INDEX, OutPacket, SendBatch
 
@@ -406,3 +407,47 @@ def test_socket_file_is_private(tmp_path: Path) -> None:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         s.connect(sp.path)  # root passes SO_PEERCRED (our own uid)
         s.close()
+
+
+async def test_sigterm_shuts_down_cleanly(tmp_path: Path) -> None:
+    with serve_process(tmp_path) as sp:
+        conn = await attach.connect(sp.path)
+        vm = SimulatedVm(ram_size=16 << 20, vm_id="leaving")
+        try:
+            async with trio.open_nursery() as n:
+                await vm.start(conn, n)
+                (offer,) = vm.find_offers(ECHO_IF_TYPE)
+                ch = await vm.open_channel(offer, RING)
+                await echo_mixed(ch.channel, 100, MAXP)
+                sp.proc.send_signal(signal.SIGTERM)
+                # the service says goodbye and unbinds before it goes
+                with trio.fail_after(10):
+                    while sp.alive():
+                        await trio.sleep(0.02)
+                n.cancel_scope.cancel()
+        finally:
+            ch.channel.release()
+            ch.mapping.close()
+            vm.close()
+        assert sp.proc.returncode == 0
+        assert not os.path.exists(sp.path), "the socket file must be removed"
+        log = sp.log()
+        assert "shutting down" in log and "Traceback" not in log
+
+
+def test_many_sessions_over_time_are_not_refused(tmp_path: Path) -> None:
+    """The session cap counts VMs attached at once, not VMs ever attached."""
+    import vmbus.server as server
+
+    async def main() -> None:
+        server_path = str(tmp_path / "s.sock")
+        async with trio.open_nursery() as n:
+            await n.start(
+                lambda **kw: server.serve_listener(server_path, lambda: [EchoDevice()], **kw)
+            )
+            for i in range(server.MAX_SESSIONS + 3):
+                async with guest(server_path, vm_id=f"vm{i}", ram_size=4 << 20) as vm:
+                    assert vm.find_offers(ECHO_IF_TYPE)
+            n.cancel_scope.cancel()
+
+    trio.run(main)

@@ -44,15 +44,12 @@ def _setup_logging(verbose: int) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from vmbus.server import serve_listener
+    from vmbus.server import serve_until_signalled
 
     uids = {int(u) for u in args.allow_uid} if args.allow_uid else None
+    factory = _devices_factory(args.config)
     print(f"vmbusd: listening on {args.listen}", file=sys.stderr)
-    try:
-        factory = _devices_factory(args.config)
-        trio.run(lambda: serve_listener(args.listen, factory, allowed_uids=uids))
-    except KeyboardInterrupt:
-        pass
+    trio.run(lambda: serve_until_signalled(args.listen, factory, allowed_uids=uids))
     return 0
 
 

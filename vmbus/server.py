@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +27,8 @@ from vmbus.ring import RingCorrupt, RingReader, RingWriter
 
 log = logging.getLogger(__name__)
 
-MAX_SESSIONS = 64
+MAX_SESSIONS = 64  # VMs attached at once
+SHUTDOWN_GRACE_S = 5.0  # how long a session's teardown may take once cancelled
 
 
 @dataclass
@@ -71,6 +73,7 @@ class VmSession:
         self._reoffer: dict[int, tuple[Device, int]] = {}  # reset channels awaiting release
         self._on_channel_event = on_channel_event
         self.failed_channels: dict[int, str] = {}
+        self._peer_gone = False  # the VMM closed or broke the connection (no farewell)
         self.epoch = 0  # the VMM's reset count; fences our messages sent before a reset
         self.closed_stats: list[tuple[int, str, dict[str, int]]] = []  # (relid, device, stats)
 
@@ -100,20 +103,26 @@ class VmSession:
                 try:
                     await self._receive_loop()
                 except attach.ConnectionClosed:
+                    self._peer_gone = True
                     log.info("%s: VMM disconnected", self.label)
                 except attach.AttachProtocolError as exc:
+                    self._peer_gone = True
                     log.warning("%s: attach protocol error: %s", self.label, exc)
                     await self.conn.abort(exc.code, str(exc))
                 finally:
                     for oc in list(self.open.values()):
                         oc.cancel.cancel()
         except attach.ConnectionClosed:
+            self._peer_gone = True
             log.info("%s: VMM disconnected during hello", self.label)
-        except attach.AttachProtocolError as exc:
-            log.warning("%s: attach protocol error: %s", self.label, exc)
-            await self.conn.abort(exc.code, str(exc))
+        except (attach.AttachProtocolError, attach.PeerError) as exc:
+            self._peer_gone = True
+            log.warning("%s: attach handshake failed: %s", self.label, exc)
         finally:
-            await self._teardown()
+            # Runs even when the service is shutting down (cancelled): shielded, bounded.
+            with trio.move_on_after(SHUTDOWN_GRACE_S) as cs:
+                cs.shield = True
+                await self._teardown()
 
     def _offer(self, dev: Device) -> None:
         for sub in range(dev.offer.sub_channels + 1):
@@ -152,9 +161,15 @@ class VmSession:
     async def _teardown(self) -> None:
         for relid in list(self.open):
             await self._close_channel(relid, notify_bus=False)
-        self.memory.close()
-        with contextlib.suppress(Exception):
-            await self.conn.aclose()
+        try:
+            self.memory.close()
+        except GuestMemoryError as exc:  # a view still held: a bug, never a crash
+            log.error("%s: guest memory not fully released: %s", self.label, exc)
+        if not self._peer_gone:
+            await self.conn.abort(attach.ErrorCode.SHUTDOWN, "vmbusd is detaching from this VM")
+        else:
+            with contextlib.suppress(Exception):
+                await self.conn.aclose()
 
     # -- attach messages in --------------------------------------------------
 
@@ -368,27 +383,54 @@ async def serve_listener(
     allowed_uids: set[int] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """`vmbusd serve --listen PATH`: accept VMMs, one isolated session each."""
-    listener = await attach.listen(path, allowed_uids=allowed_uids)
-    task_status.started()
-    async with trio.open_nursery() as nursery:
-        n = 0
-        while True:
-            conn = await listener.accept()
-            n += 1
-            if n > MAX_SESSIONS:
-                log.warning("refusing VMM: %d sessions already", MAX_SESSIONS)
-                await conn.aclose()
-                continue
-            session = VmSession(conn, devices_factory(), vm_label=f"vm{n}")
-            nursery.start_soon(_run_isolated, session)
+    """`vmbusd serve --listen PATH`: accept VMMs, one isolated session each.
+
+    Cancelling it is a clean shutdown: every session tells its VMM `error shutdown`,
+    lets go of guest memory, and the socket file is removed.
+    """
+    async with await attach.listen(path, allowed_uids=allowed_uids) as listener:
+        task_status.started()
+        live: set[VmSession] = set()
+        count = 0
+        async with trio.open_nursery() as nursery:
+            while True:
+                conn = await listener.accept()
+                if len(live) >= MAX_SESSIONS:
+                    await conn.abort(
+                        attach.ErrorCode.RESOURCE, f"{MAX_SESSIONS} VMs already attached"
+                    )
+                    continue
+                count += 1
+                session = VmSession(conn, devices_factory(), vm_label=f"vm{count}")
+                live.add(session)
+                nursery.start_soon(_run_isolated, session, live)
 
 
-async def _run_isolated(session: VmSession) -> None:
+async def _run_isolated(session: VmSession, live: set[VmSession]) -> None:
     try:
         await session.run()
     except Exception:
         log.exception("%s: session failed", session.label)
+    finally:
+        live.discard(session)
+
+
+async def serve_until_signalled(
+    path: str,
+    devices_factory: Callable[[], Sequence[Device]],
+    *,
+    allowed_uids: set[int] | None = None,
+) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down cleanly."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                lambda **kw: serve_listener(path, devices_factory, allowed_uids=allowed_uids, **kw)
+            )
+            async for signum in signals:
+                log.warning("signal %d: shutting down", signum)
+                nursery.cancel_scope.cancel()
+                break
 
 
 async def attach_to(path: str, devices: Sequence[Device]) -> None:
