@@ -9,6 +9,7 @@ with the channel; the bus cancels it when the guest closes the channel.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
@@ -35,12 +36,15 @@ class DeviceOffer:
 
 @dataclass
 class ChannelInfo:
-    """Facts about one open channel, for the device's use."""
+    """Facts about one open channel, and the bus services a device may call."""
 
     relid: int
     sub_channel_index: int
     target_vp: int
     userdata: bytes
+    # Offer n more sub-channels of this device now (what a storvsc/netvsc VSP does when
+    # the guest asks for them in-band); returns their relids. None where unsupported.
+    add_subchannels: Callable[[int], Awaitable[list[int]]] | None = None
     extra: dict[str, object] = field(default_factory=dict)
 
 

@@ -28,6 +28,7 @@ from vmbus.ring import RingCorrupt, RingReader, RingWriter
 log = logging.getLogger(__name__)
 
 MAX_SESSIONS = 64  # VMs attached at once
+MAX_SUBCHANNELS = 64  # per device, on top of its primary channel
 SHUTDOWN_GRACE_S = 5.0  # how long a session's teardown may take once cancelled
 
 
@@ -149,6 +150,20 @@ class VmSession:
         self.devices.append(dev)
         self._offer(dev)
         await self._pump()
+
+    async def add_subchannels(self, dev: Device, n: int) -> list[int]:
+        """Offer n more sub-channels of `dev` (after its primary); returns their relids.
+
+        Bounded by MAX_SUBCHANNELS per device: a guest asking for more gets fewer.
+        """
+        have = [sub for d, sub in self.device_of.values() if d is dev]
+        if not have:
+            raise ValueError(f"{dev.name} is not offered on this VM")
+        start = max(have) + 1
+        n = max(0, min(n, MAX_SUBCHANNELS + 1 - start))
+        relids = [self._offer_one(dev, start + i) for i in range(n)]
+        await self._pump()
+        return relids
 
     async def remove_device(self, dev: Device) -> None:
         """Hot-remove: rescind every channel of the device."""
@@ -301,7 +316,13 @@ class VmSession:
             )
         )
         self.open[ev.relid] = oc
-        info = ChannelInfo(ev.relid, sub, ev.target_vp, ev.userdata)
+        info = ChannelInfo(
+            ev.relid,
+            sub,
+            ev.target_vp,
+            ev.userdata,
+            add_subchannels=lambda n, dev=dev: self.add_subchannels(dev, n),
+        )
         assert self._nursery is not None
         self._nursery.start_soon(self._serve_channel, oc, info, name=f"channel {ev.relid}")
         return 0
