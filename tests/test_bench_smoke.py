@@ -31,6 +31,8 @@ def test_bench_ring_writes_every_record(tmp_path: Path) -> None:
             "0.05",
             "--json",
             str(out),
+            "--plot",
+            str(tmp_path / "ring.png"),
         ],
         capture_output=True,
         text=True,
@@ -38,6 +40,8 @@ def test_bench_ring_writes_every_record(tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stderr
     assert "vs socketpair" in r.stdout
+    png = (tmp_path / "ring.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
     recs = json.loads(out.read_text())
     seen = {(rec["size"], rec["impl"]) for rec in recs}
     assert seen == {(s, i) for s in SIZES for i in ("native", "python", "socketpair", "memcpy")}

@@ -187,8 +187,48 @@ def _table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def write_plot(records: list[dict[str, Any]], path: str) -> None:
+    """Round trips/s and MB/s against payload size, one line per implementation."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise SystemExit("--plot needs matplotlib: pip install -e '.[bench]'") from exc
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for impl, style in (
+        ("native", "o-"),
+        ("python", "s-"),
+        ("socketpair", "^-"),
+        ("memcpy", "x--"),
+    ):
+        rs = sorted((r for r in records if r["impl"] == impl), key=lambda r: r["size"])
+        if not rs:
+            continue
+        sizes = [r["size"] for r in rs]
+        ax1.plot(sizes, [r["packets_per_s"] for r in rs], style, label=impl)
+        ax2.plot(sizes, [r["bytes_per_s"] / 1e6 for r in rs], style, label=impl)
+    for ax, title in ((ax1, "packets/s (round trips)"), (ax2, "MB/s (round-trip payload)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("payload bytes")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+    ax1.legend()
+    fig.suptitle(f"vmbusd bench ring ({os.cpu_count()} CPUs, ring {RING_SIZE >> 10} KiB)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def run_bench(
-    what: str, *, quick: bool = False, json_path: str | None = None, seconds: float | None = None
+    what: str,
+    *,
+    quick: bool = False,
+    json_path: str | None = None,
+    seconds: float | None = None,
+    plot_path: str | None = None,
 ) -> int:
     if what != "ring":
         print(f"unknown benchmark {what!r}", file=sys.stderr)
@@ -214,6 +254,9 @@ def run_bench(
         with open(json_path, "w") as f:
             json.dump(records, f, indent=1)
         _log(f"wrote {json_path}")
+    if plot_path:
+        write_plot(records, plot_path)
+        _log(f"wrote {plot_path}")
     return 0
 
 

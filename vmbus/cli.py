@@ -84,7 +84,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from vmbus.bench import run_bench
 
-    return run_bench(args.what, quick=args.quick, json_path=args.json, seconds=args.seconds)
+    return run_bench(
+        args.what, quick=args.quick, json_path=args.json, seconds=args.seconds, plot_path=args.plot
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--seconds", type=float, metavar="S", help="seconds per point (overrides --quick)"
     )
+    b.add_argument("--plot", metavar="PNG", help="also draw the results (needs the bench extra)")
     b.set_defaults(func=cmd_bench)
     return p
 
