@@ -946,3 +946,17 @@ def test_flood_stays_bounded(h: Harness) -> None:
     list(s.events())
     s.receive(p.CloseChannel(77).encode(), 1)
     assert s.dropped_messages < 100_000
+
+
+def test_a_violation_is_an_event_not_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """The driver logs each ProtocolViolation once, with the VM's name; the bus
+    logging it too made two warning lines per hostile message (found by the e2e
+    fuzzer's one-line-per-rejection check)."""
+    import logging
+
+    server = b.VmBusServer(1)
+    with caplog.at_level(logging.DEBUG, logger="vmbus.bus"):
+        server.receive(p.GpadlBody(0, 0xBAD, (1,)).encode(), p.CONNECTION_ID_MESSAGE)
+    events = list(server.events())
+    assert [type(e) for e in events] == [b.ProtocolViolation]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

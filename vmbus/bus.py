@@ -358,7 +358,9 @@ class VmBusServer:
 
     def _violation(self, reason: str) -> None:
         self.violations += 1
-        log.warning("guest protocol violation: %s", reason)
+        # The driver logs the ProtocolViolation event once, with the VM's name; a
+        # warning here too would be two lines per hostile message.
+        log.debug("guest protocol violation: %s", reason)
         self._emit(ProtocolViolation(reason))
 
     # --- introspection --------------------------------------------------------------------
