@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import array
 import logging
+import mmap
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -175,8 +176,12 @@ class Channel:
         self.max_batch = max_batch
         self._poll = _Poller(ns=poll_ns, max_ns=max(poll_ns, POLL_NS_MAX))
         size = reader.size
-        # A whole ring's worth of packets always fits in the private copy.
-        self._out = bytearray(size)
+        # A whole ring's worth of packets always fits in the private copy. The guest
+        # picks the ring size (up to 32 MiB), so the copy is an anonymous mapping:
+        # pages cost memory only once packets touch them, and go back to the system
+        # when the channel does (a bytearray would be zero-filled, so resident, up
+        # front, and freed into malloc's heap, which keeps its high-water mark).
+        self._out = mmap.mmap(-1, size)
         self._index = array.array("I", bytes(8 * max_batch))
         self._pending_error: RingError | None = None
         self._masked = False
