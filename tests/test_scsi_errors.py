@@ -113,6 +113,9 @@ async def test_read_only_lun():
         (bytes([0x0A, 0, 0, 0, 1, 0]), bytes(BS)),
         (bytes([0xAA, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0]), bytes(BS)),
         (write_same16(0, 4), bytes(BS)),
+        (write_same16(0, 4, flags=0x08), bytes(BS)),  # UNMAP bit: still a write
+        (bytes([0x41, 0x08, 0, 0, 0, 0, 0, 0, 4, 0]), bytes(BS)),  # WRITE SAME(10)+UNMAP
+        (write_same16(0, 4, flags=0x01), b""),  # NDOB
         (unmap_cdb(24), unmap_params([(0, 1)])),
     ]
     for cdb, data in writes:

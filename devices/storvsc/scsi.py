@@ -678,13 +678,17 @@ class ScsiDisk:
             lba, blocks = _be(cdb, 2, 10), _be(cdb, 10, 14)
         else:
             lba, blocks = _be(cdb, 2, 6), _be(cdb, 7, 9)
-        if blocks == 0 or (unmap and not self.unmap_supported):
-            raise illegal(INVALID_FIELD_IN_CDB)  # WSNZ=1; UNMAP only where LBPWS is claimed
+        if blocks == 0:
+            raise illegal(INVALID_FIELD_IN_CDB)  # WSNZ=1
         self._check_range(lba, blocks)
         bs = self.block_size
         if blocks * bs > MAX_WRITE_SAME_BYTES or (unmap and blocks > MAX_UNMAP_BLOCKS):
             raise illegal(INVALID_FIELD_IN_CDB)
+        # A read-only LUN is write protected whatever the bits ask (as UNMAP answers);
+        # only a writable LUN without LBPWS refuses the UNMAP bit itself.
         self._check_writable()
+        if unmap and not self.unmap_supported:
+            raise illegal(INVALID_FIELD_IN_CDB)
         if ndob:
             pattern, moved = bytes(bs), 0
         else:
