@@ -276,6 +276,70 @@ def test_direct_alignment_must_divide_block_size(tmp_path):
         FileBackend(tmp_path / "a.img", create_size="1M", direct=True, direct_alignment=4096)
 
 
+async def test_direct_alignment_follows_a_larger_device_block(tmp_path, monkeypatch):
+    """A file on a 4096-byte-sector device cannot serve 512-byte O_DIRECT I/O."""
+    if not direct_io_supported(tmp_path / "probe"):
+        pytest.skip("O_DIRECT not supported on this file system")
+    monkeypatch.setattr(file_mod, "_device_logical_block", lambda st: 4096)
+    with pytest.raises(BackendConfigError, match="block_size=4096"):
+        FileBackend(tmp_path / "a.img", create_size="1M", direct=True)
+    disk = FileBackend(tmp_path / "a.img", create_size="1M", direct=True, block_size=4096)
+    assert disk.direct_alignment == 4096
+    odd = memoryview(mmap.mmap(-1, 3 * 4096))[512 : 512 + 4096]  # 512- but not 4096-aligned
+    assert disk._needs_bounce([odd])
+    plain = FileBackend(tmp_path / "b.img", create_size="1M")  # buffered I/O: any block size
+    assert plain.block_size == 512
+    await disk.close()
+    await plain.close()
+
+
+@pytest.fixture
+def fs_on_4k_device(tmp_path):
+    """An ext4 file system on a loop device with 4096-byte logical sectors (root only)."""
+    import shutil
+
+    tools = ("losetup", "mkfs.ext4", "mount", "umount")
+    if os.geteuid() != 0 or not all(shutil.which(t) for t in tools):
+        pytest.skip("needs root, losetup, mkfs.ext4 and mount")
+    image = tmp_path / "fs.img"
+    with open(image, "wb") as f:
+        f.truncate(32 * MIB)
+    run = lambda *cmd: subprocess.run(cmd, capture_output=True, text=True)  # noqa: E731
+    proc = run("losetup", "--find", "--show", "--sector-size", "4096", str(image))
+    if proc.returncode != 0:
+        pytest.skip(f"losetup failed: {proc.stderr.strip()}")
+    dev = proc.stdout.strip()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        if run("mkfs.ext4", "-q", dev).returncode or run("mount", dev, str(mnt)).returncode:
+            pytest.skip("cannot make or mount a file system here")
+        try:
+            yield mnt
+        finally:
+            run("umount", "--lazy", str(mnt))  # lazy: a leaked fd must not pin the device
+    finally:
+        run("losetup", "--detach", dev)
+
+
+async def test_direct_on_a_4k_sector_file_system(fs_on_4k_device):
+    """Found on a real 4Kn device: 512-byte O_DIRECT writes failed with EINVAL."""
+    path = fs_on_4k_device / "disk.img"
+    with pytest.raises(BackendConfigError, match="O_DIRECT needs 4096"):
+        FileBackend(path, create_size="1M", direct=True)
+    disk = FileBackend(path, create_size="1M", direct=True, block_size=4096)
+    ctrl = ScsiController()
+    ctrl.add_lun(0, disk)
+    data = os.urandom(2 * 4096)
+    guest = memoryview(bytearray(3 * 4096))[512 : 512 + 2 * 4096]  # not 4096-aligned
+    guest[:] = data
+    res = await ctrl.execute(0, write10(1, 2, flags=0x08), [guest], False)
+    assert res.status == GOOD
+    _, got = await scsi(ctrl, read10(1, 2), data_in_len=2 * 4096)
+    assert got == data
+    await disk.close()
+
+
 async def test_resize_regular_file(tmp_path):
     path = tmp_path / "grow.img"
     ctrl = ScsiController()

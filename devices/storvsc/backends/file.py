@@ -187,10 +187,14 @@ class FileBackend:
             device_block = _device_logical_block(st)
         self.capacity = size - size % self.block_size  # a partial last block is not exposed
         check_geometry(self.capacity, self.block_size, self.physical_block_exponent)
-        align = direct_alignment or min(device_block or self.block_size, self.block_size)
+        # O_DIRECT offsets and lengths must be multiples of the device's logical block
+        # (a regular file's too: the file system checks against its block device), so a
+        # 512-byte disk on a 4096-byte device would fail every I/O with EINVAL.
+        align = direct_alignment or device_block or self.block_size
         if self.direct and (align > self.block_size or self.block_size % align):
             raise BackendConfigError(
-                f"O_DIRECT alignment {align} does not divide block_size {self.block_size}"
+                f"{self.path}: O_DIRECT needs {align}-byte alignment, which does not divide "
+                f"block_size {self.block_size} (use block_size={max(align, 512)} or direct=false)"
             )
         self.direct_alignment = align
         self.can_unmap = not self.read_only and self._probe_punch_hole(st)
