@@ -124,19 +124,40 @@ async def test_short_reads_and_writes_are_continued(tmp_path, monkeypatch):
     await disk.close()
 
 
-async def test_durability_seen_by_another_process(tmp_path):
-    """Written + SYNCHRONIZE CACHE'd data is in the file for a separate process."""
+async def test_durability_seen_by_another_process(tmp_path, monkeypatch):
+    """Written + SYNCHRONIZE CACHE'd data is in the file for a separate process.
+
+    The page cache is shared, so another process would see the data even without
+    a sync: the spies make sure the sync really reaches the disk's fd.
+    """
     path = tmp_path / "durable.img"
     ctrl = ScsiController()
-    ctrl.add_lun(0, FileBackend(path, create_size="1M"))
+    disk = FileBackend(path, create_size="1M")
+    ctrl.add_lun(0, disk)
+    synced: list[int] = []
+    dsync_writes: list[int] = []
+    real_fdatasync, real_pwritev = os.fdatasync, os.pwritev
+
+    def spy_fdatasync(fd):
+        synced.append(fd)
+        real_fdatasync(fd)
+
+    def spy_pwritev(fd, views, offset, flags=0):
+        if flags & getattr(os, "RWF_DSYNC", 0):
+            dsync_writes.append(offset)
+        return real_pwritev(fd, views, offset, flags)
+
+    monkeypatch.setattr(file_mod.os, "fdatasync", spy_fdatasync)
+    monkeypatch.setattr(file_mod.os, "pwritev", spy_pwritev)
     data = os.urandom(4 * BS)
     res, _ = await scsi(ctrl, write10(100, 4), data_out=data)
-    assert res.status == GOOD
+    assert res.status == GOOD and synced == [] and dsync_writes == []  # write-back: cached
     res, _ = await scsi(ctrl, sync10())
-    assert res.status == GOOD
+    assert res.status == GOOD and synced == [disk._fd]
     fua_data = os.urandom(BS)
     res, _ = await scsi(ctrl, write16(7, 1, flags=0x08), data_out=fua_data)  # FUA
     assert res.status == GOOD
+    assert dsync_writes == [7 * BS] or synced == [disk._fd] * 2  # RWF_DSYNC, or write+sync
     reader = (
         "import sys; f = open(sys.argv[1], 'rb'); f.seek(int(sys.argv[2])); "
         "sys.stdout.write(f.read(int(sys.argv[3])).hex())"
