@@ -660,3 +660,115 @@ async def test_lba_out_of_range_sense_bytes(ctrl):
     res, _ = await scsi(ctrl, read16(BLOCKS, 1), data_in_len=BS)
     assert res.sense == bytes([0x70, 0, 0x05, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x21, 0, 0, 0, 0, 0])
     assert res.transferred == 0
+
+
+# ---- every range-checked command at LBA 0, the last LBA, one past, and length 0 ----
+
+
+def ws10(lba: int, n: int, flags: int = 0) -> bytes:
+    return bytes([0x41, flags]) + be(lba, 4) + b"\0" + be(n, 2) + b"\0"
+
+
+def verify10(lba: int, n: int) -> bytes:
+    return bytes([0x2F, 0]) + be(lba, 4) + b"\0" + be(n, 2) + b"\0"
+
+
+def verify12(lba: int, n: int) -> bytes:
+    return bytes([0xAF, 0]) + be(lba, 4) + be(n, 4) + b"\0\0"
+
+
+def verify16(lba: int, n: int) -> bytes:
+    return bytes([0x8F, 0]) + be(lba, 8) + be(n, 4) + b"\0\0"
+
+
+def sync16(lba: int, n: int) -> bytes:
+    return bytes([0x91, 0]) + be(lba, 8) + be(n, 4) + b"\0\0"
+
+
+def sync10_range(lba: int, n: int) -> bytes:
+    return bytes([0x35, 0]) + be(lba, 4) + b"\0" + be(n, 2) + b"\0"
+
+
+GOOD_RESULT = (GOOD, 0, 0)
+
+
+# VERIFY of 0 blocks verifies nothing (not an error); SYNCHRONIZE CACHE of 0 = to the end.
+@pytest.mark.parametrize(
+    "cdb_for",
+    [verify10, verify12, verify16, sync10_range, sync16],
+    ids=["verify10", "verify12", "verify16", "sync10", "sync16"],
+)
+async def test_no_data_commands_at_every_boundary(ctrl, cdb_for):
+    for lba, n in ((0, 1), (0, BLOCKS), (BLOCKS - 1, 1), (BLOCKS - 1, 0), (0, 0)):
+        res, _ = await scsi(ctrl, cdb_for(lba, n))
+        assert (res.status, res.transferred, len(res.sense)) == GOOD_RESULT, (lba, n)
+    for lba, n in ((BLOCKS - 1, 2), (BLOCKS, 1), (0, BLOCKS + 1), (BLOCKS + 1, 0)):
+        res, _ = await scsi(ctrl, cdb_for(lba, n))
+        assert sense_key_asc(res) == LBA_RANGE, (lba, n)
+
+
+@pytest.mark.parametrize("ws", [ws10, write_same16], ids=["ws10", "ws16"])
+async def test_write_same_at_every_boundary(ctrl, ws):
+    block = pattern(1, 5)
+    for lba, n in ((0, 1), (BLOCKS - 1, 1), (BLOCKS - 4, 4)):
+        res, _ = await scsi(ctrl, ws(lba, n), data_out=block)
+        assert res.status == GOOD and res.transferred == BS, (lba, n)
+        _, got = await scsi(ctrl, read10(lba, n), data_in_len=n * BS)
+        assert got == block * n
+    res, _ = await scsi(ctrl, ws(BLOCKS - 3, 3, flags=0x08), data_out=bytes(BS))  # discard
+    assert res.status == GOOD
+    _, got = await scsi(ctrl, read10(BLOCKS - 4, 4), data_in_len=4 * BS)
+    assert got == block + bytes(3 * BS)  # LBPRZ: unmapped blocks read as zeros
+    for lba, n in ((BLOCKS - 1, 2), (BLOCKS, 1)):
+        res, _ = await scsi(ctrl, ws(lba, n), data_out=block)
+        assert sense_key_asc(res) == LBA_RANGE, (lba, n)
+    res, _ = await scsi(ctrl, ws(0, 0), data_out=block)  # WSNZ=1 in VPD 0xB0
+    assert sense_key_asc(res) == INVALID_CDB
+    res, _ = await scsi(ctrl, ws(0, 1), data_out=b"")  # no data block
+    assert sense_key_asc(res) == INVALID_CDB
+
+
+async def test_unmap_at_every_boundary():
+    ctrl, _ = make()
+    await scsi(ctrl, write10(BLOCKS - 2, 2), data_out=pattern(2))
+    await scsi(ctrl, write10(0, 2), data_out=pattern(2))
+    for ranges in ([(0, 1)], [(BLOCKS - 1, 1)], [(5, 0)], [(BLOCKS, 0)]):
+        params = unmap_params(ranges)
+        res, _ = await scsi(ctrl, unmap_cdb(len(params)), data_out=params)
+        assert res.status == GOOD and res.transferred == len(params), ranges
+    _, got = await scsi(ctrl, read10(0, 2), data_in_len=2 * BS)
+    assert got == bytes(BS) + pattern(2)[BS:]
+    _, got = await scsi(ctrl, read10(BLOCKS - 2, 2), data_in_len=2 * BS)
+    assert got == pattern(2)[:BS] + bytes(BS)
+    for ranges in ([(BLOCKS - 1, 2)], [(BLOCKS, 1)], [(BLOCKS + 1, 0)]):
+        params = unmap_params(ranges)
+        res, _ = await scsi(ctrl, unmap_cdb(len(params)), data_out=params)
+        assert sense_key_asc(res) == LBA_RANGE, ranges
+
+
+@pytest.mark.parametrize(
+    "cdb",
+    [
+        bytes([0x03, 0, 0, 0, 0, 0]),  # REQUEST SENSE
+        bytes([0x12, 0, 0, 0, 0, 0]),  # INQUIRY
+        bytes([0x12, 1, 0xB0, 0, 0, 0]),  # INQUIRY VPD
+        bytes([0x1A, 0, 0x3F, 0, 0, 0]),  # MODE SENSE(6)
+        bytes([0x5A, 0, 0x3F, 0, 0, 0, 0, 0, 0, 0]),  # MODE SENSE(10)
+        read_capacity16(0),
+        bytes([0xA0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),  # REPORT LUNS
+    ],
+    ids=["request-sense", "inquiry", "vpd", "mode-sense6", "mode-sense10", "rc16", "report-luns"],
+)
+async def test_allocation_length_zero_moves_nothing(ctrl, cdb):
+    res, data = await scsi(ctrl, cdb, data_in_len=64)
+    assert (res.status, res.transferred, data) == (GOOD, 0, b"")
+
+
+async def test_allocation_length_above_the_buffer_is_truncated_to_it(ctrl):
+    """Allocation lengths up to 0xFFFFFFFF: the data is cut at the buffer, never past it."""
+    rc16 = read_capacity16(0xFFFF_FFFF)
+    res, data = await scsi(ctrl, rc16, data_in_len=20, pieces=3)
+    assert res.transferred == 20 and data == be(BLOCKS - 1, 8) + be(BS, 4) + b"\0\0\xc0" + bytes(5)
+    luns = bytes([0xA0, 0, 0, 0, 0, 0]) + be(0xFFFF_FFFF, 4) + b"\0\0"
+    res, data = await scsi(ctrl, luns, data_in_len=12)
+    assert res.transferred == 12 and data == be(8, 4) + bytes(8)
