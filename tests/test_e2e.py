@@ -451,3 +451,28 @@ def test_many_sessions_over_time_are_not_refused(tmp_path: Path) -> None:
             n.cancel_scope.cancel()
 
     trio.run(main)
+
+
+async def test_gpadl_pages_capped_by_guest_ram(tmp_path: Path) -> None:
+    """A guest cannot make vmbusd hold more page lists than it has RAM (plus slack)."""
+    from vmbus.server import GPADL_PAGES_SLACK
+
+    with serve_process(tmp_path) as sp:
+        ram = 16 << 20
+        async with guest(sp.path, ram_size=ram) as vm:
+            (offer,) = vm.find_offers(ECHO_IF_TYPE)
+            page = vm.ram.alloc_pages(1)[0]
+            big = [page] * 8190  # valid RAM, registered over and over
+            allowed = (ram >> 12) + GPADL_PAGES_SLACK
+            statuses = []
+            for _ in range(4):
+                statuses.append(
+                    await vm._request(
+                        "gpadl", None, lambda: vm.client.create_gpadl(offer.relid, big)
+                    )
+                )
+            ok = statuses.count(0)
+            assert ok == allowed // 8190, statuses
+            assert all(s == vp.STATUS_UNSUCCESSFUL for s in statuses[ok:])
+            sp.wait_log("GPADL pages")
+        assert sp.alive()

@@ -6,19 +6,35 @@ GPADL from GPADL_HEADER + GPADL_BODY messages) and guest memory (which maps one)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 PAGE_SIZE = 4096
 PAGE_SHIFT = 12
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class GpaRange:
-    """One `gpa_range`: byte_count bytes starting byte_offset into the first PFN."""
+    """One `gpa_range`: byte_count bytes starting byte_offset into the first PFN.
+
+    `pfns` is any int sequence: the bus stores guest page lists as array('Q').
+    """
 
     byte_count: int
     byte_offset: int
-    pfns: tuple[int, ...]
+    pfns: Sequence[int]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, GpaRange):
+            return NotImplemented
+        return (
+            self.byte_count == other.byte_count
+            and self.byte_offset == other.byte_offset
+            and tuple(self.pfns) == tuple(other.pfns)
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.byte_count, self.byte_offset, tuple(self.pfns)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +46,7 @@ class Gpadl:
     ranges: tuple[GpaRange, ...]
 
     @property
-    def pfns(self) -> tuple[int, ...]:
+    def pfns(self) -> Sequence[int]:
         """All PFNs of all ranges, in order (for ring and buffer GPADLs: one range)."""
         if len(self.ranges) == 1:
             return self.ranges[0].pfns

@@ -15,7 +15,9 @@ Both sides use this module: the host (``vmbus.bus``) and the simulated guest
 
 from __future__ import annotations
 
+import array
 import struct
+import sys
 import uuid
 from dataclasses import dataclass, fields
 from enum import IntEnum
@@ -763,6 +765,16 @@ def encode_gpa_ranges(ranges: tuple[GpaRange, ...] | list[GpaRange]) -> bytes:
     return bytes(out)
 
 
+def pfn_array(raw: bytes | memoryview) -> array.array:
+    """Little-endian u64 PFNs as an array('Q'): 8 bytes a page, not a tuple of ints
+    (about 36), since a guest may register millions of pages."""
+    a = array.array("Q")
+    a.frombytes(raw)
+    if sys.byteorder != "little":
+        a.byteswap()
+    return a
+
+
 def parse_gpa_ranges(rangecount: int, buf: bytes) -> tuple[GpaRange, ...]:
     """Validate and parse ``rangecount`` gpa_ranges from an assembled range buffer.
 
@@ -788,7 +800,6 @@ def parse_gpa_ranges(rangecount: int, buf: bytes) -> tuple[GpaRange, ...]:
             raise ProtocolError(
                 f"gpa_range {i} needs {n} PFNs but range_buflen holds {(len(buf) - pos) // 8}"
             )
-        pfns = struct.unpack_from(f"<{n}Q", buf, pos)
         pos += 8 * n
-        ranges.append(GpaRange(byte_count, byte_offset, tuple(pfns)))
+        ranges.append(GpaRange(byte_count, byte_offset, pfn_array(buf[pos - 8 * n : pos])))
     return tuple(ranges)

@@ -28,6 +28,7 @@ from vmbus.ring import RingCorrupt, RingReader, RingWriter
 log = logging.getLogger(__name__)
 
 MAX_SESSIONS = 64  # VMs attached at once
+GPADL_PAGES_SLACK = 8190  # one maximal GPADL beyond the VM's RAM
 MAX_SUBCHANNELS = 64  # per device, on top of its primary channel
 SHUTDOWN_GRACE_S = 5.0  # how long a session's teardown may take once cancelled
 
@@ -219,6 +220,13 @@ class VmSession:
             raise attach.AttachProtocolError(
                 f"bad memory region: {exc}", code=attach.ErrorCode.RESOURCE
             ) from exc
+        if self.bus is not None:
+            # A guest registers its own pages: more GPADL pages than it has RAM (with
+            # room for one more maximal GPADL) is a guest trying to make us hoard.
+            ram_pages = sum(reg.size for reg in self.memory.regions) >> 12
+            self.bus.max_gpadl_pages = min(
+                bus.DEFAULT_MAX_GPADL_PAGES, ram_pages + GPADL_PAGES_SLACK
+            )
 
     def _pfns_in_ram(self, pfns: Sequence[int]) -> bool:
         return all(self.memory.contains(p << 12, 4096) for p in pfns)
