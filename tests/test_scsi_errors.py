@@ -221,7 +221,14 @@ def test_configuration_errors():
     for lun in (0, -1, 256):  # duplicate, out of storvsc's 0..255
         with pytest.raises(BackendConfigError):
             ctrl.add_lun(lun, MemoryBackend(size=BS * 8))
-    for bad in ({"vendor": "TooLongVendor"}, {"product": "Ünïcode"}, {"serial": "a\nb"}):
+    bad_identities = (
+        {"vendor": "TooLongVendor"},
+        {"product": "Ünïcode"},
+        {"serial": "a\nb"},
+        {"serial": ""},  # VPD 0x80 of length 0: Linux discards the page
+        {"serial": "   "},
+    )
+    for bad in bad_identities:
         with pytest.raises(BackendConfigError):
             DiskIdentity(**bad)
     assert ctrl.luns == [0] and 0 in ctrl and 1 not in ctrl

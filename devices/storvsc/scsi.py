@@ -152,6 +152,9 @@ class DiskIdentity:
         _ascii_field(self.revision, REVISION_LEN, "revision")
         if self.serial is not None:
             _ascii_field(self.serial, MAX_SERIAL_LEN, "serial")
+            if not self.serial.strip():
+                # VPD 0x80 would have page length 0, which Linux rejects as a bad page.
+                raise BackendConfigError("serial must not be empty (leave it unset instead)")
 
 
 def standard_inquiry(byte0: int, identity: DiskIdentity) -> bytes:
