@@ -442,3 +442,46 @@ async def test_block_device(loop_device):
     with pytest.raises(BackendConfigError):
         await disk.resize(8 * MIB)
     await disk.close()
+
+
+async def test_close_waits_for_io_in_flight(tmp_path) -> None:
+    """close() during a read must not close (or let the kernel reuse) the fd under it."""
+    import threading
+
+    import trio
+
+    from devices.storvsc.backends.base import BackendIOError
+    from devices.storvsc.backends.file import FileBackend
+
+    disk = FileBackend(tmp_path / "d.img", create_size=1 << 20)
+    started, release = threading.Event(), threading.Event()
+    real_read = disk._read
+
+    def slow_read(offset, views):
+        started.set()
+        release.wait(5)
+        return real_read(offset, views)
+
+    disk._read = slow_read  # type: ignore[method-assign]
+    buf = bytearray(4096)
+    order: list[str] = []
+
+    async def reader() -> None:
+        await disk.readv(0, [memoryview(buf)])
+        order.append("read done")
+
+    async with trio.open_nursery() as n:
+        n.start_soon(reader)
+        await trio.to_thread.run_sync(started.wait)
+
+        async def closer() -> None:
+            await disk.close()
+            order.append("closed")
+
+        n.start_soon(closer)
+        await trio.sleep(0.05)
+        assert order == [] and disk._fd >= 0, "close must wait for the read in flight"
+        release.set()
+    assert order == ["read done", "closed"]
+    with pytest.raises(BackendIOError):
+        await disk.readv(0, [memoryview(buf)])

@@ -33,6 +33,7 @@ import stat
 import struct
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import cffi
 import trio
@@ -120,6 +121,9 @@ class FileBackend:
         if max_transfer < block_size:
             raise BackendConfigError("max_transfer must be at least one block")
         self.max_transfer = max_transfer
+        self._inflight = 0  # blocking calls running in worker threads
+        self._closing = False
+        self._idle = trio.Event()
         self._fd = self._open(create_size)
         try:
             self._setup(direct_alignment)
@@ -334,12 +338,12 @@ class FileBackend:
     async def readv(self, offset: int, buffers: Sequence[memoryview]) -> None:
         views = [memoryview(b).cast("B") for b in buffers]
         self._check(offset, sum(v.nbytes for v in views), write=False)
-        await trio.to_thread.run_sync(self._read, offset, views)
+        await self._io(self._read, offset, views)
 
     async def writev(self, offset: int, buffers: Sequence[memoryview], fua: bool = False) -> None:
         views = [memoryview(b).cast("B") for b in buffers]
         self._check(offset, sum(v.nbytes for v in views), write=True)
-        await trio.to_thread.run_sync(self._write, offset, views, fua)
+        await self._io(self._write, offset, views, fua)
 
     async def flush(self) -> None:
         if self._fd < 0:
@@ -347,17 +351,17 @@ class FileBackend:
         if self.read_only:
             await trio.lowlevel.checkpoint()
             return
-        await trio.to_thread.run_sync(self._fdatasync)
+        await self._io(self._fdatasync)
 
     async def unmap(self, ranges: Sequence[tuple[int, int]]) -> None:
         ranges = list(ranges)
         for offset, length in ranges:
             self._check(offset, length, write=True)
-        await trio.to_thread.run_sync(self._unmap, ranges)
+        await self._io(self._unmap, ranges)
 
     async def write_zeroes(self, offset: int, length: int) -> None:
         self._check(offset, length, write=True)
-        await trio.to_thread.run_sync(self._zero_range, offset, length)
+        await self._io(self._zero_range, offset, length)
 
     async def resize(self, new_capacity: int) -> None:
         """Regular files only: ftruncate (growing stays sparse)."""
@@ -365,13 +369,30 @@ class FileBackend:
             raise BackendConfigError(f"{self.path} cannot be resized")
         check_geometry(new_capacity, self.block_size, self.physical_block_exponent)
         try:
-            await trio.to_thread.run_sync(os.ftruncate, self._fd, new_capacity)
+            await self._io(os.ftruncate, self._fd, new_capacity)
         except OSError as err:
             raise BackendIOError(f"{self.path}: resize failed: {err}") from err
         self.capacity = new_capacity
 
+    async def _io(self, fn: Any, *args: Any) -> Any:
+        """Run one blocking call off the trio thread, counted so close() can wait for it."""
+        if self._fd < 0 or self._closing:
+            raise BackendIOError(f"{self.path}: backend is closed")
+        self._inflight += 1
+        try:
+            return await trio.to_thread.run_sync(fn, *args)
+        finally:
+            self._inflight -= 1
+            if not self._inflight:
+                self._idle.set()
+
     async def close(self) -> None:
-        """Close the fd once; callers drain in-flight I/O first (DESIGN: nothing lost)."""
+        """Refuse new I/O, wait for what is in flight, then close the fd once: a worker
+        thread never finds its fd closed (or reused) under it."""
+        self._closing = True
+        while self._inflight:
+            self._idle = trio.Event()
+            await self._idle.wait()
         fd, self._fd = self._fd, -1
         if fd >= 0:
             os.close(fd)
