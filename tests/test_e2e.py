@@ -397,7 +397,8 @@ async def test_vmm_malformed_datagram(tmp_path: Path, datagram: bytes) -> None:
         except OSError:  # the oversized one may be refused by the kernel itself
             pytest.fail("the kernel refused a 70 KB SEQPACKET datagram")
         await _expect_error_then_eof(conn, attach.ErrorCode.PROTOCOL)
-        sp.wait_log("rejected")
+        log = sp.wait_log("rejected")
+        assert log.count(" WARNING ") == 1, log  # one clear line per rejection
         await _still_serves(sp.path)
 
 

@@ -617,9 +617,19 @@ class AttachConnection:
         pid, uid, gid = struct.unpack(fmt, raw)
         return pid, uid, gid
 
-    async def abort(self, code: str, message: object) -> None:
-        """Send ``error`` (best effort, bounded in time), then close."""
-        log.warning("attach: closing connection to %s: %s: %s", self._who(), code, message)
+    async def abort(self, code: str, message: object, *, quiet: bool = False) -> None:
+        """Send ``error`` (best effort, bounded in time), then close.
+
+        quiet: the reason was logged already (a rejected message), so the close is
+        logged at debug level: one line per rejection.
+        """
+        log.log(
+            logging.DEBUG if quiet else logging.WARNING,
+            "attach: closing connection to %s: %s: %s",
+            self._who(),
+            code,
+            message,
+        )
         with trio.move_on_after(_SEND_ERROR_TIMEOUT):
             try:
                 await self.send(Error.make(code, message))

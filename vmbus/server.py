@@ -109,8 +109,9 @@ class VmSession:
                     log.info("%s: VMM disconnected", self.label)
                 except attach.AttachProtocolError as exc:
                     self._peer_gone = True
-                    log.warning("%s: attach protocol error: %s", self.label, exc)
-                    await self.conn.abort(exc.code, str(exc))
+                    if exc.code == attach.ErrorCode.RESOURCE:  # not logged by attach itself
+                        log.warning("%s: %s", self.label, exc)
+                    await self.conn.abort(exc.code, str(exc), quiet=True)
                 finally:
                     for oc in list(self.open.values()):
                         oc.cancel.cancel()
