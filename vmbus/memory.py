@@ -67,8 +67,20 @@ MAX_MAPPED_RUNS = 16384
 """VMAs (page runs) created by the live mappings of one VM: scattered pages cost one
 VMA each, and vm.max_map_count (65530 by default) is per process."""
 
-MAX_PROCESS_MAPPED_RUNS = 49152
-"""The same across every VM served by this process, leaving room for malloc & co."""
+def _process_run_budget() -> int:
+    """Three quarters of vm.max_map_count (the kernel's per-process VMA limit), the
+    rest left for malloc, libraries and the region mappings. An administrator who
+    serves many VMs with scattered device buffers raises the sysctl; this follows."""
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            limit = int(f.read())
+    except (OSError, ValueError):
+        limit = 65530  # the kernel's default
+    return max(4096, limit * 3 // 4)
+
+
+MAX_PROCESS_MAPPED_RUNS = _process_run_budget()
+"""The same across every VM served by this process (49,147 with the default sysctl)."""
 
 U32_MAX = (1 << 32) - 1
 U64_MAX = (1 << 64) - 1
