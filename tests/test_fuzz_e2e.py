@@ -603,7 +603,7 @@ async def vmm_resets(sp: ServeProcess, rng: random.Random, tally: Tally) -> None
         gch.channel.release()
         with contextlib.suppress(Exception):
             gch.mapping.close()
-        needle = "resets: attach protocol error"
+        needle = "attach: rejected message from"  # the one line a rejection leaves
         before = sp.log().count(needle)
         bad = rng.choice((0, -1, 1 << 32, "1", None))
         await send_raw_datagram(vm.conn, {"t": "reset", "epoch": bad})
