@@ -48,7 +48,9 @@ class ServeProcess:
 
 
 @contextlib.contextmanager
-def serve_process(tmp_path: Path, devices: list[str] | None = None) -> Iterator[ServeProcess]:
+def serve_process(
+    tmp_path: Path, devices: list[str] | None = None, extra_args: tuple[str, ...] = ()
+) -> Iterator[ServeProcess]:
     """Start `vmbusd serve` with the given device types (default: one echo)."""
     cfg = tmp_path / "vm.toml"
     cfg.write_text("".join(f'[[device]]\ntype = "{d}"\n' for d in (devices or ["echo"])))
@@ -66,6 +68,7 @@ def serve_process(tmp_path: Path, devices: list[str] | None = None) -> Iterator[
                 path,
                 "--config",
                 str(cfg),
+                *extra_args,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -60,7 +60,7 @@ def test_demo_command(native: str) -> None:
 def test_help_explains_every_command() -> None:
     r = vmbusd("--help")
     assert r.returncode == 0
-    for cmd in ("serve", "attach", "vm", "demo", "bench"):
+    for cmd in ("serve", "attach", "vm", "demo", "bench", "stats"):
         assert cmd in r.stdout
         sub = vmbusd(cmd, "--help")
         assert sub.returncode == 0 and len(sub.stdout) > 200, cmd

@@ -23,6 +23,7 @@ examples:
   vmbusd vm --connect /run/vmbusd.sock --workload echo
   vmbusd vm --listen /tmp/vm.sock & vmbusd attach /tmp/vm.sock
   vmbusd bench ring --quick --json ring.json
+  vmbusd serve --listen /run/vmbusd.sock --stats /run/vmbusd.stats & vmbusd stats /run/vmbusd.stats
 """
 
 
@@ -46,10 +47,36 @@ def _setup_logging(verbose: int) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from vmbus.server import serve_until_signalled
 
-    uids = {int(u) for u in args.allow_uid} if args.allow_uid else None
+    uids = set(args.allow_uid) if args.allow_uid else None
     factory = _devices_factory(args.config)
+    metrics = None
+    if args.metrics:
+        host, _, port = args.metrics.rpartition(":")
+        metrics = (host or "127.0.0.1", int(port))
     print(f"vmbusd: listening on {args.listen}", file=sys.stderr)
-    trio.run(lambda: serve_until_signalled(args.listen, factory, allowed_uids=uids))
+    trio.run(
+        lambda: serve_until_signalled(
+            args.listen, factory, allowed_uids=uids, stats_path=args.stats, metrics=metrics
+        )
+    )
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    import json
+
+    from vmbus import stats
+
+    fmt = "prometheus" if args.prometheus else "json"
+    try:
+        text = stats.fetch(args.path, fmt)
+    except OSError as exc:
+        print(f"vmbusd stats: cannot reach {args.path}: {exc}", file=sys.stderr)
+        return 1
+    if args.json or args.prometheus:
+        print(text, end="" if text.endswith("\n") else "\n")
+    else:
+        print(stats.render_table(json.loads(text)))
     return 0
 
 
@@ -106,8 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--listen", required=True, metavar="PATH", help="socket path to create")
     s.add_argument(
+        "--stats",
+        metavar="PATH",
+        help="also answer `vmbusd stats PATH` on this socket (0600, same allowed uids)",
+    )
+    s.add_argument(
+        "--metrics",
+        metavar="[HOST:]PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (default host 127.0.0.1)",
+    )
+    s.add_argument(
         "--allow-uid",
         action="append",
+        type=int,
         metavar="UID",
         help="peer uid allowed to connect (repeatable; default: our own uid)",
     )
@@ -151,6 +189,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--packets", type=int, default=20000, help="packets to echo")
     d.add_argument("--ring-size", type=int, default=256 * 1024, help="bytes per ring direction")
     d.set_defaults(func=cmd_demo)
+
+    t = sub.add_parser("stats", help="show a running service's per-channel counters")
+    t.description = (
+        "Read the counters of `vmbusd serve --stats PATH`: every attached VM and open "
+        "channel with packets, bytes, wake-ups, signals and ring-space waits."
+    )
+    t.add_argument("path", metavar="PATH", help="the service's --stats socket")
+    g2 = t.add_mutually_exclusive_group()
+    g2.add_argument("--json", action="store_true", help="print the raw JSON snapshot")
+    g2.add_argument("--prometheus", action="store_true", help="print Prometheus text format")
+    t.set_defaults(func=cmd_stats)
 
     b = sub.add_parser("bench", help="benchmarks (ring)")
     b.description = (

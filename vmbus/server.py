@@ -79,6 +79,26 @@ class VmSession:
         self.epoch = 0  # the VMM's reset count; fences our messages sent before a reset
         self.closed_stats: list[tuple[int, str, dict[str, int]]] = []  # (relid, device, stats)
 
+    def snapshot(self) -> dict[str, object]:
+        """This VM's part of `vmbusd stats`: plain data, safe to serialise."""
+        version = self.bus.version if self.bus is not None else None
+        return {
+            "vm": self.label,
+            "vcpus": self.peer.vcpus if self.peer else 0,
+            "version": vp.version_str(version) if version else "none",
+            "resets": len(self.failed_channels),
+            "channels": [
+                {
+                    "relid": oc.relid,
+                    "device": oc.device.name,
+                    "sub_channel": self.device_of.get(oc.relid, (None, 0))[1],
+                    "vcpu": oc.vcpu,
+                    "stats": oc.channel.stats.as_dict(),
+                }
+                for oc in sorted(self.open.values(), key=lambda o: o.relid)
+            ],
+        }
+
     # -- lifecycle -------------------------------------------------------------
 
     async def run(self) -> None:
@@ -411,16 +431,18 @@ async def serve_listener(
     devices_factory: Callable[[], Sequence[Device]],
     *,
     allowed_uids: set[int] | None = None,
+    sessions: set[VmSession] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """`vmbusd serve --listen PATH`: accept VMMs, one isolated session each.
+    """`vmbusd serve --listen PATH`: accept VMMs, one isolated session each (kept in
+    `sessions`, when given, for the stats servers).
 
     Cancelling it is a clean shutdown: every session tells its VMM `error shutdown`,
     lets go of guest memory, and the socket file is removed.
     """
     async with await attach.listen(path, allowed_uids=allowed_uids) as listener:
         task_status.started()
-        live: set[VmSession] = set()
+        live: set[VmSession] = sessions if sessions is not None else set()
         count = 0
         async with trio.open_nursery() as nursery:
             while True:
@@ -445,18 +467,44 @@ async def _run_isolated(session: VmSession, live: set[VmSession]) -> None:
         live.discard(session)
 
 
+def service_snapshot(sessions: set[VmSession]) -> dict[str, object]:
+    return {"vms": [s.snapshot() for s in sorted(sessions, key=lambda s: s.label)]}
+
+
 async def serve_until_signalled(
     path: str,
     devices_factory: Callable[[], Sequence[Device]],
     *,
     allowed_uids: set[int] | None = None,
+    stats_path: str | None = None,
+    metrics: tuple[str, int] | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then shut down cleanly."""
+    from vmbus import stats
+
+    sessions: set[VmSession] = set()
+
+    def snap() -> dict[str, object]:
+        return service_snapshot(sessions)
+
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(
-                lambda **kw: serve_listener(path, devices_factory, allowed_uids=allowed_uids, **kw)
+                lambda **kw: serve_listener(
+                    path, devices_factory, allowed_uids=allowed_uids, sessions=sessions, **kw
+                )
             )
+            if stats_path:
+                await nursery.start(
+                    lambda **kw: stats.serve_stats(
+                        stats_path, snap, allowed_uids=allowed_uids, **kw
+                    )
+                )
+            if metrics:
+                port = await nursery.start(
+                    lambda **kw: stats.serve_metrics(metrics[0], metrics[1], snap, **kw)
+                )
+                log.warning("metrics on http://%s:%d/metrics", metrics[0], port)
             async for signum in signals:
                 log.warning("signal %d: shutting down", signum)
                 nursery.cancel_scope.cancel()

@@ -20,6 +20,7 @@ VM_PKT_DATA_INBAND = 6
 VM_PKT_COMP = 0xB
 COMPLETION_REQUESTED = 1
 BYTES_CHECK_EVERY = 64
+MIXED_CHUNK = 4096  # packets built ahead of the traffic at a time
 
 
 class EchoMismatch(Exception):
@@ -58,39 +59,51 @@ def mixed_sizes(n: int, max_payload: int, seed: int) -> list[int]:
     return sizes
 
 
+def _want_type(i: int) -> int:
+    return VM_PKT_COMP if i % 3 == 2 else VM_PKT_DATA_INBAND
+
+
 async def echo_mixed(
     ch: Channel, packets: int, max_payload: int, *, seed: int = 7
 ) -> TrafficResult:
     """Send `packets` packets of mixed sizes, every third asking for a completion.
 
-    The whole batch is built once; each round writes whatever the ring has room for
-    (the ring itself is the window) and then drains every echo that came back.
+    Packets are built MIXED_CHUNK at a time, ahead of the traffic; each round writes
+    whatever the ring has room for (the ring itself is the window) and then drains
+    every echo that came back.
     """
     rng = random.Random(seed)
     pattern = rng.randbytes(max_payload)
     sizes = mixed_sizes(packets, max_payload, seed)
     lens = array.array("I", sizes)
-    want_types = [VM_PKT_COMP if i % 3 == 2 else VM_PKT_DATA_INBAND for i in range(packets)]
-    batch = SendBatch(
-        [
-            OutPacket(
-                VM_PKT_DATA_INBAND,
-                COMPLETION_REQUESTED if i % 3 == 2 else 0,
-                i + 1,
-                [pattern[: sizes[i]]],
-            )
-            for i in range(packets)
-        ]
-    )
+
+    def chunk(first: int) -> SendBatch:
+        return SendBatch(
+            [
+                OutPacket(
+                    VM_PKT_DATA_INBAND,
+                    COMPLETION_REQUESTED if _want_type(i) == VM_PKT_COMP else 0,
+                    i + 1,
+                    [pattern[: sizes[i]]],
+                )
+                for i in range(first, min(packets, first + MIXED_CHUNK))
+            ]
+        )
+
+    base = 0
+    batch = chunk(0)
     sent = recvd = completions = total_bytes = 0
     t0 = time.perf_counter()
     while recvd < packets:
         if sent < packets:
-            res = ch.writer.write(batch, start=sent)
+            if sent - base == len(batch):
+                base = sent
+                batch = chunk(base)
+            res = ch.writer.write(batch, start=sent - base)
             ch._account(res.npkts, res.bytes, res.signal)
             sent += res.npkts
         if recvd == sent:
-            await ch._wait_space(batch.packet_ring_bytes(sent) + 8)
+            await ch._wait_space(batch.packet_ring_bytes(sent - base) + 8)
             continue
         got = await ch.receive()
         bad = check_echo(got.buffer, got.index, got.n, recvd + 1, pattern, lens[recvd:])
@@ -103,12 +116,11 @@ async def echo_mixed(
         buf, idx = got.buffer, got.index
         for k in range(got.n):
             typ = buf[idx[2 * k]]  # low byte of the descriptor's type (types are < 256)
-            if typ != want_types[recvd + k]:
-                raise EchoMismatch(
-                    f"packet {recvd + k}: type {typ:#x}, expected {want_types[recvd + k]:#x}"
-                )
+            want = _want_type(recvd + k)
+            if typ != want:
+                raise EchoMismatch(f"packet {recvd + k}: type {typ:#x}, expected {want:#x}")
             total_bytes += sizes[recvd + k]
-        completions += sum(1 for k in range(got.n) if want_types[recvd + k] == VM_PKT_COMP)
+            completions += want == VM_PKT_COMP
         recvd += got.n
     return TrafficResult(packets, total_bytes, time.perf_counter() - t0, completions)
 

@@ -1,0 +1,229 @@
+"""Counters out of a running service: a snapshot, its renderings, and two small servers.
+
+The snapshot is plain data (VMs, their open channels and counters); `render_table` and
+`render_prometheus` are pure functions of it. `serve_stats` answers one document per
+connection on a private unix socket (`vmbusd stats PATH` reads it); `serve_metrics`
+is a minimal HTTP endpoint for Prometheus (`GET /metrics`), meant for loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket as _stdsocket
+import struct
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import trio
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST = 4096  # bytes of a stats or HTTP request we read at most
+REQUEST_TIMEOUT_S = 5.0
+FORMATS = ("json", "prometheus")
+
+Snapshot = dict[str, Any]
+
+# (snapshot key, Prometheus name, help); all per-channel counters only go up.
+CHANNEL_COUNTERS = (
+    ("packets_in", "vmbusd_channel_packets_in_total", "Packets received from the guest"),
+    ("bytes_in", "vmbusd_channel_bytes_in_total", "Ring bytes received from the guest"),
+    ("batches_in", "vmbusd_channel_batches_in_total", "Receive batches (one per wake-up or poll)"),
+    ("packets_out", "vmbusd_channel_packets_out_total", "Packets sent to the guest"),
+    ("bytes_out", "vmbusd_channel_bytes_out_total", "Ring bytes sent to the guest"),
+    ("signals_sent", "vmbusd_channel_signals_sent_total", "Signals (interrupts) sent to the guest"),
+    (
+        "signals_suppressed",
+        "vmbusd_channel_signals_suppressed_total",
+        "Writes that needed no signal (ring not empty or guest masked)",
+    ),
+    ("wakeups", "vmbusd_channel_wakeups_total", "Times the channel task slept and was woken"),
+    ("polls_hit", "vmbusd_channel_polls_hit_total", "Idle polls that found work (wake-ups saved)"),
+    ("space_waits", "vmbusd_channel_space_waits_total", "Sends that waited for ring space"),
+    ("errors", "vmbusd_channel_errors_total", "Ring errors (the channel was reset)"),
+)
+
+
+def _label(v: object) -> str:
+    return str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def render_prometheus(snap: Snapshot) -> str:
+    """The Prometheus text exposition format (version 0.0.4)."""
+    out = [
+        "# HELP vmbusd_vms Attached VMs",
+        "# TYPE vmbusd_vms gauge",
+        f"vmbusd_vms {len(snap['vms'])}",
+        "# HELP vmbusd_channels_open Open channels",
+        "# TYPE vmbusd_channels_open gauge",
+    ]
+    for vm in snap["vms"]:
+        out.append(f'vmbusd_channels_open{{vm="{_label(vm["vm"])}"}} {len(vm["channels"])}')
+    out += [
+        "# HELP vmbusd_channel_resets_total Channels reset after the guest corrupted a ring",
+        "# TYPE vmbusd_channel_resets_total counter",
+    ]
+    for vm in snap["vms"]:
+        out.append(f'vmbusd_channel_resets_total{{vm="{_label(vm["vm"])}"}} {vm["resets"]}')
+    for key, name, help_ in CHANNEL_COUNTERS:
+        out += [f"# HELP {name} {help_}", f"# TYPE {name} counter"]
+        for vm in snap["vms"]:
+            for ch in vm["channels"]:
+                labels = (
+                    f'vm="{_label(vm["vm"])}",relid="{ch["relid"]}",'
+                    f'device="{_label(ch["device"])}",sub="{ch["sub_channel"]}"'
+                )
+                out.append(f"{name}{{{labels}}} {ch['stats'].get(key, 0)}")
+    return "\n".join(out) + "\n"
+
+
+def render_table(snap: Snapshot) -> str:
+    """A human table: one line per open channel."""
+    lines = [f"{len(snap['vms'])} VM(s) attached"]
+    for vm in snap["vms"]:
+        lines.append(
+            f"\n{vm['vm']}: VMBus {vm['version']}, {vm['vcpus']} vCPU(s), "
+            f"{len(vm['channels'])} open channel(s), {vm['resets']} reset(s)"
+        )
+        if not vm["channels"]:
+            continue
+        lines.append(
+            f"  {'relid':>5} {'device':<10} {'sub':>3} {'pkts in':>12} {'pkts out':>12}"
+            f" {'MB in':>9} {'MB out':>9} {'wakeups':>9} {'signals':>9} {'waits':>7}"
+        )
+        for ch in vm["channels"]:
+            st = ch["stats"]
+            lines.append(
+                f"  {ch['relid']:>5} {ch['device']:<10} {ch['sub_channel']:>3}"
+                f" {st['packets_in']:>12,} {st['packets_out']:>12,}"
+                f" {st['bytes_in'] / 1e6:>9.1f} {st['bytes_out'] / 1e6:>9.1f}"
+                f" {st['wakeups']:>9,} {st['signals_sent']:>9,} {st['space_waits']:>7,}"
+            )
+    return "\n".join(lines)
+
+
+def render(snap: Snapshot, fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(snap, indent=1)
+    if fmt == "prometheus":
+        return render_prometheus(snap)
+    raise ValueError(f"unknown stats format {fmt!r}")
+
+
+# -- servers -------------------------------------------------------------------------
+
+
+async def _read_request(stream: trio.SocketStream) -> bytes:
+    """Up to MAX_REQUEST bytes, until a blank line / newline or EOF, bounded in time."""
+    buf = b""
+    with trio.move_on_after(REQUEST_TIMEOUT_S):
+        while len(buf) < MAX_REQUEST and b"\n" not in buf:
+            chunk = await stream.receive_some(MAX_REQUEST - len(buf))
+            if not chunk:
+                break
+            buf += chunk
+    return buf
+
+
+def _peer_uid(sock: trio.socket.SocketType) -> int:
+    raw = sock.getsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", raw)[1]
+
+
+async def serve_stats(
+    path: str,
+    snapshot: Callable[[], Snapshot],
+    *,
+    allowed_uids: Iterable[int] | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """A private unix socket: a client writes 'json' or 'prometheus' and a newline, and
+    gets that document, then EOF. Same access rule as the attach socket."""
+    allowed = set(allowed_uids) if allowed_uids is not None else {os.getuid()}
+    sock = trio.socket.socket(_stdsocket.AF_UNIX, _stdsocket.SOCK_STREAM)
+    if os.path.exists(path):
+        os.unlink(path)
+    os.fchmod(sock.fileno(), 0o600)
+    await sock.bind(path)
+    os.chmod(path, 0o600)
+    sock.listen(16)
+    listener = trio.SocketListener(sock)
+    task_status.started()
+    try:
+        async with trio.open_nursery() as nursery:
+            while True:
+                stream = await listener.accept()
+                nursery.start_soon(_answer_stats, stream, snapshot, allowed)
+    finally:
+        await listener.aclose()
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+async def _answer_stats(
+    stream: trio.SocketStream, snapshot: Callable[[], Snapshot], allowed: set[int]
+) -> None:
+    async with stream:
+        try:
+            if _peer_uid(stream.socket) not in allowed:
+                log.warning("stats: refused a peer whose uid is not allowed")
+                return
+            fmt = (await _read_request(stream)).strip().decode("ascii", "replace") or "json"
+            if fmt not in FORMATS:
+                await stream.send_all(f"error: format must be one of {FORMATS}\n".encode())
+                return
+            await stream.send_all(render(snapshot(), fmt).encode())
+        except (trio.BrokenResourceError, OSError):
+            pass
+
+
+async def serve_metrics(
+    host: str,
+    port: int,
+    snapshot: Callable[[], Snapshot],
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """GET /metrics in the Prometheus format; anything else is 404. Started: the port."""
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(lambda s: _answer_http(s, snapshot), listeners)
+
+
+async def _answer_http(stream: trio.SocketStream, snapshot: Callable[[], Snapshot]) -> None:
+    async with stream:
+        try:
+            req = await _read_request(stream)
+            line = req.split(b"\r\n", 1)[0].split(b" ")
+            if len(line) >= 2 and line[0] == b"GET" and line[1].split(b"?")[0] == b"/metrics":
+                body = render_prometheus(snapshot()).encode()
+                head = (
+                    "HTTP/1.1 200 OK\r\n"
+                    "Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
+                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+                )
+            else:
+                body = b"not found\n"
+                head = (
+                    "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\n"
+                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+                )
+            await stream.send_all(head.encode() + body)
+        except (trio.BrokenResourceError, OSError):
+            pass
+
+
+def fetch(path: str, fmt: str = "json") -> str:
+    """Client side of the stats socket (`vmbusd stats`)."""
+    with _stdsocket.socket(_stdsocket.AF_UNIX, _stdsocket.SOCK_STREAM) as s:
+        s.settimeout(REQUEST_TIMEOUT_S)
+        s.connect(path)
+        s.sendall(fmt.encode() + b"\n")
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks).decode()
