@@ -92,10 +92,14 @@ def serve_process(
 
 @contextlib.asynccontextmanager
 async def guest(
-    path: str, *, vm_id: str = "test-vm", ram_size: int = 64 << 20
+    path: str,
+    *,
+    vm_id: str = "test-vm",
+    ram_size: int = 64 << 20,
+    client_options: dict[str, object] | None = None,
 ) -> AsyncIterator[SimulatedVm]:
     """A simulated VM connected to vmbusd, VMBus negotiated and offers received."""
-    vm = SimulatedVm(ram_size=ram_size, vm_id=vm_id)
+    vm = SimulatedVm(ram_size=ram_size, vm_id=vm_id, client_options=client_options)
     try:
         conn = await attach.connect(path)
         async with trio.open_nursery() as nursery:

@@ -477,3 +477,28 @@ async def test_gpadl_pages_capped_by_guest_ram(tmp_path: Path) -> None:
             assert all(s == vp.STATUS_UNSUCCESSFUL for s in statuses[ok:])
             sp.wait_log("GPADL pages")
         assert sp.alive()
+
+
+async def test_every_version_end_to_end(tmp_path: Path) -> None:
+    """Each version a guest may propose (Linux's eight, WIN7, 6.0) works all the way:
+    posts on the right connection id, GPADL, open, echo traffic, MODIFYCHANNEL where
+    the version has it, close, unload; and a version we do not speak is refused."""
+    versions = (*vp.LINUX_VERSIONS, vp.VERSION_WIN7, vp.VERSION_COPPER)
+    with serve_process(tmp_path) as sp:
+        for v in versions:
+            async with guest(sp.path, client_options={"versions": (v,), "max_version": v}) as vm:
+                assert vm.version == v, vp.version_str(v)
+                (offer,) = vm.find_offers(ECHO_IF_TYPE)
+                ch = await vm.open_channel(offer, RING)
+                await echo_mixed(ch.channel, 200, MAXP)
+                if v >= vp.VERSION_WIN10_V4_1:
+                    assert await vm.modify_channel(ch, 1) == 0
+                    await echo_mixed(ch.channel, 100, MAXP, seed=2)
+                await vm.close_channel(ch)
+                await vm.unload()
+        with pytest.RaisesGroup(pytest.RaisesExc(GuestError, match="refused every")):
+            async with guest(
+                sp.path, client_options={"versions": (vp.VERSION_WS2008,), "max_version": 0xFFFF}
+            ):
+                pass
+        assert sp.alive()

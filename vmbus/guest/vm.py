@@ -67,14 +67,22 @@ Driver = Callable[["SimulatedVm", GuestOffer], Awaitable[None]]
 class SimulatedVm:
     """VMM + guest VMBus client over one attach connection."""
 
-    def __init__(self, *, ram_size: int = 256 << 20, vcpus: int = 2, vm_id: str = "sim") -> None:
+    def __init__(
+        self,
+        *,
+        ram_size: int = 256 << 20,
+        vcpus: int = 2,
+        vm_id: str = "sim",
+        client_options: dict[str, Any] | None = None,
+    ) -> None:
         self.ram = GuestRam(ram_size)
         self.vcpus = vcpus
         self.vm_id = vm_id
         self.memory = GuestMemory()  # the guest's own view, to build wrap-free ring mappings
         for r in self.ram.regions:
             self.memory.add_region(r.gpa, r.size, self.ram.fd, r.offset)
-        self.client = gc.VmBusClient()
+        self._client_options = dict(client_options or {})  # e.g. max_version, versions
+        self.client = gc.VmBusClient(**self._client_options)
         self.conn: attach.AttachConnection | None = None
         self.offers: dict[int, GuestOffer] = {}
         self.version: int | None = None
@@ -87,6 +95,7 @@ class SimulatedVm:
         self._send_lock = trio.Lock()
         self.channels: dict[int, GuestChannel] = {}
         self._reset_epoch = 0
+        self.connect_failed = False
 
     # -- attach side -------------------------------------------------------------
 
@@ -115,6 +124,8 @@ class SimulatedVm:
         await self._pump()
         with trio.fail_after(CONTROL_TIMEOUT_S):
             await self._all_offers.wait()
+        if self.connect_failed:
+            raise GuestError("the host refused every VMBus version this guest proposed")
 
     async def _receive_loop(self) -> None:
         assert self.conn is not None
@@ -175,6 +186,9 @@ class SimulatedVm:
             self.offers[go.relid] = go
             self._offer_added.send_nowait(go)
         elif isinstance(ev, gc.AllOffersDelivered):
+            self._all_offers.set()
+        elif isinstance(ev, gc.ConnectFailed):
+            self.connect_failed = True
             self._all_offers.set()
         elif isinstance(ev, gc.Rescinded):
             if ev.relid in self.offers:
@@ -333,7 +347,7 @@ class SimulatedVm:
         self.channels.clear()
         self.offers.clear()
         self._all_offers = trio.Event()
-        self.client = gc.VmBusClient()
+        self.client = gc.VmBusClient(**self._client_options)
         await self.conn.send(attach.Reset(epoch=self._reset_epoch))
         self.client.connect()
         await self._pump()
