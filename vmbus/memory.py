@@ -67,6 +67,7 @@ MAX_MAPPED_RUNS = 16384
 """VMAs (page runs) created by the live mappings of one VM: scattered pages cost one
 VMA each, and vm.max_map_count (65530 by default) is per process."""
 
+
 def _process_run_budget() -> int:
     """Three quarters of vm.max_map_count (the kernel's per-process VMA limit), the
     rest left for malloc, libraries and the region mappings. An administrator who
