@@ -490,6 +490,9 @@ async def test_every_version_end_to_end(tmp_path: Path) -> None:
                 assert vm.version == v, vp.version_str(v)
                 (offer,) = vm.find_offers(ECHO_IF_TYPE)
                 ch = await vm.open_channel(offer, RING)
+                # below 2.4 the VMM must signal through the guest's interrupt page
+                want_page = vm.client.interrupt_page if v < vp.VERSION_WIN8 else 0
+                assert vm._binds[offer.relid].interrupt_page == want_page
                 await echo_mixed(ch.channel, 200, MAXP)
                 if v >= vp.VERSION_WIN10_V4_1:
                     assert await vm.modify_channel(ch, 1) == 0

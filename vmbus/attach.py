@@ -288,6 +288,9 @@ class Bind:
     kick: int
     call: int
     epoch: int = 0
+    # Sessions below VMBus 2.4 (WIN7) signal the guest through its interrupt page, not
+    # the SynIC event flags: its GPA (page-aligned), or 0 for the event-flags page.
+    interrupt_page: int = 0
 
     def __post_init__(self) -> None:
         _int("relid", self.relid, 1, MAX_RELID)
@@ -298,6 +301,9 @@ class Bind:
         if self.kick == self.call:
             raise ValueError("kick and call must be different eventfds")
         _int("epoch", self.epoch, 0, MAX_EPOCH)
+        _int("interrupt_page", self.interrupt_page, 0, MAX_GPA - PAGE_SIZE)
+        if self.interrupt_page % PAGE_SIZE:
+            raise ValueError("interrupt_page must be page-aligned")
 
     def fds(self) -> list[int]:
         return [self.kick, self.call]
@@ -407,6 +413,8 @@ def encode_message(msg: Message) -> tuple[bytes, list[int]]:
             call=ref(msg.call),
             epoch=msg.epoch,
         )
+        if msg.interrupt_page:  # only pre-2.4 sessions carry it
+            body["interrupt_page"] = msg.interrupt_page
     elif isinstance(msg, Hello):
         body.update({f.name: getattr(msg, f.name) for f in fields(msg)})
         body["features"] = list(msg.features)
@@ -515,6 +523,7 @@ def _decode(data: bytes, fds: list[int]) -> Message:
                 kick=fd_at(obj, "kick"),
                 call=fd_at(obj, "call"),
                 epoch=get("epoch"),
+                interrupt_page=obj.get("interrupt_page", 0),
             )
         elif t == "unbind":
             msg = Unbind(get("relid"), get("epoch"))

@@ -580,6 +580,15 @@ class VmBusServer:
             refuse("exactly one monitor page is zero")
         if (m.monitor_page1 | m.monitor_page2) % PAGE_SIZE:
             refuse("monitor page not page-aligned")
+        interrupt_page = 0  # from 2.4 on, channel interrupts use the SynIC event flags
+        if v < p.VERSION_WIN8:
+            interrupt_page = m.interrupt_page
+            if not interrupt_page or interrupt_page % PAGE_SIZE:
+                refuse(f"interrupt page {interrupt_page:#x} is not a page address")
+            if self._validate_pfns is not None and not self._validate_pfns(
+                [interrupt_page // PAGE_SIZE]
+            ):
+                refuse(f"interrupt page {interrupt_page:#x} is not guest RAM")
         self.version = v
         if v < p.VERSION_WIN8_1:
             self._target_vcpu = 0  # honoured from 3.0 on
@@ -587,7 +596,7 @@ class VmBusServer:
             Connected(
                 v,
                 self._target_vcpu,
-                0 if wants_4 else m.interrupt_page,
+                interrupt_page,
                 m.monitor_page1,
                 m.monitor_page2,
             )

@@ -76,6 +76,7 @@ class VmSession:
         self._on_channel_event = on_channel_event
         self.failed_channels: dict[int, str] = {}
         self._peer_gone = False  # the VMM closed or broke the connection (no farewell)
+        self.interrupt_page = 0  # pre-2.4 sessions: the guest's interrupt page GPA
         self.epoch = 0  # the VMM's reset count; fences our messages sent before a reset
         self.closed_stats: list[tuple[int, str, dict[str, int]]] = []  # (relid, device, stats)
 
@@ -284,6 +285,8 @@ class VmSession:
             elif isinstance(ev, bus.BusReset):
                 log.info("%s: VMBus reset: %s", self.label, ev.reason)
             elif isinstance(ev, bus.Connected):
+                # Below 2.4 the guest gets channel interrupts through its interrupt page.
+                self.interrupt_page = ev.interrupt_page if ev.version < vp.VERSION_WIN8 else 0
                 log.info("%s: VMBus version %s negotiated", self.label, vp.version_str(ev.version))
             else:
                 log.debug("%s: bus event %r", self.label, ev)
@@ -342,6 +345,7 @@ class VmSession:
                 kick=kick.fd,
                 call=call.fd,
                 epoch=self.epoch,
+                interrupt_page=self.interrupt_page,
             )
         )
         self.open[ev.relid] = oc
@@ -406,6 +410,7 @@ class VmSession:
                 kick=oc.kick.fd,
                 call=oc.call.fd,
                 epoch=self.epoch,
+                interrupt_page=self.interrupt_page,
             )
         )
 
