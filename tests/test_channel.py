@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import pytest
 import trio
 
-from vmbus.channel import Channel, EventFd, new_eventfd
+from vmbus.channel import POLL_NS_MIN, Channel, EventFd, new_eventfd
 from vmbus.gpadl import PAGE_SIZE, Gpadl, GpaRange
 from vmbus.memory import GuestMemory
 from vmbus.ring import (
@@ -165,3 +165,26 @@ def test_private_copy_of_a_huge_ring_costs_no_memory_up_front() -> None:
         call.close()
         mem.close()
         os.close(fd)
+
+
+async def test_kick_storm_with_an_empty_ring_does_not_teach_polling() -> None:
+    """A guest may kick at will; wake-ups that find nothing must not grow the poll
+    budget (or a kick storm would make vmbusd spin), and real traffic still flows."""
+    with channel_pair() as (host, guest, _):
+        got: list[int] = []
+
+        async def reader() -> None:
+            while len(got) < 3:
+                got.extend(p.trans_id for p in await host.receive())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await trio.sleep(0.05)  # the reader polls, finds nothing, sleeps
+            host._poll.ns = floor = POLL_NS_MIN  # an idle channel's budget, at its floor
+            for _ in range(300):
+                guest.signal_fd.signal()  # HvSignalEvent with an empty ring
+                await trio.sleep(0)
+            assert host.stats.spurious_wakeups > 0
+            assert host._poll.ns <= floor, "spurious wake-ups must not raise the poll budget"
+            await guest.send([OutPacket(6, 0, i, [b"ok"]) for i in (1, 2, 3)])
+        assert got == [1, 2, 3]

@@ -57,6 +57,7 @@ class ChannelStats:
     signals_sent: int = 0
     signals_suppressed: int = 0
     wakeups: int = 0
+    spurious_wakeups: int = 0
     polls_hit: int = 0
     space_waits: int = 0
     errors: int = 0
@@ -240,10 +241,20 @@ class Channel:
             return
         t0 = time.perf_counter_ns()
         await self.wait_fd.wait()
-        self._poll.slept(time.perf_counter_ns() - t0)
+        slept = time.perf_counter_ns() - t0
         self.stats.wakeups += 1
         self.reader.mask()
         self._masked = True
+        try:
+            useful = self.reader.bytes_to_read() > 0
+        except RingCorrupt:
+            useful = True  # the next read reports it
+        if useful:
+            self._poll.slept(slept)
+        else:
+            # A kick with nothing in the ring (a guest may send them at will): it must
+            # not teach us to spin, or kick storms would buy a guest our CPU.
+            self.stats.spurious_wakeups += 1
 
     async def forward(
         self, dest: Channel | None = None, *, complete: bool = False, max_pkts: int | None = None

@@ -40,6 +40,11 @@ CHANNEL_COUNTERS = (
         "Writes that needed no signal (ring not empty or guest masked)",
     ),
     ("wakeups", "vmbusd_channel_wakeups_total", "Times the channel task slept and was woken"),
+    (
+        "spurious_wakeups",
+        "vmbusd_channel_spurious_wakeups_total",
+        "Wake-ups that found the ring empty (a guest kicking for nothing)",
+    ),
     ("polls_hit", "vmbusd_channel_polls_hit_total", "Idle polls that found work (wake-ups saved)"),
     ("space_waits", "vmbusd_channel_space_waits_total", "Sends that waited for ring space"),
     ("errors", "vmbusd_channel_errors_total", "Ring errors (the channel was reset)"),
