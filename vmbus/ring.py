@@ -386,6 +386,8 @@ class _PyRing(_RingBase):
 class _NativeRing(_RingBase):
     """Holds the C `struct vmb_ring` and keeps the shared buffers pinned."""
 
+    _RESULT: str  # the C result struct each call fills, allocated once per ring
+
     def __init__(
         self,
         hdr: memoryview,
@@ -405,6 +407,8 @@ class _NativeRing(_RingBase):
         r.hdr, r.data, r.size = self._c_hdr, self._c_data, size
         r.doubled, r.allowed_types = int(self.doubled), allowed_types
         self._r = r
+        self._res = ffi.new(self._RESULT)
+        self._fwd_res: Any = None  # vmb_ring_forward's result, allocated on first use
 
     @property
     def _priv(self) -> int:
@@ -543,17 +547,7 @@ class PyRingReader(_PyRing):
 class NativeRingReader(_NativeRing):
     """Consumer end in C: one native call per batch."""
 
-    def __init__(
-        self,
-        hdr: memoryview,
-        data: memoryview,
-        size: int,
-        *,
-        doubled: bool = False,
-        allowed_types: int = DEFAULT_ALLOWED_TYPES,
-    ) -> None:
-        super().__init__(hdr, data, size, doubled=doubled, allowed_types=allowed_types)
-        self._res = self._ffi.new("struct vmb_read_result *")
+    _RESULT = "struct vmb_read_result *"
 
     def open(self) -> None:
         """Take the peer-initialised read_index as our private index (validated)."""
@@ -745,17 +739,7 @@ class PyRingWriter(_PyRing):
 class NativeRingWriter(_NativeRing):
     """Producer end in C: one native call per batch."""
 
-    def __init__(
-        self,
-        hdr: memoryview,
-        data: memoryview,
-        size: int,
-        *,
-        doubled: bool = False,
-        allowed_types: int = DEFAULT_ALLOWED_TYPES,
-    ) -> None:
-        super().__init__(hdr, data, size, doubled=doubled, allowed_types=allowed_types)
-        self._res = self._ffi.new("struct vmb_write_result *")
+    _RESULT = "struct vmb_write_result *"
 
     def open(self) -> None:
         """Take the current write_index (validated) and announce pending_send_sz support."""
@@ -925,7 +909,9 @@ def native_forward(
     """One vmb_ring_forward call (see py_forward for the contract)."""
     _check_u32(max_pkts, "max_pkts")
     lib, ffi = reader._lib, reader._ffi
-    res = ffi.new("struct vmb_fwd_result *")
+    res = reader._fwd_res
+    if res is None:  # once per reader, not once per batch
+        res = reader._fwd_res = ffi.new("struct vmb_fwd_result *")
     rc = lib.vmb_ring_forward(
         reader._r, writer._r, max_pkts, lib.VMB_RAW_COMPLETE if complete else 0, res
     )
