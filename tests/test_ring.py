@@ -28,9 +28,9 @@ from hypothesis.stateful import (
 from vmbus import native, ring
 
 try:
-    from tests.test_ring_support import DESC, IMPLS, Mem, classes, mem, outcome
+    from tests.ring_support import DESC, IMPLS, Mem, classes, mem, outcome
 except ImportError:  # pytest's rootdir-relative import mode
-    from test_ring_support import DESC, IMPLS, Mem, classes, mem, outcome  # type: ignore
+    from ring_support import DESC, IMPLS, Mem, classes, mem, outcome  # type: ignore
 
 needs_native = pytest.mark.skipif(not native.native_available(), reason="extension not built")
 

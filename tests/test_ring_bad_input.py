@@ -17,9 +17,9 @@ from vmbus import native, ring
 from vmbus.ring import RingError as E
 
 try:
-    from tests.test_ring_support import DESC, IMPLS, Mem, classes, mem, put_ring, raw_packet
+    from tests.ring_support import DESC, IMPLS, Mem, classes, mem, put_ring, raw_packet
 except ImportError:  # pytest's rootdir-relative import mode
-    from test_ring_support import DESC, IMPLS, Mem, classes, mem, put_ring, raw_packet  # type: ignore
+    from ring_support import DESC, IMPLS, Mem, classes, mem, put_ring, raw_packet  # type: ignore
 
 SIZE = 4096
 IMPL_LIST = list(IMPLS) if native.native_available() else ["py"]
@@ -300,7 +300,7 @@ def _run(code: str) -> subprocess.CompletedProcess[str]:
 def test_guard_pages_catch_overruns() -> None:
     """The harness itself: touching the byte after a guarded area kills the process."""
     p = _run(
-        "import ctypes, test_ring_support as s\n"
+        "import ctypes, ring_support as s\n"
         "m = s.mem('guarded', 4096)\n"
         "a = ctypes.addressof(ctypes.c_char.from_buffer(m.data))\n"
         "ctypes.string_at(a + 4096, 1)\n"
@@ -313,5 +313,5 @@ def test_guard_pages_catch_overruns() -> None:
 def test_fuzz_on_guarded_memory(seed: int) -> None:
     """Garbage indices and descriptors on guarded, doubled and split rings: C never
     faults, and agrees with the twin on every result and every byte."""
-    p = _run(f"import sys, test_ring_support as s; sys.exit(1 if s.fuzz({seed}, 1500) else 0)")
+    p = _run(f"import sys, ring_support as s; sys.exit(1 if s.fuzz({seed}, 1500) else 0)")
     assert p.returncode == 0, (p.returncode, p.stderr[-2000:])

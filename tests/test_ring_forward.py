@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 from vmbus import native, ring
 
 try:
-    from tests.test_ring_support import DESC, Mem, classes, mem, put_ring
+    from tests.ring_support import DESC, Mem, classes, mem, put_ring
 except ImportError:  # pytest's rootdir-relative import mode
-    from test_ring_support import DESC, Mem, classes, mem, put_ring  # type: ignore
+    from ring_support import DESC, Mem, classes, mem, put_ring  # type: ignore
 
 pytestmark = pytest.mark.skipif(
     not native.native_available(), reason="needs the extension to compare with the twin"

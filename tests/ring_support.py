@@ -6,7 +6,7 @@ real double mapping of a memfd (data pages mapped twice back to back, also betwe
 guard pages), which is what `doubled=True` assumes. Regions are cached and never
 unmapped: stale views from earlier examples then stay harmless.
 
-Run as a script (`python test_ring_support.py SEED N`) it fuzzes the native ring
+Run as a script (`python ring_support.py SEED N`) it fuzzes the native ring
 with garbage on guarded memory and compares it with the twin; the tests start it
 in a subprocess so that a segfault fails one test instead of killing pytest.
 """
