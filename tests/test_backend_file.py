@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import require_tool
 from disk_model import (
     GOOD,
     disk_ops,
@@ -317,11 +318,10 @@ async def test_direct_alignment_follows_a_larger_device_block(tmp_path, monkeypa
 @pytest.fixture
 def fs_on_4k_device(tmp_path):
     """An ext4 file system on a loop device with 4096-byte logical sectors (root only)."""
-    import shutil
-
-    tools = ("losetup", "mkfs.ext4", "mount", "umount")
-    if os.geteuid() != 0 or not all(shutil.which(t) for t in tools):
-        pytest.skip("needs root, losetup, mkfs.ext4 and mount")
+    if os.geteuid() != 0:
+        pytest.skip("needs root (loop devices, mount)")
+    for tool, package in (("losetup", "mount"), ("mkfs.ext4", "e2fsprogs"), ("mount", "mount")):
+        require_tool(tool, package)  # CI runs as root: a missing tool fails, never skips
     image = tmp_path / "fs.img"
     with open(image, "wb") as f:
         f.truncate(32 * MIB)
@@ -403,10 +403,9 @@ async def test_file_backend_direct_4k_matches_model(tmp_path, ops):
 @pytest.fixture
 def loop_device(tmp_path):
     """A real block device: a loop device over a sparse file (needs root and losetup)."""
-    import shutil
-
-    if os.geteuid() != 0 or not shutil.which("losetup"):
-        pytest.skip("needs root and losetup")
+    if os.geteuid() != 0:
+        pytest.skip("needs root (loop devices)")
+    require_tool("losetup", "mount")  # CI runs as root: a missing tool fails, never skips
     image = tmp_path / "loop.img"
     with open(image, "wb") as f:
         f.truncate(4 * MIB)

@@ -27,7 +27,7 @@ from disk_model import (
 
 from devices.storvsc.backends.memory import MemoryBackend
 from devices.storvsc.scsi import DiskIdentity, ScsiController
-from devices.storvsc.scsi_constants import MAX_TRANSFER_BYTES, MAX_WRITE_SAME_BYTES
+from devices.storvsc.scsi.constants import MAX_TRANSFER_BYTES, MAX_WRITE_SAME_BYTES
 
 BLOCKS = 2048
 BS = 512

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from devices.storvsc.backends.base import BackendIOError
 from devices.storvsc.backends.memory import MemoryBackend
 from devices.storvsc.scsi import ScsiController
-from devices.storvsc.scsi_constants import Op
+from devices.storvsc.scsi.constants import Op
 
 BS = 512
 BLOCKS = 1024

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from devices.storvsc.backends.memory import MemoryBackend
 from devices.storvsc.scsi import ScsiController
-from devices.storvsc.scsi_constants import Op
+from devices.storvsc.scsi.constants import Op
 
 BS = 512
 BLOCKS = 64

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from devices.echo import ECHO_IF_TYPE
+from devices.echo.protocol import ECHO_IF_TYPE
 from vmbus.guest.drivers import register
 from vmbus.guest.workloads import echo_mixed
 

@@ -6,7 +6,7 @@ a command's handling and `execute` turns it into CHECK CONDITION with these byte
 
 from __future__ import annotations
 
-from devices.storvsc.scsi_constants import (
+from devices.storvsc.scsi.constants import (
     FIXED_SENSE_LEN,
     SENSE_CURRENT_FIXED,
     SENSE_VALID,

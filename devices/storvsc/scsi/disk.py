@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from functools import partial
 
 from devices.storvsc.backends.base import BackendConfigError, BackendIOError, DiskBackend
-from devices.storvsc.scsi_buffers import DataBuffer
-from devices.storvsc.scsi_constants import (
+from devices.storvsc.scsi.buffers import DataBuffer
+from devices.storvsc.scsi.constants import (
     BLOCK_CHARACTERISTICS_PAGE_LEN,
     BLOCK_LIMITS_PAGE_LEN,
     CACHING_PAGE_LEN,
@@ -100,7 +100,7 @@ from devices.storvsc.scsi_constants import (
     Status,
     cdb_length_for,
 )
-from devices.storvsc.scsi_sense import SenseError, fixed_sense, illegal
+from devices.storvsc.scsi.sense import SenseError, fixed_sense, illegal
 
 log = logging.getLogger(__name__)
 
