@@ -7,7 +7,6 @@ a free port), is polled until it accepts connections, and is always killed when 
 
 from __future__ import annotations
 
-import shutil
 import signal
 import socket
 import struct
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import trio
+from conftest import require_tool
 
 READY_TIMEOUT = 10.0  # seconds for a server to start accepting
 POLL_INTERVAL = 0.01
@@ -33,18 +33,19 @@ def free_tcp_port() -> int:
 
 def make_qcow2(path: Path, size: int = IMAGE_SIZE) -> Path:
     subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)],
+        [_tool("qemu-img"), "create", "-q", "-f", "qcow2", str(path), str(size)],
         check=True,
         capture_output=True,
     )
     return path
 
 
+PACKAGES = {"qemu-img": "qemu-utils", "qemu-nbd": "qemu-utils", "nbdkit": "nbdkit"}
+
+
 def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        raise RuntimeError(f"{name} is not installed (apt-get install qemu-utils nbdkit)")
-    return path
+    """A missing server fails the test naming its package (scripts/test installs it)."""
+    return require_tool(name, PACKAGES[name])
 
 
 class NbdServer:

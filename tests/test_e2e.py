@@ -19,12 +19,13 @@ from pathlib import Path
 
 import pytest
 import trio
-from e2e_support import guest, serve_process
+from conftest import OpenChannel
+from e2e_support import ServeProcess, guest, serve_process
 
 from devices.echo import ECHO_IF_TYPE, EchoDevice
 from vmbus import attach
 from vmbus import protocol as vp
-from vmbus.guest.vm import GuestError, SimulatedVm
+from vmbus.guest.vm import GuestChannel, GuestError, SimulatedVm
 from vmbus.guest.workloads import echo_mixed
 from vmbus.ring import OFF_READ_INDEX, OFF_WRITE_INDEX, OutPacket, SendBatch
 
@@ -161,48 +162,46 @@ async def test_poisoned_channel_does_not_stop_the_other(tmp_path: Path) -> None:
         assert sp.alive()
 
 
-async def test_guest_that_stops_reading_blocks_only_its_channel(tmp_path: Path) -> None:
-    with serve_process(tmp_path, ["echo", "echo"]) as sp:
-        async with guest(sp.path) as vm:
-            a_offer, b_offer = vm.find_offers(ECHO_IF_TYPE)
-            a = await vm.open_channel(a_offer, RING)
-            b = await vm.open_channel(b_offer, RING)
-            # Fill a in both directions: the guest writes and never reads.
-            batch = SendBatch([OutPacket(6, 0, 1, [b"x" * 4000])])
-            writes = 0
-            for _ in range(200):
-                res = a.channel.writer.write(batch)
-                if res.signal:
-                    a.kick.signal()
-                writes += res.npkts
-                await trio.sleep(0.002)
-            assert writes > (RING // 4096), "both rings should have filled"
-            assert a.channel.writer.bytes_to_write() < 4096 + 32  # upstream is full
-            # b is unaffected
-            await echo_mixed(b.channel, 2000, MAXP, seed=3)
-            # closing the stuck channel releases the host task blocked on it
-            await vm.close_channel(a)
-            await echo_mixed(b.channel, 500, MAXP, seed=4)
-            await vm.close_channel(b)
-        assert sp.alive()
-        assert "Traceback" not in sp.log()
+@pytest.mark.devices("echo", "echo")
+async def test_guest_that_stops_reading_blocks_only_its_channel(
+    service: ServeProcess, vm: SimulatedVm, open_channel: OpenChannel
+) -> None:
+    a = await open_channel(vm, EchoDevice)
+    b = await open_channel(vm, EchoDevice)
+    # Fill a in both directions: the guest writes and never reads.
+    batch = SendBatch([OutPacket(6, 0, 1, [b"x" * 4000])])
+    writes = 0
+    for _ in range(200):
+        res = a.channel.writer.write(batch)
+        if res.signal:
+            a.kick.signal()
+        writes += res.npkts
+        await trio.sleep(0.002)
+    assert writes > (RING // 4096), "both rings should have filled"
+    assert a.channel.writer.bytes_to_write() < 4096 + 32  # upstream is full
+    # b is unaffected
+    await echo_mixed(b.channel, 2000, MAXP, seed=3)
+    # closing the stuck channel releases the host task blocked on it
+    await vm.close_channel(a)
+    await echo_mixed(b.channel, 500, MAXP, seed=4)
+    await vm.close_channel(b)
+    assert service.alive()
+    assert "Traceback" not in service.log()
 
 
-async def test_modifychannel_rebinds_and_traffic_continues(tmp_path: Path) -> None:
-    with serve_process(tmp_path) as sp:
-        async with guest(sp.path) as vm:
-            (offer,) = vm.find_offers(ECHO_IF_TYPE)
-            ch = await vm.open_channel(offer, RING)
-            await echo_mixed(ch.channel, 300, MAXP)
-            assert await vm.modify_channel(ch, 1) == 0
-            assert ch.vcpu == 1
-            await echo_mixed(ch.channel, 300, MAXP, seed=2)
-            # a vCPU the VM does not have is refused, and the binding stays
-            assert await vm.modify_channel(ch, 7) != 0
-            assert ch.vcpu == 1
-            await echo_mixed(ch.channel, 100, MAXP, seed=3)
-            await vm.close_channel(ch)
-        assert sp.alive()
+async def test_modifychannel_rebinds_and_traffic_continues(
+    service: ServeProcess, vm: SimulatedVm, channel: GuestChannel
+) -> None:
+    await echo_mixed(channel.channel, 300, MAXP)
+    assert await vm.modify_channel(channel, 1) == 0
+    assert channel.vcpu == 1
+    await echo_mixed(channel.channel, 300, MAXP, seed=2)
+    # a vCPU the VM does not have is refused, and the binding stays
+    assert await vm.modify_channel(channel, 7) != 0
+    assert channel.vcpu == 1
+    await echo_mixed(channel.channel, 100, MAXP, seed=3)
+    await vm.close_channel(channel)
+    assert service.alive()
 
 
 async def test_open_refused_for_bad_ring_indices(tmp_path: Path) -> None:
@@ -265,19 +264,15 @@ async def test_bad_opens_get_failure_status(tmp_path: Path) -> None:
         assert sp.alive()
 
 
-async def test_gpadl_outside_guest_ram_refused(tmp_path: Path) -> None:
-    with serve_process(tmp_path) as sp:
-        async with guest(sp.path) as vm:
-            (offer,) = vm.find_offers(ECHO_IF_TYPE)
-            bogus = [vm.ram.alloc_pages(1)[0], (1 << 40) >> 12]  # the second PFN is not RAM
-            status = await vm._request(
-                "gpadl", None, lambda: vm.client.create_gpadl(offer.relid, bogus)
-            )
-            assert status == vp.STATUS_UNSUCCESSFUL
-            ch = await vm.open_channel(offer, RING)
-            await echo_mixed(ch.channel, 100, MAXP)
-            await vm.close_channel(ch)
-        assert sp.alive()
+async def test_gpadl_outside_guest_ram_refused(service: ServeProcess, vm: SimulatedVm) -> None:
+    (offer,) = vm.find_offers(ECHO_IF_TYPE)
+    bogus = [vm.ram.alloc_pages(1)[0], (1 << 40) >> 12]  # the second PFN is not RAM
+    status = await vm._request("gpadl", None, lambda: vm.client.create_gpadl(offer.relid, bogus))
+    assert status == vp.STATUS_UNSUCCESSFUL
+    ch = await vm.open_channel(offer, RING)
+    await echo_mixed(ch.channel, 100, MAXP)
+    await vm.close_channel(ch)
+    assert service.alive()
 
 
 # -- hostile guest: control plane, two VMs -----------------------------------------

@@ -246,7 +246,7 @@ def test_copy_once_twin_rewritten_descriptor() -> None:
     assert m.get32(ring.OFF_READ_INDEX) == (SIZE - 8 + 72) % SIZE
 
 
-@pytest.mark.skipif(not native.native_available(), reason="extension not built")
+@pytest.mark.native
 def test_copy_once_native_concurrent_rewrites() -> None:
     """A forked process (a second CPU, no GIL) flips the shared descriptor between two
     valid shapes while C reads: every copy must be one self-consistent shape, never a
@@ -308,7 +308,7 @@ def test_guard_pages_catch_overruns() -> None:
     assert p.returncode < 0, p.stderr  # killed by SIGSEGV
 
 
-@pytest.mark.skipif(not native.native_available(), reason="extension not built")
+@pytest.mark.native
 @pytest.mark.parametrize("seed", [1, 2])
 def test_fuzz_on_guarded_memory(seed: int) -> None:
     """Garbage indices and descriptors on guarded, doubled and split rings: C never

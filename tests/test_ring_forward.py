@@ -13,16 +13,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vmbus import native, ring
+from vmbus import ring
 
 try:
     from tests.ring_support import DESC, Mem, classes, mem, put_ring
 except ImportError:  # pytest's rootdir-relative import mode
     from ring_support import DESC, Mem, classes, mem, put_ring  # type: ignore
 
-pytestmark = pytest.mark.skipif(
-    not native.native_available(), reason="needs the extension to compare with the twin"
-)
+pytestmark = pytest.mark.native  # compares with the twin: fails without the extension
 
 SIZES = (256, 512, 4096)
 
