@@ -12,7 +12,7 @@ import pathlib
 from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
-NATIVE_ABI = 4  # bump when any cdef changes; vmbus/native.py checks it at import
+NATIVE_ABI = 5  # bump when any cdef changes; vmbus/native.py checks it at import
 
 ffibuilder = FFI()
 _cdefs = sorted((HERE / "cdef").glob("*.h"))

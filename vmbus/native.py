@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-EXPECTED_ABI = 4  # keep equal to NATIVE_ABI in native/build_native.py
+EXPECTED_ABI = 5  # keep equal to NATIVE_ABI in native/build_native.py
 
 ffi: Any = None
 lib: Any = None
