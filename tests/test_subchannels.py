@@ -10,18 +10,18 @@ import trio
 from devices.echo import EchoDevice
 from vmbus import attach
 from vmbus.channel import Channel
-from vmbus.device import ChannelInfo, Device, DeviceOffer
+from vmbus.device import MAX_SUBCHANNELS, Device, DeviceContext, DeviceOffer
 from vmbus.guest.vm import SimulatedVm
 from vmbus.ring import OutPacket
-from vmbus.server import MAX_SUBCHANNELS, VmSession
+from vmbus.server import VmSession
 
 RING = 32 * 1024
 SUB_IF = uuid.UUID("0c3f2a10-5b1e-4d7e-9a44-2f6e8d1c0b01")
 
 
 class SubEcho(Device):
-    """Echoes; on the primary, a packet b'sub:N' asks for N more sub-channels
-    (as storvsc's CREATE_SUB_CHANNELS does) and is answered with the count given."""
+    """Echoes; on the primary, a packet b'sub:N' asks for N sub-channels in all
+    (as storvsc's CREATE_SUB_CHANNELS does) and is answered with how many exist."""
 
     if_type = SUB_IF
     name = "subecho"
@@ -33,17 +33,21 @@ class SubEcho(Device):
 
     @property
     def offer(self) -> DeviceOffer:
-        return DeviceOffer(self.if_type, self.instance, sub_channels=self._static)
+        return DeviceOffer(
+            self.if_type,
+            self.instance,
+            sub_channels=self._static,
+            max_subchannels=MAX_SUBCHANNELS,
+        )
 
-    async def serve(self, channel: Channel, info: ChannelInfo) -> None:
+    async def serve(self, channel: Channel, ctx: DeviceContext) -> None:
         while True:
             batch = await channel.receive()
             out = []
             for pkt in batch:
                 body = bytes(pkt.payload).rstrip(b"\0")
-                if info.sub_channel_index == 0 and body.startswith(b"sub:"):
-                    assert info.add_subchannels is not None
-                    relids = await info.add_subchannels(int(body[4:]))
+                if ctx.sub_channel_index == 0 and body.startswith(b"sub:"):
+                    relids = await ctx.enable_subchannels(int(body[4:]))
                     body = b"got:%d" % len(relids)
                 out.append(OutPacket(6, 0, pkt.trans_id, [body]))
             await channel.send(out)
@@ -74,7 +78,7 @@ async def test_subchannels_on_request_and_up_front() -> None:
             offers = sorted(vm.find_offers(SUB_IF), key=lambda o: o.sub_channel_index)
             assert [o.sub_channel_index for o in offers] == [0, 1]  # declared up front
             primary = await vm.open_channel(offers[0], RING)
-            assert await _ask(primary.channel, b"sub:2") == b"got:2"
+            assert await _ask(primary.channel, b"sub:3") == b"got:3"
             with trio.fail_after(5):
                 while len(vm.find_offers(SUB_IF)) < 4:
                     await vm.offer_events.receive()
@@ -86,7 +90,7 @@ async def test_subchannels_on_request_and_up_front() -> None:
                 for word in (b"a", b"bb" * k, b"sub:5"):  # 'sub:' only means something on 0
                     assert await _ask(gch.channel, word) == word
             # a guest asking for more than the cap gets what is left
-            assert await _ask(primary.channel, b"sub:1000") == b"got:%d" % (MAX_SUBCHANNELS - 3)
+            assert await _ask(primary.channel, b"sub:1000") == b"got:%d" % MAX_SUBCHANNELS
             for gch in opened:  # sub-channels close before the primary, as Linux does
                 await vm.close_channel(gch)
             await vm.close_channel(primary)

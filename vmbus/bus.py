@@ -46,6 +46,7 @@ Events (all frozen dataclasses): ``SendMessage(payload, target_vcpu)``,
 ``BusReset(reason)``, ``OpenRequest(relid, gpadl, downstream_offset, target_vp,
 userdata, connection_id)``, ``ChannelClosed(relid, reason)``,
 ``ChannelModified(relid, target_vp)``, ``GpadlReleased(handle)``,
+``GpadlTeardownRequested(handle, relid)`` (a device still pins it),
 ``ChannelRemoved(relid)``, ``Unloaded()``, ``ProtocolViolation(reason)``.
 
 Rules chosen where the sheet leaves room (spec §4, §8.1; Linux connection.c):
@@ -199,6 +200,15 @@ class GpadlReleased:
 
 
 @dataclass(frozen=True, slots=True)
+class GpadlTeardownRequested:
+    """The guest asked to tear down a GPADL a device still holds: tell the holder to
+    let go. GPADL_TORNDOWN goes out (and ``GpadlReleased``) at the last release."""
+
+    handle: int
+    relid: int
+
+
+@dataclass(frozen=True, slots=True)
 class ChannelRemoved:
     """A rescinded channel is gone for good; its relid may be handed out again."""
 
@@ -225,6 +235,7 @@ Event = (
     | ChannelClosed
     | ChannelModified
     | GpadlReleased
+    | GpadlTeardownRequested
     | ChannelRemoved
     | Unloaded
     | ProtocolViolation
@@ -724,6 +735,8 @@ class VmBusServer:
         if entry.state is not GpadlState.CREATED:
             raise ProtocolError(f"{what}: {entry.state.value}")
         entry.state = GpadlState.TEARING_DOWN
+        if entry.pins:
+            self._emit(GpadlTeardownRequested(entry.handle, entry.relid))
         self._maybe_free(entry)
 
     # channels ----------------------------------------------------------------------------
