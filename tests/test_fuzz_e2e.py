@@ -32,7 +32,7 @@ import contextlib
 import os
 import random
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -57,6 +57,7 @@ from vmbus import attach
 from vmbus import protocol as vp
 from vmbus.guest.vm import SimulatedVm
 from vmbus.guest.workloads import echo_mixed
+from vmbus.memory import sealed_memfd
 from vmbus.ring import OFF_INTERRUPT_MASK, OutPacket, SendBatch
 
 RING = 64 * 1024
@@ -435,9 +436,7 @@ async def expect_closed(conn: attach.AttachConnection) -> None:
 
 
 def _memfd(size: int) -> int:
-    fd = os.memfd_create("fuzz-ram", os.MFD_CLOEXEC)
-    os.ftruncate(fd, size)
-    return fd
+    return sealed_memfd("fuzz-ram", size)
 
 
 async def vmm_bad_region(sp: ServeProcess, rng: random.Random) -> None:
@@ -534,29 +533,54 @@ async def vmm_bad_post(sp: ServeProcess, rng: random.Random) -> None:
     await expect_closed(conn)
 
 
+CLOSE_DEADLINE_S = 5.0  # vmbusd's answer to a bad VMM message: error (if any) and close
+
+
 async def vmm_garbage(sp: ServeProcess, rng: random.Random) -> None:
+    """A message after hello that is not a valid one (fields of the wrong type or range,
+    unknown or missing types, random bytes): vmbusd answers `error protocol` and closes.
+    A well-formed `error` from the VMM ends the session too, unanswered (the attach
+    docs: "neither side answers an error")."""
     conn = await raw_vmm(sp.path)
     t = rng.choice(("memory", "post", "reset", "bind", "error", "nope", 7, None))
-    msg = {"t": t}
+    msg: dict[str, object] = {"t": t}
     for _ in range(rng.randrange(4)):
         key = rng.choice(("epoch", "regions", "payload", "relid", "x", "fd"))
-        msg[key] = rng.choice((0, -1, 1 << 64 - 1, "s", b"b", [], {}, None, True, 1.5))
+        # every value is out of range or of the wrong type for every field it can land
+        # in: (1 << 64) - 1 is the largest integer msgpack carries, no field takes it
+        msg[key] = rng.choice((0, -1, (1 << 64) - 1, "s", b"b", [], {}, None, True, 1.5))
     if t == "error":
         msg = {"t": "error", "code": "fuzz", "message": "bye"}
-    await send_raw_datagram(conn, msg if rng.random() < 0.9 else rng.randbytes(50))
-    got = await drain_until_closed(conn, 5.0)
-    del got  # an "error" from us ends the session without an error back
+    if rng.random() < 0.9:
+        await send_raw_datagram(conn, msg)
+        farewell = t == "error"
+    else:
+        await send_raw_datagram(conn, rng.randbytes(50))
+        farewell = False
+    got = await drain_until_closed(conn, CLOSE_DEADLINE_S)
+    errors = [m for m in got if isinstance(m, attach.Error)]
+    if farewell:
+        assert got == [], f"vmbusd answered the VMM's error: {got}"
+    else:
+        assert got == errors and [e.code for e in errors] == [attach.ErrorCode.PROTOCOL], (
+            msg,
+            got,
+        )
     with contextlib.suppress(Exception):
         await conn.aclose()
 
 
 async def vmm_bad_hello(sp: ServeProcess, rng: random.Random) -> None:
+    """A hello vmbusd must refuse: it sends its own hello, then `error` with the code
+    the attach docs give for the problem, and closes."""
     conn = await attach.connect(sp.path)
     kind = rng.randrange(4)
     if kind == 0:
-        await conn.aclose()  # gone before hello
+        # gone before hello: nothing to read; the seed's end checks vmbusd is alive and
+        # holds no more fds than before
+        await conn.aclose()
         return
-    hello = {
+    hello: dict[str, object] = {
         "t": "hello",
         "version": 1,
         "role": "vmm",
@@ -566,13 +590,20 @@ async def vmm_bad_hello(sp: ServeProcess, rng: random.Random) -> None:
         "software": "",
     }
     if kind == 1:
-        hello["version"] = rng.choice((0, 2, 1 << 40))
+        version = rng.choice((0, 2, 1 << 40))
+        hello["version"] = version
+        # a version vmbusd does not speak vs. a field out of its range
+        code = attach.ErrorCode.VERSION if version <= 0xFFFF else attach.ErrorCode.PROTOCOL
     elif kind == 2:
-        hello["vcpus"] = rng.choice((0, 4097, -1))
+        hello["vcpus"] = rng.choice((0, 4097, -1))  # a VMM has 1..4096
+        code = attach.ErrorCode.PROTOCOL
     else:
         hello["role"] = "vmbusd"
+        code = attach.ErrorCode.ROLE
     await send_raw_datagram(conn, hello)
-    await drain_until_closed(conn, 5.0)
+    got = await drain_until_closed(conn, CLOSE_DEADLINE_S)
+    assert [type(m) for m in got] == [attach.Hello, attach.Error], (hello, got)
+    assert got[0].role == "vmbusd" and got[1].code == code, (hello, got)
     with contextlib.suppress(Exception):
         await conn.aclose()
 
@@ -656,7 +687,14 @@ async def vmm_stops_reading(sp: ServeProcess, rng: random.Random, tally: Tally) 
         await trio.sleep(0.05)
 
 
-VMM_CASES = [vmm_bad_region, vmm_wrong_direction, vmm_bad_post, vmm_garbage, vmm_bad_hello]
+VmmCase = Callable[[ServeProcess, random.Random], Awaitable[None]]
+VMM_CASES: list[VmmCase] = [
+    vmm_bad_region,
+    vmm_wrong_direction,
+    vmm_bad_post,
+    vmm_garbage,
+    vmm_bad_hello,
+]
 
 
 async def phase_vmm(sp: ServeProcess, rng: random.Random, tally: Tally) -> None:
@@ -790,3 +828,12 @@ async def run_seed(sp: ServeProcess, ledger: Ledger, seed: int) -> None:
         f"seed {seed}: {tally.actions} hostile actions, {added} log lines, {res}, "
         f"guest-side failures {tally.guest_failures}"
     )
+
+
+@pytest.mark.parametrize("case", [vmm_garbage, vmm_bad_hello], ids=lambda c: c.__name__)
+async def test_vmm_rejections(case: VmmCase, vmbusd: ServeProcess) -> None:
+    """Every branch of the two VMM cases above, whatever the seeds happen to draw: each
+    gets its exact answer from vmbusd within the deadline."""
+    for seed in range(40):
+        await case(vmbusd, random.Random(seed))
+    assert vmbusd.alive(), vmbusd.log()[-3000:]

@@ -227,6 +227,7 @@ class VmSession:
                 await self._pump()
             elif isinstance(msg, attach.Error):
                 log.warning("%s: VMM reported error %s: %s", self.label, msg.code, msg.message)
+                self._peer_gone = True  # the VMM is closing: an error is never answered
                 return
             else:
                 raise attach.AttachProtocolError(f"unexpected {type(msg).__name__} from the VMM")
