@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from vmbus import native as native_sel
 from vmbus.gpadl import PAGE_SIZE, GpaRange
-from vmbus.memory import GuestMemory
+from vmbus.memory import GuestMemory, GuestMemoryError
 from vmbus.packet import (
     GpaDirect,
     GpaDirectDecoder,
@@ -603,6 +603,16 @@ def test_batch_follows_hot_plugged_ram(native: bool) -> None:
         assert bytes(batch.iovecs(0)[0]) == b"hot-plugged"[:10]
     finally:
         r.close()
+
+
+def test_decode_refuses_closed_guest_memory() -> None:
+    r = Ram(native=False)
+    dec = GpaDirectDecoder(r.memory, native=False)
+    buf, index, n = batch_of([raw_packet(9, gpa_ext([(10, 0, (A_PFN,))]))])
+    assert dec.decode(buf, index, n).status(0) is GpaStatus.OK
+    r.close()
+    with pytest.raises(GuestMemoryError, match="closed"):
+        dec.decode(buf, index, n)
 
 
 def test_an_empty_batch() -> None:

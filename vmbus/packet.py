@@ -803,6 +803,7 @@ class GpaDirectDecoder:
         if not isinstance(n, int) or not 0 <= n <= U32_MAX or idx.nbytes < 8 * n:
             raise ValueError(f"index must hold n={n!r} pairs of u32")
         idx = idx[: 8 * n]
+        self.memory._check_open()  # GuestMemoryError once the VM's memory is closed
         # One immutable snapshot of the regions: the table the walk checks PFNs
         # against and the views the iovecs come from must be the same.
         snap = self.memory._table
