@@ -580,3 +580,52 @@ def test_long_random_sequences(seed: int) -> None:
             del model[: len(got)]
         assert mems[0].snapshot() == mems[1].snapshot()
         assert mems[0].mirror_ok()
+
+
+# ------------------------------------------------------------------ the twin's header access
+
+
+def test_twin_release_lets_the_mapping_close() -> None:
+    """The twin sees the header through a ctypes array (one 32-bit access per field),
+    which holds its own export of the shared mapping: release() must drop it, or the
+    guest memory could never be unmapped. Unreleased ends keep the mapping open."""
+    import mmap
+
+    size = 4096
+    m = mmap.mmap(-1, ring.HDR_SIZE + size)
+    mv = memoryview(m)
+    ring.init_ring_header(mv[: ring.HDR_SIZE])
+    ends = [
+        cls(mv[: ring.HDR_SIZE], mv[ring.HDR_SIZE :], size)
+        for cls in (ring.PyRingReader, ring.PyRingWriter)
+    ]
+    mv.release()
+    for e in ends:
+        e.open()
+    with pytest.raises(BufferError):
+        m.close()
+    for e in ends:
+        e.release()
+    m.close()
+
+
+def test_twin_header_fields_are_single_words() -> None:
+    """Each field the twin stores lands as one little-endian u32 at its offset, and a
+    misaligned header is refused (an unaligned access could tear)."""
+    m = mem("plain", 64)
+    m.reset()
+    wr = ring.PyRingWriter(m.hdr, m.data, 64)
+    wr.open()
+    assert wr.write(ring.PySendBatch([ring.OutPacket(6, 0, 1, [bytes(16)])])).npkts == 1
+    assert m.get32(ring.OFF_WRITE_INDEX) == 40
+    assert wr.request_space(32) is False  # 24 bytes free
+    assert m.get32(ring.OFF_PENDING_SEND_SZ) == 32
+    rd = ring.PyRingReader(m.hdr, m.data, 64)
+    rd.open()
+    rd.mask()
+    assert m.get32(ring.OFF_INTERRUPT_MASK) == 1
+    rd.release()
+    wr.release()
+    buf = bytearray(ring.HDR_SIZE + 8)
+    with pytest.raises(ValueError, match="aligned"):
+        ring.PyRingReader(memoryview(buf)[1 : 1 + ring.HDR_SIZE], bytearray(64), 64)

@@ -12,10 +12,16 @@ copied into the caller's private buffer (`read`), and only that copy is parsed
 `NativeRingWriter` call native/ring.c (contract: native/cdef/ring.h). Tests run
 both on identical memory and compare every result and every byte of the ring.
 `RingReader`, `RingWriter` and `SendBatch` name the flavour `VMBUSD_NATIVE` picks.
+
+The twin runs against a peer that is truly concurrent (the guest's vCPUs, or a
+native end in another process), so its header accesses and barriers follow the
+same memory model as native/ring.c: see "Shared memory" below.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import struct
 from collections.abc import Iterator, Sequence
 from enum import IntEnum
@@ -54,7 +60,6 @@ DEFAULT_ALLOWED_TYPES = (
 _U32 = 0xFFFFFFFF
 _U64 = 0xFFFFFFFFFFFFFFFF
 _DESC = struct.Struct("<HHHHQ")
-_U32S = struct.Struct("<I")
 _TRAILER = struct.Struct("<Q")
 
 # The twin's numbers; the native build defines the same (a test checks they agree).
@@ -74,6 +79,79 @@ _CODES: dict[str, int] = {
     "PKT_TOO_BIG": -13,
     "BAD_ARG": -14,
 }
+
+
+# --------------------------------------------------------------------- shared memory
+#
+# The header page is shared with a peer running at the same time (a guest vCPU, or
+# the native end in another process). Two rules make the twin safe there, the same
+# two that native/ring.c follows:
+#
+# 1. Every header field (write_index, read_index, interrupt_mask, pending_send_sz,
+#    feature_bits) is loaded and stored as ONE aligned 32-bit access. struct's "<I"
+#    does not do that: CPython assembles and splits a little-endian value a byte at a
+#    time, so a concurrent peer could read half an index we were storing and we
+#    could read half of one it was storing. A torn write_index is a plausible offset
+#    in the middle of a packet: the twin reported BAD_TYPE on valid traffic (issue 7;
+#    tests/test_ring_concurrency.py catches it). The twin therefore sees the header
+#    through a ctypes array of little-endian uint32: ctypes reads and writes an
+#    element with one fixed-size 4-byte memcpy, which is one 32-bit mov (checked in
+#    CPython 3.11's I_get/I_set on x86-64), and the page is 4-aligned (checked in
+#    _PyRing), so each access is single-copy atomic, like vmb_ld32/vmb_st32.
+# 2. The barriers sit where native/ring.c has them, with the same names ([B1] to
+#    [B5] and their partners [B1'] to [B5']; the legend is at the top of ring.c).
+#    Python has no fence of its own, and the many instructions CPython runs between
+#    our store and our next load order nothing: on x86 a store waits in the store
+#    buffer while later loads go ahead. That is the lost wake-up of the
+#    store-then-load handshakes in request_space, unmask and _publish, which would
+#    leave Channel._idle asleep (it waits without a timeout). So the twin calls C11
+#    atomic_thread_fence from libatomic (GCC's runtime, installed with the compiler
+#    that builds vmbus._native) through ctypes: a real fence (`lock or` on x86-64,
+#    `dmb ish` on arm64), what vmb_mb/vmb_rmb/vmb_wmb compile to. An acquire load
+#    is a load then an acquire fence; every release store already follows a full
+#    fence. Without libatomic the twin refuses to build a ring rather than run
+#    without barriers.
+
+_LE32 = ctypes.c_uint32.__ctype_le__  # c_uint32 itself on a little-endian host
+_HDR_WORDS = _LE32 * (HDR_SIZE // 4)
+_ACQUIRE, _RELEASE, _SEQ_CST = 2, 3, 5  # C11 memory_order values (GCC's __ATOMIC_*)
+
+
+def _load_fence() -> tuple[Any, str]:
+    """libatomic's atomic_thread_fence(memory_order), or None and why not. PyDLL: the
+    call keeps the GIL (a fence never blocks), which saves a GIL round trip."""
+    why = "libatomic not found"
+    for name in ("libatomic.so.1", None):
+        name = name or ctypes.util.find_library("atomic")  # slow (runs ldconfig): last
+        if not name:
+            continue
+        try:
+            fn = ctypes.PyDLL(name).atomic_thread_fence
+        except (OSError, AttributeError) as exc:
+            why = f"{name}: {exc}"
+            continue
+        fn.argtypes = [ctypes.c_int]
+        fn.restype = None
+        return fn, ""
+    return None, why
+
+
+_thread_fence, _FENCE_MISSING = _load_fence()
+
+
+def _mb() -> None:
+    """Full barrier (vmb_mb): no load or store crosses it, store-then-load included."""
+    _thread_fence(_SEQ_CST)
+
+
+def _rmb() -> None:
+    """Acquire fence (vmb_rmb): loads before it are done before anything after it."""
+    _thread_fence(_ACQUIRE)
+
+
+def _wmb() -> None:
+    """Release fence (vmb_wmb): anything before it is done before stores after it."""
+    _thread_fence(_RELEASE)
 
 
 def _code(name: str) -> int:
@@ -177,8 +255,12 @@ def init_ring_header(hdr: Buffer) -> None:
     v = _bytes_view(hdr, "hdr", writable=True)
     if v.nbytes < HDR_SIZE:
         raise ValueError(f"ring header needs {HDR_SIZE} bytes, got {v.nbytes}")
+    # Before OPENCHANNEL nobody else looks at the page; the feature bits still go
+    # through one 32-bit store, like every other header store of the twin.
     v[:HDR_SIZE] = bytes(HDR_SIZE)  # read = write = interrupt_mask = pending = 0
-    _U32S.pack_into(v, OFF_FEATURE_BITS, FEAT_PENDING_SEND_SZ)
+    words = _HDR_WORDS.from_buffer(v)
+    words[OFF_FEATURE_BITS >> 2] = FEAT_PENDING_SEND_SZ
+    del words  # drop its export of v
 
 
 def _bytes_view(obj: Buffer, what: str, *, writable: bool = False) -> memoryview:
@@ -336,7 +418,8 @@ class _RingBase:
 
 
 class _PyRing(_RingBase):
-    """The twin's shared-memory accessors: one load or store per header field access."""
+    """The twin's shared-memory accessors: each header field access is one aligned
+    32-bit load or store, and _mb/_rmb/_wmb are real fences (see "Shared memory")."""
 
     def __init__(
         self,
@@ -347,15 +430,28 @@ class _PyRing(_RingBase):
         doubled: bool = False,
         allowed_types: int = DEFAULT_ALLOWED_TYPES,
     ) -> None:
+        if _thread_fence is None:
+            raise RuntimeError(
+                "the pure-Python ring needs libatomic for its memory barriers "
+                f"({_FENCE_MISSING}); install libatomic1 or use the native build"
+            )
         super().__init__(hdr, data, size, doubled=doubled, allowed_types=allowed_types)
+        words = _HDR_WORDS.from_buffer(self._hdr)
+        if ctypes.addressof(words) % 4:
+            del words  # its export of the header view
+            raise ValueError("ring header must be 4-byte aligned (one access per field)")
+        # The header as 32-bit words; holds an export of the view until release().
+        self._words: Any = words
         self._priv = 0
         self._pending = 0
 
     def _ld(self, off: int) -> int:
-        return _U32S.unpack_from(self._hdr, off)[0]
+        """One aligned 32-bit load of the header field at off (relaxed)."""
+        return self._words[off >> 2]  # type: ignore[no-any-return]
 
     def _st(self, off: int, v: int) -> None:
-        _U32S.pack_into(self._hdr, off, v)
+        """One aligned 32-bit store of the header field at off (relaxed)."""
+        self._words[off >> 2] = v
 
     def _get(self, pos: int, n: int) -> bytes:
         """Copy n bytes out at pos, wrapping at size (one slice when doubled)."""
@@ -378,7 +474,10 @@ class _PyRing(_RingBase):
         return (pos + n) % self.size
 
     def release(self) -> None:
-        """Drop the views of shared memory (so its mmap can be closed)."""
+        """Drop the views of shared memory (so its mmap can be closed). The ctypes
+        array holds its own export of the header; it has to go first, or the guest
+        memory's close() would still see a live view."""
+        self._words = None
         self._hdr.release()
         self._data.release()
 
@@ -477,6 +576,7 @@ class PyRingReader(_PyRing):
         idx_v = idx_b.cast("I")
         size, pos = self.size, self._priv
         w = self._ld(OFF_WRITE_INDEX)  # untrusted, loaded once
+        _rmb()  # [B1'] acquire: the packet bytes we copy are at least as new as w
         err = _check_index(w, size, RingError.WINDEX_RANGE, RingError.WINDEX_ALIGN)
         if err is not None:
             return ReadResult(0, 0, 0, False, err)
@@ -503,8 +603,10 @@ class PyRingReader(_PyRing):
             npkts += 1
         signal = False
         if not peek and consumed:
+            _mb()  # [B2] every packet read is done before the peer may reuse the space
             self._st(OFF_READ_INDEX, pos)
             self._priv = pos
+            _mb()  # [B4'] read_index is visible before we look at pending_send_sz
             signal = self._pending_signal(consumed)
         return ReadResult(npkts, used, consumed, signal, err)
 
@@ -512,9 +614,11 @@ class PyRingReader(_PyRing):
         """Spec §3.4: wake the producer only on its blocked -> unblocked edge."""
         if not self._ld(OFF_FEATURE_BITS) & FEAT_PENDING_SEND_SZ:
             return False
+        _mb()  # unpaired, as Linux hv_pkt_iter_close
         pending = self._ld(OFF_PENDING_SEND_SZ)
         if not pending:
             return False
+        _rmb()  # [B5'] pairs with [B5] in _publish: w is at least as new as pending
         w = self._ld(OFF_WRITE_INDEX)
         if _check_index(w, self.size, RingError.WINDEX_RANGE, RingError.WINDEX_ALIGN):
             return False
@@ -526,6 +630,7 @@ class PyRingReader(_PyRing):
     def bytes_to_read(self) -> int:
         """Bytes the peer has published and we have not consumed."""
         w = self._ld(OFF_WRITE_INDEX)
+        _rmb()  # [B1'] acquire, as vmb_ring_bytes_to_read
         err = _check_index(w, self.size, RingError.WINDEX_RANGE, RingError.WINDEX_ALIGN)
         if err is not None:
             raise RingCorrupt(err, f"write_index {w:#x}")
@@ -534,11 +639,16 @@ class PyRingReader(_PyRing):
     def mask(self) -> None:
         """Tell the producer not to signal: we are draining."""
         self._st(OFF_INTERRUPT_MASK, 1)
+        _mb()  # unpaired: the producer sees the mask before we start draining
 
     def unmask(self) -> bool:
         """Clear the mask and re-check: True if data arrived (drain again), else sleep."""
         self._st(OFF_INTERRUPT_MASK, 0)
+        # [B3'] store-then-load: pairs with [B3] in the producer's _publish. Either it
+        # sees the mask clear and signals, or we see its new write_index here.
+        _mb()
         w = self._ld(OFF_WRITE_INDEX)
+        _rmb()  # [B1']
         if _check_index(w, self.size, RingError.WINDEX_RANGE, RingError.WINDEX_ALIGN):
             return True  # the next read reports the corruption
         return w != self._priv
@@ -554,16 +664,6 @@ class NativeRingReader(_NativeRing):
         rc = self._lib.vmb_ring_reader_open(self._r)
         if rc:
             _raise(rc, "read_index at open")
-
-    def _fetch_desc(
-        self, pos: int, avail: int
-    ) -> tuple[bytes, tuple[int, int, int, int, int], RingError | None]:
-        """The one read of the descriptor at pos (a private copy), then its validation."""
-        if avail < DESC_SIZE:
-            return b"", (0, 0, 0, 0, 0), RingError.AVAIL_PARTIAL
-        raw = self._get(pos, DESC_SIZE)
-        d = _DESC.unpack(raw)
-        return raw, d, self._check_desc(d[0], d[1], d[2], d[3], avail)
 
     def read(self, out: Buffer, index: Buffer, max_pkts: int, peek: bool = False) -> ReadResult:
         """Copy up to max_pkts whole packets into out; index gets (offset, length) pairs."""
@@ -633,13 +733,19 @@ class PyRingWriter(_PyRing):
 
     def _publish(self, old_w: int, pos: int) -> bool:
         """One write_index store, drop our pending_send_sz, then the signal decision."""
+        _mb()  # [B1] packet bytes (and, forwarding, payload reads) before write_index
         self._st(OFF_WRITE_INDEX, pos)
         self._priv = pos
         if self._pending:
+            _wmb()  # [B5] pairs with [B5'] in the consumer's _pending_signal
             self._st(OFF_PENDING_SEND_SZ, 0)
             self._pending = 0
+        # [B3] store-then-load: write_index is visible before we read interrupt_mask
+        # and read_index (pairs with [B3'] in the consumer's unmask).
+        _mb()
         if self._ld(OFF_INTERRUPT_MASK):
             return False
+        _rmb()  # unpaired: interrupt_mask before read_index, as Linux hv_signal_on_write
         return self._ld(OFF_READ_INDEX) == old_w
 
     def _trailer(self, pos: int, start: int) -> int:
@@ -659,6 +765,7 @@ class PyRingWriter(_PyRing):
                     RingError.PKT_TOO_BIG, f"packet {start + k}: {it[6]} bytes, ring {self.size}"
                 )
         free_b = self._read_free()
+        _mb()  # [B2'] read_index is read before we overwrite the space it freed
         old_w = pos = self._priv
         npkts = nbytes = 0
         for k, (typ, flags, tid, ext_len, views, body_len, pkt_len) in enumerate(items):
@@ -695,6 +802,7 @@ class PyRingWriter(_PyRing):
             if ln + TRAILER_SIZE >= self.size:
                 raise RingArgumentError(RingError.PKT_TOO_BIG, f"packet {i}: {ln} bytes")
         free_b = self._read_free()
+        _mb()  # [B2'] read_index is read before we overwrite the space it freed
         old_w = pos = self._priv
         npkts = nbytes = 0
         for i in range(n):
@@ -729,6 +837,10 @@ class PyRingWriter(_PyRing):
             raise RingArgumentError(RingError.PKT_TOO_BIG, f"need {need}, ring {self.size}")
         self._st(OFF_PENDING_SEND_SZ, need)
         self._pending = need
+        # [B4] store-then-load: pending_send_sz is visible before we re-read read_index
+        # (pairs with [B4'] in the consumer's read: it stores read_index, then loads
+        # pending_send_sz). Either it sees our need and signals, or we see its room.
+        _mb()
         if self._read_free() > need:
             self._st(OFF_PENDING_SEND_SZ, 0)
             self._pending = 0
@@ -861,6 +973,7 @@ def py_forward(
     _check_u32(max_pkts, "max_pkts")
     rsize, wsize = reader.size, writer.size
     w = reader._ld(OFF_WRITE_INDEX)  # untrusted, loaded once
+    _rmb()  # [B1'] acquire, as in read
     err = _check_index(w, rsize, RingError.WINDEX_RANGE, RingError.WINDEX_ALIGN)
     if err is not None:
         return ForwardResult(0, 0, False, False, err)
@@ -872,6 +985,7 @@ def py_forward(
     old_w = wpos
     avail = _avail(w, rpos, rsize)
     free_b = _free(wpos, ri, wsize)
+    _mb()  # [B2'] the reader's read_index is read before we overwrite the space
     consumed = npkts = 0
     while npkts < max_pkts and avail:
         raw, (_typ, off8, len8, flags, tid), err = reader._fetch_desc(rpos, avail)
@@ -896,9 +1010,10 @@ def py_forward(
         npkts += 1
     wsig = rsig = False
     if npkts:
-        wsig = writer._publish(old_w, wpos)
+        wsig = writer._publish(old_w, wpos)  # writer's [B1] is reader's [B2]
         reader._st(OFF_READ_INDEX, rpos)
         reader._priv = rpos
+        _mb()  # [B4'] read_index is visible before we look at pending_send_sz
         rsig = reader._pending_signal(consumed)
     return ForwardResult(npkts, consumed, rsig, wsig, err)
 
