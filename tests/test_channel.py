@@ -16,7 +16,7 @@ import trio
 
 from vmbus.channel import POLL_NS_MIN, Channel, EventFd, new_eventfd
 from vmbus.gpadl import PAGE_SIZE, Gpadl, GpaRange
-from vmbus.memory import GuestMemory
+from vmbus.memory import GuestMemory, sealed_memfd
 from vmbus.ring import (
     OFF_WRITE_INDEX,
     OutPacket,
@@ -32,8 +32,7 @@ pytestmark = pytest.mark.timeout(60)
 
 @contextmanager
 def channel_pair(ring_pages: int = 8) -> Iterator[tuple[Channel, Channel, object]]:
-    fd = os.memfd_create("ram")
-    os.ftruncate(fd, 4 << 20)
+    fd = sealed_memfd("ram", 4 << 20)
     mem = GuestMemory()
     mem.add_region(0, 4 << 20, fd)
     pfns = random.Random(1).sample(range(1, 1024), 2 * ring_pages)
@@ -140,8 +139,7 @@ def test_private_copy_of_a_huge_ring_costs_no_memory_up_front() -> None:
     """The guest picks the ring size (an 8190-page GPADL: a 32 MiB ring). The host's
     private copy of it must not be resident before packets use it (found by the
     e2e fuzzer: a zero-filled bytearray per channel, kept by malloc after close)."""
-    fd = os.memfd_create("ram")
-    os.ftruncate(fd, 16 * PAGE_SIZE)
+    fd = sealed_memfd("ram", 16 * PAGE_SIZE)
     mem = GuestMemory()
     mem.add_region(0, 16 * PAGE_SIZE, fd)
     pfns = tuple(1 + i % 15 for i in range(8190))  # duplicated pages: legal, and cheap

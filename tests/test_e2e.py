@@ -27,6 +27,7 @@ from vmbus import attach
 from vmbus import protocol as vp
 from vmbus.guest.vm import GuestChannel, GuestError, SimulatedVm
 from vmbus.guest.workloads import echo_mixed
+from vmbus.memory import sealed_memfd
 from vmbus.ring import OFF_READ_INDEX, OFF_WRITE_INDEX, OutPacket, SendBatch
 
 RING = 64 * 1024
@@ -367,8 +368,7 @@ async def test_vmm_unmappable_memory_fd(tmp_path: Path) -> None:
 async def test_vmm_overlapping_regions(tmp_path: Path) -> None:
     with serve_process(tmp_path) as sp:
         conn = await _raw_vmm(sp.path)
-        fd = os.memfd_create("ram")
-        os.ftruncate(fd, 4 << 20)
+        fd = sealed_memfd("ram", 4 << 20)
         try:
             await conn.send(attach.MemoryRegions((attach.Region(0, 2 << 20, fd, 0),)))
             await conn.send(attach.MemoryRegions((attach.Region(1 << 20, 2 << 20, fd, 0),)))

@@ -67,8 +67,7 @@ class Ram:
         self.layout = {"A": (A_GPA, A_PAGES, A_OFF), "B": (B_GPA, B_PAGES, 0)}
         self.layout["C"] = (C_GPA, C_PAGES, 0)
         for key, (_, pages, off) in self.layout.items():
-            fd = os.memfd_create(f"{name}-{key}")
-            os.ftruncate(fd, off + pages * PAGE_SIZE)
+            fd = M.sealed_memfd(f"{name}-{key}", off + pages * PAGE_SIZE)
             os.pwrite(fd, rnd.randbytes(off + pages * PAGE_SIZE), 0)
             self.fds[key] = fd
 
@@ -278,8 +277,7 @@ def test_add_region_rejects_unmappable_fds(gm, ram, tmp_path):
 
 def test_region_count_is_capped(ram):
     g = GuestMemory()
-    fd = os.memfd_create("vmbusd-test-many")
-    os.ftruncate(fd, PAGE_SIZE)
+    fd = M.sealed_memfd("vmbusd-test-many", PAGE_SIZE)
     try:
         for i in range(MAX_REGIONS):
             g.add_region(i * PAGE_SIZE, PAGE_SIZE, fd)
@@ -291,8 +289,7 @@ def test_region_count_is_capped(ram):
 
 
 def test_caller_keeps_its_fd(ram):
-    fd = os.memfd_create("vmbusd-test-own")
-    os.ftruncate(fd, 4 * PAGE_SIZE)
+    fd = M.sealed_memfd("vmbusd-test-own", 4 * PAGE_SIZE)
     nfds = len(os.listdir("/proc/self/fd"))
     g = GuestMemory()
     g.add_region(0, 4 * PAGE_SIZE, fd)
@@ -304,8 +301,7 @@ def test_caller_keeps_its_fd(ram):
     g.close()
     assert len(os.listdir("/proc/self/fd")) == nfds - 1  # ours closed, no dup leaked
 
-    fd2 = os.memfd_create("vmbusd-test-own2")
-    os.ftruncate(fd2, PAGE_SIZE)
+    fd2 = M.sealed_memfd("vmbusd-test-own2", PAGE_SIZE)
     g2 = GuestMemory()
     g2.add_region(0, PAGE_SIZE, fd2)
     g2.close()

@@ -26,6 +26,12 @@ Not thread-safe for mutation (add_region, map_*, close): call those from one
 thread (the trio loop). Lookups (`iovecs*`, `read`, `write`) read one immutable
 snapshot of the region table and may run in worker threads meanwhile.
 
+Sealed files only: a region's file must carry F_SEAL_SHRINK (a memfd created with
+MFD_ALLOW_SEALING, hugetlb or not). A VMM that could shrink the file under our
+mapping would turn our next access into SIGBUS, which kills the whole process and
+every VM it serves; a seal cannot be removed, so checking it once is enough.
+`sealed_memfd` makes such a file (docs/attach-protocol.md explains the choice).
+
 Backends: the PFN walk and the batched MAP_FIXED have a C fast path
 (native/memory.c) and a pure-Python twin (`_PyOps`, ctypes on libc mmap) with the
 same contract; `VMBUSD_NATIVE=0` selects the twin.
@@ -35,6 +41,7 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import fcntl
 import mmap
 import os
 import platform
@@ -82,6 +89,36 @@ def _process_run_budget() -> int:
 
 MAX_PROCESS_MAPPED_RUNS = _process_run_budget()
 """The same across every VM served by this process (49,147 with the default sysctl)."""
+
+REQUIRED_SEALS = fcntl.F_SEAL_SHRINK
+"""Seals a region's file must carry: nobody can shrink it under our mappings (SIGBUS).
+Growing is harmless (our mappings cover only pages that already exist), so it is
+not required: a VMM may grow one memfd for hot-plugged RAM."""
+
+FORBIDDEN_SEALS = fcntl.F_SEAL_WRITE | getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x10)
+"""Seals that make a writable shared mapping impossible: vmbusd writes guest RAM."""
+
+
+def sealed_memfd(name: str, size: int, *, seals: int = REQUIRED_SEALS | fcntl.F_SEAL_GROW) -> int:
+    """A memfd of ``size`` bytes that GuestMemory accepts: sealed against shrinking
+    (and, by default, growing), close-on-exec. What a VMM should hand vmbusd."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def file_seals(fd: int) -> int:
+    """The seals of fd's file; 0 for a file that cannot be sealed (not shmem/hugetlbfs)."""
+    try:
+        return fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:  # EINVAL: a file system without seals
+        return 0
+
 
 U32_MAX = (1 << 32) - 1
 U64_MAX = (1 << 64) - 1
@@ -456,8 +493,12 @@ class GuestMemory:
         native: bool | None = None,
         max_mapped_pages: int = MAX_MAPPED_PAGES,
         max_mapped_runs: int = MAX_MAPPED_RUNS,
+        require_sealed: bool = True,
     ) -> None:
+        """require_sealed=False only for a process mapping RAM it owns itself (the
+        simulated VM's view of its own memfd): never for fds from a peer."""
         self._ops = _ops(native)
+        self._require_sealed = require_sealed
         self._max_pages = max_mapped_pages
         self._max_runs = max_mapped_runs
         self._mms: list[mmap.mmap] = []  # parallel to the table's regions
@@ -493,7 +534,9 @@ class GuestMemory:
     # --- regions
 
     def add_region(self, gpa: int, size: int, fd: int, offset: int = 0) -> None:
-        """Map [gpa, gpa+size) from fd at offset, MAP_SHARED. The caller keeps fd."""
+        """Map [gpa, gpa+size) from fd at offset, MAP_SHARED. The caller keeps fd.
+
+        fd's file must be sealed with F_SEAL_SHRINK (unless require_sealed=False)."""
         self._check_open()
         for name, v in (("gpa", gpa), ("size", size), ("offset", offset)):
             if not isinstance(v, int) or v < 0 or v & (PAGE_SIZE - 1):
@@ -519,6 +562,9 @@ class GuestMemory:
             st = os.fstat(dfd)
             if not stat.S_ISREG(st.st_mode):
                 raise GuestMemoryError(f"fd {fd} is not a regular file or memfd")
+            if self._require_sealed:
+                self._check_seals(fd, dfd)
+                st = os.fstat(dfd)  # the size now that it can no longer shrink
             if st.st_size < offset + size:
                 raise GuestMemoryError(
                     f"fd {fd} is {st.st_size:#x} bytes, shorter than offset+size {offset + size:#x}"
@@ -541,6 +587,26 @@ class GuestMemory:
             (*t.fds[:i], dfd, *t.fds[i:]),
             self._ops.table(regions),
         )
+
+    @staticmethod
+    def _check_seals(fd: int, dfd: int) -> None:
+        """Refuse a file its owner could still shrink under our mapping (SIGBUS).
+
+        Checked before the size: seals are never removed, so a size read after this
+        stays true for as long as the file exists.
+        """
+        seals = file_seals(dfd)
+        if seals & REQUIRED_SEALS != REQUIRED_SEALS:
+            raise GuestMemoryError(
+                f"fd {fd} is not sealed against shrinking: guest RAM must be a memfd "
+                "created with MFD_ALLOW_SEALING and sealed with F_SEAL_SHRINK "
+                "(a file that can shrink under vmbusd's mapping would crash it)"
+            )
+        if seals & FORBIDDEN_SEALS:
+            raise GuestMemoryError(
+                f"fd {fd} is sealed against writes (F_SEAL_WRITE/F_SEAL_FUTURE_WRITE): "
+                "vmbusd must write guest RAM"
+            )
 
     def _close_fd(self, fd: int) -> None:
         self._res.fds.discard(fd)

@@ -3,6 +3,9 @@
 Real guests have RAM below and above the 4 GiB hole, and their driver buffers
 come from scattered pages; we do the same (a seeded shuffle of the free pages) so
 every GPADL the simulated guest builds is deliberately non-contiguous.
+
+The memfd is sealed against shrinking and growing, as vmbusd requires of every
+VMM (docs/attach-protocol.md, "memory"): its size can never change under a mapping.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import random
 from dataclasses import dataclass
 
 from vmbus.gpadl import PAGE_SHIFT, PAGE_SIZE
+from vmbus.memory import sealed_memfd
 
 HIGH_BASE = 1 << 32
 
@@ -27,12 +31,19 @@ class RamRegion:
 class GuestRam:
     """The guest's physical memory, as the VMM owns it."""
 
-    def __init__(self, size: int = 256 << 20, *, seed: int = 1, split: bool = True) -> None:
+    def __init__(
+        self, size: int = 256 << 20, *, seed: int = 1, split: bool = True, seal: bool = True
+    ) -> None:
+        """seal=False: an unsealed memfd, as a careless or hostile VMM would send."""
         if size <= 0 or size % (2 * PAGE_SIZE):
             raise ValueError("guest RAM size must be a positive multiple of 8 KiB")
         self.size = size
-        self.fd = os.memfd_create("vmbusd-guest-ram", os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, size)
+        self.sealed = seal
+        if seal:
+            self.fd = sealed_memfd("vmbusd-guest-ram", size)
+        else:
+            self.fd = os.memfd_create("vmbusd-guest-ram", os.MFD_CLOEXEC)
+            os.ftruncate(self.fd, size)
         self._map = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.view = memoryview(self._map)
         if split:

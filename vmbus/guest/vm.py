@@ -74,11 +74,14 @@ class SimulatedVm:
         vcpus: int = 2,
         vm_id: str = "sim",
         client_options: dict[str, Any] | None = None,
+        seal_ram: bool = True,
     ) -> None:
-        self.ram = GuestRam(ram_size)
+        """seal_ram=False plays a VMM that does not seal its RAM (vmbusd refuses it)."""
+        self.ram = GuestRam(ram_size, seal=seal_ram)
         self.vcpus = vcpus
         self.vm_id = vm_id
-        self.memory = GuestMemory()  # the guest's own view, to build wrap-free ring mappings
+        # The guest's own view, to build wrap-free ring mappings: RAM this process owns.
+        self.memory = GuestMemory(require_sealed=False)
         for r in self.ram.regions:
             self.memory.add_region(r.gpa, r.size, self.ram.fd, r.offset)
         self._client_options = dict(client_options or {})  # e.g. max_version, versions
@@ -96,6 +99,7 @@ class SimulatedVm:
         self.channels: dict[int, GuestChannel] = {}
         self._reset_epoch = 0
         self.connect_failed = False
+        self.closed_reason: str | None = None  # why vmbusd ended the session, once it has
 
     # -- attach side -------------------------------------------------------------
 
@@ -124,10 +128,22 @@ class SimulatedVm:
         await self._pump()
         with trio.fail_after(CONTROL_TIMEOUT_S):
             await self._all_offers.wait()
+        if self.closed_reason is not None:
+            raise GuestError(f"vmbusd ended the session: {self.closed_reason}")
         if self.connect_failed:
             raise GuestError("the host refused every VMBus version this guest proposed")
 
     async def _receive_loop(self) -> None:
+        """Apply vmbusd's messages in order; when it ends the session, say why (and
+        wake `start`, which would otherwise wait for offers that never come)."""
+        try:
+            await self._receive_messages()
+        finally:
+            if self.closed_reason is None:
+                self.closed_reason = "connection closed"
+            self._all_offers.set()
+
+    async def _receive_messages(self) -> None:
         assert self.conn is not None
         while True:
             try:
@@ -163,6 +179,7 @@ class SimulatedVm:
                     _close_quiet(b.call)
             elif isinstance(msg, attach.Error):
                 log.warning("vmbusd reported error %s: %s", msg.code, msg.message)
+                self.closed_reason = f"{msg.code}: {msg.message}"
                 return
 
     async def _pump(self) -> None:
