@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from vmbus import eventfd as _eventfd
 from vmbus.ring import (
     OutPacket,
     Packet,
@@ -71,6 +72,9 @@ class EventFd:
 
     trio re-arms an fd on every wait, so tasks share one waiter and are released
     together when it fires (the signal means "look at the rings", not "one item").
+
+    The peer holds the same open file description and may clear its O_NONBLOCK:
+    `signal` and `clear` therefore never rely on it (vmbus/eventfd.py says how).
     """
 
     def __init__(self, fd: int) -> None:
@@ -79,13 +83,10 @@ class EventFd:
         self._lot = trio.lowlevel.ParkingLot()
 
     def signal(self) -> None:
-        os.eventfd_write(self.fd, 1)
+        _eventfd.signal(self.fd)  # never blocks, even if the peer saturated the counter
 
     def clear(self) -> None:
-        try:
-            os.eventfd_read(self.fd)
-        except BlockingIOError:
-            pass
+        _eventfd.drain(self.fd)  # RWF_NOWAIT: never blocks, whatever the file's flags
 
     async def wait(self) -> None:
         if self._waiting:
@@ -106,6 +107,8 @@ class EventFd:
 
 
 def new_eventfd() -> int:
+    """A fresh eventfd for a channel. O_NONBLOCK is set for our own reads' sake, but
+    once shared with the VMM it is the VMM's to change: EventFd never depends on it."""
     return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
 
