@@ -624,3 +624,111 @@ async def test_two_receivers_is_an_error(pair: tuple[AttachConnection, AttachCon
         with pytest.raises(trio.BusyResourceError):
             await b.receive()
         await a.send(Reset(1))
+
+
+# ------------------------------------------------------------------ a hostile peer
+
+
+async def test_handshake_has_a_deadline(
+    pair: tuple[AttachConnection, AttachConnection], autojump_clock: trio.abc.Clock
+) -> None:
+    """A peer that never says hello gets ``error timeout`` (and we are not stuck)."""
+    vmm, vmbusd = pair
+    with pytest.raises(AttachProtocolError, match="no hello within 3 s") as e:
+        await attach.handshake(vmbusd, VMBUSD_HELLO, timeout=3)
+    assert e.value.code == "timeout"
+    assert isinstance(await vmm.receive(), Hello)
+    assert (await vmm.receive()).code == "timeout"
+    with pytest.raises(ConnectionClosed):
+        await vmm.receive()
+
+
+async def test_handshake_deadline_defaults_to_the_named_constant(
+    pair: tuple[AttachConnection, AttachConnection], autojump_clock: trio.abc.Clock
+) -> None:
+    _vmm, vmbusd = pair
+    start = trio.current_time()
+    with pytest.raises(AttachProtocolError):
+        await attach.handshake(vmbusd, VMBUSD_HELLO)
+    assert trio.current_time() - start == pytest.approx(attach.HANDSHAKE_TIMEOUT_S, abs=1.5)
+
+
+async def test_admission_can_refuse_a_good_peer(
+    pair: tuple[AttachConnection, AttachConnection],
+) -> None:
+    vmm, vmbusd = pair
+    seen: list[Hello] = []
+    vmbusd.admit = lambda hello: seen.append(hello) or "service full"
+    await vmm.send(VMM_HELLO)
+    with pytest.raises(AttachProtocolError, match="service full") as e:
+        await attach.handshake(vmbusd, VMBUSD_HELLO)
+    assert e.value.code == "resource" and seen == [VMM_HELLO]
+    assert isinstance(await vmm.receive(), Hello)
+    got = await vmm.receive()
+    assert isinstance(got, Error) and (got.code, got.message) == ("resource", "service full")
+
+
+async def _handshaken(
+    pair: tuple[AttachConnection, AttachConnection],
+) -> tuple[AttachConnection, AttachConnection]:
+    vmm, vmbusd = pair
+    async with trio.open_nursery() as n:
+        n.start_soon(attach.handshake, vmm, VMM_HELLO)
+        await attach.handshake(vmbusd, VMBUSD_HELLO)
+    assert vmm.vcpus == vmbusd.vcpus == VMM_HELLO.vcpus
+    return vmm, vmbusd
+
+
+async def test_a_vcpu_the_vm_lacks_is_refused_both_ways(
+    pair: tuple[AttachConnection, AttachConnection],
+) -> None:
+    """vCPU indices in later messages are below the VMM's hello.vcpus (4 here)."""
+    vmm, vmbusd = await _handshaken(pair)
+    await vmm.send(PostFromGuest(1, 3, b""))
+    assert (await vmbusd.receive()).vcpu == 3
+    await vmm.send(PostFromGuest(1, 4, b""))
+    with pytest.raises(AttachProtocolError, match="vcpu 4 but the VM has 4 vCPUs"):
+        await vmbusd.receive()
+    kick, call = os.eventfd(0), os.eventfd(0)
+    try:
+        before = open_fds()
+        await vmbusd.send(Bind(relid=1, connection_id=0x2001, vcpu=4, kick=kick, call=call))
+        with pytest.raises(AttachProtocolError, match="vcpu 4"):
+            await vmm.receive()
+        assert open_fds() == before, "the refused bind's fds were not closed"
+    finally:
+        attach.close_fds([kick, call])
+
+
+async def test_an_error_is_never_answered(
+    pair: tuple[AttachConnection, AttachConnection],
+) -> None:
+    vmm, vmbusd = pair
+    await vmm.send(Error("internal", "going away"))
+    assert isinstance(await vmbusd.receive(), Error)
+    await vmbusd.abort("shutdown", "bye")
+    with pytest.raises(ConnectionClosed):
+        await vmm.receive()
+
+
+async def test_farewell_is_not_lost_to_unread_data(
+    pair: tuple[AttachConnection, AttachConnection],
+) -> None:
+    """Closing with the peer's messages unread would make its next recv fail with
+    ECONNRESET before it reads our ``error``: abort drops them (and their fds) first."""
+    vmm, vmbusd = pair
+    kick = os.eventfd(0)
+    try:
+        mem = os.memfd_create("unread")
+        await raw_send(vmm.socket, pack({"t": "reset", "epoch": 1}), [])
+        await raw_send(vmm.socket, pack({"t": "x"}), [mem, kick])
+        os.close(mem)
+        before = open_fds()
+        await vmbusd.abort("resource", "full")
+        assert open_fds() == before - 1  # our socket; the unread fds were closed as well
+        got = await vmm.receive()
+        assert isinstance(got, Error) and got.code == "resource"
+        with pytest.raises(ConnectionClosed):
+            await vmm.receive()
+    finally:
+        os.close(kick)

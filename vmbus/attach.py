@@ -23,6 +23,7 @@ import re
 import socket as _stdsocket
 import stat
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any, Literal, Self
 
@@ -68,6 +69,12 @@ MAX_GPA = 1 << 52
 MAX_FILE_OFFSET = (1 << 63) - 1
 """offset + size must fit an off_t."""
 MAX_EPOCH = (1 << 32) - 1
+HANDSHAKE_TIMEOUT_S = 10.0
+"""How long a peer has, from connect to its ``hello`` (and any admission check), before
+it gets ``error`` ``timeout`` and a close. Read at call time, so a test may lower it."""
+MAX_PENDING_HANDSHAKES_PER_UID = 8
+"""Accepted connections of one peer uid that have not finished their handshake; the
+next one from that uid gets ``error`` ``resource`` at once."""
 
 _U64 = (1 << 64) - 1
 _TOKEN = re.compile(r"[a-z0-9][a-z0-9._-]*")
@@ -85,6 +92,7 @@ class ErrorCode:
     VM_ID = "vm-id"  # hello: not the VM this end expected
     DENIED = "denied"  # SO_PEERCRED uid not allowed
     RESOURCE = "resource"  # a well-formed request we cannot satisfy (bad memory fd, ...)
+    TIMEOUT = "timeout"  # hello: not received within the handshake deadline
     INTERNAL = "internal"  # a bug on the sender's side
     SHUTDOWN = "shutdown"  # the sender is going away
 
@@ -430,16 +438,22 @@ def encode_message(msg: Message) -> tuple[bytes, list[int]]:
     return data, fds
 
 
-def decode_message(data: bytes, fds: list[int], *, sender: Role | None = None) -> Message:
+def decode_message(
+    data: bytes, fds: list[int], *, sender: Role | None = None, vcpus: int | None = None
+) -> Message:
     """Parse one datagram. On success the message owns ``fds``; on error they are closed.
 
     ``sender``, when known, is the peer's role: a message that role may not send
-    is rejected too.
+    is rejected too. ``vcpus``, when known, is the VM's vCPU count (the VMM's
+    ``hello``): a message naming a vCPU at or above it is rejected.
     """
     try:
         msg = _decode(data, fds)
         if sender is not None and sender not in SENT_BY[type(msg)]:
             raise AttachProtocolError(f"{msg.T!r} may not be sent by {sender}")
+        vcpu = getattr(msg, "vcpu", None)
+        if vcpus is not None and vcpu is not None and vcpu >= vcpus:
+            raise AttachProtocolError(f"{msg.T!r}: vcpu {vcpu} but the VM has {vcpus} vCPUs")
         return msg
     except BaseException:
         close_fds(fds)
@@ -543,6 +557,8 @@ def _decode(data: bytes, fds: list[int]) -> Message:
 _ANCBUF = _stdsocket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
 _SEND_ERROR_TIMEOUT = 1.0
 """How long a farewell ``error`` may take to send before we close anyway."""
+_DISCARD_LIMIT = 256
+"""Unread datagrams dropped before a close (see ``AttachConnection._discard_unread``)."""
 
 
 class AttachConnection:
@@ -558,6 +574,16 @@ class AttachConnection:
         self.socket = sock
         self.peer_role: Role | None = peer_role
         """Set by ``handshake``; from then on ``receive`` enforces message direction."""
+        self.vcpus: int | None = None
+        """The VM's vCPU count, set by ``handshake``; ``receive`` refuses higher vCPUs."""
+        self.handshake_timeout: float | None = None
+        """Deadline for ``handshake`` (None: ``HANDSHAKE_TIMEOUT_S``); set by ``Listener``."""
+        self.admit: Callable[[Hello], str | None] | None = None
+        """Called by ``handshake`` with the peer's good ``hello``: a reason to refuse the
+        peer (sent as ``error`` ``resource``), or None. Set by whoever accepts."""
+        self.peer_sent_error = False
+        """The peer sent ``error``: it is closing, and per protocol gets none back."""
+        self._on_handshake_done: Callable[[], None] | None = None  # Listener's pending count
         self._send_lock = trio.Lock()
         self._receiving = False
 
@@ -612,10 +638,13 @@ class AttachConnection:
                 log.warning("attach: rejected datagram from %s: %s", self._who(), e)
             raise
         try:
-            return decode_message(data, fds, sender=self.peer_role)
+            msg = decode_message(data, fds, sender=self.peer_role, vcpus=self.vcpus)
         except AttachProtocolError as e:
             log.warning("attach: rejected message from %s: %s", self._who(), e)
             raise
+        if isinstance(msg, Error):
+            self.peer_sent_error = True
+        return msg
 
     def peer_credentials(self) -> tuple[int, int, int]:
         """(pid, uid, gid) of the peer process as the kernel saw it at connect()."""
@@ -630,7 +659,8 @@ class AttachConnection:
         """Send ``error`` (best effort, bounded in time), then close.
 
         quiet: the reason was logged already (a rejected message), so the close is
-        logged at debug level: one line per rejection.
+        logged at debug level: one line per rejection. A peer that sent ``error``
+        itself gets nothing back (neither side answers an ``error``): just the close.
         """
         log.log(
             logging.DEBUG if quiet else logging.WARNING,
@@ -639,16 +669,57 @@ class AttachConnection:
             code,
             message,
         )
+        if self.peer_sent_error:
+            await self.aclose()
+            return
         with trio.move_on_after(_SEND_ERROR_TIMEOUT):
             try:
                 await self.send(Error.make(code, message))
             except (AttachError, OSError, trio.ClosedResourceError):
                 pass
+        self._discard_unread()
         await self.aclose()
+
+    def _discard_unread(self) -> None:
+        """Drop what the peer sent that we will never read, closing its fds.
+
+        Closing an AF_UNIX socket with unread data makes the peer's next recv fail
+        with ECONNRESET before it sees the ``error`` queued for it: the farewell
+        would be lost exactly when it matters (a peer refused before its hello was
+        read). Bounded: at most ``_DISCARD_LIMIT`` datagrams, never waiting.
+        """
+        fd = self.socket.fileno()
+        if fd < 0:  # already closed
+            return
+        raw = _stdsocket.socket(fileno=fd)
+        try:
+            for _ in range(_DISCARD_LIMIT):
+                try:
+                    data, anc, _, _ = raw.recvmsg(
+                        MAX_DATAGRAM + 1,
+                        _ANCBUF,
+                        _stdsocket.MSG_DONTWAIT | _stdsocket.MSG_CMSG_CLOEXEC,
+                    )
+                except OSError:  # nothing left (EAGAIN), or the peer is gone
+                    return
+                for level, kind, cdata in anc:
+                    if level == _stdsocket.SOL_SOCKET and kind == _stdsocket.SCM_RIGHTS:
+                        close_fds(list(array.array("i", cdata[: len(cdata) - len(cdata) % 4])))
+                if not data and not anc:  # EOF
+                    return
+        finally:
+            raw.detach()  # the fd stays the trio socket's
 
     async def aclose(self) -> None:
         self.socket.close()
+        self._handshake_finished()
         await trio.lowlevel.checkpoint()
+
+    def _handshake_finished(self) -> None:
+        """Give back the Listener's pending-handshake slot (once)."""
+        done, self._on_handshake_done = self._on_handshake_done, None
+        if done is not None:
+            done()
 
     async def __aenter__(self) -> Self:
         return self
@@ -676,17 +747,32 @@ async def connect(path: str | os.PathLike[str]) -> AttachConnection:
 
 
 class Listener:
-    """A listening attach socket; ``accept`` hands out only peers whose uid is allowed."""
+    """A listening attach socket; ``accept`` hands out only peers whose uid is allowed,
+    each with a handshake deadline, and at most ``max_pending_per_uid`` unfinished
+    handshakes per uid (so silent connections cannot pile up)."""
 
-    def __init__(self, sock: trio.socket.SocketType, path: str, allowed_uids: set[int]) -> None:
+    def __init__(
+        self,
+        sock: trio.socket.SocketType,
+        path: str,
+        allowed_uids: set[int],
+        *,
+        handshake_timeout: float | None = None,
+        max_pending_per_uid: int = MAX_PENDING_HANDSHAKES_PER_UID,
+    ) -> None:
         self.socket = sock
         self.path = path
         self.allowed_uids = frozenset(allowed_uids)
+        self.handshake_timeout = handshake_timeout
+        self.max_pending_per_uid = max_pending_per_uid
+        self.pending: dict[int, int] = {}
+        """uid -> accepted connections whose handshake has not finished."""
         st = os.stat(path)
         self._ident = (st.st_dev, st.st_ino)
 
     async def accept(self) -> AttachConnection:
-        """Wait for an allowed peer. Others get ``error`` ``denied``, a close and a log line."""
+        """Wait for an allowed peer. Others get ``error`` ``denied``, a close and a log
+        line; a uid with too many unfinished handshakes gets ``error`` ``resource``."""
         while True:
             sock, _ = await self.socket.accept()
             conn = AttachConnection(sock)
@@ -696,9 +782,27 @@ class Listener:
                 log.warning("attach: dropped a peer whose credentials are unreadable: %s", e)
                 await conn.aclose()
                 continue
-            if uid in self.allowed_uids:
-                return conn
-            await conn.abort(ErrorCode.DENIED, f"uid {uid} (pid {pid}) is not allowed")
+            if uid not in self.allowed_uids:
+                await conn.abort(ErrorCode.DENIED, f"uid {uid} (pid {pid}) is not allowed")
+                continue
+            waiting = self.pending.get(uid, 0)
+            if waiting >= self.max_pending_per_uid:
+                await conn.abort(
+                    ErrorCode.RESOURCE,
+                    f"uid {uid} already has {waiting} unfinished attach handshakes",
+                )
+                continue
+            self.pending[uid] = waiting + 1
+            conn.handshake_timeout = self.handshake_timeout
+            conn._on_handshake_done = lambda uid=uid: self._release(uid)
+            return conn
+
+    def _release(self, uid: int) -> None:
+        left = self.pending.get(uid, 0) - 1
+        if left > 0:
+            self.pending[uid] = left
+        else:
+            self.pending.pop(uid, None)
 
     async def aclose(self) -> None:
         """Close and remove our socket file (only if it is still ours)."""
@@ -739,7 +843,12 @@ def _remove_stale_socket(path: str) -> None:
 
 
 async def listen(
-    path: str | os.PathLike[str], allowed_uids: set[int] | None = None, *, backlog: int = 16
+    path: str | os.PathLike[str],
+    allowed_uids: set[int] | None = None,
+    *,
+    backlog: int = 16,
+    handshake_timeout: float | None = None,
+    max_pending_per_uid: int = MAX_PENDING_HANDSHAKES_PER_UID,
 ) -> Listener:
     """Create the attach socket file, mode 0600 from the start.
 
@@ -762,28 +871,57 @@ async def listen(
     except BaseException:
         raw.close()
         raise
-    return Listener(trio.socket.from_stdlib_socket(raw), path, allowed)
+    return Listener(
+        trio.socket.from_stdlib_socket(raw),
+        path,
+        allowed,
+        handshake_timeout=handshake_timeout,
+        max_pending_per_uid=max_pending_per_uid,
+    )
 
 
-async def handshake(conn: AttachConnection, hello: Hello) -> Hello:
+async def handshake(conn: AttachConnection, hello: Hello, *, timeout: float | None = None) -> Hello:
     """Exchange ``hello``s (either side): send ours, check theirs, return theirs.
 
     On a mismatch the peer gets ``error``, the connection is closed and
-    AttachProtocolError is raised; a peer's own ``error`` raises PeerError.
+    AttachProtocolError is raised; a peer's own ``error`` raises PeerError. The
+    whole exchange has a deadline (``timeout``, else ``conn.handshake_timeout``,
+    else ``HANDSHAKE_TIMEOUT_S``): a peer that stays silent gets ``error``
+    ``timeout``. ``conn.admit``, when set, may still refuse a good peer
+    (``error`` ``resource``), e.g. because the service is full.
     """
-    await conn.send(hello)
+    if timeout is None:
+        timeout = conn.handshake_timeout
+    if timeout is None:
+        timeout = HANDSHAKE_TIMEOUT_S
     try:
-        msg = await conn.receive()
-    except AttachProtocolError as e:
-        await conn.abort(e.code, e)
-        raise
+        return await _handshake(conn, hello, timeout)
+    finally:
+        conn._handshake_finished()
+
+
+async def _handshake(conn: AttachConnection, hello: Hello, timeout: float) -> Hello:
+    msg: Message | None = None
+    bad: AttachProtocolError | None = None
+    with trio.move_on_after(timeout):
+        await conn.send(hello)
+        try:
+            msg = await conn.receive()
+        except AttachProtocolError as e:
+            bad = e
+    if bad is not None:  # a malformed datagram (its fds are closed already)
+        await conn.abort(bad.code, bad)
+        raise bad
+    if msg is None:
+        problem = AttachProtocolError(f"no hello within {timeout:g} s", ErrorCode.TIMEOUT)
+        await conn.abort(problem.code, problem)
+        raise problem
     if isinstance(msg, Error):
         await conn.aclose()
         raise PeerError(msg.code, msg.message)
-    problem: AttachProtocolError | None = None
     if not isinstance(msg, Hello):
+        close_fds(msg.fds())  # whatever it carried: the message is rejected
         problem = AttachProtocolError(f"expected hello, got {msg.T!r}")
-        close_fds(msg.fds())
     elif msg.version != hello.version:
         problem = AttachProtocolError(
             f"version {msg.version} not supported (we speak {hello.version})", ErrorCode.VERSION
@@ -794,12 +932,15 @@ async def handshake(conn: AttachConnection, hello: Hello) -> Hello:
         problem = AttachProtocolError(
             f"peer is VM {msg.vm_id!r}, expected {hello.vm_id!r}", ErrorCode.VM_ID
         )
-    if problem is not None:
-        await conn.abort(problem.code, problem)
-        raise problem
-    assert isinstance(msg, Hello)
-    conn.peer_role = msg.role
-    return msg
+    else:
+        refusal = conn.admit(msg) if conn.admit is not None else None
+        if refusal is None:
+            conn.peer_role = msg.role
+            conn.vcpus = (msg if msg.role == "vmm" else hello).vcpus
+            return msg
+        problem = AttachProtocolError(refusal, ErrorCode.RESOURCE)
+    await conn.abort(problem.code, problem)
+    raise problem
 
 
 def negotiated_features(ours: Hello, theirs: Hello) -> frozenset[str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import signal
 import uuid
 from collections.abc import Callable, Sequence
@@ -18,7 +17,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from vmbus import attach, bus
+from vmbus import __version__, attach, bus
 from vmbus import protocol as vp
 from vmbus.channel import Channel, EventFd, new_eventfd
 from vmbus.device import ChannelInfo, Device
@@ -27,7 +26,7 @@ from vmbus.ring import RingCorrupt, RingReader, RingWriter
 
 log = logging.getLogger(__name__)
 
-MAX_SESSIONS = 64  # VMs attached at once
+MAX_SESSIONS = 64  # VMs attached at once: established sessions (hello done) only
 GPADL_PAGES_SLACK = 8190  # one maximal GPADL beyond the VM's RAM
 MAX_SUBCHANNELS = 64  # per device, on top of its primary channel
 SHUTDOWN_GRACE_S = 5.0  # how long a session's teardown may take once cancelled
@@ -112,8 +111,9 @@ class VmSession:
                     role="vmbusd",
                     vm_id="",
                     vcpus=0,
+                    software=f"vmbusd {__version__}",
                 ),
-            )
+            )  # bounded by the connection's handshake deadline; conn.admit may refuse
             self.label = self.peer.vm_id or self.label
             self.bus = bus.VmBusServer(
                 vcpu_count=max(1, self.peer.vcpus), validate_pfns=self._pfns_in_ram
@@ -233,16 +233,18 @@ class VmSession:
                 raise attach.AttachProtocolError(f"unexpected {type(msg).__name__} from the VMM")
 
     def _add_memory(self, msg: attach.MemoryRegions) -> None:
+        """Map the regions (GuestMemory keeps its own dups). Every fd the message
+        carried is closed, whether its region was added, refused, or never tried
+        because an earlier one was refused."""
         try:
             for r in msg.regions:
-                try:
-                    self.memory.add_region(r.gpa, r.size, r.fd, r.offset)
-                finally:
-                    os.close(r.fd)
+                self.memory.add_region(r.gpa, r.size, r.fd, r.offset)
         except GuestMemoryError as exc:
             raise attach.AttachProtocolError(
                 f"bad memory region: {exc}", code=attach.ErrorCode.RESOURCE
             ) from exc
+        finally:
+            attach.close_fds(msg.fds())
         if self.bus is not None:
             # A guest registers its own pages: more GPADL pages than it has RAM (with
             # room for one more maximal GPADL) is a guest trying to make us hoard.
@@ -438,39 +440,63 @@ async def serve_listener(
     *,
     allowed_uids: set[int] | None = None,
     sessions: set[VmSession] | None = None,
+    handshake_timeout: float | None = None,
+    max_sessions: int | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """`vmbusd serve --listen PATH`: accept VMMs, one isolated session each (kept in
     `sessions`, when given, for the stats servers).
 
+    Only established sessions (hello exchanged) count toward `max_sessions`
+    (default MAX_SESSIONS); a connection still in its handshake costs a slot of its
+    uid's `attach.MAX_PENDING_HANDSHAKES_PER_UID` and has `handshake_timeout`
+    (default `attach.HANDSHAKE_TIMEOUT_S`) to say hello. So silent connections can
+    neither fill the service nor stay forever.
+
     Cancelling it is a clean shutdown: every session tells its VMM `error shutdown`,
     lets go of guest memory, and the socket file is removed.
     """
-    async with await attach.listen(path, allowed_uids=allowed_uids) as listener:
+    limit = MAX_SESSIONS if max_sessions is None else max_sessions
+    async with await attach.listen(
+        path, allowed_uids=allowed_uids, handshake_timeout=handshake_timeout
+    ) as listener:
         task_status.started()
         live: set[VmSession] = sessions if sessions is not None else set()
+        established: set[VmSession] = set()
         count = 0
+
+        def admit(session: VmSession) -> str | None:
+            # Called by the handshake with no checkpoint before the session is
+            # counted, so concurrent handshakes cannot overshoot the limit.
+            if len(established) >= limit:
+                return f"{limit} VMs already attached"
+            established.add(session)
+            return None
+
         async with trio.open_nursery() as nursery:
             while True:
                 conn = await listener.accept()
-                if len(live) >= MAX_SESSIONS:
-                    await conn.abort(
-                        attach.ErrorCode.RESOURCE, f"{MAX_SESSIONS} VMs already attached"
-                    )
+                if len(established) >= limit:  # refuse at once rather than after hello
+                    await conn.abort(attach.ErrorCode.RESOURCE, f"{limit} VMs already attached")
                     continue
                 count += 1
                 session = VmSession(conn, devices_factory(), vm_label=f"vm{count}")
+                conn.admit = lambda _hello, s=session: admit(s)
                 live.add(session)
-                nursery.start_soon(_run_isolated, session, live)
+                nursery.start_soon(_run_isolated, session, live, established)
 
 
-async def _run_isolated(session: VmSession, live: set[VmSession]) -> None:
+async def _run_isolated(
+    session: VmSession, live: set[VmSession], established: set[VmSession] | None = None
+) -> None:
     try:
         await session.run()
     except Exception:
         log.exception("%s: session failed", session.label)
     finally:
         live.discard(session)
+        if established is not None:
+            established.discard(session)
 
 
 def service_snapshot(sessions: set[VmSession]) -> dict[str, object]:
