@@ -1,6 +1,6 @@
 /* Guest memory: map scattered guest pages virtually contiguous, and turn a
  * guest-supplied GPA range into (region, offset, length) segments.
- * Contract: native/cdef/memory.h; pure-Python twin: vmbus/memory.py (_PyOps). */
+ * Contract: native/memory.h; pure-Python twin: vmbus/memory.py (_PyOps). */
 #include <errno.h>
 #include <sys/mman.h>
 #include "vmbusd.h"

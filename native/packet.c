@@ -6,7 +6,7 @@
  * be read twice here without the guest changing it in between (the structure pass
  * and the walk pass below both read the range list). Every length is still the
  * guest's word: each is checked against the extension's bounds before use.
- * Contract: native/cdef/packet.h; pure-Python twin: vmbus/packet.py
+ * Contract: native/packet.h; pure-Python twin: vmbus/packet.py
  * (_py_gpa_direct_batch); tests compare the two byte for byte. */
 #include <string.h>
 #include "vmbusd.h"

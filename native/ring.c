@@ -5,7 +5,35 @@
  * (vmb_ld32*), validated, then used; every packet is copied into private memory
  * before anyone looks at it. Our own index is kept in `priv` and never read
  * back from the shared page. The pure-Python twin is vmbus/ring.py; keep the
- * two in step (tests compare them byte for byte). */
+ * two in step (tests compare them byte for byte).
+ *
+ * Memory barriers come in pairs, one on each side of the ring; each comment names
+ * its partner (QEMU style). The producer is the writer, the consumer the reader.
+ *
+ *  [B1]  producer, publish: packet bytes written, full barrier, write_index store
+ *        (release).  Pairs with [B1'], consumer, read / forward / bytes_to_read /
+ *        unmask: write_index load (acquire), then the packet bytes are read.
+ *  [B2]  consumer, read: packet bytes read, full barrier, read_index store (in
+ *        forward, publish's [B1] on the other ring is that barrier).  Pairs with
+ *        [B2'], producer, write / write_raw / forward: read_index load, full
+ *        barrier, then the space it freed is overwritten.
+ *  [B3]  producer, publish: write_index store, full barrier, interrupt_mask and
+ *        read_index loads (the signal decision).  Pairs with [B3'], consumer,
+ *        unmask: interrupt_mask = 0, full barrier, write_index load. Store then
+ *        load on both sides: the producer sees the mask clear and signals, or the
+ *        consumer sees the new write_index and drains again; never neither.
+ *  [B4]  producer, request_space: pending_send_sz store, full barrier, read_index
+ *        load.  Pairs with [B4'], consumer, read / forward: read_index store, full
+ *        barrier, pending_send_sz load. Store then load again: the consumer sees
+ *        the need and signals, or the producer sees the room; never neither.
+ *  [B5]  producer, publish: write_index store, write barrier, pending_send_sz = 0.
+ *        Pairs with [B5'], consumer, pending_signal: pending_send_sz load, read
+ *        barrier, write_index load.
+ *
+ * Unpaired, as in Linux: mask's full barrier (the mask is only a hint; late, it
+ * costs one spurious signal), pending_signal's full barrier after the feature bits,
+ * and publish's read barrier between the interrupt_mask and read_index loads.
+ * The pure-Python twin has the same barriers under the same names. */
 #include "ring.h"
 
 static inline uint16_t le16(const uint8_t *p)
@@ -161,12 +189,12 @@ static uint32_t pending_signal(const struct vmb_ring *r, uint32_t consumed)
     feat = vmb_ld32(r->hdr + VMB_RING_OFF_FEATURES);  /* untrusted hint */
     if (!(feat & VMB_RING_FEAT_PENDING_SEND_SZ))
         return 0;  /* the producer polls instead */
-    vmb_mb();
+    vmb_mb();  /* unpaired, as Linux hv_pkt_iter_close */
     pending = vmb_ld32(r->hdr + VMB_RING_OFF_PENDING);  /* untrusted hint */
     if (!pending)
         return 0;
-    /* [D] read barrier: pairs with the producer's write barrier before it lowers
-     * pending_send_sz, so write_index is at least as new as the pending value. */
+    /* [B5'] read barrier: pairs with [B5], the producer's write barrier before it
+     * lowers pending_send_sz, so write_index is at least as new as the pending value. */
     vmb_rmb();
     w = vmb_ld32(r->hdr + VMB_RING_OFF_WINDEX);  /* untrusted */
     if (check_index(w, r->size, VMB_E_WINDEX_RANGE, VMB_E_WINDEX_ALIGN))
@@ -189,8 +217,8 @@ int vmb_ring_read(struct vmb_ring *r, uint8_t *out, uint32_t out_cap, uint32_t *
     memset(res, 0, sizeof(*res));
     if (flags & ~VMB_READ_PEEK)
         return VMB_E_BAD_ARG;
-    /* Acquire pairs with the producer's release store of write_index: the packet
-     * bytes we copy below are at least as new as this index. Loaded once. */
+    /* [B1'] acquire: pairs with [B1], the producer's release store of write_index:
+     * the packet bytes we copy below are at least as new as this index. Loaded once. */
     w = vmb_ld32_acquire(r->hdr + VMB_RING_OFF_WINDEX);
     rc = check_index(w, size, VMB_E_WINDEX_RANGE, VMB_E_WINDEX_ALIGN);
     if (rc)
@@ -229,10 +257,10 @@ int vmb_ring_read(struct vmb_ring *r, uint8_t *out, uint32_t out_cap, uint32_t *
     res->out_bytes = used;
     res->consumed = consumed;
     if (!(flags & VMB_READ_PEEK) && consumed) {
-        vmb_mb();  /* [B] every packet read is done before the guest may reuse the space */
+        vmb_mb();  /* [B2] every packet read is done before the guest may reuse the space */
         vmb_st32_release(r->hdr + VMB_RING_OFF_RINDEX, pos);
         r->priv = pos;
-        vmb_mb();  /* [A] read_index is visible before we look at pending_send_sz */
+        vmb_mb();  /* [B4'] read_index is visible before we look at pending_send_sz */
         res->signal = pending_signal(r, consumed);
     }
     return rc;
@@ -240,7 +268,7 @@ int vmb_ring_read(struct vmb_ring *r, uint8_t *out, uint32_t out_cap, uint32_t *
 
 int64_t vmb_ring_bytes_to_read(struct vmb_ring *r)
 {
-    uint32_t w = vmb_ld32_acquire(r->hdr + VMB_RING_OFF_WINDEX);  /* untrusted */
+    uint32_t w = vmb_ld32_acquire(r->hdr + VMB_RING_OFF_WINDEX);  /* [B1'], untrusted */
     int rc = check_index(w, r->size, VMB_E_WINDEX_RANGE, VMB_E_WINDEX_ALIGN);
 
     if (rc)
@@ -251,7 +279,7 @@ int64_t vmb_ring_bytes_to_read(struct vmb_ring *r)
 void vmb_ring_mask(struct vmb_ring *r)
 {
     vmb_st32(r->hdr + VMB_RING_OFF_IMASK, 1);
-    vmb_mb();  /* the producer sees the mask before we start draining */
+    vmb_mb();  /* unpaired: the producer sees the mask before we start draining */
 }
 
 int vmb_ring_unmask(struct vmb_ring *r)
@@ -259,11 +287,11 @@ int vmb_ring_unmask(struct vmb_ring *r)
     uint32_t w;
 
     vmb_st32(r->hdr + VMB_RING_OFF_IMASK, 0);
-    /* Pairs with the producer's barrier between its write_index store and its
-     * interrupt_mask load: either it sees the mask clear and signals, or we see
-     * its new write_index here. */
+    /* [B3'] pairs with [B3], the producer's barrier between its write_index store
+     * and its interrupt_mask load: either it sees the mask clear and signals, or we
+     * see its new write_index here. */
     vmb_mb();
-    w = vmb_ld32_acquire(r->hdr + VMB_RING_OFF_WINDEX);  /* untrusted */
+    w = vmb_ld32_acquire(r->hdr + VMB_RING_OFF_WINDEX);  /* [B1'], untrusted */
     if (check_index(w, r->size, VMB_E_WINDEX_RANGE, VMB_E_WINDEX_ALIGN))
         return 1;  /* let the caller's next read report the corruption */
     return w != r->priv;
@@ -319,19 +347,21 @@ static void publish(struct vmb_ring *r, uint32_t old_w, uint32_t pos, struct vmb
 {
     uint32_t imask, ri;
 
-    vmb_mb();  /* [C] packet bytes are visible before write_index */
+    vmb_mb();  /* [B1] packet bytes are visible before write_index; pairs with [B1'] */
     vmb_st32_release(r->hdr + VMB_RING_OFF_WINDEX, pos);
     r->priv = pos;
     if (r->pending) {
-        vmb_wmb();  /* [D] pairs with the consumer's read barrier after reading pending */
+        vmb_wmb();  /* [B5] pairs with [B5'], the consumer's read barrier after pending */
         vmb_st32(r->hdr + VMB_RING_OFF_PENDING, 0);
         r->pending = 0;
     }
-    vmb_mb();  /* [A] write_index is visible before we read interrupt_mask / read_index */
+    /* [B3] write_index is visible before we read interrupt_mask / read_index; pairs
+     * with [B3'] in the consumer's unmask. */
+    vmb_mb();
     imask = vmb_ld32(r->hdr + VMB_RING_OFF_IMASK);  /* untrusted hint */
     if (imask)
         return;
-    vmb_rmb();  /* interrupt_mask before read_index, as Linux hv_signal_on_write */
+    vmb_rmb();  /* unpaired: interrupt_mask before read_index, as Linux hv_signal_on_write */
     ri = vmb_ld32(r->hdr + VMB_RING_OFF_RINDEX);  /* untrusted; compared only */
     /* Signal only on empty -> non-empty: the reader had caught up with old_w. */
     res->signal = ri == old_w;
@@ -368,7 +398,7 @@ int vmb_ring_write(struct vmb_ring *r, const struct vmb_send *pkts, uint32_t n,
     if (rc)
         return rc;
     free_b = vmb_ring_free(pos, ri, size);
-    vmb_mb();  /* [B] read_index is read before we overwrite the space it freed */
+    vmb_mb();  /* [B2'] read_index is read before we overwrite the space it freed */
 
     for (i = 0; i < n; i++) {
         const struct vmb_send *p = &pkts[i];
@@ -430,7 +460,7 @@ int vmb_ring_write_raw(struct vmb_ring *r, const uint8_t *buf, uint64_t buf_len,
     if (rc)
         return rc;
     free_b = vmb_ring_free(pos, ri, size);
-    vmb_mb();  /* [B] as in vmb_ring_write */
+    vmb_mb();  /* [B2'] as in vmb_ring_write */
 
     for (i = 0; i < n; i++) {
         uint32_t off = index[2 * i], len = index[2 * i + 1], start = pos;
@@ -477,7 +507,8 @@ int vmb_ring_request_space(struct vmb_ring *r, uint32_t need)
         return VMB_E_PKT_TOO_BIG;  /* even an empty ring has only size bytes free */
     vmb_st32(r->hdr + VMB_RING_OFF_PENDING, need);
     r->pending = need;
-    vmb_mb();  /* [A] pending_send_sz is visible before we re-read read_index */
+    vmb_mb();  /* [B4] pending_send_sz is visible before we re-read read_index; pairs
+                * with [B4'] in the consumer's read */
     ri = vmb_ld32(r->hdr + VMB_RING_OFF_RINDEX);  /* untrusted */
     rc = check_index(ri, r->size, VMB_E_RINDEX_RANGE, VMB_E_RINDEX_ALIGN);
     if (rc)
@@ -527,7 +558,7 @@ int vmb_ring_forward(struct vmb_ring *rd, struct vmb_ring *wr, uint32_t max_pkts
     memset(res, 0, sizeof(*res));
     if (flags & ~VMB_RAW_COMPLETE)
         return VMB_E_BAD_ARG;
-    /* Acquire pairs with the guest's release store of write_index; loaded once. */
+    /* [B1'] acquire: pairs with the guest's [B1] release store; loaded once. */
     w = vmb_ld32_acquire(rd->hdr + VMB_RING_OFF_WINDEX);
     rc = check_index(w, rd->size, VMB_E_WINDEX_RANGE, VMB_E_WINDEX_ALIGN);
     if (rc)
@@ -538,7 +569,7 @@ int vmb_ring_forward(struct vmb_ring *rd, struct vmb_ring *wr, uint32_t max_pkts
         return rc;
     avail = vmb_ring_avail(w, rpos, rd->size);
     free_b = vmb_ring_free(wpos, ri, wr->size);
-    vmb_mb();  /* [B] the reader's read_index is read before we overwrite the space */
+    vmb_mb();  /* [B2'] wr's read_index is read before we overwrite the space */
 
     while (npkts < max_pkts && avail) {
         uint8_t raw[VMB_PKT_DESC_SIZE];
@@ -576,11 +607,12 @@ int vmb_ring_forward(struct vmb_ring *rd, struct vmb_ring *wr, uint32_t max_pkts
     res->consumed = consumed;
     if (npkts) {
         memset(&wres, 0, sizeof(wres));
-        publish(wr, old_w, wpos, &wres);  /* [C] full barrier: payload reads are done */
+        /* wr's [B1] is rd's [B2]: the payload reads are done before rd's read_index */
+        publish(wr, old_w, wpos, &wres);
         res->write_signal = wres.signal;
         vmb_st32_release(rd->hdr + VMB_RING_OFF_RINDEX, rpos);
         rd->priv = rpos;
-        vmb_mb();  /* [A] read_index is visible before we look at pending_send_sz */
+        vmb_mb();  /* [B4'] read_index is visible before we look at pending_send_sz */
         res->read_signal = pending_signal(rd, consumed);
     }
     return rc;

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build native/ with AddressSanitizer + UBSan in a scratch copy of HEAD and run the
-# tests that exercise C (ring, forward, memory, checks, channels, end to end, fuzz),
-# vmbusd subprocesses included. Slower than CI; run it after changing native/.
+# tests that exercise C (ring, forward, concurrent ring ends, packets, memory, checks,
+# channels, end to end, fuzz), vmbusd subprocesses included. Slower than CI; run it
+# after changing native/.
 #   usage: native/sanitize.sh [pytest args...]
 set -euo pipefail
 top=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
@@ -19,6 +20,7 @@ export PYTHONPATH="$work"
 "$py" -m pytest -q -p no:cacheprovider -o addopts= \
     -k "not test_guard_pages_catch_overruns" \
     tests/test_ring.py tests/test_ring_bad_input.py tests/test_ring_forward.py \
+    tests/test_ring_concurrency.py tests/test_packet.py \
     tests/test_memory.py tests/test_check.py tests/test_channel.py \
     tests/test_e2e.py tests/test_fuzz_e2e.py "$@"
 if grep -rl -E "Sanitizer|runtime error" /tmp/pytest-of-"$(id -un)"/pytest-current/ 2>/dev/null; then

@@ -3,17 +3,46 @@
 `VMBUSD_NATIVE=0` selects the twins (as python-zstandard picks its backend);
 anything else requires the compiled extension and fails loudly if it is missing
 or stale, so a benchmark never silently measures the slow path.
+
+Stale means built from other native sources than the checkout beside this file:
+the ABI number is written once, as VMBUSD_NATIVE_ABI in native/vmbusd.h; the
+extension reports the value it was compiled with, and `_load` compares it with the
+header it finds in the source tree. An installed wheel carries no native/ sources;
+its extension was built with its Python files, so there is nothing to compare.
 """
 
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 from typing import Any
 
-EXPECTED_ABI = 5  # keep equal to NATIVE_ABI in native/build_native.py
+ABI_HEADER = Path(__file__).resolve().parent.parent / "native" / "vmbusd.h"
 
 ffi: Any = None
 lib: Any = None
+
+
+def source_abi(header: Path = ABI_HEADER) -> int | None:
+    """VMBUSD_NATIVE_ABI as the source tree's native/vmbusd.h says, or None without one."""
+    try:
+        text = header.read_text()
+    except OSError:
+        return None
+    m = re.search(r"^[ \t]*#[ \t]*define[ \t]+VMBUSD_NATIVE_ABI[ \t]+(\d+)", text, re.M)
+    if m is None:
+        raise ImportError(f"{header}: no VMBUSD_NATIVE_ABI line")
+    return int(m.group(1))
+
+
+def check_abi(built: int, expected: int | None) -> None:
+    """Refuse an extension built from other sources than the checkout's."""
+    if expected is not None and built != expected:
+        raise ImportError(
+            f"stale vmbus._native (ABI {built}, native/vmbusd.h says {expected}): rebuild "
+            "with `pip install -e .`"
+        )
 
 
 def _load() -> bool:
@@ -27,9 +56,7 @@ def _load() -> bool:
             "vmbus._native is not built: run `pip install -e .` (or set VMBUSD_NATIVE=0 "
             "for the pure-Python twins)"
         ) from exc
-    abi = _native.lib.vmb_native_abi()
-    if abi != EXPECTED_ABI:
-        raise ImportError(f"stale vmbus._native (ABI {abi}, expected {EXPECTED_ABI}): rebuild")
+    check_abi(int(_native.lib.VMBUSD_NATIVE_ABI), source_abi())
     ffi, lib = _native.ffi, _native.lib
     return True
 

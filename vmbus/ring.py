@@ -9,7 +9,7 @@ copied into the caller's private buffer (`read`), and only that copy is parsed
 (`iter_packets`). A corrupt ring is reported as a `RingError` code, never a crash.
 
 `PyRingReader`/`PyRingWriter` are the reference semantics; `NativeRingReader`/
-`NativeRingWriter` call native/ring.c (contract: native/cdef/ring.h). Tests run
+`NativeRingWriter` call native/ring.c (contract: native/ring.h). Tests run
 both on identical memory and compare every result and every byte of the ring.
 `RingReader`, `RingWriter` and `SendBatch` name the flavour `VMBUSD_NATIVE` picks.
 

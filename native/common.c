@@ -1,6 +1,0 @@
-#include "vmbusd.h"
-
-uint32_t vmb_native_abi(void)
-{
-    return VMBUSD_NATIVE_ABI;
-}
