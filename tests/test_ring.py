@@ -629,3 +629,56 @@ def test_twin_header_fields_are_single_words() -> None:
     buf = bytearray(ring.HDR_SIZE + 8)
     with pytest.raises(ValueError, match="aligned"):
         ring.PyRingReader(memoryview(buf)[1 : 1 + ring.HDR_SIZE], bytearray(64), 64)
+
+
+# ------------------------------------------------------------------ the native build
+
+
+def _build_script() -> Any:
+    """native/build_native.py as a module (it declares, it does not compile, on import)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(native.__file__).resolve().parent.parent / "native" / "build_native.py"
+    spec = importlib.util.spec_from_file_location("build_native_under_test", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_cdef_comes_from_the_marked_spans(tmp_path: Any) -> None:
+    """Only what sits between the marker lines reaches cffi, each #define's value
+    becomes `...` (the compiler's value wins), and broken markers are refused."""
+    build = _build_script()
+    h = tmp_path / "x.h"
+    h.write_text(
+        "/* mentions cffi:begin in prose */\n#define HIDDEN 1\nstatic inline int f(void);\n"
+        "/* cffi:begin */\n#define SHOWN (-4)  /* a comment\n   over two lines */\n"
+        "struct s { int a; };  // trailing\nint g(int);\n/* cffi:end */\n"
+    )
+    cdef = build.cdef_of(h)
+    assert "#define SHOWN ..." in cdef and "int g(int);" in cdef and "struct s" in cdef
+    assert "HIDDEN" not in cdef and "inline" not in cdef and "comment" not in cdef
+    h.write_text("/* cffi:begin */\nint g(int);\n")
+    with pytest.raises(ValueError, match="unbalanced"):
+        build.cdef_of(h)
+    h.write_text("/* cffi:begin */\n#define F(x) (x)\n/* cffi:end */\n")
+    with pytest.raises(ValueError, match="function-like"):
+        build.cdef_of(h)
+
+
+def test_abi_number_has_one_source(tmp_path: Any) -> None:
+    """The ABI is written once (native/vmbusd.h): the build reports what it compiled,
+    and a build from other sources is refused at import."""
+    expected = native.source_abi()
+    assert expected is not None  # tests run from the source tree
+    if native.native_available():
+        assert int(native.native_module().lib.VMBUSD_NATIVE_ABI) == expected
+    native.check_abi(expected, expected)
+    native.check_abi(expected, None)  # an installed wheel: nothing to compare with
+    with pytest.raises(ImportError, match="stale"):
+        native.check_abi(expected - 1, expected)
+    assert native.source_abi(tmp_path / "missing.h") is None
+    (tmp_path / "vmbusd.h").write_text("#define VMBUSD_NATIVE_ABI  42\n")
+    assert native.source_abi(tmp_path / "vmbusd.h") == 42
