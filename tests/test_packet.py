@@ -615,6 +615,15 @@ def test_decode_refuses_closed_guest_memory() -> None:
         dec.decode(buf, index, n)
 
 
+def test_vmbusd_native_picks_the_default_backend() -> None:
+    r = Ram(native=False)
+    try:
+        dec = GpaDirectDecoder(r.memory)
+        assert dec.backend == ("native" if native_sel.NATIVE else "python")
+    finally:
+        r.close()
+
+
 def test_an_empty_batch() -> None:
     r = Ram(native=False)
     try:
@@ -726,7 +735,7 @@ def test_fuzz_target_as_a_property(data: bytes) -> None:
     fuzz.check_one(data)
 
 
-def test_fuzz_target_runs_under_atheris() -> None:
+def test_fuzz_target_runs_under_atheris(tmp_path: pathlib.Path) -> None:
     """The libFuzzer harness itself, for a few thousand inputs (atheris is in the
     test extra; a missing atheris fails here with its name)."""
     import atheris  # type: ignore[import-untyped]  # noqa: F401
@@ -736,6 +745,7 @@ def test_fuzz_target_runs_under_atheris() -> None:
         capture_output=True,
         text=True,
         timeout=240,
+        cwd=tmp_path,  # where libFuzzer writes a crash reproducer
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Done 3000 runs" in proc.stderr
