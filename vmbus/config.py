@@ -1,75 +1,166 @@
 """A VM's devices from a TOML file.
 
     [[device]]
-    type = "echo"            # a built-in device kind, or "module:Class"
+    type = "echo"            # a `vmbusd.devices` entry point, or "module:Class"
     instance = "..."         # optional instance GUID (stable across restarts)
-    ring_size_hint = 65536   # optional
+    ring_size_hint = 65536   # optional; any other key is an option of that device class
 
-With no file, the default VM gets one echo device (the NIC and disk devices join
-the default once their VSPs exist).
+Everything is checked when the file is loaded, before anything listens: an unknown key
+anywhere (`[[devices]]` would otherwise serve nothing), an unknown device type, a class
+that is no device or has no `if_type`, an option the class does not take. Each is a
+`ConfigError` whose message names the file, the entry and the fix.
+
+With no file, the default VM gets one echo device (the NIC and disk devices join the
+default once their VSPs exist).
 """
 
 from __future__ import annotations
 
-import importlib
+import difflib
+import inspect
+import re
 import tomllib
 import uuid
+from collections.abc import Callable
 from typing import Any
 
+from vmbus import plugins
+from vmbus.cliutil import UserError
 from vmbus.device import Device
 
 MAX_DEVICES = 64
+TOP_LEVEL_KEYS = ("device",)
+DEFAULT_CONFIG: dict[str, Any] = {"device": [{"type": "echo"}]}
 
 
-class ConfigError(Exception):
-    """The configuration file is invalid; the message says where."""
+class ConfigError(UserError):
+    """The configuration is invalid; the message says where and what to do."""
 
 
-def _builtin(kind: str) -> type[Device]:
-    if kind == "echo":
-        from devices.echo import EchoDevice
+def _did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
-        return EchoDevice
-    if ":" in kind:
-        mod, _, cls = kind.partition(":")
+
+def device_class(kind: str) -> type[Device]:
+    """The class a `type = ...` names, checked to be a usable device."""
+    found = plugins.resolve(plugins.DEVICES, kind)
+    if not (isinstance(found, type) and issubclass(found, Device)):
+        raise ConfigError(f"{kind!r} is {found!r}, not a vmbus.device.Device subclass")
+    if not isinstance(getattr(found, "if_type", None), uuid.UUID):
+        raise ConfigError(
+            f"device class {found.__module__}.{found.__qualname__} ({kind!r}) has no if_type: "
+            "set `if_type = uuid.UUID(...)` (its interface GUID) on the class"
+        )
+    return found
+
+
+def _options_taken(cls: type[Device]) -> tuple[list[str], bool]:
+    """The keyword options a device class's constructor takes, and whether it takes any."""
+    try:
+        sig = inspect.signature(cls)
+    except (TypeError, ValueError):
+        return [], True
+    names = []
+    for p in sig.parameters.values():
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            return names, True
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
+            names.append(p.name)
+    return names, False
+
+
+def _build(where: str, entry: object) -> Device:
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: must be a table ([[device]] with a type = ... key)")
+    if "type" not in entry:
+        raise ConfigError(f"{where}: no 'type' key (e.g. type = \"echo\")")
+    kind = entry["type"]
+    if not isinstance(kind, str):
+        raise ConfigError(f"{where}: 'type' must be a string, not {kind!r}")
+    try:
+        cls = device_class(kind)
+    except UserError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    opts = {k: v for k, v in entry.items() if k != "type"}
+    taken, any_ok = _options_taken(cls)
+    unknown = [k for k in opts if k not in taken]
+    if unknown and not any_ok:
+        k = unknown[0]
+        takes = ", ".join(["type", *taken])
+        raise ConfigError(
+            f"{where} ({kind}): unknown option {k!r}{_did_you_mean(k, taken)}; "
+            f"this device takes: {takes}"
+        )
+    if "instance" in opts:
         try:
-            found = getattr(importlib.import_module(mod), cls)
-        except (ImportError, AttributeError) as exc:
-            raise ConfigError(f"cannot load device class {kind!r}: {exc}") from exc
-        if not (isinstance(found, type) and issubclass(found, Device)):
-            raise ConfigError(f"{kind!r} is not a vmbus.device.Device subclass")
-        return found
-    raise ConfigError(f"unknown device type {kind!r}")
+            opts["instance"] = uuid.UUID(str(opts["instance"]))
+        except ValueError as exc:
+            raise ConfigError(
+                f"{where} ({kind}): instance {opts['instance']!r} is not a GUID"
+            ) from exc
+    try:
+        return cls(**opts)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where} ({kind}): {exc}") from exc
 
 
-def devices_from_config(cfg: dict[str, Any]) -> list[Device]:
-    entries = cfg.get("device", [])
-    if not isinstance(entries, list) or len(entries) > MAX_DEVICES:
-        raise ConfigError(f"'device' must be a list of at most {MAX_DEVICES} tables")
-    out: list[Device] = []
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, dict) or "type" not in entry:
-            raise ConfigError(f"device #{i}: a table with a 'type' key is required")
-        opts = {k: v for k, v in entry.items() if k != "type"}
-        if "instance" in opts:
-            try:
-                opts["instance"] = uuid.UUID(str(opts["instance"]))
-            except ValueError as exc:
-                raise ConfigError(f"device #{i}: bad instance GUID") from exc
-        try:
-            out.append(_builtin(str(entry["type"]))(**opts))
-        except TypeError as exc:
-            raise ConfigError(f"device #{i} ({entry['type']}): {exc}") from exc
-    return out
+def devices_from_config(cfg: dict[str, Any], source: str = "config") -> list[Device]:
+    """Build one VM's devices from a parsed config; every key must mean something."""
+    for key in cfg:
+        if key not in TOP_LEVEL_KEYS:
+            raise ConfigError(
+                f"{source}: unknown key {key!r}{_did_you_mean(key, TOP_LEVEL_KEYS)}; "
+                "a device is declared as [[device]] with a type = ... key"
+            )
+    entries = cfg.get("device")
+    if isinstance(entries, dict):
+        raise ConfigError(f"{source}: write [[device]] (an array of tables), not [device]")
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"{source}: no devices: declare at least one [[device]] table")
+    if len(entries) > MAX_DEVICES:
+        raise ConfigError(f"{source}: {len(entries)} devices; at most {MAX_DEVICES} per VM")
+    return [_build(f"{source}: device #{i + 1}", e) for i, e in enumerate(entries)]
+
+
+_AT = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
+
+
+def read_config(path: str) -> dict[str, Any]:
+    """Parse the TOML file; a missing file or bad TOML is a one-line ConfigError."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except IsADirectoryError as exc:
+        raise ConfigError(f"config file {path} is a directory") from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (TOML must be UTF-8)") from exc
+    except tomllib.TOMLDecodeError as exc:
+        msg = str(exc)
+        m = _AT.search(msg)
+        if m:
+            line, col = m.groups()
+            raise ConfigError(
+                f"{path}:{line}:{col}: invalid TOML: {msg[: m.start()]} (line {line}, column {col})"
+            ) from exc
+        raise ConfigError(f"{path}: invalid TOML: {msg}") from exc
 
 
 def load_devices(path: str | None) -> list[Device]:
     """Devices for one VM: from the file when given, else the default set."""
     if path is None:
-        return devices_from_config({"device": [{"type": "echo"}]})
-    try:
-        with open(path, "rb") as f:
-            cfg = tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
-    return devices_from_config(cfg)
+        return devices_from_config(DEFAULT_CONFIG, "default config")
+    return devices_from_config(read_config(path), path)
+
+
+def devices_factory(path: str | None) -> Callable[[], list[Device]]:
+    """A fresh set of devices per VM session. The file is read and checked now (a bad
+    file fails before anything listens) and reused, so every VM sees the same config."""
+    cfg = DEFAULT_CONFIG if path is None else read_config(path)
+    source = "default config" if path is None else path
+    devices_from_config(cfg, source)
+    return lambda: devices_from_config(cfg, source)
