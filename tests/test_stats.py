@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 from e2e_support import guest, serve_process
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 from devices.echo import ECHO_IF_TYPE
 from vmbus.guest.workloads import echo_mixed
@@ -22,11 +24,17 @@ RING = 64 * 1024
 pytestmark = pytest.mark.timeout(60)
 
 
-def test_prometheus_rendering_is_exact_and_escaped() -> None:
+def _families(text: str) -> dict[str, Metric]:
+    """The exposition as prometheus-client's own parser reads it (by family name)."""
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def test_prometheus_rendering_parses_and_escapes() -> None:
     snap = {
         "vms": [
             {
                 "vm": 'odd"vm\\',
+                "session": "s1",
                 "vcpus": 2,
                 "version": "5.3",
                 "resets": 1,
@@ -43,18 +51,60 @@ def test_prometheus_rendering_is_exact_and_escaped() -> None:
         ]
     }
     text = render_prometheus(snap)
-    assert "vmbusd_vms 1\n" in text
-    assert 'vmbusd_channels_open{vm="odd\\"vm\\\\"} 1\n' in text
-    assert 'vmbusd_channel_resets_total{vm="odd\\"vm\\\\"} 1\n' in text
-    assert (
-        'vmbusd_channel_packets_in_total{vm="odd\\"vm\\\\",relid="3",device="echo",sub="0"} 7\n'
-        in text
-    )
     assert "# TYPE vmbusd_channel_wakeups_total counter\n" in text
-    # every sample line is NAME{labels} VALUE or NAME VALUE
-    for line in text.splitlines():
-        if not line.startswith("#"):
-            assert re.fullmatch(r"[a-z_]+(\{.*\})? \d+", line), line
+    fams = _families(text)
+    assert [s.value for s in fams["vmbusd_vms"].samples] == [1]
+    vm = {"vm": 'odd"vm\\', "session": "s1"}
+    assert [(s.labels, s.value) for s in fams["vmbusd_channels_open"].samples] == [(vm, 1)]
+    assert fams["vmbusd_channel_resets"].type == "counter"
+    assert [(s.name, s.labels, s.value) for s in fams["vmbusd_channel_resets"].samples] == [
+        ("vmbusd_channel_resets_total", vm, 1)
+    ]
+    (pin,) = fams["vmbusd_channel_packets_in"].samples
+    assert pin.labels == {**vm, "relid": "3", "device": "echo", "sub": "0"} and pin.value == 7
+    (bout,) = fams["vmbusd_channel_bytes_out"].samples  # a counter the snapshot lacks: 0
+    assert bout.value == 0
+    # OpenMetrics when the scraper asks for it, and it parses the same
+    om = render_prometheus(snap, "application/openmetrics-text; version=1.0.0")
+    assert om.endswith("# EOF\n")
+
+
+def _scrape(port: int) -> tuple[str, str]:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        body = b""
+        while chunk := s.recv(65536):
+            body += chunk
+    head, _, text = body.decode().partition("\r\n\r\n")
+    return head, text
+
+
+async def test_two_vms_with_one_name_get_distinct_series(tmp_path: Path) -> None:
+    """Two VMMs that both call their VM "sim": every series stays unique (session)."""
+    with serve_process(tmp_path, ["echo"], ("--metrics", "127.0.0.1:0")) as sp:
+        port = int(
+            re.search(
+                r"metrics on http://127.0.0.1:(\d+)/metrics", sp.wait_log("metrics on")
+            ).group(1)
+        )
+        async with guest(sp.path, vm_id="sim") as a, guest(sp.path, vm_id="sim") as b:
+            cha = await a.open_channel(a.find_offers(ECHO_IF_TYPE)[0], RING)
+            chb = await b.open_channel(b.find_offers(ECHO_IF_TYPE)[0], RING)
+            await echo_mixed(cha.channel, 30, 1000)
+            await echo_mixed(chb.channel, 50, 1000)
+            head, text = _scrape(port)
+            assert head.startswith("HTTP/1.1 200")
+            fams = _families(text)
+            opened = fams["vmbusd_channels_open"].samples
+            assert [s.labels["vm"] for s in opened] == ["sim", "sim"]
+            assert len({s.labels["session"] for s in opened}) == 2
+            for fam in fams.values():  # no two samples of a family share their labels
+                keys = [(s.name, tuple(sorted(s.labels.items()))) for s in fam.samples]
+                assert len(keys) == len(set(keys)), fam.name
+            pin = fams["vmbusd_channel_packets_in"].samples
+            assert sorted(s.value for s in pin) == [30, 50]
+            await a.close_channel(cha)
+            await b.close_channel(chb)
 
 
 async def test_stats_and_metrics_of_a_running_service(tmp_path: Path) -> None:
@@ -95,20 +145,20 @@ async def test_stats_and_metrics_of_a_running_service(tmp_path: Path) -> None:
                 timeout=20,
             )
             assert table.returncode == 0 and "stats-vm: VMBus 5.3" in table.stdout
+            assert f"session {vmsnap['session']}" in table.stdout
             assert f"{res.packets:,}" in table.stdout
 
-            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-                s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-                body = b""
-                while chunk := s.recv(65536):
-                    body += chunk
-            head, _, text = body.decode().partition("\r\n\r\n")
+            head, text = _scrape(port)
             assert head.startswith("HTTP/1.1 200") and "version=0.0.4" in head
-            want = (
-                f'vmbusd_channel_packets_in_total{{vm="stats-vm",relid="{offer.relid}",'
-                f'device="echo",sub="0"}} {res.packets}'
-            )
-            assert want in text
+            (pin,) = _families(text)["vmbusd_channel_packets_in"].samples
+            assert pin.value == res.packets
+            assert pin.labels == {
+                "vm": "stats-vm",
+                "session": vmsnap["session"],
+                "relid": str(offer.relid),
+                "device": "echo",
+                "sub": "0",
+            }
             with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
                 s.sendall(b"GET /other HTTP/1.1\r\n\r\n")
                 assert s.recv(100).startswith(b"HTTP/1.1 404")
@@ -119,4 +169,5 @@ async def test_stats_and_metrics_of_a_running_service(tmp_path: Path) -> None:
             text=True,
             timeout=20,
         )
-        assert bad.returncode == 1 and "cannot reach" in bad.stderr
+        assert bad.returncode == 2 and "nobody listens on" in bad.stderr
+        assert len(bad.stderr.splitlines()) == 1

@@ -63,6 +63,7 @@ class VmSession:
         self.conn = conn
         self.devices = list(devices)
         self.label = vm_label
+        self.session_id = uuid.uuid4().hex[:8]  # tells apart VMs that share a name
         self.memory = GuestMemory()
         self.bus: bus.VmBusServer | None = None
         self.device_of: dict[int, tuple[Device, int]] = {}  # relid -> (device, sub index)
@@ -510,40 +511,85 @@ async def serve_until_signalled(
     allowed_uids: set[int] | None = None,
     stats_path: str | None = None,
     metrics: tuple[str, int] | None = None,
-) -> None:
-    """Serve until SIGTERM or SIGINT, then shut down cleanly."""
+    announce: Callable[[str], None] = log.warning,
+) -> str:
+    """Serve until SIGTERM or SIGINT, then shut down cleanly; returns a one-line summary.
+
+    `announce` gets one line once every socket and port is bound (never before). A path
+    or port that cannot be used raises UserError; a stale socket file is replaced, a
+    live service's socket is refused. Every socket file is removed on the way out.
+    """
     from vmbus import stats
+    from vmbus.cliutil import UserError, claim_socket_path, describe_bind_error
 
     sessions: set[VmSession] = set()
 
     def snap() -> dict[str, object]:
-        return service_snapshot(sessions)
+        # `session` tells apart VMs that share a name (the VMM picks the name).
+        ordered = sorted(sessions, key=lambda s: (s.label, s.session_id))
+        return {"vms": [dict(s.snapshot(), session=s.session_id) for s in ordered]}
 
+    claim_socket_path(path, what="attach socket")
+    bound = False
+
+    async def listener(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await serve_listener(
+                path,
+                devices_factory,
+                allowed_uids=allowed_uids,
+                sessions=sessions,
+                task_status=task_status,
+            )
+        except OSError as exc:
+            if bound:
+                raise
+            raise UserError(describe_bind_error(path, exc, what="attach socket")) from exc
+
+    stopped_by = ""
+    attached = 0
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
-            await nursery.start(
-                lambda **kw: serve_listener(
-                    path, devices_factory, allowed_uids=allowed_uids, sessions=sessions, **kw
-                )
-            )
+            await nursery.start(listener)
+            bound = True
+            ready = [f"listening on {path}"]
             if stats_path:
                 await nursery.start(
                     lambda **kw: stats.serve_stats(
                         stats_path, snap, allowed_uids=allowed_uids, **kw
                     )
                 )
+                ready.append(f"stats on {stats_path}")
             if metrics:
                 port = await nursery.start(
                     lambda **kw: stats.serve_metrics(metrics[0], metrics[1], snap, **kw)
                 )
-                log.warning("metrics on http://%s:%d/metrics", metrics[0], port)
+                ready.append(f"metrics on http://{metrics[0]}:{port}/metrics")
+            announce("; ".join(ready))
             async for signum in signals:
-                log.warning("signal %d: shutting down", signum)
+                stopped_by = signal.Signals(signum).name
+                attached = len(sessions)
+                log.info("%s: shutting down", stopped_by)
                 nursery.cancel_scope.cancel()
                 break
+    return f"{stopped_by}: stopped; {attached} VM(s) were attached and told 'shutdown'"
 
 
-async def attach_to(path: str, devices: Sequence[Device]) -> None:
-    """`vmbusd attach PATH`: connect to a VMM that listens, serve its VM until it leaves."""
-    conn = await attach.connect(path)
-    await VmSession(conn, devices, vm_label=str(uuid.uuid4())[:8]).run()
+async def attach_to(path: str, devices: Sequence[Device]) -> str:
+    """`vmbusd attach PATH`: connect to a VMM that listens, serve its VM until it leaves
+    or SIGTERM/SIGINT; returns a one-line summary. Nobody listening is a UserError."""
+    from vmbus.cliutil import Stopped, UserError, describe_connect_error, run_until_signalled
+
+    try:
+        conn = await attach.connect(path)
+    except OSError as exc:
+        raise UserError(describe_connect_error(path, exc)) from exc
+    session = VmSession(conn, devices, vm_label=str(uuid.uuid4())[:8])
+    stopped = Stopped()
+    await run_until_signalled(session.run, stopped)
+    served = f"{len(session.closed_stats) + len(session.open)} channel(s) served"
+    if stopped.signum is not None:
+        return f"{stopped.name}: detached from VM {session.label} ({served}); VMM told 'shutdown'"
+    if session.peer is None:
+        raise UserError(f"{path}: the attach handshake failed (is it a VMM's attach socket?)")
+    return f"VM {session.label} ended the session ({served})"

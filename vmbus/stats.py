@@ -1,22 +1,29 @@
 """Counters out of a running service: a snapshot, its renderings, and two small servers.
 
 The snapshot is plain data (VMs, their open channels and counters); `render_table` and
-`render_prometheus` are pure functions of it. `serve_stats` answers one document per
+`render_prometheus` are pure functions of it (the latter through prometheus-client, so
+the exposition is the library's, not ours). `serve_stats` answers one document per
 connection on a private unix socket (`vmbusd stats PATH` reads it); `serve_metrics`
 is a minimal HTTP endpoint for Prometheus (`GET /metrics`), meant for loopback.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import socket as _stdsocket
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import trio
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from vmbus.cliutil import UserError, claim_socket_path, describe_bind_error, os_reason
 
 log = logging.getLogger(__name__)
 
@@ -51,46 +58,72 @@ CHANNEL_COUNTERS = (
 )
 
 
-def _label(v: object) -> str:
-    return str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+class SnapshotCollector(Collector):
+    """A prometheus-client collector over our snapshot: built at scrape time, so the
+    series are exactly the VMs and channels open now (a closed channel's go away).
 
+    Every series carries `vm` (the VMM's name for its VM, which need not be unique)
+    and `session` (unique per attach session), so two VMs both called "sim" never
+    collide."""
 
-def render_prometheus(snap: Snapshot) -> str:
-    """The Prometheus text exposition format (version 0.0.4)."""
-    out = [
-        "# HELP vmbusd_vms Attached VMs",
-        "# TYPE vmbusd_vms gauge",
-        f"vmbusd_vms {len(snap['vms'])}",
-        "# HELP vmbusd_channels_open Open channels",
-        "# TYPE vmbusd_channels_open gauge",
-    ]
-    for vm in snap["vms"]:
-        out.append(f'vmbusd_channels_open{{vm="{_label(vm["vm"])}"}} {len(vm["channels"])}')
-    out += [
-        "# HELP vmbusd_channel_resets_total Channels reset after the guest corrupted a ring",
-        "# TYPE vmbusd_channel_resets_total counter",
-    ]
-    for vm in snap["vms"]:
-        out.append(f'vmbusd_channel_resets_total{{vm="{_label(vm["vm"])}"}} {vm["resets"]}')
-    for key, name, help_ in CHANNEL_COUNTERS:
-        out += [f"# HELP {name} {help_}", f"# TYPE {name} counter"]
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._snapshot()
+        yield GaugeMetricFamily("vmbusd_vms", "Attached VMs", value=len(snap["vms"]))
+        vm_labels = ["vm", "session"]
+        open_ = GaugeMetricFamily("vmbusd_channels_open", "Open channels", labels=vm_labels)
+        resets = CounterMetricFamily(
+            "vmbusd_channel_resets_total",
+            "Channels reset after a ring error or a device failure",
+            labels=vm_labels,
+        )
         for vm in snap["vms"]:
-            for ch in vm["channels"]:
-                labels = (
-                    f'vm="{_label(vm["vm"])}",relid="{ch["relid"]}",'
-                    f'device="{_label(ch["device"])}",sub="{ch["sub_channel"]}"'
-                )
-                out.append(f"{name}{{{labels}}} {ch['stats'].get(key, 0)}")
-    return "\n".join(out) + "\n"
+            ident = [str(vm["vm"]), str(vm.get("session", ""))]
+            open_.add_metric(ident, len(vm["channels"]))
+            resets.add_metric(ident, vm["resets"])
+        yield open_
+        yield resets
+        ch_labels = [*vm_labels, "relid", "device", "sub"]
+        for key, name, help_ in CHANNEL_COUNTERS:
+            fam = CounterMetricFamily(name, help_, labels=ch_labels)
+            for vm in snap["vms"]:
+                for ch in vm["channels"]:
+                    fam.add_metric(
+                        [
+                            str(vm["vm"]),
+                            str(vm.get("session", "")),
+                            str(ch["relid"]),
+                            str(ch["device"]),
+                            str(ch["sub_channel"]),
+                        ],
+                        ch["stats"].get(key, 0),
+                    )
+            yield fam
+
+
+def _registry(snap: Callable[[], Snapshot]) -> CollectorRegistry:
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(SnapshotCollector(snap))
+    return reg
+
+
+def render_prometheus(snap: Snapshot, accept: str = "") -> str:
+    """The Prometheus exposition of a snapshot (text 0.0.4 unless `accept` asks for
+    OpenMetrics), written by prometheus-client."""
+    encoder, _ctype = choose_encoder(accept)
+    return encoder(_registry(lambda: snap)).decode()
 
 
 def render_table(snap: Snapshot) -> str:
     """A human table: one line per open channel."""
     lines = [f"{len(snap['vms'])} VM(s) attached"]
     for vm in snap["vms"]:
+        session = f", session {vm['session']}" if vm.get("session") else ""
         lines.append(
             f"\n{vm['vm']}: VMBus {vm['version']}, {vm['vcpus']} vCPU(s), "
-            f"{len(vm['channels'])} open channel(s), {vm['resets']} reset(s)"
+            f"{len(vm['channels'])} open channel(s), {vm['resets']} reset(s){session}"
         )
         if not vm["channels"]:
             continue
@@ -120,11 +153,11 @@ def render(snap: Snapshot, fmt: str) -> str:
 # -- servers -------------------------------------------------------------------------
 
 
-async def _read_request(stream: trio.SocketStream) -> bytes:
-    """Up to MAX_REQUEST bytes, until a blank line / newline or EOF, bounded in time."""
+async def _read_request(stream: trio.SocketStream, end: bytes = b"\n") -> bytes:
+    """Up to MAX_REQUEST bytes, until `end` or EOF, bounded in time."""
     buf = b""
     with trio.move_on_after(REQUEST_TIMEOUT_S):
-        while len(buf) < MAX_REQUEST and b"\n" not in buf:
+        while len(buf) < MAX_REQUEST and end not in buf:
             chunk = await stream.receive_some(MAX_REQUEST - len(buf))
             if not chunk:
                 break
@@ -145,15 +178,23 @@ async def serve_stats(
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """A private unix socket: a client writes 'json' or 'prometheus' and a newline, and
-    gets that document, then EOF. Same access rule as the attach socket."""
+    gets that document, then EOF. Same access rule as the attach socket.
+
+    A stale socket file at `path` is replaced; a live one (another service's) or any
+    other file is refused with a UserError. The file is removed when this ends."""
     allowed = set(allowed_uids) if allowed_uids is not None else {os.getuid()}
+    claim_socket_path(path, _stdsocket.SOCK_STREAM, what="stats socket")
     sock = trio.socket.socket(_stdsocket.AF_UNIX, _stdsocket.SOCK_STREAM)
-    if os.path.exists(path):
-        os.unlink(path)
-    os.fchmod(sock.fileno(), 0o600)
-    await sock.bind(path)
-    os.chmod(path, 0o600)
-    sock.listen(16)
+    try:
+        os.fchmod(sock.fileno(), 0o600)  # the file is born 0600 (see attach.listen)
+        await sock.bind(path)
+        os.chmod(path, 0o600)
+        sock.listen(16)
+    except OSError as exc:
+        sock.close()
+        raise UserError(describe_bind_error(path, exc, what="stats socket")) from exc
+    st = os.stat(path)
+    ours = (st.st_dev, st.st_ino)
     listener = trio.SocketListener(sock)
     task_status.started()
     try:
@@ -162,9 +203,13 @@ async def serve_stats(
                 stream = await listener.accept()
                 nursery.start_soon(_answer_stats, stream, snapshot, allowed)
     finally:
-        await listener.aclose()
+        # No await here: this runs cancelled (shutdown), and a checkpoint would raise
+        # before the file is gone. Remove it only while it is still ours.
+        sock.close()
         try:
-            os.unlink(path)
+            st = os.stat(path)
+            if (st.st_dev, st.st_ino) == ours:
+                os.unlink(path)
         except OSError:
             pass
 
@@ -193,8 +238,17 @@ async def serve_metrics(
     *,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """GET /metrics in the Prometheus format; anything else is 404. Started: the port."""
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    """GET /metrics in the Prometheus format; anything else is 404. Started: the port.
+
+    A port that cannot be bound (in use, privileged) is a UserError naming it."""
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        hint = " (another process uses it: choose another port, or 0 for any)"
+        raise UserError(
+            f"cannot serve metrics on {host}:{port}: {os_reason(exc)}"
+            + (hint if exc.errno == errno.EADDRINUSE else "")
+        ) from exc
     task_status.started(listeners[0].socket.getsockname()[1])
     await trio.serve_listeners(lambda s: _answer_http(s, snapshot), listeners)
 
@@ -202,13 +256,20 @@ async def serve_metrics(
 async def _answer_http(stream: trio.SocketStream, snapshot: Callable[[], Snapshot]) -> None:
     async with stream:
         try:
-            req = await _read_request(stream)
-            line = req.split(b"\r\n", 1)[0].split(b" ")
+            req = await _read_request(stream, b"\r\n\r\n")
+            head_lines = req.split(b"\r\n")
+            line = head_lines[0].split(b" ")
+            accept = ""
+            for h in head_lines[1:]:
+                name, _, value = h.partition(b":")
+                if name.strip().lower() == b"accept":
+                    accept = value.strip().decode("latin-1")
             if len(line) >= 2 and line[0] == b"GET" and line[1].split(b"?")[0] == b"/metrics":
-                body = render_prometheus(snapshot()).encode()
+                encoder, ctype = choose_encoder(accept)
+                body = encoder(_registry(snapshot))
                 head = (
                     "HTTP/1.1 200 OK\r\n"
-                    "Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
+                    f"Content-Type: {ctype}\r\n"
                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
                 )
             else:
