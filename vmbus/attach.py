@@ -662,8 +662,11 @@ class AttachConnection:
         logged at debug level: one line per rejection. A peer that sent ``error``
         itself gets nothing back (neither side answers an ``error``): just the close.
         """
+        level = logging.DEBUG if quiet else logging.WARNING
+        if code == ErrorCode.SHUTDOWN and not quiet:  # a planned detach (SIGTERM) is routine
+            level = logging.INFO
         log.log(
-            logging.DEBUG if quiet else logging.WARNING,
+            level,
             "attach: closing connection to %s: %s: %s",
             self._who(),
             code,

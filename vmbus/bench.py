@@ -15,13 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
+
+from vmbus.cliutil import Interrupted, UserError
 
 SIZES = [64, 256, 1024, 4096, 16384, 65536]
 RING_SIZE = 4 << 20  # per direction: room for a window of 64 KiB packets
@@ -31,6 +35,7 @@ SOCKPAIR_BUF = 65536 + 64
 SOCKPAIR_INFLIGHT = RING_SIZE // 2
 SOCKPAIR_SOCKBUF = 4 * RING_SIZE  # per socket, with room for per-message overhead
 SOCKPAIR_MSG_OVERHEAD = 1024  # kernel bookkeeping per queued datagram (skb truesize)
+PROGRESS_PREFIX = "progress: "  # a VM child's stderr line that announces a point
 
 
 # -- orchestrator ------------------------------------------------------------------
@@ -78,61 +83,87 @@ def _big_buffers(s: socket.socket) -> None:
             s.setsockopt(socket.SOL_SOCKET, plain, SOCKPAIR_SOCKBUF)
 
 
-def _run_pair(impl: str, sizes: list[int], seconds: float) -> list[dict[str, Any]]:
-    """Start host + VM children with VMBUSD_NATIVE set for `impl`; collect their records."""
+def _run_pair(
+    impl: str, sizes: list[int], seconds: float, progress: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    """Start host + VM children with VMBUSD_NATIVE set for `impl`; collect their records.
+
+    The children run in their own session, so a Ctrl-C on the terminal reaches only
+    this orchestrator, which stops them (whatever stops it, they never outlive it)."""
     env = dict(os.environ, VMBUSD_NATIVE="1" if impl == "native" else "0")
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     for s in (a, b):
         _big_buffers(s)
-    with tempfile.TemporaryDirectory(prefix="vmbusd-bench-") as tmp:
-        path = os.path.join(tmp, "vmbusd.sock")
-        host = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "vmbus.bench",
-                "host",
-                "--listen",
-                path,
-                "--sockfd",
-                str(a.fileno()),
-            ],
-            env=env,
-            pass_fds=[a.fileno()],
-            stdout=subprocess.PIPE,
-        )
-        deadline = time.monotonic() + 30
-        while not os.path.exists(path):
-            if host.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("bench host did not start")
-            time.sleep(0.02)
-        vm = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "vmbus.bench",
-                "vm",
-                "--connect",
-                path,
-                "--sockfd",
-                str(b.fileno()),
-                "--seconds",
-                str(seconds),
-                "--sizes",
-                ",".join(map(str, sizes)),
-                "--impl",
-                impl,
-                "--socketpair",
-                "1" if impl == "native" else "0",
-            ],
-            env=env,
-            pass_fds=[b.fileno()],
-            stdout=subprocess.PIPE,
-        )
+    children: list[subprocess.Popen[bytes]] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="vmbusd-bench-") as tmp:
+            path = os.path.join(tmp, "vmbusd.sock")
+            host = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "vmbus.bench",
+                    "host",
+                    "--listen",
+                    path,
+                    "--sockfd",
+                    str(a.fileno()),
+                ],
+                env=env,
+                pass_fds=[a.fileno()],
+                stdout=subprocess.PIPE,
+                start_new_session=True,
+            )
+            children.append(host)
+            deadline = time.monotonic() + 30
+            while not os.path.exists(path):
+                if host.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("bench host did not start")
+                time.sleep(0.02)
+            vm = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "vmbus.bench",
+                    "vm",
+                    "--connect",
+                    path,
+                    "--sockfd",
+                    str(b.fileno()),
+                    "--seconds",
+                    str(seconds),
+                    "--sizes",
+                    ",".join(map(str, sizes)),
+                    "--impl",
+                    impl,
+                    "--socketpair",
+                    "1" if impl == "native" else "0",
+                ],
+                env=env,
+                pass_fds=[b.fileno()],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
+            children.append(vm)
+            a.close()
+            b.close()
+            assert vm.stderr is not None
+            for raw in vm.stderr:  # progress lines; anything else is passed through
+                line = raw.decode(errors="replace").rstrip("\n")
+                if line.startswith(PROGRESS_PREFIX):
+                    progress(line[len(PROGRESS_PREFIX) :])
+                else:
+                    print(line, file=sys.stderr, flush=True)
+            vm_out, _ = vm.communicate(timeout=600)
+            host_out, _ = host.communicate(timeout=60)
+    finally:
         a.close()
         b.close()
-        vm_out, _ = vm.communicate(timeout=600)
-        host_out, _ = host.communicate(timeout=60)
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
     if vm.returncode != 0:
         raise RuntimeError(f"bench VM ({impl}) failed with status {vm.returncode}")
     guest = json.loads(vm_out.decode().strip().splitlines()[-1])
@@ -222,6 +253,80 @@ def write_plot(records: list[dict[str, Any]], path: str) -> None:
     plt.close(fig)
 
 
+def check_writable(path: str, what: str) -> None:
+    """Refuse, before a run of minutes, an output path that cannot be written.
+
+    Nothing is truncated: an existing file is opened for update and left as it is; a
+    new one is tried as a temporary file beside it (catches read-only file systems,
+    which a permission check alone does not)."""
+    target = os.path.abspath(path)
+    parent = os.path.dirname(target)
+    if os.path.isdir(target):
+        raise UserError(f"{what} {path} is a directory; name a file")
+    if not os.path.isdir(parent):
+        raise UserError(f"cannot write {what} {path}: directory {parent} does not exist")
+    try:
+        if os.path.exists(target):
+            with open(target, "r+b"):
+                pass
+        else:
+            fd, probe = tempfile.mkstemp(dir=parent, prefix=".vmbusd-bench-")
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        raise UserError(f"cannot write {what} {path}: cannot create a file there ({why})") from exc
+
+
+class _Progress:
+    """A progress bar (rich) on a terminal; plain `bench: ...` lines otherwise."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.done = 0
+        self._bar: Any = None
+        if sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self._bar = Progress(
+                TextColumn("bench ring"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("{task.description}"),
+                console=Console(file=sys.stderr),
+                transient=True,
+            )
+            self._task = self._bar.add_task("", total=total)
+            self._bar.start()
+
+    def step(self, what: str) -> None:
+        """One point starts (each is announced as it starts)."""
+        if self.done:
+            self._advance()
+        self.done += 1
+        if self._bar is not None:
+            self._bar.update(self._task, description=what)
+        else:
+            _log(f"[{self.done}/{self.total}] {what}")
+
+    def _advance(self) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._task)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._advance()
+            self._bar.stop()
+
+
 def run_bench(
     what: str,
     *,
@@ -230,21 +335,42 @@ def run_bench(
     seconds: float | None = None,
     plot_path: str | None = None,
 ) -> int:
+    """The ring benchmark. Bad options are refused before the run (UserError);
+    SIGTERM/Ctrl-C stops the children and writes nothing."""
     if what != "ring":
-        print(f"unknown benchmark {what!r}", file=sys.stderr)
-        return 2
+        raise UserError(f"unknown benchmark {what!r}; there is: ring")
     if seconds is None:
         seconds = QUICK_SECONDS if quick else FULL_SECONDS
+    if not seconds > 0:
+        raise UserError(f"--seconds must be more than 0, got {seconds}")
+    if json_path:
+        check_writable(json_path, "--json")
+    if plot_path:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError as exc:
+            raise UserError("--plot needs matplotlib: pip install -e '.[bench]'") from exc
+        check_writable(plot_path, "--plot")
     records: list[dict[str, Any]] = []
-    for size in SIZES:
-        _log(f"memcpy {size} B")
-        records.append(memcpy_baseline(size, seconds))
-    for impl in ("native", "python"):
-        _log(
-            f"{impl}: two processes, {len(SIZES)} sizes x {seconds} s"
-            + (" (+ socketpair baseline)" if impl == "native" else "")
+    # memcpy per size; native: socketpair + ring per size; python: ring per size
+    progress = _Progress(4 * len(SIZES))
+    try:
+        for size in SIZES:
+            progress.step(f"memcpy {size} B")
+            records.append(memcpy_baseline(size, seconds))
+        for impl in ("native", "python"):
+            records.extend(_run_pair(impl, SIZES, seconds, progress.step))
+    except (Interrupted, KeyboardInterrupt) as exc:
+        stop = exc if isinstance(exc, Interrupted) else Interrupted(signal.SIGINT)
+        stop.summary = (
+            f"stopped at point {progress.done} of {progress.total}; children stopped, "
+            "nothing written"
         )
-        records.extend(_run_pair(impl, SIZES, seconds))
+        if stop is exc:
+            raise
+        raise stop from None
+    finally:
+        progress.close()
     print(_table(records))
     print(
         f"\n(ring: {RING_SIZE // 1024} KiB per direction; {seconds} s per point; "
@@ -351,6 +477,7 @@ def vm_main(args: argparse.Namespace) -> int:
     records: list[dict[str, Any]] = []
     if args.socketpair == "1":
         for size in sizes:
+            print(f"{PROGRESS_PREFIX}socketpair {size} B", file=sys.stderr, flush=True)
             records.append(_sockpair_client(args.sockfd, size, args.seconds))
     os.close(args.sockfd)
 
@@ -361,7 +488,7 @@ def vm_main(args: argparse.Namespace) -> int:
             await vm.start(conn, nursery)
             offer = vm.find_offers(ECHO_IF_TYPE)[0]
             for size in sizes:
-                print(f"bench: {args.impl} {size} B", file=sys.stderr, flush=True)
+                print(f"{PROGRESS_PREFIX}{args.impl} {size} B", file=sys.stderr, flush=True)
                 gch = await vm.open_channel(offer, RING_SIZE)
                 res = await echo_fixed(gch.channel, size, seconds=args.seconds)
                 await vm.close_channel(gch)

@@ -1,14 +1,31 @@
-"""`vmbusd`: the one command (serve, attach, vm, demo, bench)."""
+"""`vmbusd`: the one command (serve, attach, vm, demo, bench, stats, plugins).
+
+Errors a user can fix are `UserError`s raised where they are found; `main` is the one
+place that turns them into a single line on stderr and exit status 2 (unwrapping
+trio's ExceptionGroups), and SIGTERM/SIGINT into a one-line summary.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import signal
 import sys
+import textwrap
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
+from typing import NoReturn
 
 import trio
+
+from vmbus.cliutil import (
+    Interrupted,
+    UserError,
+    raise_interrupted,
+    stop_signal,
+    user_message,
+)
 
 DESCRIPTION = """\
 vmbusd serves Hyper-V VMBus devices to a VM's guest: it attaches to the VM's VMM
@@ -24,55 +41,139 @@ examples:
   vmbusd vm --listen /tmp/vm.sock & vmbusd attach /tmp/vm.sock
   vmbusd bench ring --quick --json ring.json
   vmbusd serve --listen /run/vmbusd.sock --stats /run/vmbusd.stats & vmbusd stats /run/vmbusd.stats
+  vmbusd plugins                       devices and backends installed as plug-ins
+
+Mistakes (a bad config, a busy socket, a port in use) exit with status 2 and one line
+on stderr. SIGTERM or Ctrl-C stops any command cleanly with a one-line summary.
 """
 
-
-def _devices_factory(config: str | None):
-    """A fresh set of devices per VM session, from --config or the default."""
-    from vmbus.config import load_devices
-
-    load_devices(config)  # fail early, before listening, on a bad file
-    return lambda: load_devices(config)
+EXIT_USAGE = 2  # the user's mistake: one line on stderr says which
 
 
-def _setup_logging(verbose: int) -> None:
-    level = logging.WARNING - 10 * verbose
+def _version() -> str:
+    try:
+        return version("vmbusd")
+    except PackageNotFoundError:  # run from a tree that was never installed
+        return "unknown (not installed)"
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps our paragraphs as written and shows every option's default.
+
+    An option whose default is None or False says what that means in its own help
+    (`default: ...`), which this formatter then leaves alone."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS:
+            return text
+        if action.default is None or action.default is False:
+            return text
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (and exit 2), like every other mistake."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
+def parse_hostport(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """`[HOST:]PORT` as --metrics takes it; a bad one is a UserError saying the form."""
+    host, _, port = text.rpartition(":")
+    host = host.strip("[]") or default_host
+    try:
+        num = int(port)
+    except ValueError:
+        num = -1
+    if not 0 <= num <= 65535:
+        raise UserError(
+            f"--metrics {text!r}: expected [HOST:]PORT with PORT 0..65535, "
+            "e.g. 9464 or 127.0.0.1:9464"
+        )
+    return host, num
+
+
+def _setup_logging(verbosity: int) -> None:
+    """0: warnings and errors; -v: info; -vv: debug; -q: errors only; -qq: nothing."""
+    level = {-2: logging.CRITICAL + 10, -1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}
     logging.basicConfig(
-        level=max(level, logging.DEBUG),
+        level=level.get(verbosity, logging.DEBUG if verbosity > 0 else logging.CRITICAL + 10),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+class _Say:
+    """Status lines for the user (on stderr): shown unless -q."""
+
+    def __init__(self, prog: str, quiet: bool) -> None:
+        self.prog = prog
+        self.quiet = quiet
+
+    def __call__(self, line: str) -> None:
+        if not self.quiet:
+            print(f"{self.prog}: {line}", file=sys.stderr, flush=True)
+
+
+# -- commands ------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace, say: _Say) -> int:
+    from vmbus.config import devices_factory
     from vmbus.server import serve_until_signalled
 
     uids = set(args.allow_uid) if args.allow_uid else None
-    factory = _devices_factory(args.config)
-    metrics = None
-    if args.metrics:
-        host, _, port = args.metrics.rpartition(":")
-        metrics = (host or "127.0.0.1", int(port))
-    print(f"vmbusd: listening on {args.listen}", file=sys.stderr)
-    trio.run(
+    factory = devices_factory(args.config)  # a bad file fails here, before any socket
+    metrics = parse_hostport(args.metrics) if args.metrics else None
+    summary = trio.run(
         lambda: serve_until_signalled(
-            args.listen, factory, allowed_uids=uids, stats_path=args.stats, metrics=metrics
+            args.listen,
+            factory,
+            allowed_uids=uids,
+            stats_path=args.stats,
+            metrics=metrics,
+            announce=say,
         )
     )
+    say(summary)
     return 0
 
 
-def cmd_stats(args: argparse.Namespace) -> int:
+def cmd_stats(args: argparse.Namespace, say: _Say) -> int:
     import json
 
     from vmbus import stats
+    from vmbus.cliutil import describe_connect_error
 
     fmt = "prometheus" if args.prometheus else "json"
     try:
         text = stats.fetch(args.path, fmt)
     except OSError as exc:
-        print(f"vmbusd stats: cannot reach {args.path}: {exc}", file=sys.stderr)
-        return 1
+        raise UserError(
+            f"{describe_connect_error(args.path, exc)} (is `vmbusd serve --stats PATH` running?)"
+        ) from exc
     if args.json or args.prometheus:
         print(text, end="" if text.endswith("\n") else "\n")
     else:
@@ -80,14 +181,16 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_attach(args: argparse.Namespace) -> int:
+def cmd_attach(args: argparse.Namespace, say: _Say) -> int:
+    from vmbus.config import load_devices
     from vmbus.server import attach_to
 
-    trio.run(attach_to, args.path, _devices_factory(args.config)())
+    devices = load_devices(args.config)
+    say(trio.run(attach_to, args.path, devices))
     return 0
 
 
-def cmd_vm(args: argparse.Namespace) -> int:
+def cmd_vm(args: argparse.Namespace, say: _Say) -> int:
     from vmbus.guest.main import run_vm
 
     return trio.run(
@@ -98,17 +201,18 @@ def cmd_vm(args: argparse.Namespace) -> int:
             packets=args.packets,
             ring_size=args.ring_size,
             json_out=args.json,
+            say=say,
         )
     )
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def cmd_demo(args: argparse.Namespace, say: _Say) -> int:
     from vmbus.demo import run_demo
 
     return run_demo(packets=args.packets, ring_size=args.ring_size)
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def cmd_bench(args: argparse.Namespace, say: _Say) -> int:
     from vmbus.bench import run_bench
 
     return run_bench(
@@ -116,53 +220,121 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_plugins(args: argparse.Namespace, say: _Say) -> int:
+    from vmbus import plugins
+
+    found = plugins.installed()
+    rows = [("GROUP", "NAME", "TARGET", "PACKAGE")]
+    rows += [(p.group, p.name, p.target, p.package) for p in found]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        print(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}")
+    empty = [g for g in plugins.GROUPS if not any(p.group == g for p in found)]
+    if empty:
+        print(f"(nothing installed in: {', '.join(empty)})")
+    return 0
+
+
+# -- the parser ------------------------------------------------------------------------
+
+
+def _loudness() -> argparse.ArgumentParser:
+    """-v/-q, accepted before or after the command (SUPPRESS: the sub-command's own
+    default must not undo a -v given before it)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=argparse.SUPPRESS,
+        help="more logging: -v info, -vv debug (default: warnings and errors)",
+    )
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="count",
+        default=argparse.SUPPRESS,
+        help="less: -q errors only and no status lines, -qq nothing (default: off)",
+    )
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    loud = _loudness()
+    p = _Parser(
         prog="vmbusd",
         description=DESCRIPTION,
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_Formatter,
+        parents=[loud],
     )
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    p.add_argument("--version", action="version", version=f"vmbusd {_version()}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND", parser_class=_Parser)
 
-    s = sub.add_parser("serve", help="run the service and accept VMMs on a socket")
-    s.description = (
+    def add(name: str, help_: str, description: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=help_,
+            description=textwrap.fill(description, 88),
+            formatter_class=_Formatter,
+            parents=[loud],
+        )
+
+    s = add(
+        "serve",
+        "run the service and accept VMMs on a socket",
         "Listen on an AF_UNIX SOCK_SEQPACKET socket (created 0600) and serve every VMM that "
-        "connects, each as one isolated VM session with the default devices."
+        "connects, each as one isolated VM session. A stale socket file at PATH is replaced; "
+        "a live service's is refused. SIGTERM or Ctrl-C detaches every VM cleanly and "
+        "removes the sockets.",
     )
     s.add_argument("--listen", required=True, metavar="PATH", help="socket path to create")
     s.add_argument(
         "--stats",
         metavar="PATH",
-        help="also answer `vmbusd stats PATH` on this socket (0600, same allowed uids)",
+        help="also answer `vmbusd stats PATH` on this socket (0600, same allowed uids) "
+        "(default: no stats socket)",
     )
     s.add_argument(
         "--metrics",
         metavar="[HOST:]PORT",
-        help="serve Prometheus metrics at http://HOST:PORT/metrics (default host 127.0.0.1)",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics; HOST defaults to "
+        "127.0.0.1, PORT 0 picks a free one (default: no metrics endpoint)",
     )
     s.add_argument(
         "--allow-uid",
         action="append",
         type=int,
         metavar="UID",
-        help="peer uid allowed to connect (repeatable; default: our own uid)",
+        help="peer uid allowed to connect, repeatable (default: our own uid)",
     )
-    s.add_argument("--config", metavar="FILE", help="TOML file listing each VM's devices")
+    s.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML file listing each VM's devices (default: one echo device)",
+    )
     s.set_defaults(func=cmd_serve)
 
-    a = sub.add_parser("attach", help="connect to a VMM that listens and serve its VM")
-    a.description = "Connect to a VM's attach socket and serve it until the VMM disconnects."
+    a = add(
+        "attach",
+        "connect to a VMM that listens and serve its VM",
+        "Connect to a VM's attach socket and serve it until the VMM disconnects, or until "
+        "SIGTERM/Ctrl-C (then the VMM is told 'shutdown').",
+    )
     a.add_argument("path", metavar="PATH", help="the VMM's attach socket")
-    a.add_argument("--config", metavar="FILE", help="TOML file listing the VM's devices")
+    a.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML file listing the VM's devices (default: one echo device)",
+    )
     a.set_defaults(func=cmd_attach)
 
-    v = sub.add_parser("vm", help="run the simulated VM (VMM + guest VMBus client)")
-    v.description = (
+    v = add(
+        "vm",
+        "run the simulated VM (VMM + guest VMBus client)",
         "Start a simulated VM: guest RAM in a memfd, the VMM side of the attach protocol, and "
         "a guest VMBus client that behaves like Linux hv_vmbus. Exactly one of --listen or "
-        "--connect."
+        "--connect. Prints a one-line summary when done.",
     )
     g = v.add_mutually_exclusive_group(required=True)
     g.add_argument("--listen", metavar="PATH", help="listen for vmbusd (`vmbusd attach PATH`)")
@@ -171,58 +343,113 @@ def build_parser() -> argparse.ArgumentParser:
         "--workload",
         choices=["echo", "idle"],
         default="echo",
-        help="echo: push mixed-size traffic through every echo channel and verify it; "
-        "idle: negotiate, open channels, wait for Ctrl-C",
+        help="echo: push mixed-size traffic through every echo channel, verify it, exit; "
+        "idle: negotiate, open every offered channel, wait for SIGTERM or Ctrl-C",
     )
-    v.add_argument("--packets", type=int, default=20000, help="echo packets to send")
-    v.add_argument("--ring-size", type=int, default=256 * 1024, help="bytes per ring direction")
-    v.add_argument("--json", metavar="FILE", help="write the summary as JSON ('-' = stdout)")
+    v.add_argument("--packets", type=_positive_int, default=20000, help="echo packets to send")
+    v.add_argument(
+        "--ring-size", type=_positive_int, default=256 * 1024, help="bytes per ring direction"
+    )
+    v.add_argument(
+        "--json",
+        metavar="FILE",
+        help="also write the summary as JSON, '-' = stdout (default: no JSON)",
+    )
     v.set_defaults(func=cmd_vm)
 
-    d = sub.add_parser("demo", help="vmbusd and a simulated VM as two processes, echo traffic")
-    d.description = (
+    d = add(
+        "demo",
+        "vmbusd and a simulated VM as two processes, echo traffic",
         "Build-free end-to-end check: start the service and a simulated VM as two processes "
         "joined by the attach protocol, negotiate VMBus, open an echo channel, push traffic of "
         "mixed sizes (1 byte to a quarter of the ring) both ways, verify every byte and the "
-        "order, print a summary. Exit status 0 only if everything matched."
+        "order, print a summary. Exit status 0 only if everything matched.",
     )
-    d.add_argument("--packets", type=int, default=20000, help="packets to echo")
-    d.add_argument("--ring-size", type=int, default=256 * 1024, help="bytes per ring direction")
+    d.add_argument("--packets", type=_positive_int, default=20000, help="packets to echo")
+    d.add_argument(
+        "--ring-size", type=_positive_int, default=256 * 1024, help="bytes per ring direction"
+    )
     d.set_defaults(func=cmd_demo)
 
-    t = sub.add_parser("stats", help="show a running service's per-channel counters")
-    t.description = (
+    t = add(
+        "stats",
+        "show a running service's per-channel counters",
         "Read the counters of `vmbusd serve --stats PATH`: every attached VM and open "
-        "channel with packets, bytes, wake-ups, signals and ring-space waits."
+        "channel with packets, bytes, wake-ups, signals and ring-space waits.",
     )
     t.add_argument("path", metavar="PATH", help="the service's --stats socket")
     g2 = t.add_mutually_exclusive_group()
-    g2.add_argument("--json", action="store_true", help="print the raw JSON snapshot")
-    g2.add_argument("--prometheus", action="store_true", help="print Prometheus text format")
+    g2.add_argument(
+        "--json", action="store_true", help="print the raw JSON snapshot (default: a table)"
+    )
+    g2.add_argument(
+        "--prometheus",
+        action="store_true",
+        help="print Prometheus text format (default: a table)",
+    )
     t.set_defaults(func=cmd_stats)
 
-    b = sub.add_parser("bench", help="benchmarks (ring)")
-    b.description = (
+    b = add(
+        "bench",
+        "benchmarks (ring)",
         "ring: guest -> host -> guest echo through a real channel between two processes at "
         "64 B..64 KiB, native and pure-Python, with memcpy and AF_UNIX socketpair baselines "
-        "measured in the same run."
+        "measured in the same run. A progress bar on a terminal, plain lines otherwise.",
     )
     b.add_argument("what", choices=["ring"], help="which benchmark")
-    b.add_argument("--quick", action="store_true", help="short run (under 30 s)")
-    b.add_argument("--json", metavar="FILE", help="write the records as JSON")
     b.add_argument(
-        "--seconds", type=float, metavar="S", help="seconds per point (overrides --quick)"
+        "--quick", action="store_true", help="short run, under 30 s (default: full, 2 s a point)"
     )
-    b.add_argument("--plot", metavar="PNG", help="also draw the results (needs the bench extra)")
+    b.add_argument("--json", metavar="FILE", help="write the records as JSON (default: print only)")
+    b.add_argument(
+        "--seconds",
+        type=_positive_float,
+        metavar="S",
+        help="seconds per point, overrides --quick (default: 2, or 0.4 with --quick)",
+    )
+    b.add_argument(
+        "--plot",
+        metavar="PNG",
+        help="also draw the results, needs the bench extra (default: no plot)",
+    )
     b.set_defaults(func=cmd_bench)
+
+    pl = add(
+        "plugins",
+        "list the devices and backends installed as plug-ins",
+        "Every entry point in the groups vmbusd loads plug-ins from (vmbusd.devices, "
+        "vmbusd.disk_backends, vmbusd.net_backends): group, name, the module:object it "
+        "names, and the package that registered it. A config's `type = NAME` picks one.",
+    )
+    pl.set_defaults(func=cmd_plugins)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. Exit 0 on success, 2 on a user's mistake (one line on stderr),
+    128+signal when SIGTERM/SIGINT cut a finite job short; a bug keeps its traceback."""
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    verbose, quiet = getattr(args, "verbose", 0), getattr(args, "quiet", 0)
+    _setup_logging(verbose - quiet)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    return int(args.func(args) or 0)
+    prog = f"vmbusd {args.cmd}"
+    say = _Say(prog, quiet=quiet > 0)
+    # SIGTERM outside trio (bench, start-up) stops like Ctrl-C: `finally` blocks run.
+    signal.signal(signal.SIGTERM, raise_interrupted)
+    try:
+        return int(args.func(args, say) or 0)
+    except BaseException as exc:
+        msg = user_message(exc)
+        if msg is not None:
+            print(f"{prog}: {msg}", file=sys.stderr, flush=True)
+            return EXIT_USAGE
+        stop = stop_signal(exc)
+        if stop is None:
+            raise
+        signum = stop.signum if isinstance(stop, Interrupted) else signal.SIGINT
+        summary = (stop.summary if isinstance(stop, Interrupted) else "") or "stopped"
+        print(f"{prog}: {signal.Signals(signum).name}: {summary}", file=sys.stderr, flush=True)
+        return 128 + signum
 
 
 if __name__ == "__main__":

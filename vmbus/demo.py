@@ -7,19 +7,21 @@ import os
 import subprocess
 import sys
 import tempfile
+from functools import partial
 from typing import Any
 
 import trio
 
 from devices.echo import EchoDevice
 from vmbus import attach
+from vmbus.cliutil import Stopped, run_until_signalled
 from vmbus.server import VmSession
 
 DEMO_TIMEOUT_S = 120
 
 
 def vm_command(path: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "vmbus.cli", "vm", "--connect", path, *extra]
+    return [sys.executable, "-m", "vmbus.cli", "-q", "vm", "--connect", path, *extra]
 
 
 async def _demo(packets: int, ring_size: int) -> int:
@@ -32,21 +34,35 @@ async def _demo(packets: int, ring_size: int) -> int:
         )
         out: dict[str, Any] = {}
         session: VmSession | None = None
-        with trio.fail_after(DEMO_TIMEOUT_S):
-            async with trio.open_nursery() as nursery:
-                proc = await nursery.start(
-                    lambda **kw: trio.run_process(cmd, capture_stdout=True, check=False, **kw)
-                )
-                conn = await listener.accept()
-                await listener.aclose()
-                session = VmSession(conn, [EchoDevice()], vm_label="demo-vm")
-                await session.run()
+        try:
+            with trio.fail_after(DEMO_TIMEOUT_S):
+                async with trio.open_nursery() as nursery:
+                    # Its own session: a Ctrl-C reaches the demo only, which stops the VM
+                    # (SIGTERM, trio's run_process on cancel) and reports once.
+                    proc = await nursery.start(
+                        lambda **kw: trio.run_process(
+                            cmd,
+                            capture_stdout=True,
+                            capture_stderr=True,
+                            check=False,
+                            start_new_session=True,
+                            **kw,
+                        )
+                    )
+                    conn = await listener.accept()
+                    await listener.aclose()
+                    session = VmSession(conn, [EchoDevice()], vm_label="demo-vm")
+                    await session.run()
+        finally:
+            await listener.aclose()
         try:
             with open(out_path) as f:
                 out = json.load(f)
         except (OSError, json.JSONDecodeError):
             out = {}
     assert session is not None
+    if proc.returncode != 0 and proc.stderr:
+        sys.stderr.write(proc.stderr.decode(errors="replace"))
     return _report(out, proc.returncode, session)
 
 
@@ -83,11 +99,22 @@ def _report(out: dict[str, Any], rc: int, session: VmSession) -> int:
 
 
 def run_demo(packets: int = 20000, ring_size: int = 256 * 1024) -> int:
+    """Exit status: 0 verified, 1 failed, 128+signal when SIGTERM/Ctrl-C cut it short
+    (the simulated VM is stopped and the temporary socket directory removed)."""
+    stopped = Stopped()
     try:
-        return trio.run(_demo, packets, ring_size)
+        status = trio.run(run_until_signalled, partial(_demo, packets, ring_size), stopped)
     except trio.TooSlowError:
         print(f"vmbusd demo: FAILED: no result within {DEMO_TIMEOUT_S} s", file=sys.stderr)
         return 1
     except (attach.AttachError, OSError, subprocess.SubprocessError) as exc:
         print(f"vmbusd demo: FAILED: {exc}", file=sys.stderr)
         return 1
+    if stopped.signum is not None:
+        print(
+            f"vmbusd demo: {stopped.name}: stopped before the end; nothing verified",
+            file=sys.stderr,
+        )
+        return 128 + stopped.signum
+    assert status is not None
+    return status

@@ -1,20 +1,38 @@
-"""`vmbusd vm`: run the simulated VM with a workload, print or write a summary."""
+"""`vmbusd vm`: run the simulated VM with a workload, print or write a summary.
+
+SIGTERM or Ctrl-C stops it the way a guest shuts down: its open channels are closed
+and VMBus is unloaded (bounded in time), a --listen socket file is removed, and one
+line says what was cut short.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import trio
 
 from vmbus import attach
+from vmbus.cliutil import (
+    STOP_SIGNALS,
+    Stopped,
+    UserError,
+    claim_socket_path,
+    describe_bind_error,
+    describe_connect_error,
+)
 from vmbus.guest.drivers import driver_for
-from vmbus.guest.vm import SimulatedVm
+from vmbus.guest.vm import GuestChannel, GuestError, SimulatedVm
 from vmbus.guest.workloads import EchoMismatch
 
 log = logging.getLogger(__name__)
+
+LEAVE_TIMEOUT_S = 5.0  # closing channels and unloading on a signal, at most
+IDLE_POLL_S = 0.2  # how often an idle VM looks whether vmbusd has left
 
 
 def version_str(v: int | None) -> str:
@@ -22,14 +40,22 @@ def version_str(v: int | None) -> str:
 
 
 async def _connection(listen: str | None, connect: str | None) -> attach.AttachConnection:
+    """Connect to a listening vmbusd, or listen for one; a bad path is a UserError."""
     if connect:
-        return await attach.connect(connect)
+        try:
+            return await attach.connect(connect)
+        except OSError as exc:
+            raise UserError(describe_connect_error(connect, exc)) from exc
     assert listen
-    listener = await attach.listen(listen)
+    claim_socket_path(listen, what="attach socket")
+    try:
+        listener = await attach.listen(listen)
+    except OSError as exc:
+        raise UserError(describe_bind_error(listen, exc, what="attach socket")) from exc
     try:
         return await listener.accept()
     finally:
-        await listener.aclose()
+        await listener.aclose()  # removes the socket file before its checkpoint
 
 
 async def run_drivers(vm: SimulatedVm, packets: int, ring_size: int) -> dict[str, Any]:
@@ -48,6 +74,57 @@ async def run_drivers(vm: SimulatedVm, packets: int, ring_size: int) -> dict[str
     return {"channels": results}
 
 
+async def _open_all(vm: SimulatedVm, ring_size: int) -> list[GuestChannel]:
+    """The idle workload: open every channel the host offered, as a guest's drivers would."""
+    opened = []
+    for offer in sorted(vm.offers.values(), key=lambda o: o.relid):
+        if not offer.rescinded:
+            opened.append(await vm.open_channel(offer, ring_size))
+    return opened
+
+
+def _drop_channels(vm: SimulatedVm) -> None:
+    """Let go of our side of every channel without telling anyone (the peer is gone)."""
+    for gch in list(vm.channels.values()):
+        gch.channel.release()
+        gch.mapping.close()
+    vm.channels.clear()
+
+
+async def _leave(vm: SimulatedVm) -> int:
+    """A guest shutting down: close what is open, unload VMBus. Bounded; returns how
+    many channels were closed. With vmbusd gone, only our side is released."""
+    closed = 0
+    try:
+        with trio.move_on_after(LEAVE_TIMEOUT_S):
+            for gch in list(vm.channels.values()):
+                if vm.closed_reason is not None:
+                    break
+                await vm.close_channel(gch)
+                closed += 1
+            if vm.version is not None and vm.closed_reason is None:
+                await vm.unload()
+    except (attach.AttachError, GuestError, OSError) as exc:
+        log.info("leaving: vmbusd went away first: %s", exc)
+    _drop_channels(vm)
+    return closed
+
+
+async def _watch(signals: Any, work: trio.CancelScope, stopped: Stopped) -> None:
+    async for signum in signals:
+        stopped.signum = signum
+        work.cancel()
+        return
+
+
+def _echo_line(summary: dict[str, Any]) -> str:
+    chans = "; ".join(
+        f"{ch['driver']} relid {ch['relid']}: {ch['packets']} packets, {ch['bytes']} bytes each way"
+        for ch in summary["channels"]
+    )
+    return f"VMBus {summary['version']}, {summary['offers']} offer(s); {chans}; all verified"
+
+
 async def run_vm(
     *,
     listen: str | None,
@@ -56,34 +133,73 @@ async def run_vm(
     packets: int,
     ring_size: int,
     json_out: str | None,
+    say: Callable[[str], None] | None = None,
 ) -> int:
+    """Exit status: 0 done (or idle stopped by a signal), 1 the workload failed,
+    128+signal when a signal cut the echo workload short; a bad path raises UserError."""
+    if say is None:
+
+        def say(line: str) -> None:
+            print(f"vmbusd vm: {line}", file=sys.stderr, flush=True)
+
     vm = SimulatedVm()
     summary: dict[str, Any] = {"ok": False}
     status = 1
+    stopped = Stopped()
+    problem: UserError | None = None
     try:
-        conn = await _connection(listen, connect)
-        async with trio.open_nursery() as nursery:
-            await vm.start(conn, nursery)
-            summary["version"] = version_str(vm.version)
-            summary["offers"] = len(vm.offers)
-            if workload == "echo":
-                summary.update(await run_drivers(vm, packets, ring_size))
-                await vm.unload()
-                summary["ok"] = True
-                status = 0
-            else:
-                print(
-                    f"vm: VMBus {summary['version']}, {len(vm.offers)} offers; idle",
-                    file=sys.stderr,
-                )
-                await trio.sleep_forever()
-            nursery.cancel_scope.cancel()
-    except EchoMismatch as exc:
-        summary["error"] = str(exc)
-        print(f"vm: MISMATCH: {exc}", file=sys.stderr)
-    except (attach.AttachError, OSError, trio.TooSlowError) as exc:
-        summary["error"] = f"{type(exc).__name__}: {exc}"
-        print(f"vm: error: {summary['error']}", file=sys.stderr)
+        with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+            async with trio.open_nursery() as nursery:
+                work = trio.CancelScope()
+                nursery.start_soon(_watch, signals, work, stopped)
+                try:
+                    with work:
+                        conn = await _connection(listen, connect)
+                        await vm.start(conn, nursery)
+                        summary["version"] = version_str(vm.version)
+                        summary["offers"] = len(vm.offers)
+                        if workload == "echo":
+                            summary.update(await run_drivers(vm, packets, ring_size))
+                            await vm.unload()
+                            summary["ok"] = True
+                            status = 0
+                            say(_echo_line(summary))
+                        else:
+                            opened = await _open_all(vm, ring_size)
+                            summary["channels_open"] = len(opened)
+                            say(
+                                f"VMBus {summary['version']}, {len(vm.offers)} offer(s), "
+                                f"{len(opened)} channel(s) open; idle until SIGTERM or Ctrl-C"
+                            )
+                            # SimulatedVm has no event for "vmbusd ended the session":
+                            # look a few times a second (idle is idle).
+                            while vm.closed_reason is None:
+                                await trio.sleep(IDLE_POLL_S)
+                            _drop_channels(vm)
+                            status = 0
+                            summary["ok"] = True
+                            say(f"vmbusd ended the session ({vm.closed_reason})")
+                    if stopped.signum is not None:
+                        closed = await _leave(vm)
+                        name = signal.Signals(stopped.signum).name
+                        if workload == "idle" and vm.version is not None:
+                            status = 0
+                            summary["ok"] = True
+                            say(f"{name}: closed {closed} channel(s), unloaded VMBus, detached")
+                        else:
+                            status = 128 + stopped.signum
+                            summary["error"] = f"stopped by {name} before the workload ended"
+                            say(f"{name}: stopped before the workload ended; detached")
+                except EchoMismatch as exc:
+                    summary["error"] = str(exc)
+                    print(f"vmbusd vm: MISMATCH: {exc}", file=sys.stderr)
+                except UserError as exc:
+                    summary["error"] = str(exc)
+                    problem = exc
+                except (attach.AttachError, GuestError, OSError, trio.TooSlowError) as exc:
+                    summary["error"] = f"{type(exc).__name__}: {exc}"
+                    print(f"vmbusd vm: error: {summary['error']}", file=sys.stderr)
+                nursery.cancel_scope.cancel()
     finally:
         vm.close()
     if json_out:
@@ -93,4 +209,6 @@ async def run_vm(
         else:
             with open(json_out, "w") as f:
                 f.write(text)
+    if problem is not None:
+        raise problem
     return status
