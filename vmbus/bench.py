@@ -171,7 +171,7 @@ def _run_pair(
     ring_runs = iter(host_stats)  # the host closed one channel per ring run, in order
     records = []
     for rec in guest["records"]:
-        hst = next(ring_runs, {}) if rec["impl"] != "socketpair" else {}
+        hst: dict[str, Any] = next(ring_runs, {}) if rec["impl"] != "socketpair" else {}
         host_wake = hst.get("wakeups", 0)
         guest_wake = rec.pop("guest_wakeups", 0)
         if rec["impl"] != "socketpair":
@@ -414,7 +414,7 @@ def host_main(args: argparse.Namespace) -> int:
     t = threading.Thread(target=_sockpair_echo, args=(args.sockfd,), daemon=True)
     t.start()
 
-    async def serve() -> dict[str, Any]:
+    async def serve() -> list[dict[str, Any]]:
         listener = await attach.listen(args.listen)
         conn = await listener.accept()
         await listener.aclose()

@@ -238,10 +238,10 @@ def cmd_plugins(args: argparse.Namespace, say: _Say) -> int:
 # -- the parser ------------------------------------------------------------------------
 
 
-def _loudness() -> argparse.ArgumentParser:
+def _loudness() -> _Parser:
     """-v/-q, accepted before or after the command (SUPPRESS: the sub-command's own
     default must not undo a -v given before it)."""
-    p = argparse.ArgumentParser(add_help=False)
+    p = _Parser(add_help=False)
     p.add_argument(
         "-v",
         "--verbose",

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import os
 import re
+import sys
 import tomllib
 import uuid
 from collections.abc import Callable
@@ -61,7 +63,7 @@ def _options_taken(cls: type[Device]) -> tuple[list[str], bool]:
         sig = inspect.signature(cls)
     except (TypeError, ValueError):
         return [], True
-    names = []
+    names: list[str] = []
     for p in sig.parameters.values():
         if p.kind is inspect.Parameter.VAR_KEYWORD:
             return names, True
@@ -150,11 +152,22 @@ def read_config(path: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: invalid TOML: {msg}") from exc
 
 
+def _importable_beside(path: str) -> None:
+    """A `module:Class` in a config file is looked for next to the file first, so a
+    device written beside its config runs from a fresh directory as printed (the
+    console script does not put the working directory on sys.path)."""
+    where = os.path.dirname(os.path.abspath(path))
+    if where not in sys.path:
+        sys.path.insert(0, where)
+
+
 def load_devices(path: str | None) -> list[Device]:
     """Devices for one VM: from the file when given, else the default set."""
     if path is None:
         return devices_from_config(DEFAULT_CONFIG, "default config")
-    return devices_from_config(read_config(path), path)
+    cfg = read_config(path)
+    _importable_beside(path)
+    return devices_from_config(cfg, path)
 
 
 def devices_factory(path: str | None) -> Callable[[], list[Device]]:
@@ -162,5 +175,7 @@ def devices_factory(path: str | None) -> Callable[[], list[Device]]:
     file fails before anything listens) and reused, so every VM sees the same config."""
     cfg = DEFAULT_CONFIG if path is None else read_config(path)
     source = "default config" if path is None else path
+    if path is not None:
+        _importable_beside(path)
     devices_from_config(cfg, source)
     return lambda: devices_from_config(cfg, source)

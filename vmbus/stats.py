@@ -167,7 +167,8 @@ async def _read_request(stream: trio.SocketStream, end: bytes = b"\n") -> bytes:
 
 def _peer_uid(sock: trio.socket.SocketType) -> int:
     raw = sock.getsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", raw)[1]
+    uid: int = struct.unpack("3i", raw)[1]
+    return uid
 
 
 async def serve_stats(
@@ -250,7 +251,11 @@ async def serve_metrics(
             + (hint if exc.errno == errno.EADDRINUSE else "")
         ) from exc
     task_status.started(listeners[0].socket.getsockname()[1])
-    await trio.serve_listeners(lambda s: _answer_http(s, snapshot), listeners)
+
+    async def handler(stream: trio.SocketStream) -> None:
+        await _answer_http(stream, snapshot)
+
+    await trio.serve_listeners(handler, listeners)
 
 
 async def _answer_http(stream: trio.SocketStream, snapshot: Callable[[], Snapshot]) -> None:

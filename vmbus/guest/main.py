@@ -25,7 +25,7 @@ from vmbus.cliutil import (
     describe_bind_error,
     describe_connect_error,
 )
-from vmbus.guest.drivers import driver_for
+from vmbus.guest.drivers import GuestDriver, driver_for
 from vmbus.guest.vm import GuestChannel, GuestError, SimulatedVm
 from vmbus.guest.workloads import EchoMismatch
 
@@ -68,7 +68,8 @@ async def run_drivers(vm: SimulatedVm, packets: int, ring_size: int) -> dict[str
         if drv is None:
             log.info("no guest driver for %s (relid %d)", offer.if_type, offer.relid)
             continue
-        results.append(await drv(packets=packets, ring_size=ring_size).probe(vm, offer))
+        make: Callable[..., GuestDriver] = drv  # drivers take their workload's knobs
+        results.append(await make(packets=packets, ring_size=ring_size).probe(vm, offer))
     if not results:
         raise EchoMismatch("the host offered no device this guest has a driver for")
     return {"channels": results}
