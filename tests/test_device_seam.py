@@ -16,7 +16,7 @@ import trio
 
 from vmbus import attach, server
 from vmbus import protocol as vp
-from vmbus.channel import Channel, Completion
+from vmbus.channel import Channel, CompletedRequest
 from vmbus.device import (
     MAX_SUBCHANNELS,
     Device,
@@ -24,9 +24,9 @@ from vmbus.device import (
     DeviceOffer,
     GuestError,
     guest_error,
-    packet_types,
 )
 from vmbus.guest.vm import GuestChannel, SimulatedVm
+from vmbus.packet import PacketType, packet_types_mask
 from vmbus.ring import VM_PKT_COMP, VM_PKT_DATA_INBAND, OutPacket
 
 RING = 32 * 1024
@@ -51,7 +51,7 @@ class Probe(Device):
 
     if_type = SEAM_IF
     name = "probe"
-    packet_types = packet_types(VM_PKT_DATA_INBAND, VM_PKT_COMP)
+    packet_types = packet_types_mask(PacketType.INBAND, PacketType.COMPLETION)
 
     def __init__(self, *, up_front: int = 0, max_subs: int = 4) -> None:
         super().__init__()
@@ -60,7 +60,7 @@ class Probe(Device):
         self.resets = 0
         self.closes = 0
         self.negotiated: dict[str, Any] = {}  # per guest session state
-        self.completions: list[Completion] = []
+        self.completions: list[CompletedRequest] = []
         self.kept: list[memoryview] = []
         self.keep = False
         self.teardown_seen = trio.Event()

@@ -17,14 +17,17 @@ import array
 import logging
 import mmap
 import os
+import struct
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import trio
 
 from vmbus import eventfd as _eventfd
 from vmbus.ring import (
+    FLAG_COMPLETION_REQUESTED,
+    VM_PKT_COMP,
     OutPacket,
     Packet,
     RingCorrupt,
@@ -35,6 +38,7 @@ from vmbus.ring import (
     forward,
     iter_packets,
 )
+from vmbus.transactions import TransactionError, TransactionTracker
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,9 @@ POLL_NS_MAX = 200_000
 POLL_NS_DEFAULT = 50_000
 SPACE_RECHECK_S = 0.1  # a peer that frees room without signalling is still noticed
 PACKET_OVERHEAD = 16 + 8  # descriptor + trailer
+MAX_IN_FLIGHT_DEFAULT = 1024  # requests awaiting the peer's completion, per channel
+_U16 = struct.Struct("<H")
+_U64 = struct.Struct("<Q")
 
 
 @dataclass
@@ -62,6 +69,9 @@ class ChannelStats:
     polls_hit: int = 0
     space_waits: int = 0
     errors: int = 0
+    requests_out: int = 0  # packets we sent asking for a completion
+    completions_in: int = 0  # ... and the completions that matched one
+    bad_completions: int = 0  # completions naming no outstanding request (guest error)
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -113,7 +123,12 @@ def new_eventfd() -> int:
 
 
 class PacketBatch:
-    """Packets copied out of the ring by one receive; valid until the next receive."""
+    """Packets copied out of the ring by one receive.
+
+    The batch and every `Packet` it yields view the channel's private copy: they
+    stay valid until the next `receive()` or `forward()` on the same channel, which
+    reuses that memory. Copy (`bytes(pkt.payload)`) what must live longer.
+    """
 
     __slots__ = ("buffer", "index", "n")
 
@@ -127,6 +142,28 @@ class PacketBatch:
 
     def __iter__(self) -> Iterator[Packet]:
         return iter_packets(self.buffer, self.index, self.n)
+
+
+class CompletedRequest:
+    """A completion the peer sent for one of our requests: the request's context and
+    a private copy of the completion's payload (it outlives the batch)."""
+
+    __slots__ = ("context", "payload", "trans_id")
+
+    def __init__(self, context: object, trans_id: int, payload: bytes) -> None:
+        self.context = context
+        self.trans_id = trans_id
+        self.payload = payload
+
+
+class _Waiter:
+    """The context of a request someone awaits (`Channel.request`)."""
+
+    __slots__ = ("done", "payload")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.payload = b""
 
 
 @dataclass
@@ -190,6 +227,12 @@ class Channel:
         self._pending_error: RingError | None = None
         self._masked = False
         self._send_lock = trio.Lock()
+        # Requests we sent that want a completion (None until the first request):
+        # from then on every VM_PKT_COMP is matched here, never handed to the device.
+        self._tracker: TransactionTracker[object] | None = None
+        self._on_completions: Callable[[list[CompletedRequest]], None] | None = None
+        self._slot_free = trio.lowlevel.ParkingLot()
+        self._bad_completion_logged = False
 
     def release(self) -> None:
         """Drop our views of the shared rings so their mapping can be unmapped."""
@@ -218,8 +261,14 @@ class Channel:
                 st.batches_in += 1
                 if res.error is not None:
                     self._pending_error = res.error
+                n = res.npkts if self._tracker is None else self._take_completions(res.npkts)
                 await trio.lowlevel.checkpoint()
-                return PacketBatch(self._out, self._index, res.npkts)
+                if n:
+                    return PacketBatch(self._out, self._index, n)
+                if self._pending_error is not None:
+                    err, self._pending_error = self._pending_error, None
+                    raise RingCorrupt(err)
+                continue  # only completions: they went to their requests
             if res.error is not None:
                 self.stats.errors += 1
                 raise RingCorrupt(res.error)
@@ -303,6 +352,98 @@ class Channel:
                     raise RingCorrupt(peek.error)
             await self._idle()
 
+    # -- requests and completions ------------------------------------------------
+
+    def track_completions(
+        self,
+        on_completions: Callable[[list[CompletedRequest]], None] | None = None,
+        *,
+        max_in_flight: int = MAX_IN_FLIGHT_DEFAULT,
+    ) -> None:
+        """Match the peer's completions to our requests from now on.
+
+        `on_completions` gets, once per received batch, the completions of requests
+        sent with `post_requests` (the ones `request` awaits are not in it). It runs
+        inside `receive()`: completions are matched only while someone receives, so
+        a device that awaits `request()` keeps a receive loop in another task.
+        """
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        if self._tracker is None:
+            self._tracker = TransactionTracker(max_in_flight)
+        self._on_completions = on_completions
+
+    @property
+    def in_flight(self) -> int:
+        """Requests sent that have not been completed yet."""
+        return len(self._tracker) if self._tracker is not None else 0
+
+    async def post_requests(self, packets: Sequence[OutPacket], contexts: Sequence[object]) -> None:
+        """Send packets that ask for a completion; each gets a fresh transaction id
+        (never 0, never one in flight). Waits while `max_in_flight` are outstanding:
+        a peer that stops completing stalls this channel only."""
+        if len(packets) != len(contexts):
+            raise ValueError("one context per packet")
+        if self._tracker is None:
+            self.track_completions()
+        tracker = self._tracker
+        assert tracker is not None
+        out: list[OutPacket] = []
+        for pkt, ctx in zip(packets, contexts, strict=True):
+            while tracker.full:
+                if out:  # send what has ids before waiting, or we would wait on ourselves
+                    await self.send(out)
+                    out = []
+                await self._slot_free.park()
+            tid = tracker.issue(ctx)
+            out.append(pkt._replace(trans_id=tid, flags=pkt.flags | FLAG_COMPLETION_REQUESTED))
+        self.stats.requests_out += len(packets)
+        await self.send(out)
+
+    async def request(self, packet: OutPacket) -> bytes:
+        """Send one packet that asks for a completion and wait for it; returns a
+        private copy of the completion's payload."""
+        waiter = _Waiter()
+        await self.post_requests([packet], [waiter])
+        await waiter.done.wait()
+        return waiter.payload
+
+    def _take_completions(self, n: int) -> int:
+        """Deliver the batch's completions to their requests; compact the index so
+        the batch holds only the other packets. Returns how many are left."""
+        tracker = self._tracker
+        assert tracker is not None
+        out, idx = self._out, self._index
+        kept = 0
+        batch: list[CompletedRequest] = []
+        for i in range(n):
+            off, ln = idx[2 * i], idx[2 * i + 1]
+            if _U16.unpack_from(out, off)[0] != VM_PKT_COMP:
+                idx[2 * kept], idx[2 * kept + 1] = off, ln
+                kept += 1
+                continue
+            off8 = _U16.unpack_from(out, off + 2)[0]  # validated by the ring reader
+            tid = _U64.unpack_from(out, off + 8)[0]
+            try:
+                ctx = tracker.complete(tid)
+            except TransactionError as exc:
+                self.stats.bad_completions += 1
+                if not self._bad_completion_logged:  # once per channel: a guest can flood
+                    self._bad_completion_logged = True
+                    log.warning("%s: %s (further ones only counted)", self.name, exc)
+                continue
+            self.stats.completions_in += 1
+            payload = bytes(out[off + 8 * off8 : off + ln])
+            if isinstance(ctx, _Waiter):
+                ctx.payload = payload
+                ctx.done.set()
+            else:
+                batch.append(CompletedRequest(ctx, tid, payload))
+        self._slot_free.unpark_all()
+        if batch and self._on_completions is not None:
+            self._on_completions(batch)
+        return kept
+
     # -- send ------------------------------------------------------------------
 
     def _signal(self) -> None:
@@ -325,20 +466,6 @@ class Channel:
                 start += res.npkts
                 if start < total:
                     await self._wait_space(batch.packet_ring_bytes(start))
-
-    async def send_raw(
-        self, buffer: bytes | bytearray | memoryview, index: array.array, n: int, *, complete=False
-    ) -> None:
-        """Send packets preformed in `buffer` (as a receive returns them): the echo path."""
-        async with self._send_lock:
-            start = 0
-            idx = memoryview(index)
-            while start < n:
-                res = self.writer.write_raw(buffer, idx[2 * start :], n - start, complete=complete)
-                self._account(res.npkts, res.bytes, res.signal)
-                start += res.npkts
-                if start < n:
-                    await self._wait_space(index[2 * start + 1] + 8)
 
     def _account(self, npkts: int, nbytes: int, signal: bool) -> None:
         st = self.stats

@@ -34,13 +34,14 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
-from vmbus.ring import VM_PKT_COMP, VM_PKT_DATA_INBAND, VM_PKT_DATA_USING_GPA_DIRECT
+from vmbus.packet import GpaDirect, PacketType, packet_types_mask, parse_gpa_direct
 
 if TYPE_CHECKING:
     import trio
 
     from vmbus.channel import Channel
     from vmbus.memory import GuestMemory, LinearMapping
+    from vmbus.ring import Packet
 
 MAX_SUBCHANNELS = 64  # what any device may declare, on top of its primary channel
 
@@ -131,10 +132,14 @@ class GuestRam:
         self._check(gpa, length)
         return self._mem.iovecs(gpa, length)
 
-    @property
-    def memory(self) -> GuestMemory:
-        """The session's GuestMemory, for the packet layer's GPA-direct walks."""
-        return self._mem
+    def gpa_direct(self, pkt: Packet) -> GpaDirect:
+        """Parse and check a GPA-direct packet (every PFN inside guest RAM); a
+        malformed one raises PacketError (the channel is reset)."""
+        return parse_gpa_direct(pkt, self._mem)
+
+    def iovecs_of(self, ranges: GpaDirect) -> list[memoryview]:
+        """Views of guest RAM for a parsed GPA-direct packet's ranges, in order."""
+        return ranges.iovecs(self._mem)
 
 
 class GpadlMapping:
@@ -203,16 +208,6 @@ class LabelledLog(logging.LoggerAdapter[logging.Logger]):
         return f"{self.extra['label'] if self.extra else ''}: {msg}", kwargs
 
 
-def packet_types(*types: int) -> int:
-    """The `Device.packet_types` mask for these VMBus packet types."""
-    mask = 0
-    for t in types:
-        if not 0 <= t < 32:
-            raise ValueError(f"packet type {t} out of range")
-        mask |= 1 << t
-    return mask
-
-
 class Device:
     """Base class for a VSP. Subclasses set `if_type` and implement `serve`."""
 
@@ -220,8 +215,8 @@ class Device:
     name: ClassVar[str] = "device"
     # Packet types the guest may put in this device's rings; any other type is a
     # corrupt ring (channel reset). Default: inband, GPA-direct, completion.
-    packet_types: ClassVar[int] = packet_types(
-        VM_PKT_DATA_INBAND, VM_PKT_DATA_USING_GPA_DIRECT, VM_PKT_COMP
+    packet_types: ClassVar[int] = packet_types_mask(
+        PacketType.INBAND, PacketType.GPA_DIRECT, PacketType.COMPLETION
     )
 
     def __init__(self, instance: uuid.UUID | None = None, *, ring_size_hint: int = 64 * 1024):

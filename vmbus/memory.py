@@ -288,7 +288,8 @@ class _NativeOps:
         if not (0 <= byte_offset <= U64_MAX and 0 <= byte_count <= U64_MAX):
             return E_RANGE
         try:
-            parr = ffi.new("uint64_t[]", pfns)
+            # array('Q') (how the bus keeps page lists) is not a list to cffi: copy it
+            parr = ffi.new("uint64_t[]", pfns if isinstance(pfns, list | tuple) else list(pfns))
         except OverflowError:  # a negative or > u64 PFN: not from the wire
             return E_PFN
         n = len(pfns)
@@ -339,6 +340,13 @@ def _give_process_runs(n: int) -> None:
     global _process_runs
     with _process_lock:
         _process_runs -= n
+
+
+def _libc_mmap(addr: int, length: int, prot: int, flags: int, fd: int, offset: int) -> int:
+    """mmap(2) at a fixed address (the stdlib's mmap cannot); returns the address."""
+    fn = _PyOps()._mmap
+    res = fn(addr, length, prot, flags, fd, offset)
+    return -1 if res is None or res == U64_MAX else int(res)
 
 
 def _address_of(mm: mmap.mmap) -> int:
@@ -404,6 +412,28 @@ class _Mapping:
                 "mapping still has exported views: release them before close()"
             ) from None
         self._mm = None
+        self._owner._forget(self)
+
+    def revoke(self) -> None:
+        """Cut the mapping off from guest RAM even though views of it are alive: every
+        page is replaced (MAP_FIXED) by a private zero page, so a holder that kept a
+        view past its release reads zeros and writes into memory of its own. The
+        range is unmapped when the last of those views goes."""
+        if self._mm is None:
+            return
+        base, length = _address_of(self._mm), len(self._mm)
+        addr = _libc_mmap(
+            base,
+            length,
+            mmap.PROT_READ | mmap.PROT_WRITE,
+            mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED | _MAP_NORESERVE,
+            -1,
+            0,
+        )
+        if addr != base:  # cannot happen for a range we own; never leave it mapped
+            raise GuestMemoryError(f"cannot revoke mapping: errno {ctypes.get_errno()}")
+        self._mv.release()
+        self._mm = None  # the views keep the mmap object (and so the range) alive
         self._owner._forget(self)
 
     def __enter__(self) -> Any:

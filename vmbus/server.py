@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
+import traceback
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -20,33 +22,49 @@ import trio
 from vmbus import __version__, attach, bus
 from vmbus import protocol as vp
 from vmbus.channel import Channel, EventFd, new_eventfd
-from vmbus.device import ChannelInfo, Device
-from vmbus.memory import GuestMemory, GuestMemoryError
+from vmbus.device import (
+    Device,
+    DeviceContext,
+    GpadlMapping,
+    GuestError,
+    GuestRam,
+    LabelledLog,
+)
+from vmbus.memory import GuestMemory, GuestMemoryError, LinearMapping, RingPairMapping
 from vmbus.ring import RingCorrupt, RingReader, RingWriter
 
 log = logging.getLogger(__name__)
 
 MAX_SESSIONS = 64  # VMs attached at once: established sessions (hello done) only
 GPADL_PAGES_SLACK = 8190  # one maximal GPADL beyond the VM's RAM
-MAX_SUBCHANNELS = 64  # per device, on top of its primary channel
 SHUTDOWN_GRACE_S = 5.0  # how long a session's teardown may take once cancelled
+GPADL_RELEASE_GRACE_S = 5.0  # a device told to let go of a GPADL has this long
 
 
 @dataclass
-class OpenChannel:
-    """Host-side state of one open channel; owned by the session."""
+class _ChannelTask:
+    """Host-side state of one open channel and its device task; owned by the session."""
 
     relid: int
     connection_id: int
     vcpu: int
     device: Device
-    mapping: object
+    mapping: RingPairMapping
     channel: Channel
     kick: EventFd
     call: EventFd
     cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
     done: trio.Event = field(default_factory=trio.Event)
     failed: str | None = None
+
+
+@dataclass(eq=False)
+class _HeldGpadl:
+    """A GPADL a device holds through `ctx.gpadl`."""
+
+    relid: int
+    handle: int
+    teardown: trio.Event = field(default_factory=trio.Event)
 
 
 class VmSession:
@@ -67,7 +85,7 @@ class VmSession:
         self.memory = GuestMemory()
         self.bus: bus.VmBusServer | None = None
         self.device_of: dict[int, tuple[Device, int]] = {}  # relid -> (device, sub index)
-        self.open: dict[int, OpenChannel] = {}
+        self.open: dict[int, _ChannelTask] = {}
         self.peer: attach.Hello | None = None
         self._nursery: trio.Nursery | None = None
         self._send_lock = trio.Lock()
@@ -79,6 +97,10 @@ class VmSession:
         self.interrupt_page = 0  # pre-2.4 sessions: the guest's interrupt page GPA
         self.epoch = 0  # the VMM's reset count; fences our messages sent before a reset
         self.closed_stats: list[tuple[int, str, dict[str, int]]] = []  # (relid, device, stats)
+        self._held: list[_HeldGpadl] = []  # GPADLs devices hold (ctx.gpadl)
+        self._runtime_subs: dict[int, list[int]] = {}  # id(device) -> relids it enabled
+        self._pump_wanted = trio.Event()  # a pump from where we must not wait for one
+        self._devices_reset_pending = False
 
     def snapshot(self) -> dict[str, object]:
         """This VM's part of `vmbusd stats`: plain data, safe to serialise."""
@@ -124,6 +146,7 @@ class VmSession:
             log.info("%s: attached (%d vCPUs)", self.label, self.peer.vcpus)
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                nursery.start_soon(self._pump_worker)
                 try:
                     await self._receive_loop()
                 except attach.ConnectionClosed:
@@ -137,6 +160,7 @@ class VmSession:
                 finally:
                     for oc in list(self.open.values()):
                         oc.cancel.cancel()
+                    nursery.cancel_scope.cancel()  # the pump worker and GPADL watchdogs
         except attach.ConnectionClosed:
             self._peer_gone = True
             log.info("%s: VMM disconnected during hello", self.label)
@@ -175,19 +199,21 @@ class VmSession:
         self._offer(dev)
         await self._pump()
 
-    async def add_subchannels(self, dev: Device, n: int) -> list[int]:
-        """Offer n more sub-channels of `dev` (after its primary); returns their relids.
-
-        Bounded by MAX_SUBCHANNELS per device: a guest asking for more gets fewer.
-        """
-        have = [sub for d, sub in self.device_of.values() if d is dev]
-        if not have:
+    async def enable_subchannels(self, dev: Device, count: int) -> list[int]:
+        """Make `count` sub-channels of `dev` exist on this guest session (capped by
+        its offer's maximum); returns the relids of all of them. Idempotent: only a
+        larger count than what exists offers anything (the difference)."""
+        if not any(d is dev for d, _sub in self.device_of.values()):
             raise ValueError(f"{dev.name} is not offered on this VM")
-        start = max(have) + 1
-        n = max(0, min(n, MAX_SUBCHANNELS + 1 - start))
-        relids = [self._offer_one(dev, start + i) for i in range(n)]
-        await self._pump()
-        return relids
+        offer = dev.offer
+        want = max(0, min(count, offer.subchannel_cap))
+        added = self._runtime_subs.setdefault(id(dev), [])
+        have = offer.sub_channels + len(added)
+        for sub in range(have + 1, want + 1):
+            added.append(self._offer_one(dev, sub))
+        if want > have:
+            await self._pump()
+        return sorted(r for r, (d, sub) in self.device_of.items() if d is dev and sub > 0)
 
     async def remove_device(self, dev: Device) -> None:
         """Hot-remove: rescind every channel of the device."""
@@ -200,6 +226,9 @@ class VmSession:
     async def _teardown(self) -> None:
         for relid in list(self.open):
             await self._close_channel(relid, notify_bus=False)
+        await self._reset_devices("VM detached")
+        for dev in self.devices:
+            await self._device_hook(dev, dev.close, "close")
         try:
             self.memory.close()
         except GuestMemoryError as exc:  # a view still held: a bug, never a crash
@@ -264,6 +293,17 @@ class VmSession:
         async with self._pump_lock:
             await self._pump_locked()
 
+    def _pump_soon(self) -> None:
+        """Ask the pump worker to pump: for code that must not wait for the pump lock
+        (a device task letting go of a GPADL while the pump waits for that task)."""
+        self._pump_wanted.set()
+
+    async def _pump_worker(self) -> None:
+        while True:
+            await self._pump_wanted.wait()
+            self._pump_wanted = trio.Event()
+            await self._pump()
+
     async def _pump_locked(self) -> None:
         assert self.bus is not None
         while (ev := self.bus.next_event()) is not None:
@@ -286,18 +326,126 @@ class VmSession:
                     self._offer_one(*again)
             elif isinstance(ev, bus.ChannelModified):
                 await self._rebind(ev.relid, ev.target_vp)
-            elif isinstance(ev, bus.BusReset):
-                log.info("%s: VMBus reset: %s", self.label, ev.reason)
+            elif isinstance(ev, bus.GpadlTeardownRequested):
+                self._gpadl_teardown_requested(ev.handle, ev.relid)
+            elif isinstance(ev, bus.BusReset | bus.Unloaded):
+                reason = ev.reason if isinstance(ev, bus.BusReset) else "guest unloaded VMBus"
+                log.info("%s: guest session ended: %s", self.label, reason)
+                self._forget_runtime_subchannels()
+                self._devices_reset_pending = True  # once the closes queued with it are done
             elif isinstance(ev, bus.Connected):
                 # Below 2.4 the guest gets channel interrupts through its interrupt page.
                 self.interrupt_page = ev.interrupt_page if ev.version < vp.VERSION_WIN8 else 0
                 log.info("%s: VMBus version %s negotiated", self.label, vp.version_str(ev.version))
             else:
                 log.debug("%s: bus event %r", self.label, ev)
+        if self._devices_reset_pending:
+            await self._reset_devices("guest session ended")
 
     async def _send(self, msg: attach.Message) -> None:
         async with self._send_lock:
             await self.conn.send(msg)
+
+    # -- device lifetime ------------------------------------------------------------
+
+    def _forget_runtime_subchannels(self) -> None:
+        """Guest reset: the sub-channels devices enabled at runtime go away with it
+        (the guest never saw them on its new session; they are removed at once)."""
+        assert self.bus is not None
+        for relids in self._runtime_subs.values():
+            for relid in relids:
+                with contextlib.suppress(LookupError, vp.LocalProtocolError):
+                    self.bus.rescind(relid)
+                self._reoffer.pop(relid, None)
+        self._runtime_subs.clear()
+
+    async def _reset_devices(self, why: str) -> None:
+        """Every device forgets its guest session (its channels have all stopped)."""
+        self._devices_reset_pending = False
+        for dev in self.devices:
+            await self._device_hook(dev, dev.reset, "reset")
+        log.debug("%s: devices reset (%s)", self.label, why)
+
+    async def _device_hook(self, dev: Device, hook: Callable[[], object], what: str) -> None:
+        try:
+            result = hook()
+            if hasattr(result, "__await__"):
+                with trio.move_on_after(SHUTDOWN_GRACE_S) as cs:
+                    await result  # type: ignore[misc]
+                if cs.cancelled_caught:
+                    log.error("%s: %s: %s() took too long; abandoned", self.label, dev.name, what)
+        except Exception as exc:  # a device bug: never take the session down
+            log.error("%s: %s: device bug in %s(): %s", self.label, dev.name, what, _describe(exc))
+
+    # -- GPADLs held by devices -------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _device_gpadl(self, relid: int, handle: int) -> AsyncIterator[GpadlMapping]:
+        """`ctx.gpadl(handle)`: pin, map, hand out; on exit unmap (or cut off), unpin."""
+        assert self.bus is not None
+        try:
+            gpadl = self.bus.gpadl_acquire(handle, relid)
+        except bus.UnknownGpadl as exc:
+            raise GuestError(str(exc)) from None
+        try:
+            mapping = self.memory.map_linear(gpadl)
+        except GuestMemoryError as exc:
+            self.bus.gpadl_release(gpadl)
+            self._pump_soon()
+            raise GuestError(f"GPADL {handle:#x}: {exc}") from None
+        held = _HeldGpadl(relid, handle)
+        self._held.append(held)
+        try:
+            yield GpadlMapping(handle, mapping, held.teardown)
+        finally:
+            self._held.remove(held)
+            self._unmap_device_buffer(relid, handle, mapping)
+            self.bus.gpadl_release(gpadl)
+            self._pump_soon()  # may be the last ref: GPADL_TORNDOWN goes out
+
+    def _unmap_device_buffer(self, relid: int, handle: int, mapping: LinearMapping) -> None:
+        try:
+            mapping.close()
+        except GuestMemoryError:
+            # The device kept a view past the block: cut it off from the guest's
+            # pages so that nothing it does later can reach them.
+            mapping.revoke()
+            log.error(
+                "%s: relid %d: device bug: a view of GPADL %#x outlived ctx.gpadl(); "
+                "its pages were replaced by private zero pages",
+                self.label,
+                relid,
+                handle,
+            )
+
+    def _gpadl_teardown_requested(self, handle: int, relid: int) -> None:
+        holders = [h for h in self._held if h.handle == handle and h.relid == relid]
+        for h in holders:
+            h.teardown.set()
+        if holders and self._nursery is not None:
+            self._nursery.start_soon(self._enforce_gpadl_release, holders)
+
+    async def _enforce_gpadl_release(self, holders: list[_HeldGpadl]) -> None:
+        """A guest waits for GPADL_TORNDOWN (Linux without a timeout): a device that
+        does not let go in time gets its channel reset, which makes it let go."""
+        await trio.sleep(GPADL_RELEASE_GRACE_S)
+        for h in holders:
+            if h in self._held:
+                log.warning(
+                    "%s: relid %d: device held GPADL %#x %.0f s after the guest tore it "
+                    "down; channel reset",
+                    self.label,
+                    h.relid,
+                    h.handle,
+                    GPADL_RELEASE_GRACE_S,
+                )
+                oc = self.open.get(h.relid)
+                if oc is not None:
+                    oc.cancel.cancel()
+                    oc.failed = oc.failed or "held a GPADL past its teardown"
+                    return
+
+    # -- channels -------------------------------------------------------------------
 
     async def _open_channel(self, ev: bus.OpenRequest) -> int:
         """Map the rings, validate their indices, bind eventfds, start the device task."""
@@ -338,7 +486,7 @@ class VmSession:
             return vp.STATUS_UNSUCCESSFUL
         kick, call = EventFd(new_eventfd()), EventFd(new_eventfd())
         channel = Channel(reader, writer, kick, call, name=f"{self.label}/{ev.relid}")
-        oc = OpenChannel(
+        oc = _ChannelTask(
             ev.relid, ev.connection_id, ev.target_vp, dev, mapping, channel, kick, call
         )
         await self._send(
@@ -353,33 +501,43 @@ class VmSession:
             )
         )
         self.open[ev.relid] = oc
-        info = ChannelInfo(
-            ev.relid,
-            sub,
-            ev.target_vp,
-            ev.userdata,
-            add_subchannels=lambda n, dev=dev: self.add_subchannels(dev, n),
+        assert self.bus is not None and self.bus.version is not None
+        label = f"{self.label}/{ev.relid}"
+        ctx = DeviceContext(
+            vm_name=self.label,
+            session_id=self.session_id,
+            version=self.bus.version,
+            relid=ev.relid,
+            sub_channel_index=sub,
+            target_vp=ev.target_vp,
+            userdata=ev.userdata,
+            memory=GuestRam(self.memory),
+            log=LabelledLog(logging.getLogger(f"vmbus.device.{dev.name}"), {"label": label}),
+            _gpadl=lambda handle, relid=ev.relid: self._device_gpadl(relid, handle),
+            _enable_subchannels=lambda n, dev=dev: self.enable_subchannels(dev, n),
         )
         assert self._nursery is not None
-        self._nursery.start_soon(self._serve_channel, oc, info, name=f"channel {ev.relid}")
+        self._nursery.start_soon(self._serve_channel, oc, ctx, name=f"channel {ev.relid}")
         return 0
 
-    async def _serve_channel(self, oc: OpenChannel, info: ChannelInfo) -> None:
-        """One channel's task. A failure stops this channel only, with one log line."""
+    async def _serve_channel(self, oc: _ChannelTask, ctx: DeviceContext) -> None:
+        """One channel's task: the boundary where whatever escapes a device stops this
+        channel only, with one log line that says whose fault it was."""
+        guest_fault = True
         try:
             with oc.cancel:
-                await oc.device.serve(oc.channel, info)
-        except RingCorrupt as exc:
-            oc.failed = f"corrupt ring: {exc}"
-        except Exception as exc:  # a device bug or bad guest data: isolate it
-            oc.failed = f"{type(exc).__name__}: {exc}"
-            log.debug("channel failure", exc_info=True)
+                await oc.device.serve(oc.channel, ctx)
+        except Exception as exc:
+            guest_fault, oc.failed = _blame(exc, oc.device.name)
+            if not guest_fault:  # the traceback as text: a record must not pin the frames
+                log.debug("%s: %s", ctx.log.extra, "".join(traceback.format_exception(exc)))
+            del exc
         finally:
             oc.done.set()
         if oc.failed:
             self.failed_channels[oc.relid] = oc.failed
-            log.warning(
-                "%s: relid %d (%s): channel stopped: %s",
+            (log.warning if guest_fault else log.error)(
+                "%s: relid %d (%s): %s; channel reset",
                 self.label,
                 oc.relid,
                 oc.device.name,
@@ -395,8 +553,20 @@ class VmSession:
         re-probes, as after a hot-remove and hot-add)."""
         if self.bus is None or relid not in self.device_of:
             return
-        self._reoffer[relid] = self.device_of[relid]
-        self.bus.rescind(relid)
+        dev, sub = self.device_of[relid]
+        relids = [relid]
+        if sub == 0:
+            # A primary takes its sub-channels with it (Linux removes the whole device);
+            # the ones enabled at runtime are forgotten, the device asks again.
+            runtime = set(self._runtime_subs.pop(id(dev), []))
+            relids += [r for r, (d, s) in self.device_of.items() if d is dev and s > 0]
+        else:
+            runtime = set()
+        for r in relids:
+            if r not in runtime:
+                self._reoffer[r] = self.device_of[r]
+            with contextlib.suppress(vp.LocalProtocolError):  # already rescinded
+                self.bus.rescind(r)
         await self._pump()
 
     async def _rebind(self, relid: int, vcpu: int) -> None:
@@ -428,11 +598,45 @@ class VmSession:
             oc.kick.close()
             oc.call.close()
             oc.channel.release()
-            oc.mapping.close()  # type: ignore[attr-defined]
+            oc.mapping.close()
             self.closed_stats.append((relid, oc.device.name, oc.channel.stats.as_dict()))
         if notify_bus and self.bus is not None:
             # Called from inside the pump: its loop carries out what this queues.
             self.bus.close_complete(relid)
+
+
+def _describe(exc: BaseException) -> str:
+    """`Type: message (at file:line)` of where it was raised: one log line's worth."""
+    tb = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {os.path.basename(tb[-1].filename)}:{tb[-1].lineno})" if tb else ""
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) groups: a device that runs a nursery raises
+    ExceptionGroups, and the blame goes to what is inside."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
+
+
+def _blame(exc: BaseException, device: str) -> tuple[bool, str]:
+    """(guest's fault?, one-line reason) for an exception that escaped a device.
+
+    Guest misbehaviour: a GuestError, a corrupt ring, a malformed packet. Anything
+    else among the leaves is a device bug, and a bug wins over guest faults."""
+    from vmbus.packet import PacketError
+
+    leaves = [e for e in _leaves(exc) if not isinstance(e, trio.Cancelled)] or [exc]
+    for leaf in leaves:
+        if not isinstance(leaf, GuestError | RingCorrupt | PacketError):
+            return False, f"device bug in {device}: {_describe(leaf)}"
+    leaf = leaves[0]
+    if isinstance(leaf, RingCorrupt):
+        return True, f"corrupt ring: {leaf}"
+    if isinstance(leaf, GuestError):
+        return True, f"guest broke the {device} protocol: {leaf.reason}"
+    return True, f"malformed packet from the guest: {leaf}"
 
 
 async def serve_listener(

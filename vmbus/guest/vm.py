@@ -330,6 +330,47 @@ class SimulatedVm:
         self.ram.free_pages(gch.pfns)
         self._binds.pop(relid, None)
 
+    async def create_buffer_gpadl(self, relid: int, size: int) -> tuple[int, list[int]]:
+        """A GPADL over fresh scattered pages for a device buffer (netvsc's receive and
+        send buffers): returns (handle, pfns). The pages stay the guest's until
+        `teardown_buffer_gpadl`."""
+        if size <= 0 or size % PAGE_SIZE:
+            raise ValueError("buffer size must be a positive page multiple")
+        pfns = self.ram.alloc_pages(size // PAGE_SIZE)
+        handle = 0
+
+        def create() -> int:
+            nonlocal handle
+            handle = self.client.create_gpadl(relid, pfns)
+            return handle
+
+        status = await self._request("gpadl", None, create)
+        if status != 0:
+            self.ram.free_pages(pfns)
+            raise GuestError(f"GPADL {handle:#x} refused with status {status:#x}")
+        return handle, pfns
+
+    async def teardown_buffer_gpadl(self, relid: int, handle: int, pfns: list[int]) -> None:
+        """GPADL_TEARDOWN and wait for GPADL_TORNDOWN (as Linux does, but bounded)."""
+        await self._teardown_gpadl(relid, handle)
+        self.ram.free_pages(pfns)
+
+    async def reconnect(self) -> None:
+        """A new guest kernel without a VMM reset (kexec after UNLOAD): INITIATE_CONTACT
+        again, REQUESTOFFERS, wait for ALLOFFERS_DELIVERED."""
+        for gch in list(self.channels.values()):
+            gch.channel.release()
+            gch.mapping.close()
+            self.ram.free_pages(gch.pfns)
+        self.channels.clear()
+        self.offers.clear()
+        self._all_offers = trio.Event()
+        self.client = gc.VmBusClient(**self._client_options)
+        self.client.connect()
+        await self._pump()
+        with trio.fail_after(CONTROL_TIMEOUT_S):
+            await self._all_offers.wait()
+
     async def _teardown_gpadl(self, relid: int, handle: int) -> None:
         offer = self.offers.get(relid)
         if offer is not None and offer.rescinded:
