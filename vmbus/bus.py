@@ -75,6 +75,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from vmbus import protocol as p
 from vmbus.gpadl import PAGE_SIZE, Gpadl
@@ -856,7 +857,8 @@ class VmBusServer:
         self._unloading = True
         self._maybe_finish_unload()
 
-    _HANDLERS: dict[type[p.Message], Callable[[VmBusServer, p.Message], None]] = {
+    # Each handler takes its own message type; _dispatch looks it up by that type.
+    _HANDLERS: dict[type[p.Message], Callable[[VmBusServer, Any], None]] = {
         p.RequestOffers: _on_request_offers,
         p.GpadlHeader: _on_gpadl_header,
         p.GpadlBody: _on_gpadl_body,

@@ -132,7 +132,7 @@ class PacketBatch:
 
     __slots__ = ("buffer", "index", "n")
 
-    def __init__(self, buffer: bytearray, index: array.array, n: int) -> None:
+    def __init__(self, buffer: mmap.mmap | bytearray, index: array.array[int], n: int) -> None:
         self.buffer = buffer
         self.index = index
         self.n = n

@@ -96,7 +96,7 @@ class DeviceOffer:
         return max(self.sub_channels, self.max_subchannels)
 
 
-class GuestRam:
+class DeviceMemory:
     """A device's window on the VM's RAM: bounds-checked GPA reads, writes, iovecs.
 
     Every call checks the whole range against the VM's RAM regions; a range the
@@ -179,7 +179,7 @@ class DeviceContext:
     sub_channel_index: int
     target_vp: int
     userdata: bytes
-    memory: GuestRam
+    memory: DeviceMemory
     log: logging.LoggerAdapter[logging.Logger]
     _gpadl: Callable[[int], AbstractAsyncContextManager[GpadlMapping]]
     _enable_subchannels: Callable[[int], Awaitable[list[int]]]

@@ -765,7 +765,7 @@ def encode_gpa_ranges(ranges: tuple[GpaRange, ...] | list[GpaRange]) -> bytes:
     return bytes(out)
 
 
-def pfn_array(raw: bytes | memoryview) -> array.array:
+def pfn_array(raw: bytes | memoryview) -> array.array[int]:
     """Little-endian u64 PFNs as an array('Q'): 8 bytes a page, not a tuple of ints
     (about 36), since a guest may register millions of pages."""
     a = array.array("Q")

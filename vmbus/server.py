@@ -9,12 +9,13 @@ channel or VM from touching any other.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
 import traceback
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -25,9 +26,9 @@ from vmbus.channel import Channel, EventFd, new_eventfd
 from vmbus.device import (
     Device,
     DeviceContext,
+    DeviceMemory,
     GpadlMapping,
     GuestError,
-    GuestRam,
     LabelledLog,
 )
 from vmbus.memory import GuestMemory, GuestMemoryError, LinearMapping, RingPairMapping
@@ -366,14 +367,14 @@ class VmSession:
             await self._device_hook(dev, dev.reset, "reset")
         log.debug("%s: devices reset (%s)", self.label, why)
 
-    async def _device_hook(self, dev: Device, hook: Callable[[], object], what: str) -> None:
+    async def _device_hook(
+        self, dev: Device, hook: Callable[[], Awaitable[None]], what: str
+    ) -> None:
         try:
-            result = hook()
-            if hasattr(result, "__await__"):
-                with trio.move_on_after(SHUTDOWN_GRACE_S) as cs:
-                    await result  # type: ignore[misc]
-                if cs.cancelled_caught:
-                    log.error("%s: %s: %s() took too long; abandoned", self.label, dev.name, what)
+            with trio.move_on_after(SHUTDOWN_GRACE_S) as cs:
+                await hook()
+            if cs.cancelled_caught:
+                log.error("%s: %s: %s() took too long; abandoned", self.label, dev.name, what)
         except Exception as exc:  # a device bug: never take the session down
             log.error("%s: %s: device bug in %s(): %s", self.label, dev.name, what, _describe(exc))
 
@@ -511,10 +512,10 @@ class VmSession:
             sub_channel_index=sub,
             target_vp=ev.target_vp,
             userdata=ev.userdata,
-            memory=GuestRam(self.memory),
+            memory=DeviceMemory(self.memory),
             log=LabelledLog(logging.getLogger(f"vmbus.device.{dev.name}"), {"label": label}),
-            _gpadl=lambda handle, relid=ev.relid: self._device_gpadl(relid, handle),
-            _enable_subchannels=lambda n, dev=dev: self.enable_subchannels(dev, n),
+            _gpadl=functools.partial(self._device_gpadl, ev.relid),
+            _enable_subchannels=functools.partial(self.enable_subchannels, dev),
         )
         assert self._nursery is not None
         self._nursery.start_soon(self._serve_channel, oc, ctx, name=f"channel {ev.relid}")

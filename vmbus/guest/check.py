@@ -44,11 +44,11 @@ def py_check_echo(
 
 def native_check_echo(
     buf: bytes | bytearray | memoryview,
-    index: array.array,
+    index: array.array[int],
     n: int,
     expect_tid: int,
     pattern: bytes,
-    lens: array.array | None = None,
+    lens: array.array[int] | None = None,
     payload_len: int = 0,
     check_bytes: bool = True,
 ) -> int:

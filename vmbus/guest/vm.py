@@ -420,8 +420,10 @@ class SimulatedVm:
         """
         relid = gch.offer.relid
         if self.version is not None and self.version >= 0x00050003:
-            status = await self._request(
-                "modify", relid, lambda: self.client.modify_channel(relid, target_vp)
+            status = int(
+                await self._request(
+                    "modify", relid, lambda: self.client.modify_channel(relid, target_vp)
+                )
             )
         else:
             self.client.modify_channel(relid, target_vp)
