@@ -384,7 +384,7 @@ SENT_BY: dict[type, frozenset[str]] = {
 """Which role may send each message type (the DESIGN.md table)."""
 
 
-_TYPES = frozenset(cls.T for cls in SENT_BY)
+_TYPES = frozenset(str(getattr(cls, "T")) for cls in SENT_BY)  # noqa: B009
 
 
 def close_fds(fds: list[int]) -> None:

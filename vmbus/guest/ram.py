@@ -46,6 +46,7 @@ class GuestRam:
             os.ftruncate(self.fd, size)
         self._map = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.view = memoryview(self._map)
+        self.regions: tuple[RamRegion, ...]
         if split:
             half = size // 2
             self.regions = (RamRegion(0, half, 0), RamRegion(HIGH_BASE, half, half))

@@ -106,7 +106,7 @@ async def echo_mixed(
             await ch._wait_space(batch.packet_ring_bytes(sent - base) + 8)
             continue
         got = await ch.receive()
-        bad = check_echo(got.buffer, got.index, got.n, recvd + 1, pattern, lens[recvd:])
+        bad = check_echo(memoryview(got.buffer), got.index, got.n, recvd + 1, pattern, lens[recvd:])
         if bad >= 0:
             i = recvd + bad
             raise EchoMismatch(
@@ -156,7 +156,7 @@ async def echo_fixed(
         # Order and length of every packet; the bytes of every BYTES_CHECK_EVERY-th batch
         # (the socketpair baseline compares none; the demo and tests compare all).
         bad = check_echo(
-            got.buffer,
+            memoryview(got.buffer),
             got.index,
             got.n,
             recvd + 1,

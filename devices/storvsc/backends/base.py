@@ -86,4 +86,5 @@ def load_backend(name: str, options: dict[str, Any]) -> DiskBackend:
                 f"unknown disk backend {name!r} (known: {', '.join(sorted(eps)) or 'none'})"
             )
         cls = eps[name].load()
-    return cls(**options)
+    backend: DiskBackend = cls(**options)
+    return backend

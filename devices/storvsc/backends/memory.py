@@ -8,7 +8,7 @@ between a chunk and the caller's buffer.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import trio
 
@@ -90,7 +90,7 @@ class MemoryBackend:
         if offset < 0 or length < 0 or offset + length > self.capacity:
             raise BackendIOError("I/O beyond the end of the disk", offset=offset)
 
-    def _spans(self, offset: int, length: int):
+    def _spans(self, offset: int, length: int) -> Iterator[tuple[int, int, int]]:
         """Yield (chunk index, start in chunk, n) pieces covering [offset, offset+length)."""
         cs = self.chunk_size
         while length > 0:

@@ -46,6 +46,7 @@ exposed as `can_multi_conn`, nothing more), NBD_CMD_BLOCK_STATUS.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -127,10 +128,10 @@ def parse_address(address: str) -> NbdAddress:
             raise BackendConfigError(f"nbd: no socket path in {address!r}")
         return NbdAddress(unix_path=path)
     if address.startswith("tcp:"):
-        host, sep, port = address[len("tcp:") :].rpartition(":")
+        host, sep, port_text = address[len("tcp:") :].rpartition(":")
         if not sep or not host:
             raise BackendConfigError(f"nbd: expected tcp:HOST:PORT, got {address!r}")
-        return NbdAddress(host=host.strip("[]"), port=_port(port, address))
+        return NbdAddress(host=host.strip("[]"), port=_port(port_text, address))
     url = urllib.parse.urlsplit(address)
     export = urllib.parse.unquote(url.path[1:]) if url.path.startswith("/") else None
     if url.scheme == "nbd":
@@ -404,7 +405,7 @@ class NbdBackend:
         self._check_range(offset, total)
         await self._pieces(
             [
-                (lambda o=offset + rel, p=piece: self._request(NBD_CMD_READ, o, p))
+                functools.partial(self._request, NBD_CMD_READ, offset + rel, piece)
                 for rel, piece in _split(views, self.max_transfer)
             ]
         )
@@ -419,7 +420,7 @@ class NbdBackend:
         flags = NBD_CMD_FLAG_FUA if native_fua else 0
         await self._pieces(
             [
-                (lambda o=offset + rel, p=piece: self._request(NBD_CMD_WRITE, o, p, flags))
+                functools.partial(self._request, NBD_CMD_WRITE, offset + rel, piece, flags)
                 for rel, piece in _split(views, self.max_transfer)
             ]
         )
@@ -439,7 +440,7 @@ class NbdBackend:
             return
         await self._pieces(
             [
-                (lambda o=o, n=n: self._request(NBD_CMD_TRIM, o, None, length=n))
+                functools.partial(self._request, NBD_CMD_TRIM, o, None, length=n)
                 for offset, length in ranges
                 for o, n in self._zero_pieces(offset, length)
             ]
@@ -449,13 +450,13 @@ class NbdBackend:
         self._check_range(offset, length, write=True)
         if self.can_write_zeroes:
             calls = [
-                (lambda o=o, n=n: self._request(NBD_CMD_WRITE_ZEROES, o, None, length=n))
+                functools.partial(self._request, NBD_CMD_WRITE_ZEROES, o, None, length=n)
                 for o, n in self._zero_pieces(offset, length)
             ]
         else:  # emulate with plain writes of a shared zero buffer
             zeros = memoryview(bytes(min(ZERO_BUFFER_SIZE, self.max_transfer)))
             calls = [
-                (lambda o=o, n=n: self._request(NBD_CMD_WRITE, o, [zeros[:n]]))
+                functools.partial(self._request, NBD_CMD_WRITE, o, [zeros[:n]])
                 for o in range(offset, offset + length, len(zeros))
                 for n in [min(len(zeros), offset + length - o)]
             ]
@@ -481,7 +482,7 @@ class NbdBackend:
         if offset + length > self.capacity:
             raise BackendIOError(f"nbd: I/O at {offset}+{length} beyond {self.capacity}")
 
-    async def _pieces(self, calls: list[Callable[[], Awaitable[None]]]) -> None:
+    async def _pieces(self, calls: Sequence[Callable[[], Awaitable[None]]]) -> None:
         """Run request pieces concurrently; the first failure cancels the rest."""
         if len(calls) <= 1:
             for call in calls:
@@ -755,6 +756,7 @@ class NbdBackend:
                     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                     await sock.connect(self.address.unix_path)
                 else:
+                    assert self.address.host is not None  # parse_address: TCP has a host
                     stream = await trio.open_tcp_stream(self.address.host, self.address.port)
                     sock = stream.socket  # TCP_NODELAY already set by trio
                 hs = NbdHandshake(self.export, structured_replies=self._structured)

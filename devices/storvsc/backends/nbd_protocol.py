@@ -27,7 +27,7 @@ import bisect
 import enum
 import struct
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 
 # --- magic numbers -------------------------------------------------------------------
@@ -239,7 +239,7 @@ class NbdHandshake:
         self._out = bytearray()
         self._result: ExportInfo | None = None
         self._steps = self._run()
-        self._need = next(self._steps)
+        self._need: _Need = next(self._steps)
 
     @property
     def done(self) -> bool:
@@ -284,7 +284,7 @@ class NbdHandshake:
     def _send_option(self, option: int, data: bytes = b"") -> None:
         self._out += _OPTION.pack(NBD_OPTS_MAGIC, option, len(data)) + data
 
-    def _read_option_reply(self, option: int):
+    def _read_option_reply(self, option: int) -> Generator[_Need, bytes, tuple[int, bytes]]:
         """Generator step: one option reply header + payload, validated."""
         raw = yield _Need(_OPTION_REPLY.size)
         magic, echoed, reply_type, length = _OPTION_REPLY.unpack(raw)
@@ -297,7 +297,7 @@ class NbdHandshake:
         payload = (yield _Need(length)) if length else b""
         return reply_type, payload
 
-    def _run(self):
+    def _run(self) -> Generator[_Need, bytes, None]:
         raw = yield _Need(_GREETING.size)
         magic, opts_magic, hflags = _GREETING.unpack(raw)
         if magic != NBD_MAGIC:

@@ -399,9 +399,9 @@ class ScsiDisk:
         elif page == VPD_BLOCK_LIMITS:
             body = self._block_limits()
         elif page == VPD_BLOCK_CHARACTERISTICS:
-            body = bytearray(BLOCK_CHARACTERISTICS_PAGE_LEN)
-            body[0:2] = ROTATION_NON_ROTATING.to_bytes(2, "big")
-            body = bytes(body)
+            page_body = bytearray(BLOCK_CHARACTERISTICS_PAGE_LEN)
+            page_body[0:2] = ROTATION_NON_ROTATING.to_bytes(2, "big")
+            body = bytes(page_body)
         elif page == VPD_LOGICAL_BLOCK_PROVISIONING:
             body = self._provisioning()
         else:
