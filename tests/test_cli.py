@@ -168,6 +168,28 @@ def test_config_option_the_device_does_not_take(tmp_path: Path) -> None:
     assert "takes: type, instance, ring_size_hint" in line
 
 
+def test_config_option_of_the_wrong_type(tmp_path: Path) -> None:
+    line = serve_with_config(tmp_path, '[[device]]\ntype = "echo"\nring_size_hint = "big"\n')
+    assert "option 'ring_size_hint' must be an integer, not 'big'" in line
+
+
+def test_config_device_that_refuses_its_options(tmp_path: Path) -> None:
+    (tmp_path / "picky.py").write_text(
+        "import uuid\n\nfrom vmbus.device import Device\n\n\n"
+        "class Picky(Device):\n"
+        "    if_type = uuid.uuid4()\n\n"
+        "    def __init__(self, level: int = 1) -> None:\n"
+        "        super().__init__()\n"
+        "        if level > 3:\n"
+        "            raise ValueError(f'level {level} is above 3')\n"
+    )
+    cfg = tmp_path / "vm.toml"
+    cfg.write_text('[[device]]\ntype = "picky:Picky"\nlevel = 9\n')
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    r = vmbusd("serve", "--listen", str(tmp_path / "s.sock"), "--config", str(cfg), env=env)
+    one_line_error(r, "device #1 (picky:Picky): ValueError: level 9 is above 3")
+
+
 def test_config_bad_instance_guid(tmp_path: Path) -> None:
     line = serve_with_config(tmp_path, '[[device]]\ntype = "echo"\ninstance = "nope"\n')
     assert "instance 'nope' is not a GUID" in line
@@ -436,6 +458,11 @@ def test_vm_echo_interrupted_says_so(service: tuple[Path, Path], tmp_path: Path)
         assert vm.stop(signal.SIGINT) == 128 + signal.SIGINT
         (line,) = vm.text().splitlines()
         assert line == "vmbusd vm: SIGINT: stopped before the workload ended; detached"
+
+
+def test_vm_json_unwritable_is_refused_before_the_run(tmp_path: Path) -> None:
+    r = vmbusd("vm", "--connect", str(tmp_path / "none.sock"), "--json", str(tmp_path / "no" / "x"))
+    one_line_error(r, "cannot write --json", "does not exist")
 
 
 def test_vm_connect_nobody_listens(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from vmbus.cliutil import Interrupted, UserError
+from vmbus.cliutil import Interrupted, UserError, check_writable
 
 SIZES = [64, 256, 1024, 4096, 16384, 65536]
 RING_SIZE = 4 << 20  # per direction: room for a window of 64 KiB packets
@@ -251,31 +251,6 @@ def write_plot(records: list[dict[str, Any]], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def check_writable(path: str, what: str) -> None:
-    """Refuse, before a run of minutes, an output path that cannot be written.
-
-    Nothing is truncated: an existing file is opened for update and left as it is; a
-    new one is tried as a temporary file beside it (catches read-only file systems,
-    which a permission check alone does not)."""
-    target = os.path.abspath(path)
-    parent = os.path.dirname(target)
-    if os.path.isdir(target):
-        raise UserError(f"{what} {path} is a directory; name a file")
-    if not os.path.isdir(parent):
-        raise UserError(f"cannot write {what} {path}: directory {parent} does not exist")
-    try:
-        if os.path.exists(target):
-            with open(target, "r+b"):
-                pass
-        else:
-            fd, probe = tempfile.mkstemp(dir=parent, prefix=".vmbusd-bench-")
-            os.close(fd)
-            os.unlink(probe)
-    except OSError as exc:
-        why = exc.strerror or str(exc)
-        raise UserError(f"cannot write {what} {path}: cannot create a file there ({why})") from exc
 
 
 class _Progress:

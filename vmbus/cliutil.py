@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import stat
+import tempfile
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -97,10 +98,35 @@ def describe_connect_error(path: str, exc: OSError) -> str:
     if isinstance(exc, PermissionError):
         return f"cannot connect to {path}: permission denied"
     if exc.errno == errno.EPROTOTYPE:
-        return f"cannot connect to {path}: not a vmbusd/VMM attach socket"
+        return f"cannot connect to {path}: a socket of another kind (not the one expected here)"
     if exc.errno == errno.ENOTSOCK or isinstance(exc, (NotADirectoryError, IsADirectoryError)):
         return f"cannot connect to {path}: not a socket"
     return f"cannot connect to {path}: {os_reason(exc)}"
+
+
+def check_writable(path: str, what: str) -> None:
+    """Refuse, before a run that may take minutes, an output path that cannot be written.
+
+    Nothing is truncated: an existing file is opened for update and left as it is; a
+    new one is tried as a temporary file beside it (catches read-only file systems,
+    which a permission check alone does not)."""
+    target = os.path.abspath(path)
+    parent = os.path.dirname(target)
+    if os.path.isdir(target):
+        raise UserError(f"{what} {path} is a directory; name a file")
+    if not os.path.isdir(parent):
+        raise UserError(f"cannot write {what} {path}: directory {parent} does not exist")
+    try:
+        if os.path.exists(target):
+            with open(target, "r+b"):
+                pass
+        else:
+            fd, probe = tempfile.mkstemp(dir=parent, prefix=".vmbusd-bench-")
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        raise UserError(f"cannot write {what} {path}: cannot create a file there ({why})") from exc
 
 
 class Stopped:

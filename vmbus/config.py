@@ -22,6 +22,8 @@ import os
 import re
 import sys
 import tomllib
+import types
+import typing
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -72,6 +74,38 @@ def _options_taken(cls: type[Device]) -> tuple[list[str], bool]:
     return names, False
 
 
+_SIMPLE = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _type_problem(cls: type[Device], name: str, value: object) -> str | None:
+    """What is wrong with `value` for a constructor parameter annotated with a simple
+    type (int, float, str, bool, uuid.UUID, or a union of them); None if it fits or
+    the annotation says nothing we can check."""
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # unresolvable annotations: leave the check to the class
+        return None
+    hint = hints.get(name)
+    if hint is None:
+        return None
+    members = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if not all(m in _SIMPLE or m in (uuid.UUID, type(None)) for m in members):
+        return None
+    for m in members:
+        if m is type(None):
+            continue
+        if m is uuid.UUID and isinstance(value, (str, uuid.UUID)):
+            return None
+        if m is bool and isinstance(value, bool):
+            return None
+        if m is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return None
+        if m in (int, str) and type(value) is m:
+            return None
+    wanted = " or ".join(_SIMPLE.get(m, "a GUID") for m in members if m is not type(None))
+    return f"option {name!r} must be {wanted}, not {value!r}"
+
+
 def _build(where: str, entry: object) -> Device:
     if not isinstance(entry, dict):
         raise ConfigError(f"{where}: must be a table ([[device]] with a type = ... key)")
@@ -94,6 +128,10 @@ def _build(where: str, entry: object) -> Device:
             f"{where} ({kind}): unknown option {k!r}{_did_you_mean(k, taken)}; "
             f"this device takes: {takes}"
         )
+    for k, v in opts.items():
+        problem = _type_problem(cls, k, v)
+        if problem:
+            raise ConfigError(f"{where} ({kind}): {problem}")
     if "instance" in opts:
         try:
             opts["instance"] = uuid.UUID(str(opts["instance"]))
@@ -103,8 +141,10 @@ def _build(where: str, entry: object) -> Device:
             ) from exc
     try:
         return cls(**opts)
-    except (TypeError, ValueError) as exc:
+    except UserError as exc:
         raise ConfigError(f"{where} ({kind}): {exc}") from exc
+    except Exception as exc:  # the class refused its options (a backend that is not there, ...)
+        raise ConfigError(f"{where} ({kind}): {type(exc).__name__}: {exc}") from exc
 
 
 def devices_from_config(cfg: dict[str, Any], source: str = "config") -> list[Device]:

@@ -21,6 +21,7 @@ from vmbus.cliutil import (
     STOP_SIGNALS,
     Stopped,
     UserError,
+    check_writable,
     claim_socket_path,
     describe_bind_error,
     describe_connect_error,
@@ -143,6 +144,8 @@ async def run_vm(
         def say(line: str) -> None:
             print(f"vmbusd vm: {line}", file=sys.stderr, flush=True)
 
+    if json_out and json_out != "-":
+        check_writable(json_out, "--json")  # before the run, not after it
     vm = SimulatedVm()
     summary: dict[str, Any] = {"ok": False}
     status = 1
