@@ -339,6 +339,14 @@ def test_serve_metrics_port_in_use(tmp_path: Path) -> None:
     assert not sock.exists() and not stats.exists()
 
 
+def test_serve_stats_directory_missing(tmp_path: Path) -> None:
+    sock = tmp_path / "s.sock"
+    r = vmbusd("serve", "--listen", str(sock), "--stats", str(tmp_path / "no" / "stats.sock"))
+    one_line_error(r, "cannot create stats socket", f"directory {tmp_path / 'no'} does not exist")
+    assert "listening on" not in r.stderr
+    assert not sock.exists()  # bound first, removed on the way out
+
+
 def test_serve_stats_socket_of_a_live_service_is_not_stolen(tmp_path: Path) -> None:
     stats = tmp_path / "stats.sock"
     args = ["serve", "--listen", str(tmp_path / "a.sock"), "--stats", str(stats)]
