@@ -389,6 +389,9 @@ def test_attach_nobody_listens(tmp_path: Path) -> None:
     one_line_error(vmbusd("attach", str(path)), f"nobody listens on {path}")
     stale_socket(path)
     one_line_error(vmbusd("attach", str(path)), f"nobody listens on {path}", "stale")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a socket")
+    one_line_error(vmbusd("attach", str(notes)), f"cannot connect to {notes}: not a socket")
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

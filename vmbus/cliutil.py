@@ -22,6 +22,7 @@ import trio
 T = TypeVar("T")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+PROBE_TIMEOUT_S = 2.0  # connecting to a socket file to see whether anyone listens
 
 
 class UserError(Exception):
@@ -73,11 +74,14 @@ def claim_socket_path(path: str, kind: int = socket.SOCK_SEQPACKET, *, what: str
             "(remove it or choose another path)"
         )
     probe = socket.socket(socket.AF_UNIX, kind)
+    probe.settimeout(PROBE_TIMEOUT_S)  # a live listener with a full backlog makes us wait
     try:
         probe.connect(path)
     except (ConnectionRefusedError, FileNotFoundError):
         os.unlink(path)  # stale: nobody listens
         return
+    except (TimeoutError, BlockingIOError):
+        pass  # someone listens, just busy: in use
     except OSError as exc:
         if exc.errno != errno.EPROTOTYPE:  # a live socket of another type: still in use
             raise UserError(f"cannot use {path} for the {what}: {os_reason(exc)}") from exc
@@ -94,6 +98,12 @@ def describe_connect_error(path: str, exc: OSError) -> str:
     if isinstance(exc, FileNotFoundError):
         return f"nobody listens on {path}: no such socket"
     if isinstance(exc, ConnectionRefusedError):
+        try:
+            is_socket = stat.S_ISSOCK(os.stat(path).st_mode)
+        except OSError:
+            is_socket = True
+        if not is_socket:
+            return f"cannot connect to {path}: not a socket"
         return f"nobody listens on {path}: the socket file is stale (its process is gone)"
     if isinstance(exc, PermissionError):
         return f"cannot connect to {path}: permission denied"
