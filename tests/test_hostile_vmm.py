@@ -35,12 +35,13 @@ from vmbus import protocol as vp
 from vmbus.guest.vm import GuestError, SimulatedVm
 from vmbus.guest.workloads import echo_mixed
 from vmbus.memory import MAX_REGIONS, sealed_memfd
+from vmbus.ring import VM_PKT_DATA_INBAND, OutPacket
 from vmbus.server import VmSession
 
 RING = 64 * 1024
 MAXP = RING // 4 - 64
 PAGE = 4096
-SATURATED = 0xFFFF_FFFF_FFFF_FFFE  # the largest value an eventfd counter can hold
+SATURATED = 0xFFFF_FFFF_FFFF_FFFE  # the largest value write(2) can leave in an eventfd
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -67,17 +68,21 @@ async def session_and_vmm(
     host = attach.AttachConnection(trio.socket.from_stdlib_socket(a))
     vmm = attach.AttachConnection(trio.socket.from_stdlib_socket(b))
     session = VmSession(host, [EchoDevice()], vm_label="hostile")
-    async with trio.open_nursery() as n:
-        n.start_soon(session.run)
-        if hello:
-            await attach.handshake(
-                vmm, attach.Hello(attach.PROTOCOL_VERSION, "vmm", "hostile", vcpus)
-            )
-        try:
-            yield session, vmm
-        finally:
-            n.cancel_scope.cancel()
-            await vmm.aclose()
+    try:
+        async with trio.open_nursery() as n:
+            n.start_soon(session.run)
+            try:
+                if hello:
+                    await attach.handshake(
+                        vmm, attach.Hello(attach.PROTOCOL_VERSION, "vmm", "hostile", vcpus)
+                    )
+                yield session, vmm
+            finally:
+                # No await here: a Cancelled raised in this finally would be caught
+                # by the nursery's scope and take the test's own failure with it.
+                n.cancel_scope.cancel()
+    finally:
+        vmm.socket.close()
 
 
 async def expect_error_then_eof(conn: attach.AttachConnection, code: str) -> attach.Error:
@@ -231,14 +236,17 @@ async def test_vmm_that_blocks_the_call_eventfd_stops_only_its_own_vm(tmp_path: 
                 call = bad_ch.call.fd  # the VMM's copy: same open file description
                 fcntl.fcntl(call, fcntl.F_SETFL, fcntl.fcntl(call, fcntl.F_GETFL) & ~os.O_NONBLOCK)
                 os.eventfd_write(call, SATURATED)
-                # Make vmbusd signal it: echo traffic on the saboteur's channel.
-                with trio.move_on_after(2):
-                    await echo_mixed(bad_ch.channel, 20, MAXP)
-                # Both flags and counter are as the saboteur left them for a while.
+                # Make vmbusd signal it: packets to echo, while the guest is not
+                # reading (its interrupt mask is clear, so each echo is signalled).
+                for i in range(8):
+                    await bad_ch.channel.send([OutPacket(VM_PKT_DATA_INBAND, 0, i, [b"x" * 64])])
+                await trio.sleep(0.5)
                 assert not fcntl.fcntl(call, fcntl.F_GETFL) & os.O_NONBLOCK
-                with trio.fail_after(10):
+                with trio.fail_after(10):  # the other VM is served all the same
                     await echo_mixed(good_ch.channel, 200, MAXP)
                 assert sp.alive()
+                # vmbusd did signal the saboteur: its counter went past write(2)'s limit.
+                assert eventfd.drain(call) == (1 << 64) - 1
             await still_serves(sp.path)
             with trio.fail_after(10):
                 await echo_mixed(good_ch.channel, 50, MAXP)
@@ -424,6 +432,9 @@ async def test_unsealed_ram_is_refused_and_truncation_cannot_kill_vmbusd(tmp_pat
                         os.ftruncate(vm.ram.fd, 0)
                         os.eventfd_write(bad_ch.kick.fd, 1)  # vmbusd reads the ring header
                         await trio.sleep(1)
+                        vm.channels.clear()  # the guest's side: drop our views unread
+                        bad_ch.channel.release()
+                        bad_ch.mapping.close()
                     n.cancel_scope.cancel()
                 await conn.aclose()
             finally:
