@@ -415,8 +415,7 @@ class GpaDirect:
         """Views of guest RAM covering every range in order (zero copy)."""
         out: list[memoryview] = []
         for r in self.ranges:
-            # A list: memory's native walk takes a list or tuple, not a buffer.
-            out.extend(memory.iovecs_for_range(GpaRange(r.byte_count, r.byte_offset, list(r.pfns))))
+            out.extend(memory.iovecs_for_range(r))
         return out
 
 
