@@ -235,6 +235,16 @@ def cmd_plugins(args: argparse.Namespace, say: _Say) -> int:
     return 0
 
 
+def cmd_guest_kernel(args: argparse.Namespace, say: _Say) -> int:
+    from pathlib import Path
+
+    from vmbus.kvm import kernel
+
+    out = Path(args.out) if args.out else None
+    deb = Path(args.source_deb) if args.source_deb else None
+    return kernel.command(say, out=out, source_deb=deb)
+
+
 # -- the parser ------------------------------------------------------------------------
 
 
@@ -422,6 +432,28 @@ def build_parser() -> argparse.ArgumentParser:
         "names, and the package that registered it. A config's `type = NAME` picks one.",
     )
     pl.set_defaults(func=cmd_plugins)
+
+    gk = add(
+        "guest-kernel",
+        "build (or reuse) the Linux guest kernel for the KVM tier",
+        "Fetch Debian's linux-source-6.1 at the pinned version with `apt-get download` "
+        "(checked by SHA256), build a small x86-64 kernel from vmbus/kvm/guest-kernel.config "
+        "on top of tinyconfig (Hyper-V drivers built in, unmodified), and cache vmlinux, "
+        ".config and System.map under $XDG_CACHE_HOME/vmbusd (default ~/.cache/vmbusd) keyed "
+        "by source version and config; a second run is instant. Prints vmlinux's path. "
+        "Build tools missing: installed with apt-get as root, named (exit 2) otherwise.",
+    )
+    gk.add_argument(
+        "--out", metavar="DIR", help="also copy vmlinux, .config, System.map here (default: no)"
+    )
+    gk.add_argument(
+        "--source-deb",
+        metavar="PATH",
+        help="build from this linux-source-6.1 .deb instead of downloading the pinned "
+        "version (for when apt no longer has it); at the pinned version its hash must match "
+        "(default: apt-get download the pin)",
+    )
+    gk.set_defaults(func=cmd_guest_kernel)
     return p
 
 
