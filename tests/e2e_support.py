@@ -8,7 +8,6 @@ and its log is kept so tests can check the one line each rejection must leave.
 from __future__ import annotations
 
 import contextlib
-import os
 import subprocess
 import sys
 import time
@@ -76,7 +75,9 @@ def serve_process(
     sp = ServeProcess(proc, path, log_path)
     try:
         deadline = time.monotonic() + SERVE_START_TIMEOUT_S
-        while not os.path.exists(path):
+        # the line vmbusd says once it listens (the socket file exists a moment before:
+        # bind, then listen; a connect in between is refused)
+        while f"listening on {path}" not in sp.log():
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"vmbusd serve did not start:\n{sp.log()}")
             time.sleep(0.02)
