@@ -11,6 +11,9 @@
  *   8  rdmsr 0x40000000 after writing 0x1122334455667788
  *   9  #GP count (rdmsr 0x400000ff, wrmsr 0x400000fe: the VMM refuses both)
  *  10  1 when done
+ * The `gaps` entry runs the instructions kvm_pvm cannot emulate and the VMM works around:
+ *  11  #BP count (int3)   12 stmxcsr at entry   13 stmxcsr after ldmxcsr 0x1fc0
+ *  14  1 after fwait
  */
 	.code64
 	.section .text
@@ -21,19 +24,7 @@ _start:
 	movq	$0x7e57, 0(%rbx)
 	mov	%rsi, 8(%rbx)
 
-	/* an IDT with a #GP handler that skips the 2-byte rdmsr/wrmsr */
-	lea	idt(%rip), %rdi
-	add	$13*16, %rdi
-	lea	gp_handler(%rip), %rax
-	mov	%ax, 0(%rdi)
-	movw	$0x10, 2(%rdi)
-	movw	$0x8e00, 4(%rdi)
-	shr	$16, %rax
-	mov	%ax, 6(%rdi)
-	shr	$16, %rax
-	mov	%eax, 8(%rdi)
-	movl	$0, 12(%rdi)
-	lidt	idtr(%rip)
+	call	setup_idt
 
 	lea	hello(%rip), %rsi
 	call	puts
@@ -111,6 +102,26 @@ bench:
 	hlt
 	jmp	3b
 
+/* the PVM emulation gaps, with a #BP handler that counts */
+	.globl gaps
+gaps:
+	lea	stack_top(%rip), %rsp
+	call	setup_idt
+	lea	results(%rip), %rbx
+	int3
+	stmxcsr	96(%rbx)
+	movl	$0x1fc0, 120(%rbx)
+	ldmxcsr	120(%rbx)
+	stmxcsr	104(%rbx)
+	fwait
+	movq	$1, 112(%rbx)
+	mov	$0xf4, %dx
+	mov	$0x33, %al
+	out	%al, (%dx)
+5:	cli
+	hlt
+	jmp	5b
+
 /* puts(rsi): polled like Linux's 8250 console: wait for LSR.THRE, write THR */
 puts:
 	mov	$0x3fd, %dx
@@ -124,6 +135,39 @@ puts:
 	out	%al, (%dx)
 	jmp	puts
 4:	ret
+
+/* an IDT: #GP skips the 2-byte rdmsr/wrmsr and counts, #BP counts */
+setup_idt:
+	lea	gp_handler(%rip), %rax
+	mov	$13, %edi
+	call	set_gate
+	lea	bp_handler(%rip), %rax
+	mov	$3, %edi
+	call	set_gate
+	lidt	idtr(%rip)
+	ret
+
+/* set_gate(edi = vector, rax = handler) */
+set_gate:
+	shl	$4, %rdi
+	lea	idt(%rip), %rcx
+	add	%rcx, %rdi
+	mov	%ax, 0(%rdi)
+	movw	$0x10, 2(%rdi)
+	movw	$0x8e00, 4(%rdi)
+	shr	$16, %rax
+	mov	%ax, 6(%rdi)
+	shr	$16, %rax
+	mov	%eax, 8(%rdi)
+	movl	$0, 12(%rdi)
+	ret
+
+bp_handler:
+	push	%rax
+	lea	results(%rip), %rax
+	incq	88(%rax)
+	pop	%rax
+	iretq
 
 gp_handler:
 	add	$8, %rsp		/* the error code */

@@ -259,6 +259,17 @@ class VcpuEvents(ctypes.Structure):
     ]
 
 
+class Xsave(ctypes.Structure):
+    """struct kvm_xsave: the legacy FXSAVE area, then the XSAVE header at 512."""
+
+    _fields_ = [("region", u32 * 1024)]
+
+
+XSAVE_MXCSR = 6  # u32 index of MXCSR in the FXSAVE area
+XSAVE_XSTATE_BV = 128  # u32 index of XSTATE_BV (low half) in the XSAVE header
+XFEATURE_MASK_SSE = 1 << 1
+
+
 class LapicState(ctypes.Structure):
     _fields_ = [("regs", u8 * 1024)]
 
@@ -368,6 +379,8 @@ KVM_GET_MP_STATE = _ior(0x98, ctypes.sizeof(MpState))
 KVM_SET_MP_STATE = _iow(0x99, ctypes.sizeof(MpState))
 KVM_GET_VCPU_EVENTS = _ior(0x9F, ctypes.sizeof(VcpuEvents))
 KVM_SET_VCPU_EVENTS = _iow(0xA0, ctypes.sizeof(VcpuEvents))
+KVM_GET_XSAVE = _ior(0xA4, ctypes.sizeof(Xsave))
+KVM_SET_XSAVE = _iow(0xA5, ctypes.sizeof(Xsave))
 KVM_GET_TSC_KHZ = _io(0xA3)
 KVM_ENABLE_CAP = _iow(0xA3, ctypes.sizeof(EnableCap))
 KVM_SIGNAL_MSI = _iow(0xA5, ctypes.sizeof(Msi))
@@ -671,7 +684,12 @@ class VcpuFd:
         self.fd = fd
         self.id = vcpu_id
         self.mmap = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        self.run_struct = Run.from_buffer(self.mmap)
+        # by address, not from_buffer: an exported buffer would keep mmap.close() from
+        # working while any frame (a traceback's, say) still refers to the struct
+        anchor = ctypes.c_char.from_buffer(self.mmap)
+        self._run_addr = ctypes.addressof(anchor)
+        del anchor
+        self.run_struct = Run.from_address(self._run_addr)
         self._run_req = ctypes.c_ulong(KVM_RUN)
         self._fd = ctypes.c_int(fd)
         self._zero = ctypes.c_ulong(0)
@@ -740,6 +758,27 @@ class VcpuFd:
         ioctl(self.fd, KVM_TRANSLATE, t)
         return t
 
+    def get_xsave(self) -> Xsave:
+        x = Xsave()
+        ioctl(self.fd, KVM_GET_XSAVE, x)
+        return x
+
+    def set_xsave(self, x: Xsave) -> None:
+        ioctl(self.fd, KVM_SET_XSAVE, x)
+
+    def get_mxcsr(self) -> int:
+        """MXCSR through KVM_GET_XSAVE: KVM_GET_FPU reports 0 on this host (seen on 6.18
+        kvm_pvm), the XSAVE image has the real value."""
+        return int(self.get_xsave().region[XSAVE_MXCSR])
+
+    def set_mxcsr(self, value: int) -> None:
+        """MXCSR through KVM_SET_XSAVE; XSTATE_BV.SSE must be set or KVM keeps the
+        init value (the XMM registers go with it, unchanged from the read)."""
+        x = self.get_xsave()
+        x.region[XSAVE_MXCSR] = value
+        x.region[XSAVE_XSTATE_BV] |= XFEATURE_MASK_SSE
+        self.set_xsave(x)
+
     def get_vcpu_events(self) -> VcpuEvents:
         e = VcpuEvents()
         ioctl(self.fd, KVM_GET_VCPU_EVENTS, e)
@@ -773,7 +812,6 @@ class VcpuFd:
 
     def close(self) -> None:
         if self.fd >= 0:
-            del self.run_struct
             self.mmap.close()
             os.close(self.fd)
             self.fd = -1

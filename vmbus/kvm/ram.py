@@ -47,8 +47,9 @@ class KvmRam:
         self.size = size
         self.fd = sealed_memfd(name, size)
         self._map = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        self._anchor = ctypes.c_char.from_buffer(self._map)
-        self.host_addr = ctypes.addressof(self._anchor)
+        anchor = ctypes.c_char.from_buffer(self._map)
+        self.host_addr = ctypes.addressof(anchor)
+        del anchor
         self.view = memoryview(self._map)
         low = min(size, LOW_RAM_MAX)
         regions = [Region(0, low, 0)]
@@ -87,7 +88,9 @@ class KvmRam:
         if self.fd < 0:
             return
         self.view.release()
-        del self._anchor
-        self._map.close()
+        try:
+            self._map.close()
+        except BufferError:
+            pass  # a slice is still held somewhere: the mapping goes with the last one
         os.close(self.fd)
         self.fd = -1
