@@ -211,6 +211,14 @@ def test_zero_page_carries_the_setup_header_e820_and_rsdp() -> None:
     ]
 
 
+def test_linux_cmdline_has_lpj_from_the_guest_tsc_and_the_pvm_options() -> None:
+    line = boot.linux_cmdline(2_000_000, hz=250, tsc_scale=10, on_pvm=True, extra="x=1")
+    assert "lpj=80000000" in line.split()
+    assert pvm.PVM_CMDLINE in line and line.startswith("console=ttyS0 ")
+    assert line.endswith(" x=1")
+    assert "noxsave" not in boot.linux_cmdline(2_000_000)
+
+
 def test_identity_map_and_gdt_are_what_the_64_bit_entry_expects() -> None:
     ram = KvmRam(32 << 20)
     try:
@@ -481,9 +489,10 @@ def _rig(
 
     m.rdmsr = rdmsr  # type: ignore[assignment]
     m.wrmsr = wrmsr  # type: ignore[assignment]
-    info = boot.place_boot_data(m.ram, guest.image, "tiny")
+    info = boot.boot_elf(m, guest.image, "tiny")
     assert info.entry == guest.symbols["_start"]
-    boot.set_boot_cpu_state(m.vcpus[0].fd, guest.symbols[entry])
+    if entry != "_start":
+        boot.set_boot_cpu_state(m.vcpus[0].fd, guest.symbols[entry])
     return Rig(m, console, serial, msrs)
 
 

@@ -18,9 +18,13 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from vmbus.kvm import kvmapi
 from vmbus.kvm.ram import HIGH_BASE, KvmRam
+
+if TYPE_CHECKING:
+    from vmbus.kvm.machine import Machine
 
 GDT_GPA = 0x500
 BOOT_PARAMS_GPA = 0x7000
@@ -351,3 +355,40 @@ def set_boot_cpu_state(vcpu: kvmapi.VcpuFd, entry: int, *, rsi: int = BOOT_PARAM
     fpu.fcw = 0x37F
     fpu.mxcsr = 0x1F80
     vcpu.set_fpu(fpu)
+
+
+def boot_elf(
+    machine: Machine,
+    image: bytes,
+    cmdline: str = "",
+    *,
+    acpi: bytes | None = None,
+    acpi_gpa: int = ACPI_GPA,
+    rsdp_gpa: int | None = None,
+) -> BootInfo:
+    """place_boot_data into the machine's RAM, then point vCPU 0 at the entry (the APs
+    wait for the guest's INIT/SIPI, as on a PC)."""
+    info = place_boot_data(
+        machine.ram, image, cmdline, acpi=acpi, acpi_gpa=acpi_gpa, rsdp_gpa=rsdp_gpa
+    )
+    set_boot_cpu_state(machine.vcpus[0].fd, info.entry)
+    return info
+
+
+def linux_cmdline(
+    tsc_khz: int, *, hz: int = 250, tsc_scale: int = 1, on_pvm: bool = False, extra: str = ""
+) -> str:
+    """The command line the probe booted with: serial console, no PCI, no calibration
+    loops (lpj from the TSC as the guest will see it: tsc_khz * tsc_scale), and on
+    kvm_pvm the options that steer Linux around its emulation gaps (pvm.PVM_CMDLINE)."""
+    from vmbus.kvm.pvm import PVM_CMDLINE
+
+    lpj = tsc_khz * tsc_scale * 1000 // hz
+    parts = [
+        "console=ttyS0 earlyprintk=ttyS0 pci=off",
+        PVM_CMDLINE if on_pvm else "",
+        "mitigations=off nokaslr tsc=reliable no_timer_check nowatchdog nosoftlockup",
+        f"lpj={lpj}",
+        extra,
+    ]
+    return " ".join(p for p in parts if p)
