@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import trio
 from conftest import require_tool
 
 from vmbus.kvm import boot, kvmapi, paging, pvm
@@ -26,9 +27,11 @@ from vmbus.kvm.machine import (
     DebugExit,
     Machine,
     StopReason,
+    Vcpu,
     VcpuFault,
     apply_cpuid,
     cpuid_for_vcpu,
+    current_vcpu,
 )
 from vmbus.kvm.ram import KvmRam
 from vmbus.kvm.serial import COM1_IRQ, COM1_PORT, Console, Serial16550
@@ -533,6 +536,41 @@ async def test_tiny_guest_exercises_console_cpuid_msrs_ioeventfd(tiny_guest: Tin
     finally:
         os.close(efd)
         m.close()
+
+
+@needs_kvm
+async def test_exit_handlers_reach_the_vcpu_and_trio(tiny_guest: TinyGuest) -> None:
+    """An MSR read answered by async code in the trio loop (call_in_trio), and a port
+    device that reads the exiting vCPU's registers (current_vcpu)."""
+    rig = _rig(tiny_guest)
+    m = rig.machine
+    answers: list[str] = []
+    seen_rdx: list[int] = []
+
+    async def from_trio() -> int:
+        await trio.sleep(0.01)
+        answers.append(trio.lowlevel.current_task().name)
+        return 0xABCDEF
+
+    def rdmsr(vcpu: Vcpu, index: int) -> int | None:
+        return vcpu.call_in_trio(from_trio) if index == HV_GUEST_OS_ID else None
+
+    class Port:
+        def io_read(self, port: int, size: int) -> int:
+            return 0
+
+        def io_write(self, port: int, size: int, value: int) -> None:
+            seen_rdx.append(current_vcpu().regs().rdx)
+
+    m.rdmsr = rdmsr
+    m.add_port_device(0x5000, 1, Port())
+    try:
+        assert (await m.run(timeout=30)).kind == "debug-exit"
+        r = _results(rig, tiny_guest)
+    finally:
+        m.close()
+    assert r[7] == 0xABCDEF and len(answers) == 2  # two reads of GUEST_OS_ID
+    assert seen_rdx == [0x5000, 0x5000]  # the guest's dx held the port
 
 
 @needs_kvm

@@ -48,6 +48,18 @@ DEBUG_EXIT_PORT = 0xF4
 _KICK_SIGNAL = signal.SIGUSR2
 
 
+_current = threading.local()
+
+
+def current_vcpu() -> Vcpu:
+    """The vCPU whose exit is being handled on this thread: for a device that needs the
+    guest's registers (a hypercall trapped through a port reads rcx/rdx/r8)."""
+    vcpu: Vcpu | None = getattr(_current, "vcpu", None)
+    if vcpu is None:
+        raise RuntimeError("not on a vCPU thread")
+    return vcpu
+
+
 class PortDevice(Protocol):
     """A device on the I/O port bus; gets the absolute port and the access size."""
 
@@ -208,6 +220,7 @@ class Vcpu:
     # ---- the loop
 
     def _thread_main(self) -> None:
+        _current.vcpu = self
         try:
             reason = self._loop()
         except BaseException as e:  # reported to trio by the machine
