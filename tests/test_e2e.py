@@ -25,7 +25,7 @@ from e2e_support import ServeProcess, guest, serve_process
 from devices.echo import ECHO_IF_TYPE, EchoDevice
 from vmbus import attach
 from vmbus import protocol as vp
-from vmbus.guest.vm import GuestChannel, GuestError, SimulatedVm
+from vmbus.guest.vm import GuestChannel, HostError, SimulatedVm
 from vmbus.guest.workloads import echo_mixed
 from vmbus.memory import sealed_memfd
 from vmbus.ring import OFF_READ_INDEX, OFF_WRITE_INDEX, OutPacket, SendBatch
@@ -222,7 +222,7 @@ async def test_open_refused_for_bad_ring_indices(tmp_path: Path) -> None:
                 del hdr
 
             for corrupt in (misalign_upstream_write, downstream_read_beyond):
-                with pytest.raises(GuestError, match="refused"):
+                with pytest.raises(HostError, match="refused"):
                     await vm.open_channel(offer, RING, before_open=corrupt)
             log = sp.wait_log("open refused, bad ring indices")
             assert "WINDEX_ALIGN" in log and "RINDEX_RANGE" in log
@@ -494,7 +494,7 @@ async def test_every_version_end_to_end(tmp_path: Path) -> None:
                     await echo_mixed(ch.channel, 100, MAXP, seed=2)
                 await vm.close_channel(ch)
                 await vm.unload()
-        with pytest.RaisesGroup(pytest.RaisesExc(GuestError, match="refused every")):
+        with pytest.RaisesGroup(pytest.RaisesExc(HostError, match="refused every")):
             async with guest(
                 sp.path, client_options={"versions": (vp.VERSION_WS2008,), "max_version": 0xFFFF}
             ):

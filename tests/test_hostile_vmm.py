@@ -32,7 +32,7 @@ from e2e_support import serve_process
 from devices.echo import ECHO_IF_TYPE, EchoDevice
 from vmbus import attach, eventfd, server
 from vmbus import protocol as vp
-from vmbus.guest.vm import GuestError, SimulatedVm
+from vmbus.guest.vm import HostError, SimulatedVm
 from vmbus.guest.workloads import echo_mixed
 from vmbus.memory import MAX_REGIONS, sealed_memfd
 from vmbus.ring import VM_PKT_DATA_INBAND, OutPacket
@@ -424,7 +424,7 @@ async def test_unsealed_ram_is_refused_and_truncation_cannot_kill_vmbusd(tmp_pat
                 async with trio.open_nursery() as n:
                     try:
                         await vm.start(conn, n)
-                    except GuestError as exc:
+                    except HostError as exc:
                         refusal = str(exc)
                     else:  # accepted: shrink the file under vmbusd, then make it look
                         (bad_offer,) = vm.find_offers(ECHO_IF_TYPE)

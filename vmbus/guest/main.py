@@ -27,7 +27,7 @@ from vmbus.cliutil import (
     describe_connect_error,
 )
 from vmbus.guest.drivers import GuestDriver, driver_for
-from vmbus.guest.vm import GuestChannel, GuestError, SimulatedVm
+from vmbus.guest.vm import GuestChannel, HostError, SimulatedVm
 from vmbus.guest.workloads import EchoMismatch
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ async def _leave(vm: SimulatedVm) -> int:
                 closed += 1
             if vm.version is not None and vm.closed_reason is None:
                 await vm.unload()
-    except (attach.AttachError, GuestError, OSError) as exc:
+    except (attach.AttachError, HostError, OSError) as exc:
         log.info("leaving: vmbusd went away first: %s", exc)
     _drop_channels(vm)
     return closed
@@ -200,7 +200,7 @@ async def run_vm(
                 except UserError as exc:
                     summary["error"] = str(exc)
                     problem = exc
-                except (attach.AttachError, GuestError, OSError, trio.TooSlowError) as exc:
+                except (attach.AttachError, HostError, OSError, trio.TooSlowError) as exc:
                     summary["error"] = f"{type(exc).__name__}: {exc}"
                     print(f"vmbusd vm: error: {summary['error']}", file=sys.stderr)
                 nursery.cancel_scope.cancel()

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 CONTROL_TIMEOUT_S = 10.0
 
 
-class GuestError(Exception):
+class HostError(Exception):
     """The host refused or did not answer a guest request."""
 
 
@@ -129,9 +129,9 @@ class SimulatedVm:
         with trio.fail_after(CONTROL_TIMEOUT_S):
             await self._all_offers.wait()
         if self.closed_reason is not None:
-            raise GuestError(f"vmbusd ended the session: {self.closed_reason}")
+            raise HostError(f"vmbusd ended the session: {self.closed_reason}")
         if self.connect_failed:
-            raise GuestError("the host refused every VMBus version this guest proposed")
+            raise HostError("the host refused every VMBus version this guest proposed")
 
     async def _receive_loop(self) -> None:
         """Apply vmbusd's messages in order; when it ends the session, say why (and
@@ -243,7 +243,7 @@ class SimulatedVm:
                 return await recv.receive()
         except trio.TooSlowError:
             self._waiters.pop((kind, key), None)
-            raise GuestError(f"no answer from the host for {kind} {key:#x}") from None
+            raise HostError(f"no answer from the host for {kind} {key:#x}") from None
 
     # -- guest kernel services ------------------------------------------------------
 
@@ -276,7 +276,7 @@ class SimulatedVm:
         status = await self._request("gpadl", None, create)
         if status != 0:
             self.ram.free_pages(pfns)
-            raise GuestError(f"GPADL {handle:#x} refused with status {status:#x}")
+            raise HostError(f"GPADL {handle:#x} refused with status {status:#x}")
         gpadl = Gpadl(handle, offer.relid, (GpaRange(len(pfns) * PAGE_SIZE, 0, tuple(pfns)),))
         mapping = self.memory.map_ring_pair(gpadl, pages)
         # Linux zeroes both headers and sets feature_bits after the GPADL, before the open.
@@ -293,10 +293,10 @@ class SimulatedVm:
             mapping.close()
             await self._teardown_gpadl(offer.relid, handle)
             self.ram.free_pages(pfns)
-            raise GuestError(f"OPENCHANNEL relid {offer.relid} refused with status {status:#x}")
+            raise HostError(f"OPENCHANNEL relid {offer.relid} refused with status {status:#x}")
         bind = self._binds.get(offer.relid)
         if bind is None:
-            raise GuestError(f"relid {offer.relid} opened without a bind")
+            raise HostError(f"relid {offer.relid} opened without a bind")
         kick, call = EventFd(bind.kick), EventFd(bind.call)
         reader = RingReader(
             mapping.downstream_hdr, mapping.downstream_data, mapping.downstream_size, doubled=True
@@ -347,7 +347,7 @@ class SimulatedVm:
         status = await self._request("gpadl", None, create)
         if status != 0:
             self.ram.free_pages(pfns)
-            raise GuestError(f"GPADL {handle:#x} refused with status {status:#x}")
+            raise HostError(f"GPADL {handle:#x} refused with status {status:#x}")
         return handle, pfns
 
     async def teardown_buffer_gpadl(self, relid: int, handle: int, pfns: list[int]) -> None:
