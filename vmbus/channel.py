@@ -21,11 +21,13 @@ import struct
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import trio
 
 from vmbus import eventfd as _eventfd
 from vmbus.ring import (
+    DEFAULT_ALLOWED_TYPES,
     FLAG_COMPLETION_REQUESTED,
     VM_PKT_COMP,
     OutPacket,
@@ -39,6 +41,9 @@ from vmbus.ring import (
     iter_packets,
 )
 from vmbus.transactions import TransactionError, TransactionTracker
+
+if TYPE_CHECKING:
+    from vmbus.memory import RingPairMapping
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +119,35 @@ class EventFd:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def open_ring_pair(
+    mapping: RingPairMapping, *, host: bool, allowed_types: int | None = None
+) -> tuple[RingReader, RingWriter]:
+    """The reader and writer of a channel's ring pair for one end, opened, with the
+    indices the peer wrote checked (spec 8.1: r, w < size and 8-aligned). The host
+    reads the upstream (guest->host) ring and writes the downstream one; the guest
+    the other way round. RingCorrupt if the indices are bad (nothing stays open)."""
+    up = (mapping.upstream_hdr, mapping.upstream_data, mapping.upstream_size)
+    down = (mapping.downstream_hdr, mapping.downstream_data, mapping.downstream_size)
+    rx, tx = (up, down) if host else (down, up)
+    reader = RingReader(
+        *rx,
+        doubled=True,
+        allowed_types=DEFAULT_ALLOWED_TYPES if allowed_types is None else allowed_types,
+    )
+    writer = RingWriter(*tx, doubled=True)
+    try:
+        reader.open()
+        writer.open()
+        reader.bytes_to_read()
+        writer.bytes_to_write()
+    except BaseException:
+        reader.release()
+        writer.release()
+        del up, down, rx, tx  # the traceback keeps this frame: it must not pin the rings
+        raise
+    return reader, writer
 
 
 def new_eventfd() -> int:
@@ -255,12 +289,7 @@ class Channel:
             if res.signal:
                 self._signal()
             if res.npkts:
-                st = self.stats
-                st.packets_in += res.npkts
-                st.bytes_in += res.out_bytes
-                st.batches_in += 1
-                if res.error is not None:
-                    self._pending_error = res.error
+                self._took(res.npkts, res.out_bytes, res.error)
                 n = res.npkts if self._tracker is None else self._take_completions(res.npkts)
                 await trio.lowlevel.checkpoint()
                 if n:
@@ -273,6 +302,15 @@ class Channel:
                 self.stats.errors += 1
                 raise RingCorrupt(res.error)
             await self._idle()
+
+    def _took(self, npkts: int, nbytes: int, error: RingError | None) -> None:
+        """Count a batch taken off the ring; an error behind it is raised next time."""
+        st = self.stats
+        st.packets_in += npkts
+        st.bytes_in += nbytes
+        st.batches_in += 1
+        if error is not None:
+            self._pending_error = error
 
     async def _idle(self) -> None:
         """The ring is empty: poll briefly with the mask set, then unmask, re-check, sleep."""
@@ -327,13 +365,8 @@ class Channel:
             if res.read_signal:
                 self._signal()
             if res.npkts:
-                st = self.stats
-                st.packets_in += res.npkts
-                st.bytes_in += res.consumed
-                st.batches_in += 1
+                self._took(res.npkts, res.consumed, res.error)
                 dest._account(res.npkts, res.consumed, res.write_signal)
-                if res.error is not None:
-                    self._pending_error = res.error
                 await trio.lowlevel.checkpoint()
                 return res.npkts
             if res.error is not None:

@@ -22,7 +22,7 @@ import trio
 
 from vmbus import __version__, attach, bus
 from vmbus import protocol as vp
-from vmbus.channel import Channel, EventFd, new_eventfd
+from vmbus.channel import Channel, EventFd, new_eventfd, open_ring_pair
 from vmbus.device import (
     Device,
     DeviceContext,
@@ -32,7 +32,7 @@ from vmbus.device import (
     LabelledLog,
 )
 from vmbus.memory import GuestMemory, GuestMemoryError, LinearMapping, RingPairMapping
-from vmbus.ring import RingCorrupt, RingReader, RingWriter
+from vmbus.ring import RingCorrupt
 
 log = logging.getLogger(__name__)
 
@@ -456,33 +456,16 @@ class VmSession:
         except GuestMemoryError as exc:
             log.warning("%s: relid %d: open refused: %s", self.label, ev.relid, exc)
             return vp.STATUS_UNSUCCESSFUL
-        reader = writer = None
         try:
-            reader = RingReader(
-                mapping.upstream_hdr,
-                mapping.upstream_data,
-                mapping.upstream_size,
-                doubled=True,
-                allowed_types=dev.packet_types,
-            )
-            writer = RingWriter(
-                mapping.downstream_hdr,
-                mapping.downstream_data,
-                mapping.downstream_size,
-                doubled=True,
-            )
-            reader.open()
-            writer.open()
-            # The guest's own indices too (spec 8.1: r, w < D and 8-aligned at open).
-            reader.bytes_to_read()
-            writer.bytes_to_write()
+            reader, writer = open_ring_pair(mapping, host=True, allowed_types=dev.packet_types)
         except RingCorrupt as exc:
             log.warning(
                 "%s: relid %d: open refused, bad ring indices: %s", self.label, ev.relid, exc
             )
-            for ring in (reader, writer):
-                if ring is not None:
-                    ring.release()
+            refused = True
+        else:
+            refused = False
+        if refused:  # outside the handler: its traceback's frames viewed the rings
             mapping.close()
             return vp.STATUS_UNSUCCESSFUL
         kick, call = EventFd(new_eventfd()), EventFd(new_eventfd())

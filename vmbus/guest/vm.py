@@ -19,13 +19,13 @@ from typing import Any
 import trio
 
 from vmbus import attach
-from vmbus.channel import Channel, EventFd
+from vmbus.channel import Channel, EventFd, open_ring_pair
 from vmbus.gpadl import PAGE_SIZE, Gpadl, GpaRange
 from vmbus.guest import client as gc
 from vmbus.guest.ram import GuestRam
 from vmbus.memory import GuestMemory
 from vmbus.protocol import ProtocolError
-from vmbus.ring import RingReader, RingWriter, init_ring_header
+from vmbus.ring import init_ring_header
 
 log = logging.getLogger(__name__)
 
@@ -298,19 +298,7 @@ class SimulatedVm:
         if bind is None:
             raise HostError(f"relid {offer.relid} opened without a bind")
         kick, call = EventFd(bind.kick), EventFd(bind.call)
-        reader = RingReader(
-            mapping.downstream_hdr, mapping.downstream_data, mapping.downstream_size, doubled=True
-        )
-        writer = RingWriter(
-            mapping.upstream_hdr, mapping.upstream_data, mapping.upstream_size, doubled=True
-        )
-        try:
-            reader.open()
-            writer.open()
-        except Exception:
-            reader.release()
-            writer.release()
-            raise
+        reader, writer = open_ring_pair(mapping, host=False)
         ch = Channel(reader, writer, call, kick, name=f"guest/{offer.relid}")
         gch = GuestChannel(offer, pfns, handle, mapping, ch, kick, call)
         self.channels[offer.relid] = gch
@@ -355,9 +343,8 @@ class SimulatedVm:
         await self._teardown_gpadl(relid, handle)
         self.ram.free_pages(pfns)
 
-    async def reconnect(self) -> None:
-        """A new guest kernel without a VMM reset (kexec after UNLOAD): INITIATE_CONTACT
-        again, REQUESTOFFERS, wait for ALLOFFERS_DELIVERED."""
+    def _new_kernel(self) -> None:
+        """The old guest kernel's channels, offers and client are gone."""
         for gch in list(self.channels.values()):
             gch.channel.release()
             gch.mapping.close()
@@ -366,6 +353,11 @@ class SimulatedVm:
         self.offers.clear()
         self._all_offers = trio.Event()
         self.client = gc.VmBusClient(**self._client_options)
+
+    async def reconnect(self) -> None:
+        """A new guest kernel without a VMM reset (kexec after UNLOAD): INITIATE_CONTACT
+        again, REQUESTOFFERS, wait for ALLOFFERS_DELIVERED."""
+        self._new_kernel()
         self.client.connect()
         await self._pump()
         with trio.fail_after(CONTROL_TIMEOUT_S):
@@ -398,14 +390,7 @@ class SimulatedVm:
         """The guest rebooted: the VMM says `reset`, the new kernel negotiates afresh."""
         assert self.conn is not None
         self._reset_epoch = self._reset_epoch + 1
-        for gch in list(self.channels.values()):
-            gch.channel.release()
-            gch.mapping.close()
-            self.ram.free_pages(gch.pfns)
-        self.channels.clear()
-        self.offers.clear()
-        self._all_offers = trio.Event()
-        self.client = gc.VmBusClient(**self._client_options)
+        self._new_kernel()
         await self.conn.send(attach.Reset(epoch=self._reset_epoch))
         self.client.connect()
         await self._pump()

@@ -14,11 +14,9 @@ from dataclasses import dataclass
 
 from vmbus.channel import PACKET_OVERHEAD, Channel
 from vmbus.guest.check import check_echo
+from vmbus.packet import PacketFlags, PacketType
 from vmbus.ring import OutPacket, SendBatch
 
-VM_PKT_DATA_INBAND = 6
-VM_PKT_COMP = 0xB
-COMPLETION_REQUESTED = 1
 BYTES_CHECK_EVERY = 64
 MIXED_CHUNK = 4096  # packets built ahead of the traffic at a time
 
@@ -60,7 +58,7 @@ def mixed_sizes(n: int, max_payload: int, seed: int) -> list[int]:
 
 
 def _want_type(i: int) -> int:
-    return VM_PKT_COMP if i % 3 == 2 else VM_PKT_DATA_INBAND
+    return PacketType.COMPLETION if i % 3 == 2 else PacketType.INBAND
 
 
 async def echo_mixed(
@@ -81,8 +79,10 @@ async def echo_mixed(
         return SendBatch(
             [
                 OutPacket(
-                    VM_PKT_DATA_INBAND,
-                    COMPLETION_REQUESTED if _want_type(i) == VM_PKT_COMP else 0,
+                    PacketType.INBAND,
+                    PacketFlags.COMPLETION_REQUESTED
+                    if _want_type(i) == PacketType.COMPLETION
+                    else 0,
                     i + 1,
                     [pattern[: sizes[i]]],
                 )
@@ -120,7 +120,7 @@ async def echo_mixed(
             if typ != want:
                 raise EchoMismatch(f"packet {recvd + k}: type {typ:#x}, expected {want:#x}")
             total_bytes += sizes[recvd + k]
-            completions += want == VM_PKT_COMP
+            completions += want == PacketType.COMPLETION
         recvd += got.n
     return TrafficResult(packets, total_bytes, time.perf_counter() - t0, completions)
 
@@ -133,7 +133,7 @@ async def echo_fixed(
     cost = _ring_cost(size)
     window = min(ch.reader.size, ch.writer.size) // 2
     per_batch = max(1, min(batch, window // (2 * cost)))
-    sb = SendBatch([OutPacket(VM_PKT_DATA_INBAND, 0, 0, [pattern[:size]])] * per_batch)
+    sb = SendBatch([OutPacket(PacketType.INBAND, 0, 0, [pattern[:size]])] * per_batch)
     writer = ch.writer
     sent = recvd = 0
     deadline = time.perf_counter() + seconds
