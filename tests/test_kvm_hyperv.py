@@ -1,0 +1,771 @@
+"""vmbus.kvm.hyperv: the emulated Hyper-V surface, driven as Linux 6.1 drives it.
+
+Fake RAM is a bytearray behind the GuestRam interface (with a hole, so "outside RAM"
+is more than "past the end"); the injector records what it was asked to send. Every
+slot test runs on both the C slot operations and their pure-Python twin. The hypercall
+stub is checked against GNU as assembling the listing in vmbus/kvm/hypercall_page.py.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import require_tool
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vmbus import native
+from vmbus.kvm import hyperv as hv
+from vmbus.kvm.hypercall_page import FAST_SIGNAL_EVENT_CONTROL, HypercallStub
+from vmbus.kvm.kvmapi import CpuidLeaf
+
+PAGE = 4096
+RAM_LOW = 0x100000  # RAM is [0, 1 MiB) and [2 MiB, 3 MiB): a hole between
+HOLE = 0x100000
+RAM_HIGH = 0x200000
+RAM_END = 0x300000
+
+HYPERCALL_PAGE = 0x10000
+SIMP_PAGE = 0x11000
+SIEFP_PAGE = 0x12000
+ASSIST_PAGE = 0x13000
+INPUT_PAGE = 0x14000
+SIMP_PAGE2 = 0x200000
+VECTOR = 0xEC  # HYPERVISOR_CALLBACK_VECTOR, what Linux programs into SINT2
+SINT = 2  # VMBUS_MESSAGE_SINT
+LINUX_OS_ID = 0x8100_0000_0601_0000  # hv_generate_guest_id's shape: open source, Linux
+TSC_HZ = 2_500_000_000
+
+
+class FakeRam:
+    """Two RAM regions with a hole between, behind the GuestRam interface."""
+
+    def __init__(self) -> None:
+        self.low = bytearray(RAM_LOW)
+        self.high = bytearray(RAM_END - RAM_HIGH)
+
+    def _where(self, gpa: int, length: int) -> tuple[bytearray, int]:
+        if 0 <= gpa and gpa + length <= RAM_LOW:
+            return self.low, gpa
+        if RAM_HIGH <= gpa and gpa + length <= RAM_END:
+            return self.high, gpa - RAM_HIGH
+        raise ValueError(f"GPA {gpa:#x}+{length:#x} outside fake RAM")
+
+    def contains(self, gpa: int, length: int) -> bool:
+        try:
+            self._where(gpa, length)
+        except ValueError:
+            return False
+        return True
+
+    def read(self, gpa: int, length: int) -> bytes:
+        buf, off = self._where(gpa, length)
+        return bytes(buf[off : off + length])
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        buf, off = self._where(gpa, len(data))
+        buf[off : off + len(data)] = data
+
+    def slice(self, gpa: int, length: int) -> memoryview:
+        buf, off = self._where(gpa, length)
+        return memoryview(buf)[off : off + length]
+
+
+class Recorder:
+    """The injector, and the two hypercall callbacks, recording every call."""
+
+    def __init__(self) -> None:
+        self.irqs: list[tuple[int, int]] = []
+        self.posts: list[tuple[int, int, bytes]] = []
+        self.signals: list[int] = []
+        self.post_status = hv.HV_STATUS_SUCCESS
+        self.known_events = {0x2000}
+
+    def inject(self, vcpu: int, vector: int) -> None:
+        self.irqs.append((vcpu, vector))
+
+    def on_post(self, connection_id: int, message_type: int, payload: bytes) -> int:
+        self.posts.append((connection_id, message_type, payload))
+        return self.post_status
+
+    def on_signal(self, connection_id: int) -> int:
+        self.signals.append(connection_id)
+        if connection_id in self.known_events:
+            return hv.HV_STATUS_SUCCESS
+        return hv.HV_STATUS_INVALID_CONNECTION_ID
+
+
+SLOT_IMPLS = ["python", pytest.param("native", marks=pytest.mark.native)]
+
+
+@pytest.fixture(params=SLOT_IMPLS)
+def impl(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+class Vm:
+    """A partition over fake RAM, with helpers that do what Linux does."""
+
+    def __init__(self, impl: str = "python", vcpus: int = 2) -> None:
+        self.ram = FakeRam()
+        self.rec = Recorder()
+        self.p = hv.HyperVPartition(
+            self.ram,
+            self.rec,
+            vcpus=vcpus,
+            on_post=self.rec.on_post,
+            on_signal=self.rec.on_signal,
+            tsc_frequency_hz=TSC_HZ,
+            time_scale=10,
+            use_native=impl == "native",
+        )
+
+    def wr(self, msr: int, value: int, vcpu: int = 0) -> bool:
+        return self.p.write_msr(vcpu, msr, value)
+
+    def rd(self, msr: int, vcpu: int = 0) -> int | None:
+        return self.p.read_msr(vcpu, msr)
+
+    def hyperv_init(self) -> None:
+        """hyperv_init + hv_cpu_init: guest OS id, hypercall page, VP index, assist page."""
+        assert self.wr(hv.HV_X64_MSR_GUEST_OS_ID, LINUX_OS_ID)
+        msr = self.rd(hv.HV_X64_MSR_HYPERCALL)
+        assert msr is not None
+        assert self.wr(hv.HV_X64_MSR_HYPERCALL, msr | 1 | HYPERCALL_PAGE)
+        assert self.rd(hv.HV_X64_MSR_VP_INDEX) == 0
+        assert self.wr(hv.HV_X64_MSR_VP_ASSIST_PAGE, ASSIST_PAGE | 1)
+
+    def synic_enable(self, vcpu: int = 0, simp: int = SIMP_PAGE, siefp: int = SIEFP_PAGE) -> None:
+        """hv_synic_enable_regs, step by step as drivers/hv/hv.c does it."""
+        for msr, page in ((hv.HV_X64_MSR_SIMP, simp), (hv.HV_X64_MSR_SIEFP, siefp)):
+            old = self.rd(msr, vcpu)
+            assert old is not None
+            assert self.wr(msr, (old & 0xFFE) | page | 1, vcpu)
+        sint = self.rd(hv.HV_X64_MSR_SINT0 + SINT, vcpu)
+        assert sint is not None
+        sint = (sint & ~0xFF & ~hv.HV_SYNIC_SINT_MASKED & ~hv.HV_SYNIC_SINT_AUTO_EOI) | VECTOR
+        assert self.wr(hv.HV_X64_MSR_SINT0 + SINT, sint, vcpu)
+        sctrl = self.rd(hv.HV_X64_MSR_SCONTROL, vcpu)
+        assert sctrl is not None
+        assert self.wr(hv.HV_X64_MSR_SCONTROL, sctrl | 1, vcpu)
+
+    def slot(self, sint: int = SINT, page: int = SIMP_PAGE) -> bytes:
+        return self.ram.read(page + sint * 256, 256)
+
+    def slot_header(self, sint: int = SINT, page: int = SIMP_PAGE) -> tuple[int, int, int, int]:
+        mtype, size, flags, _rsvd, sender = struct.unpack_from("<IBBHQ", self.slot(sint, page))
+        return mtype, size, flags, sender
+
+    def guest_takes(self, sint: int = SINT, page: int = SIMP_PAGE, vcpu: int = 0) -> bytes:
+        """vmbus_on_msg_dpc + vmbus_signal_eom: copy, clear the type, EOM if pending."""
+        msg = self.slot(sint, page)
+        assert msg[:4] != bytes(4), "guest found no message"
+        self.ram.write(page + sint * 256, bytes(4))
+        if msg[5] & hv.HV_MESSAGE_FLAG_PENDING:
+            assert self.wr(hv.HV_X64_MSR_EOM, 0, vcpu)
+        return msg
+
+    def post_input(self, conn: int, mtype: int, payload: bytes, *, size: int | None = None) -> None:
+        n = len(payload) if size is None else size
+        body = struct.pack("<IIII", conn, 0, mtype, n) + payload
+        self.ram.write(INPUT_PAGE, body + bytes(256 - len(body)))
+
+    def call(self, control: int, rdx: int = INPUT_PAGE, r8: int = 0) -> int:
+        return self.p.handle_hypercall(0, control, rdx, r8)
+
+
+@pytest.fixture
+def vm(impl: str) -> Vm:
+    v = Vm(impl)
+    v.hyperv_init()
+    return v
+
+
+@pytest.fixture
+def bus(vm: Vm) -> Vm:
+    vm.synic_enable()
+    return vm
+
+
+# --- CPUID ----------------------------------------------------------------------------
+
+
+def regs_of(leaves: list[tuple[int, int, int, int, int, int]]) -> dict[int, tuple[int, ...]]:
+    return {f: (a, b, c, d) for f, i, a, b, c, d in leaves}
+
+
+def test_cpuid_leaves_are_the_ones_linux_61_accepted() -> None:
+    leaves = regs_of(hv.HyperVCpuid().leaves())
+    assert sorted(leaves) == list(range(0x40000000, 0x40000006))
+    eax, ebx, ecx, edx = leaves[0x40000000]
+    assert eax == 0x40000005
+    assert struct.pack("<III", ebx, ecx, edx) == b"Microsoft Hv"
+    assert struct.pack("<I", leaves[0x40000001][0]) == b"Hv#1"
+    assert leaves[0x40000002] == (17763, 0x000A0000, 0, 0)
+    assert leaves[0x40000003] == (0x8864, 0x30, 0, 0x100)
+    assert leaves[0x40000004] == (0x200, 0xFFFFFFFF, 0, 0)
+    assert leaves[0x40000005] == (64, 64, 0, 0)
+
+
+def test_cpuid_named_bits_make_the_probe_values() -> None:
+    assert (
+        hv.HV_MSR_SYNIC_AVAILABLE
+        | hv.HV_MSR_HYPERCALL_AVAILABLE
+        | hv.HV_MSR_VP_INDEX_AVAILABLE
+        | hv.HV_ACCESS_FREQUENCY_MSRS
+        | hv.HV_ACCESS_TSC_INVARIANT
+    ) == 0x8864
+    assert hv.HV_POST_MESSAGES | hv.HV_SIGNAL_EVENTS == 0x30
+    feats = hv.HyperVCpuid().features
+    for off in (
+        hv.HV_MSR_TIME_REF_COUNT_AVAILABLE,
+        hv.HV_MSR_SYNTIMER_AVAILABLE,
+        hv.HV_MSR_APIC_ACCESS_AVAILABLE,
+        hv.HV_MSR_REFERENCE_TSC_AVAILABLE,
+    ):
+        assert not feats & off
+    assert not hv.HyperVCpuid().privileges_high & hv.HV_CPU_MANAGEMENT
+
+
+def test_cpuid_leaf1_gets_the_hypervisor_bit() -> None:
+    leaves = hv.HyperVCpuid().leaves((0x906EA, 0x800, 0x7FFAFBBF, 0xBFEBFBFF))
+    assert leaves[0] == (1, 0, 0x906EA, 0x800, 0xFFFAFBBF, 0xBFEBFBFF)
+    kvm_leaves = [CpuidLeaf(1, 0, 1, 2, 0x1234, 4), CpuidLeaf(7, 0, 1, 2, 3, 4)]
+    hv.HyperVCpuid.set_hypervisor_bit(kvm_leaves)
+    assert kvm_leaves[0].ecx == 0x1234 | 1 << 31 and kvm_leaves[1].ecx == 3
+
+
+def test_cpuid_overrides_replace_kvm_signature_leaves() -> None:
+    over = hv.HyperVCpuid().overrides()
+    assert set(over) == {(f, 0) for f in range(0x40000000, 0x40000006)}
+    assert over[(0x40000001, 0)][0] == 0x31237648  # not KVM's feature leaf
+
+
+# --- the hypercall stub ---------------------------------------------------------------
+
+STUB_ASM = """
+.intel_syntax noprefix
+.code64
+    cmp rcx, 0x1005d
+    jne slow
+    mov rax, rdx
+    shr rax, 32
+    jnz slow
+    push rcx
+    mov eax, edx
+    xor ecx, ecx
+signal_out:
+    out {signal}, eax
+    mov rax, rcx
+    pop rcx
+    ret
+slow:
+    mov eax, ecx
+hypercall_out:
+    out {hypercall}, eax
+    ret
+"""
+
+
+def assemble(tmp_path: Path, source: str) -> bytes:
+    gas = require_tool("as", "binutils")
+    objcopy = require_tool("objcopy", "binutils")
+    (tmp_path / "s.S").write_text(source)
+    subprocess.run([gas, "--64", "-o", str(tmp_path / "s.o"), str(tmp_path / "s.S")], check=True)
+    subprocess.run(
+        [objcopy, "-O", "binary", "-j", ".text", str(tmp_path / "s.o"), str(tmp_path / "s.bin")],
+        check=True,
+    )
+    return (tmp_path / "s.bin").read_bytes()
+
+
+@pytest.mark.parametrize("ports", [(0xE4, 0xE5), (0x10, 0xFF)])
+def test_stub_bytes_are_what_as_assembles(tmp_path: Path, ports: tuple[int, int]) -> None:
+    stub = HypercallStub(*ports)
+    code = assemble(tmp_path, STUB_ASM.format(signal=hex(ports[0]), hypercall=hex(ports[1])))
+    assert stub.code == code
+    assert code[stub.signal_out : stub.signal_out + 2] == bytes([0xE7, ports[0]])
+    assert code[stub.hypercall_out : stub.hypercall_out + 2] == bytes([0xE7, ports[1]])
+    assert FAST_SIGNAL_EVENT_CONTROL == hv.HVCALL_SIGNAL_EVENT | hv.HV_HYPERCALL_FAST_BIT
+
+
+@pytest.mark.parametrize("ports", [(0x100, 0xE5), (-1, 0xE5), (0xE4, 0xE4)])
+def test_stub_refuses_ports_it_cannot_encode(ports: tuple[int, int]) -> None:
+    with pytest.raises(ValueError):
+        HypercallStub(*ports)
+
+
+# --- MSRs -----------------------------------------------------------------------------
+
+
+def test_linux_61_boot_sequence_of_msr_accesses(impl: str) -> None:
+    """Every Hyper-V MSR access Linux 6.1 makes from detection to vmbus_connect, in order."""
+    v = Vm(impl)
+    # ms_hyperv_init_platform: frequencies (x time_scale), then TSC_INVARIANT_CONTROL
+    assert v.rd(hv.HV_X64_MSR_TSC_FREQUENCY) == TSC_HZ * 10
+    assert v.rd(hv.HV_X64_MSR_APIC_FREQUENCY) == 1_000_000_000 * 10
+    assert v.wr(hv.HV_X64_MSR_TSC_INVARIANT_CONTROL, 1)
+    assert v.rd(hv.HV_X64_MSR_TSC_INVARIANT_CONTROL) == 1
+    v.hyperv_init()
+    assert v.rd(hv.HV_X64_MSR_HYPERCALL) == HYPERCALL_PAGE | 1
+    assert v.ram.read(HYPERCALL_PAGE, 35) == HypercallStub().code
+    assert v.rd(hv.HV_X64_MSR_VP_INDEX, 1) == 1
+    assert v.rd(hv.HV_X64_MSR_SVERSION) == hv.HV_SYNIC_VERSION_1
+    v.synic_enable()
+    assert v.rd(hv.HV_X64_MSR_SIMP) == SIMP_PAGE | 1
+    assert v.rd(hv.HV_X64_MSR_SIEFP) == SIEFP_PAGE | 1
+    assert v.rd(hv.HV_X64_MSR_SINT0 + SINT) == VECTOR
+    assert v.rd(hv.HV_X64_MSR_SCONTROL) == 1
+    for other in range(16):
+        if other != SINT:
+            assert v.rd(hv.HV_X64_MSR_SINT0 + other) == hv.HV_SYNIC_SINT_MASKED
+    assert v.rec.irqs == []
+
+
+def test_hypercall_msr_waits_for_the_guest_os_id(vm: Vm) -> None:
+    v = Vm()
+    assert v.wr(hv.HV_X64_MSR_HYPERCALL, HYPERCALL_PAGE | 1)  # accepted, ignored
+    assert v.rd(hv.HV_X64_MSR_HYPERCALL) == 0
+    assert v.ram.read(HYPERCALL_PAGE, 35) == bytes(35)
+    assert v.call(FAST_SIGNAL_EVENT_CONTROL, 0x2000) == hv.HV_STATUS_INVALID_HYPERCALL_CODE
+    # and clearing the OS id disables the page again
+    assert vm.wr(hv.HV_X64_MSR_GUEST_OS_ID, 0)
+    assert vm.rd(hv.HV_X64_MSR_HYPERCALL) == HYPERCALL_PAGE
+    assert vm.call(FAST_SIGNAL_EVENT_CONTROL, 0x2000) == hv.HV_STATUS_INVALID_HYPERCALL_CODE
+    assert vm.p.signal_port_exit(0, 0x2000) == hv.HV_STATUS_INVALID_HYPERCALL_CODE
+    assert vm.rec.signals == []
+
+
+@pytest.mark.parametrize("page", [HOLE, RAM_HIGH - PAGE, RAM_END, 1 << 52])
+def test_pages_outside_ram_are_gp_and_change_nothing(vm: Vm, page: int) -> None:
+    for msr in (
+        hv.HV_X64_MSR_HYPERCALL,
+        hv.HV_X64_MSR_VP_ASSIST_PAGE,
+        hv.HV_X64_MSR_SIMP,
+        hv.HV_X64_MSR_SIEFP,
+    ):
+        before = vm.rd(msr)
+        assert not vm.wr(msr, page | 1), hex(msr)
+        assert vm.rd(msr) == before
+        assert vm.wr(msr, page)  # disabled: the GPA is not used, so not checked
+
+
+def test_enabling_pages_zeroes_them_but_the_hypercall_page_gets_the_stub(vm: Vm) -> None:
+    vm.ram.write(0, b"\xee" * PAGE)  # what page 0 holds must not leak into a fresh page
+    vm.ram.write(SIMP_PAGE, b"\xff" * PAGE)
+    vm.ram.write(SIEFP_PAGE, b"\xff" * PAGE)
+    vm.ram.write(ASSIST_PAGE + PAGE, b"\xff" * PAGE)
+    vm.synic_enable()
+    assert vm.ram.read(SIMP_PAGE, PAGE) == bytes(PAGE)
+    assert vm.ram.read(SIEFP_PAGE, PAGE) == bytes(PAGE)
+    assert vm.wr(hv.HV_X64_MSR_VP_ASSIST_PAGE, (ASSIST_PAGE + PAGE) | 1)
+    assert vm.ram.read(ASSIST_PAGE + PAGE, PAGE) == bytes(PAGE)
+    # rewriting the same value does not wipe the page (KVM would)
+    vm.ram.write(SIEFP_PAGE, b"\x01")
+    assert vm.wr(hv.HV_X64_MSR_SIEFP, SIEFP_PAGE | 1)
+    assert vm.ram.read(SIEFP_PAGE, 1) == b"\x01"
+
+
+@pytest.mark.parametrize(
+    "msr",
+    [
+        hv.HV_X64_MSR_REFERENCE_TSC,
+        0x40000020,  # TIME_REF_COUNT
+        0x40000003,  # RESET
+        0x40000070,  # EOI
+        0x40000071,  # ICR
+        0x40000072,  # TPR
+        0x400000B0,  # STIMER0_CONFIG
+        0x400000F0,  # GUEST_IDLE
+        0x40000100,  # CRASH_P0
+        0x40000105,  # CRASH_CTL
+        0x40000106,  # REENLIGHTENMENT_CONTROL
+        0x400001FF,
+        0x10,  # not even a Hyper-V MSR
+    ],
+)
+def test_msrs_not_offered_are_gp(vm: Vm, msr: int) -> None:
+    assert vm.rd(msr) is None
+    assert not vm.wr(msr, 0)
+
+
+@pytest.mark.parametrize(
+    "msr",
+    [
+        hv.HV_X64_MSR_VP_INDEX,
+        hv.HV_X64_MSR_SVERSION,
+        hv.HV_X64_MSR_TSC_FREQUENCY,
+        hv.HV_X64_MSR_APIC_FREQUENCY,
+    ],
+)
+def test_read_only_msrs_refuse_writes(vm: Vm, msr: int) -> None:
+    before = vm.rd(msr)
+    assert not vm.wr(msr, 5)
+    assert vm.rd(msr) == before
+
+
+def test_tsc_invariant_control_has_one_bit(vm: Vm) -> None:
+    assert not vm.wr(hv.HV_X64_MSR_TSC_INVARIANT_CONTROL, 2)
+    assert vm.rd(hv.HV_X64_MSR_TSC_INVARIANT_CONTROL) == 0
+
+
+@pytest.mark.parametrize("vector", [0, 1, 15])
+def test_sint_with_a_reserved_vector_is_gp_unless_masked(vm: Vm, vector: int) -> None:
+    msr = hv.HV_X64_MSR_SINT0 + SINT
+    assert not vm.wr(msr, vector)
+    assert vm.rd(msr) == hv.HV_SYNIC_SINT_MASKED
+    assert vm.wr(msr, vector | hv.HV_SYNIC_SINT_MASKED)  # what nested Hyper-V writes
+    assert vm.wr(msr, 16)
+    assert vm.rd(msr) == 16
+
+
+def test_eom_with_nothing_pending_does_nothing(bus: Vm) -> None:
+    page = bus.ram.read(SIMP_PAGE, PAGE)
+    for _ in range(3):
+        assert bus.wr(hv.HV_X64_MSR_EOM, 0)
+    assert bus.rd(hv.HV_X64_MSR_EOM) == 0
+    assert bus.ram.read(SIMP_PAGE, PAGE) == page
+    assert bus.rec.irqs == []
+
+
+def test_per_vp_registers_are_per_vp(vm: Vm) -> None:
+    vm.synic_enable(vcpu=1, simp=SIMP_PAGE2, siefp=SIEFP_PAGE + 0x10000)
+    assert vm.rd(hv.HV_X64_MSR_SIMP, 0) == 0
+    assert vm.rd(hv.HV_X64_MSR_SIMP, 1) == SIMP_PAGE2 | 1
+    assert vm.rd(hv.HV_X64_MSR_GUEST_OS_ID, 1) == LINUX_OS_ID  # partition-wide
+    with pytest.raises(hv.HyperVError):
+        vm.rd(hv.HV_X64_MSR_SIMP, 2)
+
+
+# --- hypercalls: HvPostMessage -----------------------------------------------------------
+
+
+def test_post_message_reaches_the_callback(vm: Vm) -> None:
+    payload = bytes(range(48))
+    vm.post_input(4, 1, payload)
+    assert vm.call(hv.HVCALL_POST_MESSAGE) == hv.HV_STATUS_SUCCESS
+    assert vm.rec.posts == [(4, 1, payload)]
+    vm.post_input(1, 1, b"", size=0)
+    assert vm.call(hv.HVCALL_POST_MESSAGE, r8=HOLE) == hv.HV_STATUS_SUCCESS  # no output
+    vm.post_input(1, 0x7FFFFFFF, b"x" * 240)
+    assert vm.call(hv.HVCALL_POST_MESSAGE) == hv.HV_STATUS_SUCCESS
+    assert vm.rec.posts[1:] == [(1, 1, b""), (1, 0x7FFFFFFF, b"x" * 240)]
+
+
+def test_post_message_status_of_the_callback_goes_back(vm: Vm) -> None:
+    vm.rec.post_status = hv.HV_STATUS_INSUFFICIENT_BUFFERS
+    vm.post_input(4, 1, b"hello")
+    assert vm.call(hv.HVCALL_POST_MESSAGE) == hv.HV_STATUS_INSUFFICIENT_BUFFERS
+    vm.rec.post_status = -1
+    with pytest.raises(hv.HyperVError):
+        vm.call(hv.HVCALL_POST_MESSAGE)
+
+
+@pytest.mark.parametrize(
+    ("gpa", "status"),
+    [
+        (INPUT_PAGE + 4, hv.HV_STATUS_INVALID_ALIGNMENT),  # not 8-aligned
+        (INPUT_PAGE + PAGE - 128, hv.HV_STATUS_INVALID_ALIGNMENT),  # spans a page
+        (HOLE, hv.HV_STATUS_INVALID_ALIGNMENT),  # not RAM
+        (RAM_LOW - 256, hv.HV_STATUS_SUCCESS),  # last 256 bytes below the hole
+        (RAM_END, hv.HV_STATUS_INVALID_ALIGNMENT),
+        ((1 << 64) - 256, hv.HV_STATUS_INVALID_ALIGNMENT),
+    ],
+)
+def test_post_message_input_gpa(vm: Vm, gpa: int, status: int) -> None:
+    if vm.ram.contains(gpa, 256):
+        vm.ram.write(gpa, struct.pack("<IIII", 4, 0, 1, 3) + b"abc")
+    assert vm.call(hv.HVCALL_POST_MESSAGE, rdx=gpa) == status
+    assert len(vm.rec.posts) == (status == hv.HV_STATUS_SUCCESS)
+
+
+@pytest.mark.parametrize(
+    ("conn", "rsvd", "mtype", "size", "status"),
+    [
+        (4, 0, 0, 4, hv.HV_STATUS_INVALID_PARAMETER),  # type 0
+        (4, 0, 0x80000001, 4, hv.HV_STATUS_INVALID_PARAMETER),  # a hypervisor type
+        (4, 0, 1, 241, hv.HV_STATUS_INVALID_PARAMETER),  # longer than 240
+        (4, 0, 1, 0xFFFFFFFF, hv.HV_STATUS_INVALID_PARAMETER),
+        (4, 1, 1, 4, hv.HV_STATUS_INVALID_PARAMETER),  # RsvdZ
+        (2, 0, 1, 4, hv.HV_STATUS_INVALID_CONNECTION_ID),
+        (0x01000004, 0, 1, 4, hv.HV_STATUS_INVALID_CONNECTION_ID),  # reserved id bits
+    ],
+)
+def test_post_message_bad_input(
+    vm: Vm, conn: int, rsvd: int, mtype: int, size: int, status: int
+) -> None:
+    vm.ram.write(INPUT_PAGE, struct.pack("<IIII", conn, rsvd, mtype, size) + b"x" * 240)
+    assert vm.call(hv.HVCALL_POST_MESSAGE) == status
+    assert vm.rec.posts == []
+
+
+def test_post_message_connection_ids_are_a_parameter(vm: Vm) -> None:
+    vm.post_input(9, 1, b"hi")
+    assert vm.call(hv.HVCALL_POST_MESSAGE) == hv.HV_STATUS_INVALID_CONNECTION_ID
+    vm.p.allow_message_connection(9)
+    assert vm.call(hv.HVCALL_POST_MESSAGE) == hv.HV_STATUS_SUCCESS
+    with pytest.raises(hv.HyperVError):
+        vm.p.allow_message_connection(1 << 24)
+
+
+@pytest.mark.parametrize(
+    ("control", "status"),
+    [
+        (hv.HVCALL_POST_MESSAGE | hv.HV_HYPERCALL_FAST_BIT, hv.HV_STATUS_INVALID_HYPERCALL_INPUT),
+        (hv.HVCALL_POST_MESSAGE | 1 << 32, hv.HV_STATUS_INVALID_HYPERCALL_INPUT),  # rep count
+        (hv.HVCALL_POST_MESSAGE | 1 << 48, hv.HV_STATUS_INVALID_HYPERCALL_INPUT),  # rep start
+        (hv.HVCALL_POST_MESSAGE | 1 << 17, hv.HV_STATUS_INVALID_HYPERCALL_INPUT),  # varhead
+        (hv.HVCALL_POST_MESSAGE | 1 << 27, hv.HV_STATUS_INVALID_HYPERCALL_INPUT),  # reserved
+        (hv.HVCALL_POST_MESSAGE | 1 << 63, hv.HV_STATUS_INVALID_HYPERCALL_INPUT),
+        (hv.HVCALL_SIGNAL_EVENT | 1 << 32 | 1 << 16, hv.HV_STATUS_INVALID_HYPERCALL_INPUT),
+        (0x0008, hv.HV_STATUS_INVALID_HYPERCALL_CODE),  # NOTIFY_LONG_SPIN_WAIT
+        (0x0046, hv.HV_STATUS_INVALID_HYPERCALL_CODE),  # GET_PARTITION_ID
+        (0x8001, hv.HV_STATUS_INVALID_HYPERCALL_CODE),  # EXT_CALL_QUERY_CAPABILITIES
+        (0x0000, hv.HV_STATUS_INVALID_HYPERCALL_CODE),
+        (0xFFFF | 1 << 32, hv.HV_STATUS_INVALID_HYPERCALL_CODE),
+    ],
+)
+def test_hypercall_control_value(vm: Vm, control: int, status: int) -> None:
+    vm.post_input(4, 1, b"hi")
+    assert vm.call(control) == status
+    assert vm.rec.posts == [] and vm.rec.signals == []
+
+
+def test_unknown_hypercall_with_gpas_outside_ram(vm: Vm) -> None:
+    assert vm.call(0x0002, rdx=HOLE, r8=1 << 60) == hv.HV_STATUS_INVALID_HYPERCALL_CODE
+
+
+# --- hypercalls: HvSignalEvent -------------------------------------------------------------
+
+
+def test_fast_signal_event(vm: Vm) -> None:
+    assert vm.call(FAST_SIGNAL_EVENT_CONTROL, rdx=0x2000) == hv.HV_STATUS_SUCCESS
+    assert vm.call(FAST_SIGNAL_EVENT_CONTROL, rdx=0x2001) == hv.HV_STATUS_INVALID_CONNECTION_ID
+    assert vm.p.signal_port_exit(0, 0x2000) == hv.HV_STATUS_SUCCESS
+    assert vm.rec.signals == [0x2000, 0x2001, 0x2000]
+
+
+@pytest.mark.parametrize(
+    ("param", "status"),
+    [
+        (0x2000 | 1 << 32, hv.HV_STATUS_INVALID_PARAMETER),  # flag number 1
+        (0x2000 | 0xFFFF << 32, hv.HV_STATUS_INVALID_PARAMETER),
+        (0x2000 | 1 << 48, hv.HV_STATUS_INVALID_HYPERCALL_INPUT),  # reserved
+        (0x2000 | 1 << 24, hv.HV_STATUS_INVALID_HYPERCALL_INPUT),  # reserved id bits
+    ],
+)
+def test_signal_event_bad_parameter(vm: Vm, param: int, status: int) -> None:
+    assert vm.call(FAST_SIGNAL_EVENT_CONTROL, rdx=param) == status
+    vm.ram.write(INPUT_PAGE, struct.pack("<Q", param))
+    assert vm.call(hv.HVCALL_SIGNAL_EVENT) == status
+    assert vm.rec.signals == []
+
+
+def test_slow_signal_event_reads_its_input_from_ram(vm: Vm) -> None:
+    vm.ram.write(INPUT_PAGE, struct.pack("<Q", 0x2000))
+    assert vm.call(hv.HVCALL_SIGNAL_EVENT) == hv.HV_STATUS_SUCCESS
+    for gpa in (INPUT_PAGE + 4, HOLE, RAM_END - 4):
+        assert vm.call(hv.HVCALL_SIGNAL_EVENT, rdx=gpa) == hv.HV_STATUS_INVALID_ALIGNMENT
+    assert vm.rec.signals == [0x2000]
+
+
+# --- host -> guest messages ---------------------------------------------------------
+
+
+def test_message_lands_in_the_slot_and_interrupts(bus: Vm) -> None:
+    payload = bytes(range(1, 41))
+    bus.p.post_message(0, SINT, 1, payload, sender=0x1234)
+    msg = bus.slot()
+    assert bus.slot_header() == (1, 40, 0, 0x1234)
+    assert msg[16:56] == payload and msg[56:] == bytes(200)
+    assert bus.rec.irqs == [(0, VECTOR)]
+    assert bus.ram.read(SIMP_PAGE, SINT * 256) == bytes(SINT * 256)  # other slots untouched
+
+
+def test_eom_handshake_delivers_the_queue_in_order(bus: Vm) -> None:
+    for i in range(4):
+        bus.p.post_message(0, SINT, 1, bytes([i]) * 8)
+    assert bus.rec.irqs == [(0, VECTOR)]
+    assert bus.p.queued(0, SINT) == 3
+    assert bus.slot_header()[2] & hv.HV_MESSAGE_FLAG_PENDING  # busy slot: pending set
+    got = []
+    for _ in range(4):
+        got.append(bus.guest_takes()[16])
+    assert got == [0, 1, 2, 3]
+    assert bus.rec.irqs == [(0, VECTOR)] * 4
+    assert bus.p.queued(0, SINT) == 0
+    assert bus.slot_header()[0] == hv.HVMSG_NONE
+    bus.wr(hv.HV_X64_MSR_EOM, 0)  # a spurious EOM afterwards: nothing
+    assert len(bus.rec.irqs) == 4
+
+
+def test_guest_that_never_eoms_gets_nothing_more(bus: Vm) -> None:
+    bus.p.post_message(0, SINT, 1, b"a")
+    bus.p.post_message(0, SINT, 1, b"b")
+    bus.ram.write(SIMP_PAGE + SINT * 256, bytes(4))  # takes it, ignores msg_pending
+    assert bus.p.queued(0, SINT) == 1 and len(bus.rec.irqs) == 1
+    bus.p.retry(0)  # what an EOM would do
+    assert bus.slot()[16:17] == b"b" and len(bus.rec.irqs) == 2
+
+
+def test_message_waits_for_simp_scontrol_and_unmask(vm: Vm) -> None:
+    vm.p.post_message(0, SINT, 1, b"early")
+    assert vm.p.queued(0, SINT) == 1
+    vm.synic_enable()  # SIMP, SIEFP, SINT2, then SCONTROL: delivered on the last
+    assert vm.slot()[16:21] == b"early" and vm.rec.irqs == [(0, VECTOR)]
+    vm.guest_takes()
+    sint = hv.HV_X64_MSR_SINT0 + SINT
+    assert vm.wr(sint, VECTOR | hv.HV_SYNIC_SINT_MASKED)
+    vm.p.post_message(0, SINT, 1, b"masked")
+    assert vm.p.queued(0, SINT) == 1 and vm.slot_header()[0] == 0
+    assert vm.wr(sint, VECTOR)
+    assert vm.slot()[16:22] == b"masked" and vm.rec.irqs == [(0, VECTOR)] * 2
+    vm.guest_takes()
+    assert vm.wr(hv.HV_X64_MSR_SCONTROL, 0)
+    vm.p.post_message(0, SINT, 1, b"off")
+    assert vm.p.queued(0, SINT) == 1
+    assert vm.wr(hv.HV_X64_MSR_SCONTROL, 1)
+    assert vm.slot()[16:19] == b"off" and len(vm.rec.irqs) == 3
+
+
+def test_polling_sint_gets_the_message_without_an_interrupt(bus: Vm) -> None:
+    assert bus.wr(hv.HV_X64_MSR_SINT0 + 5, 0x40 | hv.HV_SYNIC_SINT_POLLING)
+    bus.p.post_message(0, 5, 7, b"poll")
+    assert bus.slot(5)[:4] == struct.pack("<I", 7) and bus.rec.irqs == []
+
+
+def test_queue_is_bounded(vm: Vm) -> None:
+    for _ in range(hv.MESSAGE_QUEUE_LIMIT):
+        vm.p.post_message(0, SINT, 1, b"x")
+    with pytest.raises(hv.MessageQueueFull, match="SINT 2"):
+        vm.p.post_message(0, SINT, 1, b"x")
+    vm.p.post_message(0, 3, 1, b"x")  # another SINT has its own queue
+    vm.synic_enable()
+    assert vm.p.queued(0, SINT) == hv.MESSAGE_QUEUE_LIMIT - 1
+
+
+def test_post_message_refuses_what_no_hyper_v_would_send(bus: Vm) -> None:
+    with pytest.raises(hv.HyperVError, match="241 bytes"):
+        bus.p.post_message(0, SINT, 1, bytes(241))
+    for sint, mtype, vcpu in (
+        (16, 1, 0),
+        (-1, 1, 0),
+        (SINT, 0, 0),
+        (SINT, 1 << 32, 0),
+        (SINT, 1, 5),
+    ):
+        with pytest.raises(hv.HyperVError):
+            bus.p.post_message(vcpu, sint, mtype, b"")
+    assert bus.rec.irqs == [] and bus.slot_header()[0] == 0
+
+
+def test_simp_moved_while_in_use(bus: Vm) -> None:
+    """The page's contents move with it (a TLFS overlay); what waits stays queued."""
+    bus.p.post_message(0, SINT, 1, b"one")
+    bus.p.post_message(0, SINT, 1, b"two")
+    assert bus.wr(hv.HV_X64_MSR_SIMP, SIMP_PAGE2 | 1)
+    assert bus.slot(page=SIMP_PAGE2)[16:19] == b"one"
+    assert bus.guest_takes(page=SIMP_PAGE2)[16:19] == b"one"  # pending flag moved too
+    assert bus.slot(page=SIMP_PAGE2)[16:19] == b"two"
+    assert len(bus.rec.irqs) == 2
+
+
+def test_simp_disabled_while_in_use_keeps_the_queue(bus: Vm) -> None:
+    bus.p.post_message(0, SINT, 1, b"one")
+    bus.p.post_message(0, SINT, 1, b"two")
+    assert bus.wr(hv.HV_X64_MSR_SIMP, 0)  # hv_synic_disable_regs
+    bus.p.post_message(0, SINT, 1, b"three")
+    assert bus.p.queued(0, SINT) == 2
+    assert bus.wr(hv.HV_X64_MSR_SIMP, SIMP_PAGE2 | 1)  # fresh page: zeroed, then filled
+    assert bus.guest_takes(page=SIMP_PAGE2)[16:19] == b"two"
+    assert bus.guest_takes(page=SIMP_PAGE2)[16:21] == b"three"
+    assert bus.ram.read(SIMP_PAGE + SINT * 256 + 16, 3) == b"one"  # left in old RAM
+
+
+# --- host -> guest events ----------------------------------------------------------------
+
+
+def flags_of(v: Vm, sint: int = SINT, page: int = SIEFP_PAGE) -> set[int]:
+    raw = int.from_bytes(v.ram.read(page + sint * 256, 256), "little")
+    return {i for i in range(2048) if raw >> i & 1}
+
+
+def test_event_flag_and_interrupt(bus: Vm) -> None:
+    for relid in (1, 63, 64, 2047):
+        bus.p.signal_event(0, SINT, relid)
+    assert flags_of(bus) == {1, 63, 64, 2047}
+    assert bus.rec.irqs == [(0, VECTOR)] * 4
+    bus.p.signal_event(0, SINT, 64)  # still set: the guest has not looked yet
+    assert len(bus.rec.irqs) == 4
+    bus.ram.write(SIEFP_PAGE + SINT * 256 + 8, bytes(8))  # guest clears 64..127
+    bus.p.signal_event(0, SINT, 64)
+    assert len(bus.rec.irqs) == 5 and flags_of(bus) == {1, 63, 64, 2047}
+
+
+def test_event_waits_for_siefp_and_unmask(vm: Vm) -> None:
+    vm.p.signal_event(0, SINT, 5)
+    vm.p.signal_event(0, SINT, 9)
+    assert vm.rec.irqs == []
+    vm.synic_enable()
+    assert flags_of(vm) == {5, 9} and vm.rec.irqs == [(0, VECTOR)]
+    assert vm.wr(hv.HV_X64_MSR_SIEFP, 0)
+    vm.p.signal_event(0, SINT, 7)
+    assert vm.wr(hv.HV_X64_MSR_SIEFP, (SIEFP_PAGE + PAGE) | 1)  # fresh page
+    assert flags_of(vm, page=SIEFP_PAGE + PAGE) == {7} and len(vm.rec.irqs) == 2
+
+
+def test_event_flag_range(bus: Vm) -> None:
+    for flag in (-1, 2048):
+        with pytest.raises(hv.HyperVError):
+            bus.p.signal_event(0, SINT, flag)
+
+
+# --- both slot implementations agree ----------------------------------------------------
+
+
+@pytest.mark.native
+@settings(max_examples=200, deadline=None)
+@given(
+    slot=st.binary(min_size=256, max_size=256),
+    msg=st.binary(min_size=256, max_size=256),
+    flag=st.integers(-5, 2100),
+)
+def test_native_slots_match_the_twin(slot: bytes, msg: bytes, flag: int) -> None:
+    py, c = hv.slot_ops(False), hv.slot_ops(True)
+    assert (py.name, c.name) == ("python", "native")
+    a, b = bytearray(slot), bytearray(slot)
+    assert py.deliver(memoryview(a), msg) == c.deliver(memoryview(b), msg)
+    assert a == b
+    a, b = bytearray(slot), bytearray(slot)
+    assert py.event_set(memoryview(a), flag) == c.event_set(memoryview(b), flag)
+    assert a == b
+
+
+# --- snapshot ------------------------------------------------------------------------------
+
+
+def test_save_and_restore(bus: Vm, impl: str) -> None:
+    bus.p.post_message(0, SINT, 1, b"in slot")
+    bus.p.post_message(0, SINT, 1, b"queued")
+    assert bus.wr(hv.HV_X64_MSR_SIEFP, 0)
+    bus.p.signal_event(0, SINT, 3)
+    state = json.loads(json.dumps(bus.p.save()))
+    other = Vm(impl)
+    other.ram = bus.ram  # guest RAM is restored separately
+    other.p._ram = bus.ram
+    other.p.restore(state)
+    assert other.p.save() == state
+    assert other.guest_takes()[16:23] == b"in slot"
+    assert other.slot()[16:22] == b"queued"
+    assert other.wr(hv.HV_X64_MSR_SIEFP, SIEFP_PAGE | 1)
+    assert flags_of(other) == {3}
+    with pytest.raises(hv.HyperVError):
+        Vm(impl, vcpus=1).p.restore(state)
+
+
+def test_native_selection_follows_the_environment() -> None:
+    assert hv.slot_ops().name == ("native" if native.NATIVE else "python")
