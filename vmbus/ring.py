@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import platform
 import struct
 from collections.abc import Iterator, Sequence
 from enum import IntEnum
@@ -115,6 +116,7 @@ _CODES: dict[str, int] = {
 _LE32 = ctypes.c_uint32.__ctype_le__  # c_uint32 itself on a little-endian host
 _HDR_WORDS = _LE32 * (HDR_SIZE // 4)
 _ACQUIRE, _RELEASE, _SEQ_CST = 2, 3, 5  # C11 memory_order values (GCC's __ATOMIC_*)
+_TSO = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 
 
 def _load_fence() -> tuple[Any, str]:
@@ -144,14 +146,27 @@ def _mb() -> None:
     _thread_fence(_SEQ_CST)
 
 
-def _rmb() -> None:
-    """Acquire fence (vmb_rmb): loads before it are done before anything after it."""
-    _thread_fence(_ACQUIRE)
+if _TSO:
+    # x86 is TSO: a load is never reordered with a later load or store, nor a store
+    # with a later store, so acquire and release fences emit no instruction there
+    # (vmb_rmb/vmb_wmb compile to nothing on x86 either). Only the full barrier,
+    # store-then-load, needs the locked instruction; the ctypes call would be waste.
 
+    def _rmb() -> None:
+        """Acquire fence (vmb_rmb): free on x86 (TSO)."""
 
-def _wmb() -> None:
-    """Release fence (vmb_wmb): anything before it is done before stores after it."""
-    _thread_fence(_RELEASE)
+    def _wmb() -> None:
+        """Release fence (vmb_wmb): free on x86 (TSO)."""
+
+else:
+
+    def _rmb() -> None:
+        """Acquire fence (vmb_rmb): loads before it are done before anything after it."""
+        _thread_fence(_ACQUIRE)
+
+    def _wmb() -> None:
+        """Release fence (vmb_wmb): anything before it is done before stores after it."""
+        _thread_fence(_RELEASE)
 
 
 def _code(name: str) -> int:
