@@ -659,6 +659,12 @@ class HyperVPartition:
         with self._lock:
             return len(self._vp(vcpu).queues[sint])
 
+    @property
+    def slot_backend(self) -> str:
+        """ "native" or "python": with the twin (VMBUSD_NATIVE=0) the VMM must call
+        `retry` now and then (say every 10 ms while `queued` > 0), see `_PySlots`."""
+        return self._slots.name
+
     def retry(self, vcpu: int) -> None:
         """Try again to deliver what waits for `vcpu` (what an EOM does); the twin's
         race (see `_PySlots`) heals with this, the C path never needs it."""
