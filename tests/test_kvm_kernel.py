@@ -131,6 +131,9 @@ def test_cache_key_is_stable_and_changes_with_version_and_config() -> None:
     assert kernel.cache_key("6.1.192-4", FRAGMENT) != key
     assert kernel.cache_key("6.1.192-3", FRAGMENT + "CONFIG_SMP=y\n") != key
     assert kernel.cache_key("6.1.192-3", FRAGMENT.replace("=4", "=8")) != key
+    assert kernel.cache_key("6.1.192-3", FRAGMENT.replace("=y", "=n", 1)) != key
+    # comments and blank lines are not the config
+    assert kernel.cache_key("6.1.192-3", "# why\n\n" + FRAGMENT + "# more\n") == key
 
 
 def test_cache_root_follows_xdg() -> None:

@@ -173,8 +173,10 @@ def cache_root(env: Mapping[str, str] | None = None) -> Path:
 
 def cache_key(version: str, fragment: str) -> str:
     """`<source version>-<12 hex of the config's hash>`: a new Debian revision or any
-    change to the fragment (or to how it is applied) is a new entry."""
-    digest = hashlib.sha256(f"{RECIPE}\n{fragment}".encode()).hexdigest()
+    change to the fragment's options (or to how they are applied) is a new entry; a
+    comment or a blank line is not."""
+    options = "".join(f"{_render(n, v)}\n" for n, v in parse_fragment(fragment).items())
+    digest = hashlib.sha256(f"{RECIPE}\n{options}".encode()).hexdigest()
     return f"{version}-{digest[:12]}"
 
 
