@@ -225,6 +225,41 @@ def test_cli_source_deb_that_is_not_linux_source_is_refused(tmp_path: Path) -> N
     assert len(done.stderr.splitlines()) == 1
 
 
+def test_cli_a_failing_build_names_its_log(tmp_path: Path) -> None:
+    """A linux-source-6.1 .deb whose 'kernel' cannot be configured: the source is taken
+    out of the package and unpacked, make fails, and the user is told where the log is."""
+    tree = tmp_path / "tree" / "linux-source-6.1"
+    tree.mkdir(parents=True)
+    (tree / "Makefile").write_text("tinyconfig:\n\t@echo 'no kernel in here' && false\n")
+    pkg = tmp_path / "pkg"
+    (pkg / "usr" / "src").mkdir(parents=True)
+    (pkg / "DEBIAN").mkdir()
+    subprocess.run(
+        ["tar", "-cJf", str(pkg / "usr/src/linux-source-6.1.tar.xz"), "-C", str(tree.parent), "."],
+        check=True,
+    )
+    (pkg / "DEBIAN" / "control").write_text(
+        "Package: linux-source-6.1\nVersion: 0.0.1-test\nArchitecture: all\n"
+        "Maintainer: t <t@example.org>\nDescription: a stand-in\n"
+    )
+    deb = tmp_path / "fake.deb"
+    subprocess.run(["dpkg-deb", "--build", str(pkg), str(deb)], check=True, capture_output=True)
+    cache = tmp_path / "cache"
+    done = _cli(["--source-deb", str(deb)], {**os.environ, "XDG_CACHE_HOME": str(cache)}, False)
+    assert done.returncode == 1, done.stderr
+    assert done.stdout == ""
+    key = kernel.cache_key("0.0.1-test", kernel.fragment_text())
+    log = cache / "vmbusd" / "guest-kernel" / "logs" / f"{key}.log"
+    assert "failed: make tinyconfig failed (exit status 2)" in done.stderr
+    assert f"the build's output is in {log}; its last lines:" in done.stderr
+    assert "no kernel in here" in done.stderr
+    assert "no kernel in here" in log.read_text()
+    src = cache / "vmbusd" / "guest-kernel" / "src" / "0.0.1-test"
+    assert (src / "Makefile").is_file()  # unpacked, and only the tarball's tree
+    assert not (src / "usr").exists() and deb.is_file()  # the user's .deb is left alone
+    assert not (cache / "vmbusd" / "guest-kernel" / key).exists()  # nothing cached
+
+
 def test_a_version_apt_does_not_have_is_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
