@@ -13,7 +13,6 @@ import json
 import struct
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -869,11 +868,9 @@ def test_no_message_is_lost_or_stuck_against_a_concurrent_guest(
     guest_lib: ctypes.CDLL, impl_name: str
 ) -> None:
     """The C guest takes messages on another core while Python posts them and answers
-    its EOMs: every message arrives once, in order. With the C path the handshake never
-    stalls and retry() is never called: the locked OR closes the msg_pending race. The
-    twin does stall (on this machine it once stopped after 8070 of 30000 messages with
-    no retry), so it needs the VMM's periodic retry(), which the host here does after
-    20 ms without progress."""
+    its EOMs: every message arrives once, in order, and the handshake never stalls on
+    either slot path (no retry: the locked OR closes the msg_pending race; a twin
+    without it stalled here, see _PySlots)."""
     n = 30_000
     v = Vm(impl_name)
     v.hyperv_init()
@@ -888,8 +885,7 @@ def test_no_message_is_lost_or_stuck_against_a_concurrent_guest(
         )
     )
     guest.start()
-    sent = answered = retries = 0
-    progress = time.monotonic()
+    sent = answered = 0
     while guest.is_alive():
         while sent < n and v.p.queued(0, SINT) < 32:
             v.p.post_message(0, SINT, 1, struct.pack("<I", sent))
@@ -897,26 +893,19 @@ def test_no_message_is_lost_or_stuck_against_a_concurrent_guest(
         e = eoms.value
         for _ in range(e - answered):
             assert v.wr(hv.HV_X64_MSR_EOM, 0)
-        if e != answered:
-            answered, progress = e, time.monotonic()
-        elif impl_name == "python" and time.monotonic() - progress > 0.02:
-            v.p.retry(0)
-            retries += 1
-            progress = time.monotonic()
+        answered = e
     guest.join()
     assert took == [n], f"the guest stalled after {took} messages"
     assert list(seq) == list(range(n))
     assert len(v.rec.irqs) == n
-    if impl_name == "native":
-        assert retries == 0
 
 
 @pytest.mark.parametrize("impl_name", SLOT_IMPLS)
 def test_event_flags_against_a_concurrent_guest(guest_lib: ctypes.CDLL, impl_name: str) -> None:
-    """Flags set while the guest clears them on another core: none is ever lost. With
-    the C path every flag is found exactly as often as event_set said it was fresh; the
-    twin's read-modify-write may bring back a flag the guest just cleared (found more
-    often, never less), which is the race its docstring admits."""
+    """Flags set while the guest clears them on another core: none is lost and none
+    comes back: the guest finds each flag exactly as often as event_set said it was
+    fresh (a read-modify-write twin would bring back flags the guest had just cleared).
+    """
     ops = hv.slot_ops(impl_name == "native")
     buf = bytearray(256)
     seen = (ctypes.c_uint32 * 2048)()
@@ -937,7 +926,11 @@ def test_event_flags_against_a_concurrent_guest(guest_lib: ctypes.CDLL, impl_nam
         guest.join()
     view.release()
     assert buf == bytearray(256)
-    if impl_name == "native":
-        assert list(seen) == fresh
-    else:
-        assert all(s >= f for s, f in zip(seen, fresh, strict=True))
+    assert list(seen) == fresh
+    assert sum(fresh) > 1000  # the two sides really met
+
+
+def test_twin_refuses_to_run_without_libatomic(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hv, "_load_libatomic", lambda: "libatomic not found")
+    with pytest.raises(hv.HyperVError, match="need libatomic"):
+        hv.slot_ops(False)

@@ -26,6 +26,8 @@ once. docs/kvm.md says which TLFS pieces are emulated and which are not.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import struct
 import threading
 from collections import deque
@@ -261,40 +263,84 @@ SignalHandler = Callable[[int], int]
 # ---------------------------------------------------------------- slot operations
 
 
-class _PySlots:
-    """The pure-Python twin of native/hyperv.c (VMBUSD_NATIVE=0), same contract.
+_ACQUIRE, _RELEASE, _SEQ_CST = 2, 3, 5  # C11 memory_order values (GCC's __ATOMIC_*)
+_LE32 = ctypes.c_uint32.__ctype_le__
+_LE64 = ctypes.c_uint64.__ctype_le__
 
-    Its races, which the C closes: (1) in `deliver`, Python has no full barrier between
-    setting msg_pending and looking at message_type again, so on x86 the store may pass
-    the load: the guest may clear the slot and read msg_pending = 0 in that window, skip
-    its EOM, and the message waits until the next EOM, post or SynIC write retries it.
-    (2) in `event_set`, a read-modify-write of the flag word may write back a bit the
-    guest cleared in between: a spurious channel interrupt (the guest finds an empty
-    ring), never a lost one, because the guest only ever clears bits."""
+
+def _load_libatomic() -> tuple[Any, Any, Any] | str:
+    """libatomic's fetch_or (1 and 8 bytes) and atomic_thread_fence, or why not.
+    PyDLL: the calls keep the GIL (they never block), which saves a GIL round trip."""
+    why = "libatomic not found"
+    for name in ("libatomic.so.1", None):
+        name = name or ctypes.util.find_library("atomic")  # slow (runs ldconfig): last
+        if not name:
+            continue
+        try:
+            dll = ctypes.PyDLL(name)
+            or1, or8, fence = (
+                dll.__atomic_fetch_or_1,
+                dll.__atomic_fetch_or_8,
+                dll.atomic_thread_fence,
+            )
+        except (OSError, AttributeError) as exc:
+            why = f"{name}: {exc}"
+            continue
+        or1.argtypes, or1.restype = [ctypes.c_void_p, ctypes.c_uint8, ctypes.c_int], ctypes.c_uint8
+        or8.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int]
+        or8.restype = ctypes.c_uint64
+        fence.argtypes, fence.restype = [ctypes.c_int], None
+        return or1, or8, fence
+    return why
+
+
+class _PySlots:
+    """The twin of native/hyperv.c (VMBUSD_NATIVE=0), same contract, same atomics.
+
+    Python has no atomic read-modify-write and no fence of its own, and both matter
+    here. A first twin without them lost the race it was warned about: against a guest
+    running on another core (tests/test_kvm_hyperv.py) its msg_pending store waited in
+    the store buffer while its second look at message_type went ahead, the guest cleared
+    the slot and read msg_pending = 0, skipped its EOM, and delivery stalled after 8070
+    of 30000 messages; its read-modify-write of an event-flag word brought back flags
+    the guest had just cleared. So, as vmbus/ring.py's twin does for its fences, this
+    one calls libatomic (GCC's runtime, installed with the compiler that builds
+    vmbus._native) through ctypes: __atomic_fetch_or_1/_8 are the same locked ORs the C
+    uses, and message_type is one 4-byte load or store. Without libatomic it refuses
+    to work rather than run with the race."""
 
     name = "python"
 
-    @staticmethod
-    def deliver(slot: memoryview, msg: bytes) -> bool:
-        if any(slot[0:4]):
-            slot[5] |= HV_MESSAGE_FLAG_PENDING
-            if any(slot[0:4]):
-                return False
-        slot[4:HV_MESSAGE_SIZE] = msg[4:HV_MESSAGE_SIZE]
-        slot[0:4] = msg[0:4]
-        return True
+    def __init__(self) -> None:
+        got = _load_libatomic()
+        if isinstance(got, str):
+            raise HyperVError(f"the pure-Python SynIC slots need libatomic: {got}")
+        self._or1, self._or8, self._fence = got
 
-    @staticmethod
-    def event_set(slot: memoryview, flag: int) -> int:
+    def deliver(self, slot: memoryview, msg: bytes) -> bool:
+        head = _LE32.from_buffer(slot)  # message_type: each .value is one 4-byte access
+        try:
+            if head.value != HVMSG_NONE:
+                # a full barrier between this store and the load below; see hyperv.h
+                self._or1(ctypes.addressof(head) + 5, HV_MESSAGE_FLAG_PENDING, _SEQ_CST)
+                if head.value != HVMSG_NONE:
+                    return False
+            slot[4:HV_MESSAGE_SIZE] = msg[4:HV_MESSAGE_SIZE]
+            self._fence(_RELEASE)  # the message before its type, as vmb_st32_release
+            head.value = int.from_bytes(msg[0:4], "little")
+            return True
+        finally:
+            del head  # let the caller release the view
+
+    def event_set(self, slot: memoryview, flag: int) -> int:
         if not 0 <= flag < HV_EVENT_FLAGS_COUNT:
             return -1
-        off = (flag // 64) * 8
-        word = int.from_bytes(slot[off : off + 8], "little")
-        bit = 1 << (flag % 64)
-        if word & bit:
-            return 0
-        slot[off : off + 8] = (word | bit).to_bytes(8, "little")
-        return 1
+        word = _LE64.from_buffer(slot, (flag // 64) * 8)
+        try:
+            bit = 1 << (flag % 64)
+            return 0 if self._or8(ctypes.addressof(word), bit, _SEQ_CST) & bit else 1
+        finally:
+            del word
 
 
 class _NativeSlots:
