@@ -250,6 +250,9 @@ def test_cli_a_failing_build_names_its_log(tmp_path: Path) -> None:
     assert done.stdout == ""
     key = kernel.cache_key("0.0.1-test", kernel.fragment_text())
     log = cache / "vmbusd" / "guest-kernel" / "logs" / f"{key}.log"
+    assert f"building from {deb}: linux-source-6.1 0.0.1-test (not the pin), SHA256 " in (
+        done.stderr
+    )
     assert "failed: make tinyconfig failed (exit status 2)" in done.stderr
     assert f"the build's output is in {log}; its last lines:" in done.stderr
     assert "no kernel in here" in done.stderr

@@ -458,6 +458,9 @@ def build(
         log.write_text(f"vmbusd guest-kernel {out.name}, {time.ctime()}\n")
         start, cpu_start = time.monotonic(), _children_cpu()
         tree = root / "src" / version
+        if deb is not None:
+            pinned = "the pinned version" if version == PINNED_VERSION else "not the pin"
+            say(f"building from {deb.path}: {PACKAGE} {version} ({pinned}), SHA256 {sha}")
         if _stamp(tree) != sha:  # the extracted tree is kept; the .deb only to make it
             deb = deb or download_pinned(root / "debs", say)
             tree = extract_source(deb, root / "src", log, say)
