@@ -612,6 +612,9 @@ def test_help_shows_every_default() -> None:
 def test_usage_mistake_is_one_line() -> None:
     one_line_error(vmbusd("serve"), "--listen", "see vmbusd serve --help")
     one_line_error(vmbusd("nosuch"), "invalid choice")
+    # the echo workload plans its packets up front: a huge count is refused at once
+    one_line_error(vmbusd("vm", "--connect", "/x", "--packets", "1e12"), "whole number")
+    one_line_error(vmbusd("demo", "--packets", str(10**11)), "at most 10,000,000")
 
 
 @pytest.mark.parametrize(

@@ -89,6 +89,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+MAX_PACKETS = 10_000_000  # the echo workload plans its packets up front (~30 B each)
+
+
+def _packet_count(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_PACKETS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_PACKETS:,}, got {text}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text, 0)
@@ -356,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="echo: push mixed-size traffic through every echo channel, verify it, exit; "
         "idle: negotiate, open every offered channel, wait for SIGTERM or Ctrl-C",
     )
-    v.add_argument("--packets", type=_positive_int, default=20000, help="echo packets to send")
+    v.add_argument("--packets", type=_packet_count, default=20000, help="echo packets to send")
     v.add_argument(
         "--ring-size", type=_positive_int, default=256 * 1024, help="bytes per ring direction"
     )
@@ -375,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
         "mixed sizes (1 byte to a quarter of the ring) both ways, verify every byte and the "
         "order, print a summary. Exit status 0 only if everything matched.",
     )
-    d.add_argument("--packets", type=_positive_int, default=20000, help="packets to echo")
+    d.add_argument("--packets", type=_packet_count, default=20000, help="packets to echo")
     d.add_argument(
         "--ring-size", type=_positive_int, default=256 * 1024, help="bytes per ring direction"
     )
