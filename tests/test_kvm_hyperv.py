@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import struct
 import subprocess
 import threading
@@ -21,9 +22,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vmbus import native
+from vmbus.kvm import boot, pvm
 from vmbus.kvm import hyperv as hv
 from vmbus.kvm.hypercall_page import FAST_SIGNAL_EVENT_CONTROL, HypercallStub
 from vmbus.kvm.kvmapi import CpuidLeaf
+from vmbus.kvm.machine import DebugExit, Machine, StopReason, current_vcpu
 
 PAGE = 4096
 RAM_LOW = 0x100000  # RAM is [0, 1 MiB) and [2 MiB, 3 MiB): a hole between
@@ -934,3 +937,122 @@ def test_twin_refuses_to_run_without_libatomic(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(hv, "_load_libatomic", lambda: "libatomic not found")
     with pytest.raises(hv.HyperVError, match="need libatomic"):
         hv.slot_ops(False)
+
+
+# --- the stub in a real KVM guest ----------------------------------------------------------
+
+HERE = Path(__file__).parent
+GUEST_TEXT = 0x200000
+needs_kvm = pytest.mark.skipif(not os.path.exists("/dev/kvm"), reason="/dev/kvm is absent")
+
+
+def build_guest(tmp_path: Path) -> tuple[bytes, dict[str, int]]:
+    gas = require_tool("as", "binutils")
+    ld = require_tool("ld", "binutils")
+    nm = require_tool("nm", "binutils")
+    obj, elf = tmp_path / "g.o", tmp_path / "g.elf"
+    subprocess.run([gas, "--64", "-o", str(obj), str(HERE / "kvm_hyperv_guest.S")], check=True)
+    link = [ld, "-m", "elf_x86_64", "-static", f"-Ttext={GUEST_TEXT:#x}", "-e", "_start"]
+    subprocess.run([*link, "-o", str(elf), str(obj)], check=True)
+    out = subprocess.run([nm, str(elf)], check=True, capture_output=True, text=True).stdout
+    syms = {p[2]: int(p[0], 16) for p in (ln.split() for ln in out.splitlines()) if len(p) == 3}
+    return elf.read_bytes(), syms
+
+
+class SignalPort:
+    """The stub's SIGNAL_PORT when no ioeventfd matched: the status goes into rcx."""
+
+    def __init__(self, part: hv.HyperVPartition) -> None:
+        self.part = part
+        self.seen: list[int] = []
+
+    def io_read(self, port: int, size: int) -> int:
+        return 0xFFFFFFFF
+
+    def io_write(self, port: int, size: int, value: int) -> None:
+        vcpu = current_vcpu()
+        self.seen.append(value)
+        regs = vcpu.fd.get_regs()
+        regs.rcx = self.part.signal_port_exit(vcpu.id, value)
+        vcpu.fd.set_regs(regs)
+
+
+class HypercallPort:
+    """The stub's HYPERCALL_PORT: rcx, rdx, r8 as the guest left them; status into rax."""
+
+    def __init__(self, part: hv.HyperVPartition) -> None:
+        self.part = part
+        self.controls: list[int] = []
+
+    def io_read(self, port: int, size: int) -> int:
+        return 0xFFFFFFFF
+
+    def io_write(self, port: int, size: int, value: int) -> None:
+        vcpu = current_vcpu()
+        regs = vcpu.fd.get_regs()
+        self.controls.append(regs.rcx)
+        assert value == regs.rcx & 0xFFFFFFFF
+        regs.rax = self.part.handle_hypercall(vcpu.id, regs.rcx, regs.rdx, regs.r8)
+        vcpu.fd.set_regs(regs)
+
+
+@needs_kvm
+async def test_stub_and_synic_in_a_real_kvm_guest(tmp_path: Path) -> None:
+    """The guest enables the hypercall page and SIMP through real MSR exits and calls
+    the stub five ways: the ioeventfd takes the known connection inside KVM (no exit),
+    the unknown one exits and its status comes back through rcx, HvPostMessage and an
+    unknown code exit at the hypercall port with rcx/rdx/r8 intact, a flag number takes
+    the slow path; every register but rax comes back as it went in. The VMM's answer
+    to the post lands in the guest's SIMP slot and the guest EOMs."""
+    image, syms = build_guest(tmp_path)
+    cpuid = hv.HyperVCpuid()
+    m = Machine(
+        64 << 20,
+        1,
+        cpuid=dict(cpuid.overrides()),
+        cpuid_edits=[pvm.hide_features, hv.HyperVCpuid.set_hypervisor_bit],
+    )
+    rec = Recorder()
+    part: hv.HyperVPartition
+
+    def on_post(connection_id: int, message_type: int, payload: bytes) -> int:
+        rec.on_post(connection_id, message_type, payload)
+        part.post_message(0, SINT, 1, b"reply!!!")
+        return hv.HV_STATUS_SUCCESS
+
+    part = hv.HyperVPartition(
+        m.ram, rec, vcpus=1, on_post=on_post, on_signal=rec.on_signal, tsc_frequency_hz=TSC_HZ
+    )
+    m.rdmsr = lambda vcpu, index: part.read_msr(vcpu.id, index)
+    m.wrmsr = lambda vcpu, index, value: part.write_msr(vcpu.id, index, value)
+    signal, hypercall = SignalPort(part), HypercallPort(part)
+    m.add_port_device(part.stub.signal_port, 1, signal)
+    m.add_port_device(part.stub.hypercall_port, 1, hypercall)
+    m.add_port_device(0xF4, 1, DebugExit(m))
+    efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        m.vm.ioeventfd(efd, part.stub.signal_port, 4, datamatch=0x2000)
+        boot.boot_elf(m, image, "")
+        reason = await m.run(timeout=60)
+        assert reason == StopReason("debug-exit", code=0x31)
+        r = struct.unpack("<32Q", m.ram.read(syms["results"], 256))
+        assert m.ram.read(syms["hcpage"], 35) == part.stub.code
+        assert part.read_msr(0, hv.HV_X64_MSR_SIMP) == syms["simp"] | 1
+        calls = [r[4 * k : 4 * k + 4] for k in range(5)]
+        assert calls[0] == (hv.HV_STATUS_SUCCESS, 0x1005D, 0x2000, 0x8888)
+        assert calls[1] == (hv.HV_STATUS_INVALID_CONNECTION_ID, 0x1005D, 0x2001, 0x8888)
+        assert calls[2] == (hv.HV_STATUS_SUCCESS, 0x5C, syms["msgin"], 0x8888)
+        assert calls[3] == (hv.HV_STATUS_INVALID_HYPERCALL_CODE, 0x99, 0x1234, 0x8888)
+        assert calls[4] == (hv.HV_STATUS_INVALID_PARAMETER, 0x1005D, 0x100002000, 0x8888)
+        assert r[22] == 0x9999
+        assert os.eventfd_read(efd) == 1  # call 0, inside KVM
+        assert signal.seen == [0x2001]
+        assert hypercall.controls == [0x5C, 0x99, 0x1005D]
+        assert rec.signals == [0x2001]  # 0x2000 never reached user space
+        assert rec.posts == [(4, 1, b"hello")]
+        assert r[20] == 1 and struct.pack("<Q", r[21]) == b"reply!!!"
+        assert rec.irqs == [(0, 0xF3)]
+        assert m.unhandled_ports == {}
+    finally:
+        os.close(efd)
+        m.close()
