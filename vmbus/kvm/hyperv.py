@@ -568,8 +568,8 @@ class HyperVPartition:
                 self._ram.write(gpa, bytes(PAGE_SIZE))
             elif _page(old) != gpa:
                 src = _page(old)
-                data = self._ram.read(src, PAGE_SIZE) if carry else bytes(PAGE_SIZE)
-                self._ram.write(gpa, data)
+                keep = carry and self._ram.contains(src, PAGE_SIZE)  # (after a bad restore)
+                self._ram.write(gpa, self._ram.read(src, PAGE_SIZE) if keep else bytes(PAGE_SIZE))
         setattr(vp, name, value)
         return True
 
