@@ -34,7 +34,7 @@ How long things stay valid:
   at any time, so read them once.
 
 The batch decode has a C fast path (native/packet.c, contract in
-native/cdef/packet.h) and a pure-Python twin (`_py_gpa_direct_batch`) with the
+native/packet.h) and a pure-Python twin (`_py_gpa_direct_batch`) with the
 same contract; tests compare them byte for byte. `VMBUSD_NATIVE=0` selects the twin.
 """
 
@@ -424,7 +424,7 @@ def parse_gpa_direct(pkt: Packet, ram: Ram) -> GpaDirect:
 
     ram is the VM's GuestMemory, or any `contains(gpa, length) -> bool`: every PFN
     must name a page of guest RAM. Raises PacketError (with `status` and
-    `range_index`) for anything else, in the order native/cdef/packet.h lists.
+    `range_index`) for anything else, in the order native/packet.h lists.
     """
     expect_type(pkt, PacketType.GPA_DIRECT)
     ext = pkt.ext
@@ -472,7 +472,7 @@ def _py_gpa_direct_batch(
     max_segs: int,
     st: memoryview,
 ) -> int:
-    """Twin of vmb_gpa_direct_batch (native/cdef/packet.h): the same arguments as
+    """Twin of vmb_gpa_direct_batch (native/packet.h): the same arguments as
     flat byte views (index as u32 pairs, table as memory._PyOps takes it), the
     same records written, the same return codes."""
     walk = _ops(False).walk
