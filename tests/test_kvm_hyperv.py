@@ -8,6 +8,7 @@ stub is checked against GNU as assembling the listing in vmbus/kvm/hypercall_pag
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -1056,3 +1057,88 @@ async def test_stub_and_synic_in_a_real_kvm_guest(tmp_path: Path) -> None:
     finally:
         os.close(efd)
         m.close()
+
+
+# --- anything the guest does -----------------------------------------------------------------
+
+STATUSES = {
+    hv.HV_STATUS_SUCCESS,
+    hv.HV_STATUS_INVALID_HYPERCALL_CODE,
+    hv.HV_STATUS_INVALID_HYPERCALL_INPUT,
+    hv.HV_STATUS_INVALID_ALIGNMENT,
+    hv.HV_STATUS_INVALID_PARAMETER,
+    hv.HV_STATUS_INVALID_CONNECTION_ID,
+}
+PAGE_MSRS = (
+    hv.HV_X64_MSR_HYPERCALL,
+    hv.HV_X64_MSR_VP_ASSIST_PAGE,
+    hv.HV_X64_MSR_SIMP,
+    hv.HV_X64_MSR_SIEFP,
+)
+u64s = st.one_of(
+    st.integers(0, (1 << 64) - 1),
+    st.sampled_from([0, 1, INPUT_PAGE, SIMP_PAGE | 1, HOLE | 1, RAM_END | 1, (1 << 64) - 1]),
+)
+sints = st.one_of(st.just(SINT), st.integers(0, 15))  # mostly the one Linux unmasks
+SETUP_PAGES = [0, SIMP_PAGE, SIEFP_PAGE, RAM_LOW - PAGE, SIMP_PAGE2, RAM_END - PAGE]
+guest_ops = st.one_of(
+    st.tuples(st.just("wrmsr"), st.integers(0x40000000, 0x400001FF), u64s),
+    st.tuples(st.just("wrmsr"), st.sampled_from(PAGE_MSRS), u64s),
+    st.tuples(st.just("rdmsr"), st.integers(0x40000000, 0x400001FF), st.just(0)),
+    st.tuples(st.just("call"), u64s, u64s),
+    st.tuples(st.just("call"), st.sampled_from([0x5C, 0x5D, 0x1005D]), u64s),
+    st.tuples(st.just("input"), st.just(0), st.binary(min_size=16, max_size=256)),
+    st.tuples(st.just("post"), sints, st.binary(max_size=240)),
+    st.tuples(st.just("event"), sints, st.integers(0, 2047)),
+    st.tuples(st.just("setup"), st.sampled_from(SETUP_PAGES), st.sampled_from(SETUP_PAGES)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=st.lists(guest_ops, max_size=40))
+def test_any_guest_behaviour_gets_an_answer_and_touches_only_its_pages(
+    ops: list[tuple[str, int | bytes, int | bytes]],
+) -> None:
+    """Whatever MSR values and hypercalls the guest throws (with the host posting and
+    signalling meanwhile): every access gets a value, #GP or an HV status, nothing
+    raises, and the core writes guest RAM only in pages the guest enabled as hypercall,
+    VP assist, SIMP or SIEFP page."""
+    v = Vm()
+    v.wr(hv.HV_X64_MSR_GUEST_OS_ID, LINUX_OS_ID)
+    v.ram.low[:] = bytes(range(256)) * (RAM_LOW // 256)
+    before = bytes(v.ram.low) + bytes(v.ram.high)
+    owned: set[int] = set()
+    for op, a, b in ops:
+        if op == "wrmsr":
+            assert isinstance(a, int) and isinstance(b, int)
+            if v.wr(a, b) and a in PAGE_MSRS and b & 1:
+                owned.add(b & ~0xFFF & ((1 << 64) - 1))
+        elif op == "rdmsr":
+            assert isinstance(a, int)
+            got = v.rd(a)
+            assert got is None or 0 <= got < 1 << 64
+        elif op == "call":
+            assert isinstance(a, int) and isinstance(b, int)
+            assert v.call(a, b, b ^ a) in STATUSES
+        elif op == "input":
+            assert isinstance(b, bytes)
+            v.ram.write(INPUT_PAGE, b)
+            before = before[:INPUT_PAGE] + b + before[INPUT_PAGE + len(b) :]
+        elif op == "setup":  # hv_synic_enable_regs on vCPU 0 with these pages
+            assert isinstance(a, int) and isinstance(b, int)
+            v.synic_enable(simp=a, siefp=b)
+            owned |= {a, b}
+        elif op == "post":
+            assert isinstance(b, bytes)
+            assert isinstance(a, int)
+            with contextlib.suppress(hv.MessageQueueFull):
+                v.p.post_message(0 if a == SINT else a % 2, a, 1, b)
+        else:
+            assert isinstance(a, int) and isinstance(b, int)
+            v.p.signal_event(0, a, b)
+    after = bytes(v.ram.low) + bytes(v.ram.high)
+    for gpa in range(0, len(after), PAGE):
+        if after[gpa : gpa + PAGE] != before[gpa : gpa + PAGE]:
+            real = gpa if gpa < RAM_LOW else gpa - RAM_LOW + RAM_HIGH
+            assert real in owned, f"wrote page {real:#x}, not one the guest gave"
+    assert all(vec >= 16 for _, vec in v.rec.irqs)
