@@ -20,7 +20,7 @@ export PYTHONPATH="$work"
 "$py" -m pytest -q -p no:cacheprovider -o addopts= \
     -k "not test_guard_pages_catch_overruns" \
     tests/test_ring.py tests/test_ring_bad_input.py tests/test_ring_forward.py \
-    tests/test_ring_concurrency.py tests/test_packet.py \
+    tests/test_ring_concurrency.py tests/test_packet.py tests/test_kvm_hyperv.py \
     tests/test_memory.py tests/test_check.py tests/test_channel.py \
     tests/test_e2e.py tests/test_fuzz_e2e.py "$@"
 if grep -rl -E "Sanitizer|runtime error" /tmp/pytest-of-"$(id -un)"/pytest-current/ 2>/dev/null; then
