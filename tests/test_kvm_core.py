@@ -274,6 +274,7 @@ def test_cpuid_overrides_replace_add_and_remove_leaves_and_set_apic_ids() -> Non
         CpuidLeaf(1, 0, 0x806F8, 0xFF000800, 0xFFFFFFFF, 0xFFFFFFFF),
         CpuidLeaf(0x40000000, 0, 0x40000001, 0x4B4D564B, 0x564B4D56, 0x4D),  # KVMKVMKVM
         CpuidLeaf(0xB, 1, 0, 0, 0, 0, flags=kvmapi.KVM_CPUID_FLAG_SIGNIFCANT_INDEX),
+        CpuidLeaf(0x40000001, 0, 0x01007AFB, 0, 0, 0),  # KVM PV features
     ]
     out = apply_cpuid(
         leaves,
@@ -287,6 +288,8 @@ def test_cpuid_overrides_replace_add_and_remove_leaves_and_set_apic_ids() -> Non
     leaf1 = next(leaf for leaf in out if leaf.function == 1)
     for bit in (13, 23, 26, 1, 9, 19, 20, 25):
         assert not leaf1.ecx & (1 << bit)
+    kvm_pv = next(leaf for leaf in out if leaf.function == 0x40000001)
+    assert kvm_pv.eax == 0x0100000B  # kvmclock, NOP_IO_DELAY, stable bit; no PV_UNHALT
     per = cpuid_for_vcpu(out, 3)
     assert next(leaf for leaf in per if leaf.function == 1).ebx >> 24 == 3
     assert next(leaf for leaf in per if leaf.function == 0xB).edx == 3

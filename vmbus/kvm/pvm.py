@@ -47,6 +47,12 @@ LEAF1_ECX_HIDDEN = {
 # CPUID leaf 7.0 EBX
 LEAF7_EBX_HIDDEN = {"smap": 20, "sha_ni": 29}  # clac; SHA-NI in the crypto self-tests
 
+# CPUID 0x40000001 EAX (KVM's paravirt features, seen while the KVM signature is shown):
+# keep only kvmclock and NOP_IO_DELAY. Measured: with PV_UNHALT & co. a 2-vCPU Linux
+# hangs at "x86: Booting SMP configuration" (vCPU 0 sits on a `vmcall`, the AP spins on
+# a lock); with this mask it prints "smp: Brought up 1 node, 2 CPUs" and boots on.
+KVM_PV_KEPT = (1 << 0) | (1 << 1) | (1 << 3) | (1 << 24)  # CLOCKSOURCE(2), NOP_IO_DELAY, STABLE
+
 # the kernel command line that goes with it (the probe's; clearcpuid numbers are
 # X86_FEATURE words*32+bit: 151 popcnt, 308 smap, 129 pclmul, 137 ssse3, 147 sse4.1,
 # 148 sse4.2, 153 aes, 317 sha_ni)
@@ -72,6 +78,8 @@ def hide_features(leaves: list[CpuidLeaf]) -> None:
             leaf.ecx &= ~mask1
         elif leaf.function == 7 and leaf.index == 0:
             leaf.ebx &= ~mask7
+        elif leaf.function == 0x40000001:
+            leaf.eax &= KVM_PV_KEPT
 
 
 # ---------------------------------------------------------------- ldmxcsr/stmxcsr
