@@ -10,7 +10,7 @@
  *   6  CPUID 1 ecx                           7  rdmsr 0x40000000 before the write
  *   8  rdmsr 0x40000000 after writing 0x1122334455667788
  *   9  #GP count (rdmsr 0x400000ff, wrmsr 0x400000fe: the VMM refuses both)
- *  10  1 when done
+ *  10  1 when done                       15  the 8-byte MMIO read at 0xd0000010
  * The `gaps` entry runs the instructions kvm_pvm cannot emulate and the VMM works around:
  *  11  #BP count (int3)   12 stmxcsr at entry   13 stmxcsr after ldmxcsr 0x1fc0
  *  14  1 after fwait
@@ -74,6 +74,12 @@ _start:
 	out	%eax, (%dx)
 	mov	$0x43, %eax
 	out	%eax, (%dx)
+
+	/* MMIO in the PCI hole: a write, then a read the VMM answers */
+	mov	$0xd0000000, %rdi
+	movl	$0xdeadbeef, 8(%rdi)
+	mov	16(%rdi), %rax
+	mov	%rax, 120(%rbx)
 
 	lea	bye(%rip), %rsi
 	call	puts

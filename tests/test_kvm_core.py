@@ -511,6 +511,17 @@ async def test_tiny_guest_exercises_console_cpuid_msrs_ioeventfd(tiny_guest: Tin
     rig = _rig(tiny_guest)
     m = rig.machine
     efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    mmio: list[tuple[str, int, int, int]] = []
+
+    class Mmio:
+        def mmio_read(self, addr: int, size: int) -> int:
+            mmio.append(("r", addr, size, 0))
+            return 0x0123456789ABCDEF
+
+        def mmio_write(self, addr: int, size: int, value: int) -> None:
+            mmio.append(("w", addr, size, value))
+
+    m.add_mmio_device(0xD0000000, 0x1000, Mmio())
     try:
         m.vm.ioeventfd(efd, 0x5000, 4, datamatch=0x42)
         t0 = time.monotonic()
@@ -533,8 +544,10 @@ async def test_tiny_guest_exercises_console_cpuid_msrs_ioeventfd(tiny_guest: Tin
         # the matching write signalled the eventfd inside KVM; only the other one exited
         assert os.eventfd_read(efd) == 1
         assert m.unhandled_ports == {0x5000: 1}
+        assert mmio == [("w", 0xD0000008, 4, 0xDEADBEEF), ("r", 0xD0000010, 8, 0)]
+        assert r[15] == 0x0123456789ABCDEF
         counts = m.exit_counts()
-        assert counts["X86_RDMSR"] == 3 and counts["X86_WRMSR"] == 2
+        assert counts["X86_RDMSR"] == 3 and counts["X86_WRMSR"] == 2 and counts["MMIO"] == 2
         assert elapsed < 10
     finally:
         os.close(efd)
@@ -574,6 +587,26 @@ async def test_exit_handlers_reach_the_vcpu_and_trio(tiny_guest: TinyGuest) -> N
         m.close()
     assert r[7] == 0xABCDEF and len(answers) == 2  # two reads of GUEST_OS_ID
     assert seen_rdx == [0x5000, 0x5000]  # the guest's dx held the port
+
+
+@needs_kvm
+async def test_a_device_that_raises_stops_the_machine_with_its_error(tiny_guest: TinyGuest) -> None:
+    rig = _rig(tiny_guest)
+
+    class Broken:
+        def io_read(self, port: int, size: int) -> int:
+            return 0
+
+        def io_write(self, port: int, size: int, value: int) -> None:
+            raise ValueError(f"broken device got {value:#x}")
+
+    rig.machine.add_port_device(0x5000, 1, Broken())
+    try:
+        with pytest.raises(ValueError, match="broken device got 0x42"):
+            await rig.machine.run(timeout=30)
+        assert all(v.thread is not None and not v.thread.is_alive() for v in rig.machine.vcpus)
+    finally:
+        rig.machine.close()
 
 
 @needs_kvm

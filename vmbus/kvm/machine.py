@@ -460,12 +460,7 @@ class Machine:
             self._stopping = True
         for v in self.vcpus:
             v.fd.run_struct.immediate_exit = 1
-            t = v.thread
-            if t is not None and t.ident is not None and t is not threading.current_thread():
-                try:
-                    signal.pthread_kill(t.ident, _KICK_SIGNAL)
-                except ProcessLookupError:
-                    pass
+            _kick(v.thread)
         token, done = self.trio_token, self._done
         if token is not None and done is not None:
             try:
@@ -509,11 +504,7 @@ class Machine:
         for v in self.vcpus:
             if v.thread is not None:
                 while v.thread.is_alive():
-                    if v.thread.ident is not None:
-                        try:
-                            signal.pthread_kill(v.thread.ident, _KICK_SIGNAL)
-                        except ProcessLookupError:
-                            break
+                    _kick(v.thread)
                     v.thread.join(0.05)
 
     def exit_counts(self) -> dict[str, int]:
@@ -536,6 +527,20 @@ class Machine:
 
 def _ignore_signal(signum: int, frame: object) -> None:
     """The vCPU kick: its only job is to make KVM_RUN return EINTR."""
+
+
+def _kick(thread: threading.Thread | None) -> None:
+    """Interrupt a vCPU thread's KVM_RUN. Only while a handler is installed (run() on
+    the main thread does it): the default action of the signal would kill the process.
+    Without one, a stop waits for the vCPU's next exit (immediate_exit is already set)."""
+    if thread is None or thread.ident is None or thread is threading.current_thread():
+        return
+    if signal.getsignal(_KICK_SIGNAL) in (signal.SIG_DFL, signal.SIG_IGN, None):
+        return
+    try:
+        signal.pthread_kill(thread.ident, _KICK_SIGNAL)
+    except ProcessLookupError:
+        pass
 
 
 APIC_LVT0 = 0x350
