@@ -128,6 +128,28 @@ gaps:
 	hlt
 	jmp	5b
 
+/* SMP: INIT and SIPI (vector 0x30) to APIC ID 1 through the in-kernel local APIC; the AP
+ * starts in real mode at 0x30000, says so on port 0xf5 and sets ap_flag; the BSP waits
+ * for the flag and ends with debug-exit 0x34 */
+	.globl smp
+smp:
+	lea	stack_top(%rip), %rsp
+	mov	$0xfee00000, %rdi
+	movl	$0x01000000, 0x310(%rdi)	/* ICR high: destination APIC ID 1 */
+	movl	$0x00004500, 0x300(%rdi)	/* INIT, level assert */
+	movl	$0x01000000, 0x310(%rdi)
+	movl	$0x00004630, 0x300(%rdi)	/* STARTUP, vector 0x30 -> 0x30000 */
+	mov	$ap_flag, %rsi
+6:	pause
+	cmpw	$1, (%rsi)
+	jne	6b
+	mov	$0xf4, %dx
+	mov	$0x34, %al
+	out	%al, (%dx)
+7:	cli
+	hlt
+	jmp	7b
+
 /* puts(rsi): polled like Linux's 8250 console: wait for LSR.THRE, write THR */
 puts:
 	mov	$0x3fd, %dx
@@ -183,6 +205,24 @@ gp_handler:
 	incq	72(%rax)
 	pop	%rax
 	iretq
+
+	.section .ap, "ax"
+	.code16
+	.globl ap_trampoline
+ap_trampoline:				/* real mode, cs = 0x3000, ip = 0 */
+	mov	%cs, %ax
+	mov	%ax, %ds
+	mov	$0xf5, %dx
+	mov	$0xa9, %al
+	out	%al, (%dx)
+	movw	$1, (ap_flag - ap_trampoline)
+8:	cli
+	hlt
+	jmp	8b
+	.balign 4
+	.globl ap_flag
+ap_flag: .word	0
+	.code64
 
 	.section .data
 hello:	.asciz	"tiny guest: hello\n"

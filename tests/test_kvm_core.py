@@ -436,6 +436,7 @@ def tiny_guest(tmp_path_factory: pytest.TempPathFactory) -> TinyGuest:
             "elf_x86_64",
             "-static",
             f"-Ttext={TEXT_BASE:#x}",
+            "--section-start=.ap=0x30000",  # the AP's real-mode entry: SIPI vector 0x30
             "-e",
             "_start",
             "-o",
@@ -678,6 +679,30 @@ async def test_a_halted_vcpu_is_kicked_out_of_kvm_run_on_stop(tiny_guest: TinyGu
         assert _results(rig, tiny_guest)[10] == 1
     finally:
         rig.machine.close()
+
+
+@needs_kvm
+async def test_the_bsp_starts_an_ap_with_init_and_sipi(tiny_guest: TinyGuest) -> None:
+    """SMP through the in-kernel local APIC: the AP thread sits in KVM_RUN until the
+    guest's INIT/SIPI, then runs real-mode code at the SIPI vector."""
+    rig = _rig(tiny_guest, entry="smp", vcpus=2)
+    seen: list[tuple[int, int]] = []
+
+    class Ap:
+        def io_read(self, port: int, size: int) -> int:
+            return 0
+
+        def io_write(self, port: int, size: int, value: int) -> None:
+            seen.append((current_vcpu().id, value))
+
+    rig.machine.add_port_device(0xF5, 1, Ap())
+    try:
+        assert await rig.machine.run(timeout=30) == StopReason("debug-exit", code=0x34)
+        flag = rig.machine.ram.read(tiny_guest.symbols["ap_flag"], 2)
+    finally:
+        rig.machine.close()
+    assert seen == [(1, 0xA9)]
+    assert flag == b"\x01\x00"
 
 
 @needs_kvm
