@@ -336,6 +336,21 @@ def test_uart_detects_as_16550a_and_raises_thre_like_the_chip() -> None:
     assert u.io_read(base, 1) == ord("Z") and bytes(out) == b"AB"
 
 
+async def test_console_until_waits_in_trio_for_a_match_written_by_another_thread() -> None:
+    c = Console()
+
+    def writer() -> None:
+        for line in (b"booting\n", b"hv_vmbus: Vmbus version:5.3\n"):
+            time.sleep(0.05)
+            c.write(line)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.to_thread.run_sync, writer)
+        m = await c.until(r"Vmbus version:(\S+)", timeout=10)
+    assert m is not None and m.group(1) == "5.3"
+    assert await c.until("never printed", timeout=0.1) is None
+
+
 def test_console_is_searchable_while_written() -> None:
     seen = bytearray()
     c = Console(seen.extend)

@@ -18,6 +18,8 @@ import threading
 import time
 from collections.abc import Callable
 
+import trio
+
 COM1_PORT = 0x3F8
 COM1_IRQ = 4
 
@@ -98,6 +100,23 @@ class Console:
             if left <= 0:
                 return None
             self.changed.wait(min(left, 0.5))
+
+    async def until(
+        self, pattern: str | re.Pattern[str], timeout: float | None = None, poll: float = 0.05
+    ) -> re.Match[str] | None:
+        """Wait in trio until the console matches `pattern` (`--until REGEX`); None at
+        the timeout. Polls: the vCPU thread never has to reach into trio per byte."""
+        seen = -1
+        with trio.move_on_after(float("inf") if timeout is None else timeout):
+            while True:
+                size = len(self._buf)
+                if size != seen:
+                    seen = size
+                    m = self.search(pattern)
+                    if m is not None:
+                        return m
+                await trio.sleep(poll)
+        return None
 
 
 class Serial16550:
