@@ -11,7 +11,8 @@ machine (guest shutdown, a debug-exit port write, `request_stop`) and raises
 something the VMM cannot handle.
 
 Exit cost, measured with tests/test_kvm_core.py's UART LSR loop under kvm_pvm on this
-machine (2 vCPUs, Python 3.11): 17,000-33,000 exits/s through this loop, of which ~86%
+machine (2 vCPUs, Python 3.11): 17,000-65,000 exits/s through this loop (it varies with
+the host's load), of which ~86%
 of the time is spent inside KVM_RUN itself (~40 us per round trip under PVM) and
 ~7 us in the Python dispatch. A C loop could win at most ~15%, so there is none.
 """
