@@ -127,7 +127,7 @@ def h() -> Harness:
 def test_negotiate_each_linux_version(version: int) -> None:
     h = Harness(client={"max_version": version})
     h.connect()
-    assert h.guest_of(c.Connected) == [c.Connected(version, 1)]
+    assert h.guest_of(c.VersionAccepted) == [c.VersionAccepted(version, 1)]
     assert h.server.version == version
     (contact, conn), (req, conn2) = h.posted[:2]
     assert isinstance(contact, p.InitiateContact) and contact.version_requested == version
@@ -329,7 +329,7 @@ def test_gpadl_sizes(h: Harness, pages: int, messages: int) -> None:
     assert head.range_buflen == 8 + 8 * pages and head.rangecount == 1
     assert len(head.encode()) == 20 + 8 + 8 * min(pages, 26)
     assert all(len(m.encode()) <= 240 for m in gpadl_msgs)
-    assert h.guest_of(c.GpadlCreated) == [c.GpadlCreated(handle, 1, 0)]
+    assert h.guest_of(c.GpadlReady) == [c.GpadlReady(handle, 1, 0)]
     # GPADL_CREATED comes only after the last body
     assert len(h.sent) == 1
     g = h.server.gpadl(handle)
@@ -374,9 +374,9 @@ def test_pfns_outside_ram_fail_the_gpadl() -> None:
     ok = h.client.create_gpadl(1, [1, 2, 3])
     bad = h.client.create_gpadl(1, [1, 2, ram_pages + 5] * 20)
     h.pump()
-    assert h.guest_of(c.GpadlCreated) == [
-        c.GpadlCreated(ok, 1, 0),
-        c.GpadlCreated(bad, 1, p.STATUS_UNSUCCESSFUL),
+    assert h.guest_of(c.GpadlReady) == [
+        c.GpadlReady(ok, 1, 0),
+        c.GpadlReady(bad, 1, p.STATUS_UNSUCCESSFUL),
     ]
     assert "outside guest RAM" in h.violations()[0]
     with pytest.raises(b.UnknownGpadl):
@@ -494,12 +494,12 @@ def test_open_close_teardown_sequence() -> None:
     h.client.teardown_gpadl(1, handle)
     h.pump()
     assert h.host_of(b.ChannelClosed) == [b.ChannelClosed(1, "closed by guest")]
-    assert not h.guest_of(c.GpadlTorndown)  # deferred: the driver still holds the ring
+    assert not h.guest_of(c.GpadlGone)  # deferred: the driver still holds the ring
     assert h.server.gpadl_count == 1
     h.server.close_complete(1)
     h.pump()
     assert h.host_of(b.GpadlReleased) == [b.GpadlReleased(handle)]
-    assert h.guest_of(c.GpadlTorndown) == [c.GpadlTorndown(handle)]
+    assert h.guest_of(c.GpadlGone) == [c.GpadlGone(handle)]
     assert h.server.gpadl_count == 0 and h.server.gpadl_pages == 0
     assert not h.violations()
 
@@ -519,7 +519,7 @@ def test_open_failure_from_driver() -> None:
     # the channel can be opened again, and the GPADL torn down at once
     h.client.teardown_gpadl(1, handle)
     h.pump()
-    assert h.guest_of(c.GpadlTorndown) == [c.GpadlTorndown(handle)]
+    assert h.guest_of(c.GpadlGone) == [c.GpadlGone(handle)]
 
 
 def test_driver_misuse_raises() -> None:
@@ -677,7 +677,7 @@ def test_hot_remove_open_channel_and_relid_reuse(h: Harness) -> None:
     h.pump()
     assert h.host_of(b.ChannelRemoved) == [b.ChannelRemoved(1)]
     assert b.GpadlReleased(ring) in h.host
-    assert not h.guest_of(c.GpadlTorndown)
+    assert not h.guest_of(c.GpadlGone)
     assert h.server.gpadl_count == 0
     # relid 1 is free again; the same device can come back
     assert h.server.add_offer(b.Offer(NIC, INST1)) == 1

@@ -71,7 +71,7 @@ def test_msg_conn_id_from_response_is_used() -> None:
     posts(cl)
     cl.receive(p.VersionResponse(1, 0, 9).encode())
     evs = list(cl.events())
-    assert evs[0] == c.Connected(p.VERSION_WIN10_V5_3, 9)
+    assert evs[0] == c.VersionAccepted(p.VERSION_WIN10_V5_3, 9)
     assert evs[1] == c.PostMessage(p.RequestOffers().encode(), 9)
     # below 5.0 the field is ignored: always connection id 1
     cl = connected(p.VERSION_WIN10, msg_conn_id=1234)
@@ -124,7 +124,7 @@ def test_open_close_teardown_messages() -> None:
     h = cl.create_gpadl(3, list(range(8)))
     posts(cl)
     cl.receive(p.GpadlCreated(3, h, 0).encode())
-    assert list(cl.events()) == [c.GpadlCreated(h, 3, 0)]
+    assert list(cl.events()) == [c.GpadlReady(h, 3, 0)]
     cl.open_channel(3, h, 4, target_vp=1, userdata=b"x")
     ((m, _, size),) = posts(cl)
     assert m == p.OpenChannel(3, 3, h, 1, 4, b"x") and size == 148
@@ -134,7 +134,7 @@ def test_open_close_teardown_messages() -> None:
     cl.teardown_gpadl(3, h)
     assert [m for m, _, _ in posts(cl)] == [p.CloseChannel(3), p.GpadlTeardown(3, h)]
     cl.receive(p.GpadlTorndown(h).encode())
-    assert list(cl.events()) == [c.GpadlTorndown(h)]
+    assert list(cl.events()) == [c.GpadlGone(h)]
 
 
 def test_rescind_then_release() -> None:

@@ -53,7 +53,7 @@ class PostMessage:
 
 
 @dataclass(frozen=True, slots=True)
-class Connected:
+class VersionAccepted:
     version: int
     msg_conn_id: int
 
@@ -81,7 +81,7 @@ class OfferReceived:
 
 
 @dataclass(frozen=True, slots=True)
-class AllOffersDelivered:
+class OffersComplete:
     pass
 
 
@@ -91,7 +91,7 @@ class Rescinded:
 
 
 @dataclass(frozen=True, slots=True)
-class GpadlCreated:
+class GpadlReady:
     handle: int
     relid: int
     status: int
@@ -104,7 +104,7 @@ class OpenResult:
 
 
 @dataclass(frozen=True, slots=True)
-class GpadlTorndown:
+class GpadlGone:
     handle: int
 
 
@@ -121,15 +121,15 @@ class UnloadComplete:
 
 ClientEvent = (
     PostMessage
-    | Connected
+    | VersionAccepted
     | VersionRefused
     | ConnectFailed
     | OfferReceived
-    | AllOffersDelivered
+    | OffersComplete
     | Rescinded
-    | GpadlCreated
+    | GpadlReady
     | OpenResult
-    | GpadlTorndown
+    | GpadlGone
     | ModifyResult
     | UnloadComplete
 )
@@ -248,7 +248,7 @@ class VmBusClient:
         self._post(msg, conn)
 
     def create_gpadl(self, relid: int, pfns: Sequence[int]) -> int:
-        """Register ``pfns`` (4 KiB frames) for ``relid``; GpadlCreated(handle) follows."""
+        """Register ``pfns`` (4 KiB frames) for ``relid``; GpadlReady(handle) follows."""
         self._require_connected()
         ch = self._channel(relid)
         if ch.rescinded:
@@ -288,7 +288,7 @@ class VmBusClient:
         self._post(p.CloseChannel(relid))
 
     def teardown_gpadl(self, relid: int, handle: int) -> None:
-        """GPADL_TEARDOWN; GpadlTorndown follows.  After a rescind: local only, no post."""
+        """GPADL_TEARDOWN; GpadlGone follows.  After a rescind: local only, no post."""
         self._require_connected()
         ch = self._channel(relid)
         if ch.gpadls.get(handle) is not _Gpadl.CREATED:
@@ -349,7 +349,7 @@ class VmBusClient:
             case p.OfferChannel():
                 self._on_offer(msg)
             case p.AllOffersDelivered():
-                self._events.append(AllOffersDelivered())
+                self._events.append(OffersComplete())
             case p.RescindChannelOffer():
                 ch = self.channels.get(msg.child_relid)
                 if ch is None or ch.rescinded:
@@ -389,7 +389,7 @@ class VmBusClient:
             self._trying = None
             self.version = v
             self.msg_conn_id = msg.msg_conn_id if v >= p.VERSION_WIN10_V5 else 1
-            self._events.append(Connected(v, self.msg_conn_id))
+            self._events.append(VersionAccepted(v, self.msg_conn_id))
             self._offers_requested = True
             self._post(p.RequestOffers())
             return
@@ -438,7 +438,7 @@ class VmBusClient:
         else:
             del ch.gpadls[msg.gpadl]
             del self._gpadl_owner[msg.gpadl]
-        self._events.append(GpadlCreated(msg.gpadl, msg.child_relid, msg.status))
+        self._events.append(GpadlReady(msg.gpadl, msg.child_relid, msg.status))
 
     def _on_torndown(self, msg: p.GpadlTorndown) -> None:
         relid = self._gpadl_owner.get(msg.gpadl)
@@ -447,7 +447,7 @@ class VmBusClient:
             raise ProtocolError(f"unexpected GPADL_TORNDOWN {msg.gpadl:#x}")
         del ch.gpadls[msg.gpadl]
         del self._gpadl_owner[msg.gpadl]
-        self._events.append(GpadlTorndown(msg.gpadl))
+        self._events.append(GpadlGone(msg.gpadl))
 
     def _forget_bus(self) -> None:
         self.version = None

@@ -193,7 +193,7 @@ class SimulatedVm:
                 await self.conn.send(
                     attach.PostFromGuest(connection_id=ev.connection_id, vcpu=0, payload=ev.payload)
                 )
-        elif isinstance(ev, gc.Connected):
+        elif isinstance(ev, gc.VersionAccepted):
             self.version = ev.version
             self._connected.set()
         elif isinstance(ev, gc.OfferReceived):
@@ -202,7 +202,7 @@ class SimulatedVm:
             )
             self.offers[go.relid] = go
             self._offer_added.send_nowait(go)
-        elif isinstance(ev, gc.AllOffersDelivered):
+        elif isinstance(ev, gc.OffersComplete):
             self._all_offers.set()
         elif isinstance(ev, gc.ConnectFailed):
             self.connect_failed = True
@@ -211,9 +211,9 @@ class SimulatedVm:
             if ev.relid in self.offers:
                 self.offers[ev.relid].rescinded = True
             self._wake("rescind", ev.relid, True)
-        elif isinstance(ev, gc.GpadlCreated):
+        elif isinstance(ev, gc.GpadlReady):
             self._wake("gpadl", ev.handle, ev.status)
-        elif isinstance(ev, gc.GpadlTorndown):
+        elif isinstance(ev, gc.GpadlGone):
             self._wake("torndown", ev.handle, True)
         elif isinstance(ev, gc.OpenResult):
             self._wake("open", ev.relid, ev.status)
