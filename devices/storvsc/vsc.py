@@ -1,0 +1,552 @@
+"""The simulated guest's storvsc driver (what Linux 6.1's hv_storvsc does).
+
+Byte for byte where the host can see it: every packet is a 64-byte vstor_packet;
+init packets go one at a time on the primary with transaction id VMBUS_RQST_INIT
+(0xFFFF_FFFF_FFFF_FFFD); I/O trans ids are blk-mq unique tags + 1 (hardware queue
+<< 16 | tag, never 0); QUERY_PROTOCOL_VERSION tries 0x0602, 0x0600, 0x0501 in that
+order; after END_INITIALIZATION it asks for min(vCPUs - 1, max_channel_cnt)
+sub-channels when the host sets the multi-channel flag (storvsc_drv.c
+handle_multichannel_storage; storvsc_vcpus_per_sub_channel only sizes can_queue),
+opens each one offered, and spreads I/O over all of them. An SRB with data is a
+GPA-direct packet with one range over scattered guest pages (`vmbus.packet.
+gpa_direct`), exactly ceil((offset + len) / 4096) PFNs as Linux >= 6.1.y sends.
+
+The scan is Linux's: INQUIRY to LUN 0 of every channel 0..7 x target 0..1, REPORT
+LUNS where a target answered, then per LUN INQUIRY, READ CAPACITY(16) (falling
+back to (10)), MODE SENSE(6) for the write-protect bit, VPD 0x80 and 0x83.
+
+Use: `async with attach_storvsc(vm, offer) as hba:` then `hba.disks`,
+`await hba.read(lun, lba, n)`, `await hba.write(lun, lba, data)`, `await hba.flush()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import struct
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import trio
+
+from devices.storvsc.protocol import (
+    LINUX_VERSIONS,
+    SCSI_IF_TYPE,
+    STORAGE_CHANNEL_SUPPORTS_MULTI_CHANNEL,
+    VMBUS_RQST_INIT,
+    DataIn,
+    Op,
+    Properties,
+    SrbReply,
+    decode_properties,
+    decode_reply,
+    decode_srb_reply,
+    encode_srb,
+    init_request,
+    srb_request,
+    sub_channels_request,
+    version_request,
+)
+from vmbus.gpadl import PAGE_SIZE, GpaRange
+from vmbus.guest.drivers import register
+from vmbus.packet import PacketType, gpa_direct, inband
+
+if TYPE_CHECKING:
+    from vmbus.guest.vm import GuestChannel, GuestOffer, SimulatedVm
+
+log = logging.getLogger(__name__)
+
+RING_SIZE = 128 * 1024  # storvsc_ringbuffer_size
+INIT_TIMEOUT_S = 5.0  # Linux 6.1's storvsc_timeout per init step
+IO_TIMEOUT_S = 30.0
+MAX_CHANNELS = 8  # STORVSC_MAX_CHANNELS: scsi channels (path ids) scanned
+MAX_TARGETS = 2
+TAGS_PER_QUEUE = 1024
+SRB_FLAGS_DISABLE_SYNCH_TRANSFER = 0x08
+SRB_FLAGS_DATA_IN = 0x40
+SRB_FLAGS_DATA_OUT = 0x80
+SRB_FLAGS_QUEUE_ACTION_ENABLE = 0x02
+SRB_FLAGS_NO_QUEUE_FREEZE = 0x100
+SP_UNTAGGED = 0xFF
+SRB_SIMPLE_TAG_REQUEST = 0x20
+
+
+class StorvscError(Exception):
+    """The host answered the guest driver wrongly (or not at all)."""
+
+
+class ScsiCommandError(StorvscError):
+    """A SCSI command failed: the reply says how."""
+
+    def __init__(self, what: str, reply: SrbReply) -> None:
+        sense = reply.sense.hex() if reply.sense else "-"
+        super().__init__(
+            f"{what}: srb {reply.srb_status:#x} scsi {reply.scsi_status:#x} sense {sense}"
+        )
+        self.reply = reply
+
+
+@dataclass
+class Disk:
+    """A LUN as the guest's scan saw it."""
+
+    path_id: int
+    target_id: int
+    lun: int
+    blocks: int
+    block_size: int
+    read_only: bool
+    vendor: str
+    product: str
+    serial: str | None
+    naa: bytes | None
+
+    @property
+    def size(self) -> int:
+        return self.blocks * self.block_size
+
+
+@dataclass
+class _Waiter:
+    done: trio.Event = field(default_factory=trio.Event)
+    payload: bytes = b""
+
+
+class _Queue:
+    """One open channel: a hardware queue with its tags and the completions for them."""
+
+    def __init__(self, index: int, gch: GuestChannel) -> None:
+        self.index = index
+        self.gch = gch
+        self.channel = gch.channel
+        self.waiters: dict[int, _Waiter] = {}
+        self.free_tags = list(range(TAGS_PER_QUEUE - 1, -1, -1))
+        self.tag_free = trio.Event()
+        self.errors: list[str] = []
+        self.enumerate_bus = 0
+
+    async def receive_loop(self) -> None:
+        while True:
+            for pkt in await self.channel.receive():
+                payload = bytes(pkt.payload)
+                tid = pkt.trans_id
+                # storvsc_on_channel_callback: a reply to a request must be a whole
+                # vstor_packet; an unsolicited one (id 0) at least an operation.
+                if len(payload) < (64 if tid else 4):
+                    self.errors.append(f"short packet id={tid} len={len(payload)}")
+                    continue
+                if tid == 0:
+                    op = struct.unpack_from("<I", payload)[0]
+                    if op in (Op.ENUMERATE_BUS, Op.REMOVE_DEVICE):
+                        self.enumerate_bus += 1
+                    else:
+                        self.errors.append(f"unsolicited op {op} with id 0")
+                    continue
+                if pkt.type != PacketType.COMPLETION:
+                    self.errors.append(f"packet type {pkt.type} id={tid}")
+                    continue
+                w = self.waiters.pop(tid, None)
+                if w is None:
+                    self.errors.append(f"incorrect transaction id {tid:#x}")
+                    continue
+                w.payload = payload
+                w.done.set()
+
+    async def call(self, pkt: Any, tid: int, timeout: float) -> bytes:
+        w = _Waiter()
+        self.waiters[tid] = w
+        try:
+            await self.channel.send([pkt])
+            with trio.fail_after(timeout):
+                await w.done.wait()
+        finally:
+            self.waiters.pop(tid, None)
+        return w.payload
+
+    async def take_tag(self) -> int:
+        while not self.free_tags:
+            self.tag_free = trio.Event()
+            await self.tag_free.wait()
+        return self.free_tags.pop()
+
+    def give_tag(self, tag: int) -> None:
+        self.free_tags.append(tag)
+        self.tag_free.set()
+
+
+class StorvscHba:
+    """One attached synthetic SCSI controller in the simulated guest."""
+
+    def __init__(self, vm: SimulatedVm, offer: GuestOffer, ring_size: int = RING_SIZE) -> None:
+        self.vm = vm
+        self.offer = offer
+        self.ring_size = ring_size
+        self.queues: list[_Queue] = []
+        self.version = 0
+        self.properties: Properties | None = None
+        self.sub_channel_status: int | None = None
+        self.disks: dict[int, Disk] = {}
+        self._rr = itertools.count()
+        self._nursery: trio.Nursery | None = None
+
+    # -- init --
+
+    async def start(self, nursery: trio.Nursery, *, scan: bool = True) -> None:
+        """storvsc_probe: open, storvsc_channel_init, sub-channels, scan."""
+        self._nursery = nursery
+        await self._open_queue(self.offer)
+        await self.init_sequence()
+        if scan:
+            await self.scan()
+
+    async def _open_queue(self, offer: GuestOffer) -> _Queue:
+        gch = await self.vm.open_channel(offer, self.ring_size)
+        q = _Queue(len(self.queues), gch)
+        self.queues.append(q)
+        assert self._nursery is not None
+        self._nursery.start_soon(q.receive_loop, name=f"storvsc vsc {offer.relid}")
+        return q
+
+    async def control(self, payload: bytes) -> tuple[int, int, bytes]:
+        """storvsc_execute_vstor_op: one init packet, 64 bytes, id VMBUS_RQST_INIT."""
+        q = self.queues[0]
+        pkt = inband(payload, trans_id=VMBUS_RQST_INIT, completion_requested=True)
+        try:
+            reply = await q.call(pkt, VMBUS_RQST_INIT, INIT_TIMEOUT_S)
+        except trio.TooSlowError:
+            raise StorvscError(f"vstor operation {payload[0]} timed out") from None
+        return decode_reply(reply)
+
+    async def _step(self, op: int, body: bytes = b"") -> bytes:
+        rop, status, rbody = await self.control(init_request(op, body))
+        if rop != Op.COMPLETE_IO or status != 0:
+            raise StorvscError(f"vstor operation {op}: op={rop}, status={status:#x}")
+        return rbody
+
+    async def init_sequence(self) -> None:
+        await self._step(Op.BEGIN_INITIALIZATION)
+        for v in LINUX_VERSIONS:
+            rop, status, _ = await self.control(version_request(v))
+            if rop != Op.COMPLETE_IO:
+                raise StorvscError(f"QUERY_PROTOCOL_VERSION answered with op {rop}")
+            if status == 0:
+                self.version = v
+                break
+        else:
+            raise StorvscError("Obsolete Hyper-V version")
+        self.properties = decode_properties(await self._step(Op.QUERY_PROPERTIES))
+        await self._step(Op.END_INITIALIZATION)
+        props = self.properties
+        if props.flags & STORAGE_CHANNEL_SUPPORTS_MULTI_CHANNEL:
+            await self._sub_channels(min(self.vm.vcpus - 1, props.max_channel_cnt))
+
+    async def _sub_channels(self, num_sc: int) -> None:
+        if num_sc <= 0:
+            return
+        rop, status, _ = await self.control(sub_channels_request(num_sc))
+        self.sub_channel_status = status
+        if rop != Op.COMPLETE_IO or status != 0:
+            log.warning("Failed to create sub-channel: op=%d, sts=%#x", rop, status)
+            return
+        want = set(range(1, num_sc + 1))
+        with trio.fail_after(INIT_TIMEOUT_S):
+            while want:
+                for o in self.vm.find_offers(SCSI_IF_TYPE):
+                    if (
+                        o.if_instance == self.offer.if_instance
+                        and o.sub_channel_index in want
+                        and o.relid not in self.vm.channels
+                    ):
+                        want.discard(o.sub_channel_index)
+                        await self._open_queue(o)
+                if want:
+                    await self.vm.offer_events.receive()
+
+    # -- SRBs --
+
+    async def execute(
+        self,
+        cdb: bytes,
+        *,
+        lun: int = 0,
+        path_id: int = 0,
+        target_id: int = 0,
+        data_in: int = DataIn.NONE,
+        length: int = 0,
+        data: bytes = b"",
+        offset: int = 0,
+        queue: int | None = None,
+        srb: bytes | None = None,
+    ) -> tuple[SrbReply, bytes]:
+        """storvsc_queuecommand: one SRB; `length` bytes read or `data` written
+        through scattered guest pages (first page at `offset`). `srb` replaces the
+        vmscsi_request built here (hostile-guest tests). Returns (reply, data read)."""
+        if data:
+            length = len(data)
+        q = self.queues[next(self._rr) % len(self.queues) if queue is None else queue]
+        flags = SRB_FLAGS_DISABLE_SYNCH_TRANSFER | SRB_FLAGS_QUEUE_ACTION_ENABLE
+        flags |= SRB_FLAGS_NO_QUEUE_FREEZE
+        flags |= {DataIn.READ: SRB_FLAGS_DATA_IN, DataIn.WRITE: SRB_FLAGS_DATA_OUT}.get(
+            DataIn(data_in), 0
+        )
+        body = srb or encode_srb(
+            path_id=path_id,
+            target_id=target_id,
+            lun=lun,
+            cdb=cdb,
+            data_in=data_in,
+            data_transfer_length=length,
+            srb_flags=flags,
+            queue_tag=SP_UNTAGGED,
+            queue_action=SRB_SIMPLE_TAG_REQUEST,
+        )
+        payload = srb_request(body)
+        tag = await q.take_tag()
+        tid = ((q.index << 16) | tag) + 1
+        pfns: list[int] = []
+        try:
+            if length:
+                npages = (offset + length + PAGE_SIZE - 1) // PAGE_SIZE
+                pfns = self.vm.ram.alloc_pages(npages)
+                if data:
+                    self._scatter(pfns, offset, data)
+                rng = GpaRange(length, offset, tuple(pfns))
+                pkt = gpa_direct([rng], payload, trans_id=tid)
+            else:
+                pkt = inband(payload, trans_id=tid, completion_requested=True)
+            try:
+                raw = await q.call(pkt, tid, IO_TIMEOUT_S)
+            except trio.TooSlowError:
+                raise StorvscError(f"SRB {cdb[:1].hex()} timed out") from None
+            op, reply = decode_srb_reply(raw)
+            if op != Op.COMPLETE_IO:
+                raise StorvscError(f"SRB answered with op {op}")
+            got = b""
+            if length and data_in == DataIn.READ:
+                n = min(reply.data_transfer_length, length)
+                got = self._gather(pfns, offset, n)
+            return reply, got
+        finally:
+            q.give_tag(tag)
+            if pfns:
+                self.vm.ram.free_pages(pfns)
+
+    def _scatter(self, pfns: list[int], offset: int, data: bytes) -> None:
+        mv = memoryview(data)
+        pos = 0
+        for i, pfn in enumerate(pfns):
+            start = offset if i == 0 else 0
+            take = min(PAGE_SIZE - start, len(mv) - pos)
+            self.vm.ram.page(pfn)[start : start + take] = mv[pos : pos + take]
+            pos += take
+
+    def _gather(self, pfns: list[int], offset: int, n: int) -> bytes:
+        parts = []
+        left = n
+        for i, pfn in enumerate(pfns):
+            if left <= 0:
+                break
+            start = offset if i == 0 else 0
+            take = min(PAGE_SIZE - start, left)
+            parts.append(bytes(self.vm.ram.page(pfn)[start : start + take]))
+            left -= take
+        return b"".join(parts)
+
+    async def command(self, what: str, cdb: bytes, **kw: Any) -> bytes:
+        """execute() that raises ScsiCommandError unless GOOD."""
+        reply, got = await self.execute(cdb, **kw)
+        if not reply.success:
+            raise ScsiCommandError(what, reply)
+        return got
+
+    # -- scan --
+
+    async def scan(self) -> dict[int, Disk]:
+        """scsi_scan_host as Linux does it for storvsc (spec 9.1)."""
+        found: dict[int, Disk] = {}
+        for path in range(MAX_CHANNELS):
+            for target in range(MAX_TARGETS):
+                addr: dict[str, Any] = {"path_id": path, "target_id": target}
+                _reply, inq = await self.execute(
+                    _inquiry(36), lun=0, data_in=DataIn.READ, length=36, **addr
+                )
+                if not inq:
+                    continue  # no target here
+                luns = await self._report_luns(**addr)
+                if luns is None:
+                    luns = [0] if inq[0] >> 5 == 0 else []
+                for lun in luns:
+                    disk = await self._probe_lun(lun, **addr)
+                    if disk is not None and path == 0 and target == 0:
+                        found[lun] = disk
+        self.disks = found
+        return found
+
+    async def _report_luns(self, **addr: Any) -> list[int] | None:
+        alloc = 4096
+        reply, data = await self.execute(
+            bytes([0xA0, 0, 0, 0, 0, 0]) + alloc.to_bytes(4, "big") + b"\0\0",
+            data_in=DataIn.READ,
+            length=alloc,
+            **addr,
+        )
+        if not reply.success or len(data) < 8:
+            return None
+        n = int.from_bytes(data[:4], "big") // 8
+        return [int.from_bytes(data[8 + 8 * i : 10 + 8 * i], "big") & 0x3FFF for i in range(n)]
+
+    async def _probe_lun(self, lun: int, **addr: Any) -> Disk | None:
+        kw: dict[str, Any] = {"lun": lun, "data_in": DataIn.READ, **addr}
+        _reply, inq = await self.execute(_inquiry(36), length=36, **kw)
+        if len(inq) < 36 or inq[0] >> 5 != 0:
+            return None  # PQ 3 (or 1): no LUN here
+        rc = await self.command(
+            "READ CAPACITY(16)",
+            bytes([0x9E, 0x10]) + bytes(8) + (32).to_bytes(4, "big") + b"\0\0",
+            length=32,
+            **kw,
+        )
+        blocks, bs = int.from_bytes(rc[:8], "big") + 1, int.from_bytes(rc[8:12], "big")
+        ms = await self.command("MODE SENSE(6)", bytes([0x1A, 0, 0x3F, 0, 4, 0]), length=4, **kw)
+        serial = naa = None
+        pages = await self._vpd(0x00, **kw)
+        if pages is not None and 0x80 in pages[4:]:
+            p80 = await self._vpd(0x80, **kw)
+            serial = p80[4:].decode("ascii", "replace").strip() if p80 else None
+        if pages is not None and 0x83 in pages[4:]:
+            p83 = await self._vpd(0x83, **kw)
+            naa = _naa_of(p83) if p83 else None
+        return Disk(
+            addr.get("path_id", 0),
+            addr.get("target_id", 0),
+            lun,
+            blocks,
+            bs,
+            bool(ms[2] & 0x80),
+            inq[8:16].decode("ascii").strip(),
+            inq[16:32].decode("ascii").strip(),
+            serial,
+            naa,
+        )
+
+    async def _vpd(self, page: int, **kw: Any) -> bytes | None:
+        reply, head = await self.execute(_inquiry(4, page), length=4, **kw)
+        if not reply.success or len(head) < 4 or head[1] != page:
+            return None
+        n = 4 + int.from_bytes(head[2:4], "big")
+        reply, data = await self.execute(_inquiry(n, page), length=n, **kw)
+        return data if reply.success else None
+
+    # -- block I/O --
+
+    def _disk(self, lun: int) -> Disk:
+        disk = self.disks.get(lun)
+        if disk is None:
+            raise StorvscError(f"no LUN {lun} (scan found {sorted(self.disks)})")
+        return disk
+
+    async def read(self, lun: int, lba: int, n: int, *, offset: int = 0) -> bytes:
+        """READ(16) of n blocks."""
+        bs = self._disk(lun).block_size
+        cdb = bytes([0x88, 0]) + lba.to_bytes(8, "big") + n.to_bytes(4, "big") + b"\0\0"
+        return await self.command(
+            "READ(16)", cdb, lun=lun, data_in=DataIn.READ, length=n * bs, offset=offset
+        )
+
+    async def write(
+        self, lun: int, lba: int, data: bytes, *, fua: bool = False, offset: int = 0
+    ) -> None:
+        """WRITE(16) of whole blocks."""
+        bs = self._disk(lun).block_size
+        if not data or len(data) % bs:
+            raise ValueError(f"write of {len(data)} bytes: not whole {bs}-byte blocks")
+        n = len(data) // bs
+        cdb = bytes([0x8A, 0x08 if fua else 0]) + lba.to_bytes(8, "big") + n.to_bytes(4, "big")
+        await self.command(
+            "WRITE(16)", cdb + b"\0\0", lun=lun, data_in=DataIn.WRITE, data=data, offset=offset
+        )
+
+    async def flush(self, lun: int | None = None) -> None:
+        """SYNCHRONIZE CACHE(10) on one LUN or all."""
+        for n in [lun] if lun is not None else sorted(self.disks):
+            await self.command("SYNCHRONIZE CACHE(10)", bytes([0x35]) + bytes(9), lun=n)
+
+    async def close(self) -> None:
+        for q in reversed(self.queues):
+            if q.gch.offer.relid in self.vm.channels:
+                await self.vm.close_channel(q.gch)
+        self.queues.clear()
+
+
+def _inquiry(alloc: int, page: int | None = None) -> bytes:
+    evpd = 0 if page is None else 1
+    return bytes([0x12, evpd, page or 0]) + alloc.to_bytes(2, "big") + b"\0"
+
+
+def _naa_of(page83: bytes) -> bytes | None:
+    """The first NAA designator of VPD page 0x83 (what Linux names wwn-0x... after)."""
+    pos = 4
+    while pos + 4 <= len(page83):
+        dtype, dlen = page83[pos + 1] & 0x0F, page83[pos + 3]
+        if dtype == 3:
+            return page83[pos + 4 : pos + 4 + dlen]
+        pos += 4 + dlen
+    return None
+
+
+@contextlib.asynccontextmanager
+async def attach_storvsc(
+    vm: SimulatedVm, offer: GuestOffer, *, ring_size: int = RING_SIZE, scan: bool = True
+) -> AsyncIterator[StorvscHba]:
+    """Probe a storvsc offer; the controller is closed (channels too) on exit."""
+    async with trio.open_nursery() as nursery:
+        hba = StorvscHba(vm, offer, ring_size)
+        try:
+            await hba.start(nursery, scan=scan)
+            yield hba
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                nursery.cancel_scope.cancel()
+                await hba.close()
+
+
+@register
+@dataclass
+class StorvscVsc:
+    """The `vmbusd vm` driver: probe, scan, write and read back every LUN."""
+
+    if_type: ClassVar = SCSI_IF_TYPE
+    name: ClassVar[str] = "storvsc"
+    packets: int = 64  # I/Os per LUN in the probe's check
+    ring_size: int = RING_SIZE
+
+    async def probe(self, vm: SimulatedVm, offer: GuestOffer) -> dict[str, Any]:
+        async with attach_storvsc(vm, offer, ring_size=max(self.ring_size, 2 * PAGE_SIZE)) as hba:
+            t0 = time.perf_counter()
+            ios = 0
+            for lun, disk in sorted(hba.disks.items()):
+                if disk.read_only:
+                    continue
+                n = max(1, min(8, disk.blocks))
+                for i in range(min(self.packets, max(1, disk.blocks // n))):
+                    data = bytes([(lun + i) & 0xFF]) * (n * disk.block_size)
+                    await hba.write(lun, i * n, data)
+                    if await hba.read(lun, i * n, n) != data:
+                        raise StorvscError(f"LUN {lun}: read back differs at block {i * n}")
+                    ios += 2
+            secs = time.perf_counter() - t0
+            return {
+                "driver": self.name,
+                "relid": offer.relid,
+                "version": f"{hba.version:#06x}",
+                "channels": len(hba.queues),
+                "disks": {
+                    lun: {"size": d.size, "block_size": d.block_size, "read_only": d.read_only}
+                    for lun, d in sorted(hba.disks.items())
+                },
+                "ios": ios,
+                "seconds": secs,
+            }

@@ -1,0 +1,382 @@
+"""The storvsc VSP: a synthetic SCSI controller on VMBus, over `scsi/` and `backends/`.
+
+`StorvscDevice` drives `protocol.py` on every channel the guest opens. The
+primary carries the init handshake; every channel carries EXECUTE_SRBs. An SRB's
+data buffer is the GPA-direct ranges of its packet, turned into memoryviews of
+guest RAM (zero copy) and handed to `ScsiController.execute`, so a READ lands in
+the guest's pages straight from the backend and a WRITE leaves from them.
+
+Per channel: one receive loop, one task per SRB in a nursery (completed out of
+order, as backends finish), completions batched by a sender task onto the
+channel the request came in on. At most `queue_depth` requests per channel are
+taken off the ring and not yet completed: beyond that the loop stops reading (the
+guest's ring fills, flow control, not memory). A guest that never reads its
+completions fills its own inbound ring: that channel's sender waits, its cap is
+reached, and only that channel stops.
+
+Configured as `[[device]] type = "storvsc"` with `[[device.lun]]` tables (see
+`StorvscDevice.__init__` and docs/storvsc.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from devices.storvsc.backends.base import (
+    BackendConfigError,
+    DiskBackend,
+    load_backend,
+    open_backend,
+)
+from devices.storvsc.protocol import (
+    SCSI_IF_TYPE,
+    CreateSubChannels,
+    DataIn,
+    ExecuteSrb,
+    NtStatus,
+    Reply,
+    Srb,
+    SrbStatus,
+    VstorProtocol,
+)
+from devices.storvsc.scsi import DiskIdentity, ScsiController
+from devices.storvsc.scsi.constants import MAX_LUN, Op
+from vmbus.channel import Channel
+from vmbus.cliutil import UserError
+from vmbus.device import Device, DeviceContext, DeviceOffer, GuestError, guest_error
+from vmbus.packet import (
+    GpaStatus,
+    PacketError,
+    PacketType,
+    completion,
+    inband,
+    packet_types_mask,
+    wants_completion,
+)
+from vmbus.ring import OutPacket, Packet
+
+log = logging.getLogger(__name__)
+
+DEFAULT_QUEUE_DEPTH = 256  # per channel, as OpenVMM's io_queue_depth
+DEFAULT_MAX_TRANSFER = 0x40000  # 256 KiB, OpenVMM's value
+DEFAULT_MAX_SUBCHANNELS = 8
+DEFAULT_RING = 128 * 1024  # Linux's storvsc_ringbuffer_size
+MAX_LUNS = 256
+REFUSALS_LOGGED = 8  # per channel; later refusals are only counted
+
+_LUN_KEYS = ("backend", "lun", "serial", "wwn")  # ours; the rest goes to the backend
+_RENAMED = {"readonly": "read_only", "uri": "address"}
+
+
+class ConfigError(UserError):
+    """A [[device.lun]] table is invalid (config.py prefixes where)."""
+
+
+def _backend_names() -> list[str]:
+    from importlib.metadata import entry_points
+
+    return sorted(ep.name for ep in entry_points(group="vmbusd.disk_backends"))
+
+
+def build_lun(
+    index: int, entry: object, instance: uuid.UUID | None
+) -> tuple[int, DiskBackend, DiskIdentity]:
+    """One `[[device.lun]]` table -> (LUN number, backend, identity); ConfigError
+    naming the table and the fix."""
+    where = f"lun #{index + 1}"
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: must be a table ([[device.lun]])")
+    lun = entry.get("lun", index)
+    if not isinstance(lun, int) or isinstance(lun, bool) or not 0 <= lun < MAX_LUNS:
+        raise ConfigError(f"{where}: lun must be an integer 0..{MAX_LUNS - 1}, not {lun!r}")
+    where = f"lun #{index + 1} (LUN {lun})"
+    name = entry.get("backend", "memory")
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}: backend must be a string, not {name!r}")
+    opts: dict[str, Any] = {}
+    for k, v in entry.items():
+        if k not in _LUN_KEYS:
+            opts[_RENAMED.get(str(k), str(k))] = v
+    if name == "file" and "path" in opts and "create_size" not in opts:
+        import os
+
+        if not os.path.exists(str(opts["path"])):
+            raise ConfigError(
+                f"{where}: file {opts['path']} does not exist (set create_size to create it)"
+            )
+    if ":" not in name and name not in _backend_names():
+        raise ConfigError(
+            f"{where}: unknown backend {name!r}; installed: {', '.join(_backend_names())} "
+            "(or module:Class)"
+        )
+    try:
+        backend = load_backend(name, opts)
+    except (BackendConfigError, ValueError) as exc:
+        raise ConfigError(f"{where} ({name}): {exc}") from exc
+    except TypeError as exc:  # an option the backend does not take
+        raise ConfigError(f"{where} ({name}): {exc}") from exc
+    serial, wwn = entry.get("serial"), entry.get("wwn")
+    for key, val in (("serial", serial), ("wwn", wwn)):
+        if val is not None and not isinstance(val, str):
+            raise ConfigError(f"{where}: {key} must be a string")
+    # The NAA identifier (Linux's wwn-0x... name) is derived from disk_id: the
+    # configured wwn, else the controller's instance GUID + LUN when the config
+    # pins the instance, so it is stable across restarts exactly when asked.
+    disk_id = wwn or (f"{instance}/lun-{lun}" if instance is not None else None)
+    try:
+        identity = DiskIdentity(serial=serial, disk_id=disk_id)
+    except BackendConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    return lun, backend, identity
+
+
+class StorvscDevice(Device):
+    """The synthetic SCSI controller (storvsp): LUNs at path 0, target 0."""
+
+    if_type = SCSI_IF_TYPE
+    name = "storvsc"
+    # No completions from the guest: we never ask for any (ENUMERATE_BUS does not).
+    packet_types = packet_types_mask(PacketType.INBAND, PacketType.GPA_DIRECT)
+
+    def __init__(
+        self,
+        instance: uuid.UUID | None = None,
+        *,
+        ring_size_hint: int = DEFAULT_RING,
+        lun: list[dict[str, Any]] | None = None,
+        max_subchannels: int = DEFAULT_MAX_SUBCHANNELS,
+        max_transfer_bytes: int = DEFAULT_MAX_TRANSFER,
+        queue_depth: int = DEFAULT_QUEUE_DEPTH,
+        controller: ScsiController | None = None,
+    ) -> None:
+        """`lun`: the `[[device.lun]]` tables: `backend` ("memory", "file", "nbd",
+        any `vmbusd.disk_backends` entry point or module:Class; default memory),
+        `lun` (default: its position), `serial`, `wwn`; every other key is the
+        backend's option (`size`, `path`, `readonly`, `create_size`, `uri`,
+        `block_size`, ...). `controller` gives a ready ScsiController instead."""
+        pinned = instance
+        super().__init__(instance, ring_size_hint=ring_size_hint)
+        if not 0 <= max_subchannels <= 64:
+            raise ConfigError("max_subchannels must be 0..64")
+        if not 1 <= queue_depth <= 4096:
+            raise ConfigError("queue_depth must be 1..4096")
+        self.controller = controller or ScsiController()
+        self._backends: list[DiskBackend] = []
+        seen: set[int] = set()
+        for i, entry in enumerate(lun or []):
+            n, backend, identity = build_lun(i, entry, pinned)
+            if n in seen or n in self.controller:
+                raise ConfigError(f"lun #{i + 1}: LUN {n} is configured twice")
+            if n > MAX_LUN:
+                raise ConfigError(f"lun #{i + 1}: LUN {n} > {MAX_LUN}")
+            seen.add(n)
+            self._backends.append(backend)
+            try:
+                self.controller.add_lun(n, backend, identity)
+            except BackendConfigError as exc:
+                raise ConfigError(f"lun #{i + 1} (LUN {n}): {exc}") from exc
+        try:
+            self.proto = VstorProtocol(
+                max_sub_channels=max_subchannels, max_transfer_bytes=max_transfer_bytes
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        self.max_subchannels = max_subchannels
+        self.queue_depth = queue_depth
+        self._absent = ScsiController()  # other path/target: no LUNs (scan sees none)
+        self._opened = False
+        self._open_lock: trio.Lock | None = None
+        self._rescan: trio.Event | None = None
+        self.max_in_flight_seen = 0  # per channel high-water mark (tests, stats)
+
+    @property
+    def offer(self) -> DeviceOffer:
+        return DeviceOffer(
+            self.if_type,
+            self.instance,
+            ring_size_hint=self.ring_size_hint,
+            max_subchannels=self.max_subchannels,
+        )
+
+    async def reset(self) -> None:
+        self.proto.reset()
+
+    async def close(self) -> None:
+        for b in self._backends:
+            await b.close()
+
+    def bus_changed(self) -> None:
+        """LUNs were added or removed: tell the guest (ENUMERATE_BUS, coalesced)."""
+        if self._rescan is not None:
+            self._rescan.set()
+
+    async def _open_backends(self) -> None:
+        """Backends with an async open step (NBD's connect) open on first use."""
+        if self._open_lock is None:
+            self._open_lock = trio.Lock()
+        async with self._open_lock:
+            if not self._opened:
+                for b in self._backends:
+                    await open_backend(b)
+                self._opened = True
+
+    async def serve(self, channel: Channel, ctx: DeviceContext) -> None:
+        primary = ctx.sub_channel_index == 0
+        if primary:
+            self.proto.reset()  # a new primary open starts the handshake again
+        await self._open_backends()
+        await _ChannelWorker(self, channel, ctx, primary).run()
+
+
+class _ChannelWorker:
+    """One open channel: receive loop, SRB tasks, completion sender."""
+
+    def __init__(
+        self, dev: StorvscDevice, channel: Channel, ctx: DeviceContext, primary: bool
+    ) -> None:
+        self.dev = dev
+        self.channel = channel
+        self.ctx = ctx
+        self.primary = primary
+        self.proto = dev.proto
+        self.in_flight = 0
+        self._pending: list[OutPacket] = []
+        self._pending_requests = 0
+        self._wake = trio.Event()
+        self._room = trio.Event()
+        self._refusals = 0
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._sender)
+            if self.primary:
+                self.dev._rescan = trio.Event()
+                nursery.start_soon(self._notifier)
+            cap = self.dev.queue_depth
+            while True:
+                while self.in_flight >= cap:
+                    self._room = trio.Event()
+                    await self._room.wait()
+                batch = await self.channel.receive(max_pkts=cap - self.in_flight)
+                for pkt in batch:
+                    self._take(pkt, nursery)
+
+    # -- intake (synchronous: packets are views valid until the next receive) --
+
+    def _take(self, pkt: Packet, nursery: trio.Nursery) -> None:
+        if not wants_completion(pkt):
+            guest_error("a vstor request that asks for no completion")
+        tid = pkt.trans_id
+        iov: list[memoryview] = []
+        data_bytes = 0
+        bad_pfn = False
+        if pkt.type == PacketType.GPA_DIRECT:
+            try:
+                ranges = self.ctx.memory.gpa_direct(pkt)
+            except PacketError as exc:
+                if exc.status != GpaStatus.PFN:
+                    raise  # a malformed range list: the channel is reset
+                bad_pfn = True  # well-formed, but names memory that is not RAM
+                data_bytes = _declared_bytes(pkt)
+            else:
+                data_bytes = ranges.total_bytes
+                iov = self.ctx.memory.iovecs_of(ranges)
+        self.in_flight += 1
+        self.dev.max_in_flight_seen = max(self.dev.max_in_flight_seen, self.in_flight)
+        try:
+            ev = self.proto.receive(pkt.payload, primary=self.primary, data_bytes=data_bytes)
+            if bad_pfn:
+                guest_error("GPA range outside guest RAM", status=NtStatus.INVALID_PARAMETER)
+        except GuestError as exc:
+            if exc.status is None:
+                self.in_flight -= 1
+                raise
+            self._refused(exc.reason)
+            self._queue(completion(tid, self.proto.failure_reply(exc.status)))
+            return
+        if isinstance(ev, Reply):
+            self._queue(completion(tid, ev.payload))
+        elif isinstance(ev, ExecuteSrb):
+            nursery.start_soon(self._execute, tid, ev.srb, iov)
+        elif isinstance(ev, CreateSubChannels):
+            nursery.start_soon(self._create_sub_channels, tid, ev.count)
+
+    def _refused(self, reason: str) -> None:
+        self._refusals += 1
+        if self._refusals <= REFUSALS_LOGGED:
+            self.ctx.log.info("refused: %s", reason)
+        elif self._refusals == REFUSALS_LOGGED + 1:
+            self.ctx.log.info("refused: further refusals on this channel are not logged")
+
+    # -- work --
+
+    async def _execute(self, tid: int, srb: Srb, iov: Sequence[memoryview]) -> None:
+        dev = self.dev
+        present = srb.path_id == 0 and srb.target_id == 0 and srb.lun in dev.controller
+        op = srb.cdb[0]
+        if not present and op not in (Op.INQUIRY, Op.REPORT_LUNS):
+            # What Linux's scan and its "LUN is gone" handling expect (spec 9.3, 4.2).
+            self._queue(completion(tid, self.proto.srb_failure(srb, SrbStatus.INVALID_LUN)))
+            return
+        ctl = dev.controller if srb.path_id == 0 and srb.target_id == 0 else dev._absent
+        # Direction is the SRB's: only a READ's buffer may be written by the device.
+        bufs = list(iov) if srb.data_in == DataIn.READ else [v.toreadonly() for v in iov]
+        res = await ctl.execute(srb.lun, srb.cdb, bufs, srb.data_in == DataIn.READ)
+        self._queue(
+            completion(tid, self.proto.complete_srb(srb, res.status, res.sense, res.transferred))
+        )
+
+    async def _create_sub_channels(self, tid: int, count: int) -> None:
+        try:
+            relids = await self.ctx.enable_subchannels(count)
+        except GuestError as exc:
+            self._refused(f"CREATE_SUB_CHANNELS: {exc.reason}")
+            relids = []
+        self._queue(completion(tid, self.proto.subchannels_created(len(relids) >= count)))
+
+    async def _notifier(self) -> None:
+        while True:
+            event = self.dev._rescan
+            assert event is not None
+            await event.wait()
+            self.dev._rescan = trio.Event()
+            payload = self.proto.enumerate_bus()
+            if payload is not None:
+                self._pending.append(inband(payload))
+                self._wake.set()
+
+    # -- completions out --
+
+    def _queue(self, pkt: OutPacket) -> None:
+        self._pending.append(pkt)
+        self._pending_requests += 1
+        self._wake.set()
+
+    async def _sender(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            out, self._pending = self._pending, []
+            done, self._pending_requests = self._pending_requests, 0
+            await self.channel.send(out)  # waits (this channel only) while the ring is full
+            self.in_flight -= done
+            self._room.set()
+
+
+def _declared_bytes(pkt: Packet) -> int:
+    """Sum of the byte counts of a GPA-direct packet whose shape checked out."""
+    import struct
+
+    ext = pkt.ext
+    (count,) = struct.unpack_from("<I", ext, 4)
+    pos, total = 8, 0
+    for _ in range(count):
+        byte_count, byte_offset = struct.unpack_from("<II", ext, pos)
+        total += byte_count
+        pos += 8 + 8 * ((byte_offset + byte_count + 4095) >> 12)
+    return total
