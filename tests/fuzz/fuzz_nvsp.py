@@ -11,12 +11,13 @@ Run it under atheris (coverage-guided, libFuzzer):
 
 or as a plain property test: tests/test_netvsc_nvsp.py feeds `check_one` from hypothesis.
 
-The input is a script: byte 0 picks the server (its newest version, its sub-channel
-cap, and with bit 3 whether Linux's init runs first, so the script starts READY); then each message takes a head byte. From 0x20 up, the message is shaped:
-a real message type (`_TYPES`) with fields from the input, so the state machine is
-reached past INIT far more often than from raw bytes; below 0x20 the next `head`
-bytes are the raw message. A buffer-mapping event is answered with a size from `_SIZES`
-(picked by the next input byte), or the mapping fails.
+The input is a script. Byte 0 picks the server: its newest version, its
+sub-channel cap, and (bit 3) whether Linux's init runs first, so that the script
+starts READY. Each message then takes a head byte. From 0x20 up the message is
+shaped: a real message type (`_TYPES`) with fields from the input, so the state
+machine is reached past INIT far more often than from raw bytes; below 0x20 the
+next `head` bytes are the raw message. A buffer-mapping event is answered with a
+size from `_SIZES` (picked by the next input byte), or the mapping fails.
 """
 
 from __future__ import annotations
