@@ -510,7 +510,8 @@ async def run_kvm(
     say: Callable[[str], None],
 ) -> int:
     """`vmbusd kvm`: 0 when the console matched --until, 1 otherwise (the timeout, vmbusd
-    ending the session, a guest fault, a stop by signal); a user's mistake raises
+    ending the session, a guest fault), 128+signal when SIGTERM/SIGINT stopped it; a
+    user's mistake raises
     UserError. Prints the console as it comes (or, with --console FILE, writes it there
     and prints its last lines at the end)."""
     import sys
@@ -592,7 +593,7 @@ async def run_kvm(
     if stopped_by:
         name = signal.Signals(stopped_by[0]).name
         say(f"{name}: stopped after {result.elapsed:.1f} s; {traffic}")
-        return EXIT_NOT_MATCHED
+        return 128 + stopped_by[0]  # as every command cut short by a signal
     if result.outcome == "until":
         say(f"console matched {result.match!r} after {result.elapsed:.1f} s; {traffic}")
         return EXIT_MATCHED
