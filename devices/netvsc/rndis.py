@@ -621,7 +621,8 @@ class Counters:
 
 
 def query_cmplt(req_id: int, status: int, info: bytes = b"") -> bytes:
-    offset = 16 if info else 0
+    """QUERY_CMPLT; the info offset is 16 even with no data: Linux refuses less."""
+    offset = 16
     return (
         struct.pack(
             "<IIIIII",
