@@ -5,6 +5,12 @@
     instance = "..."         # optional instance GUID (stable across restarts)
     ring_size_hint = 65536   # optional; any other key is an option of that device class
 
+    [[device]]
+    type = "storvsc"         # the synthetic SCSI controller; its LUNs are tables:
+    [[device.lun]]           # backend memory/file/nbd/any `vmbusd.disk_backends` entry
+    backend = "file"         # point; lun, serial, wwn; the rest are the backend's options
+    path = "disk.img"        # (size, path, readonly, create_size, uri, block_size, ...)
+
 Everything is checked when the file is loaded, before anything listens: an unknown key
 anywhere (`[[devices]]` would otherwise serve nothing), an unknown device type, a class
 that is no device or has no `if_type`, an option the class does not take. Each is a
