@@ -1,0 +1,337 @@
+"""The netvsc VSP (host side), a first cut: NVSP and RNDIS cores driven with trio,
+one queue's receive path, and a loopback backend (frames come back).
+
+What it does: on the primary channel, NVSP init (protocol.py) with the receive and
+send buffers mapped through `ctx.gpadl`; SEND_RNDIS_PKT from send-buffer sections
+and from GPA-direct pages; RNDIS control (rndis.py) answered through receive-buffer
+sections in transfer-page packets; PACKETs handed to the backend; frames from the
+backend written into free receive sections (RNDIS header + frame) and indicated
+with `VM_PKT_DATA_USING_XFER_PAGES`, the sections freed by the guest's
+completions; with no free section a frame is dropped and counted. SUBCHANNEL
+requests are granted through `ctx.enable_subchannels`, and a sub-channel carries
+the guest's transmits (completed on that channel).
+
+Not yet (issue 10 part 3): receives on sub-channels and vRSS steering, the send
+indirection table, several RNDIS packets per transfer-page packet, checksum/LSO
+work on transmit, batching and the native path, link-state indications from
+`vmbusd ctl`, the tap/switch/pcap backends and config wiring.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import trio
+
+from devices.netvsc import protocol as nv
+from devices.netvsc import rndis as rn
+from vmbus.channel import Channel, CompletedRequest
+from vmbus.device import Device, DeviceContext, DeviceOffer, GpadlMapping, GuestError
+from vmbus.packet import (
+    PacketType,
+    completion_for,
+    packet_types_mask,
+    wants_completion,
+    xfer_pages,
+)
+from vmbus.ring import OutPacket, Packet
+
+NETVSC_IF_TYPE = uuid.UUID("f8615163-df3e-46c5-913f-f2d2f965ed0e")  # HV_NIC_GUID
+CONTROL_SECTIONS = 16  # receive sections kept for control replies and indications
+RX_QUEUE_DEPTH = 1024  # frames the backend may queue towards the guest
+MAX_RX_IN_FLIGHT = 4096  # transfer-page packets awaiting the guest's completion
+
+
+class LoopbackBackend:
+    """Frames the guest sends come back to it (the benchmark's peer)."""
+
+    def __init__(self) -> None:
+        self._send, self.frames = trio.open_memory_channel[bytes](RX_QUEUE_DEPTH)
+        self.dropped = 0
+
+    def transmit(self, frame: bytes) -> None:
+        """Queue a frame back to the guest; a full queue (the guest is not returning
+        receive sections) drops it and counts."""
+        try:
+            self._send.send_nowait(frame)
+        except trio.WouldBlock:
+            self.dropped += 1
+
+
+@dataclass
+class _Nic:
+    """One guest's NIC state, shared by its channels."""
+
+    nvsp: nv.NvspServer
+    rndis: rn.RndisDevice
+    backend: LoopbackBackend
+    recv: GpadlMapping | None = None
+    send: GpadlMapping | None = None
+    free_data: list[int] = field(default_factory=list)
+    free_control: list[int] = field(default_factory=list)
+    ready: trio.Event = field(default_factory=trio.Event)
+    control_out: list[bytes] = field(default_factory=list)
+    wakeup: trio.Event = field(default_factory=trio.Event)
+
+
+class NetvscDevice(Device):
+    """A synthetic NIC: `mac`, `mtu` (without Ethernet header), `queues`."""
+
+    if_type = NETVSC_IF_TYPE
+    name = "netvsc"
+    packet_types = packet_types_mask(
+        PacketType.INBAND, PacketType.GPA_DIRECT, PacketType.COMPLETION
+    )
+
+    def __init__(
+        self,
+        instance: uuid.UUID | None = None,
+        *,
+        mac: str = "00:15:5d:00:00:01",
+        mtu: int = 1500,
+        queues: int = 1,
+        ring_size_hint: int = 128 * 4096,
+    ) -> None:
+        super().__init__(instance, ring_size_hint=ring_size_hint)
+        self.config = rn.NicConfig(
+            mac=bytes.fromhex(mac.replace(":", "")), mtu=mtu, max_queues=queues
+        )
+        self._nic: _Nic | None = None
+
+    @property
+    def offer(self) -> DeviceOffer:
+        return DeviceOffer(
+            self.if_type,
+            self.instance,
+            ring_size_hint=self.ring_size_hint,
+            max_subchannels=self.config.max_queues - 1,
+        )
+
+    async def reset(self) -> None:
+        self._nic = None
+
+    async def serve(self, channel: Channel, ctx: DeviceContext) -> None:
+        if ctx.sub_channel_index:
+            await self._serve_subchannel(channel, ctx)
+            return
+        nic = _Nic(
+            nv.NvspServer(max_subchannels=self.config.max_queues - 1),
+            rn.RndisDevice(self.config),
+            LoopbackBackend(),
+        )
+        self._nic = nic
+        async with contextlib.AsyncExitStack() as buffers, trio.open_nursery() as nursery:
+            channel.track_completions(
+                lambda done: self._rx_completions(nic, done), max_in_flight=MAX_RX_IN_FLIGHT
+            )
+            nursery.start_soon(self._receive_path, channel, nic)
+            while True:
+                out: list[OutPacket] = []
+                for pkt in await channel.receive():
+                    out.extend(await self._handle(pkt, channel, ctx, nic, buffers))
+                await channel.send(out)
+                nic.wakeup.set()
+
+    async def _serve_subchannel(self, channel: Channel, ctx: DeviceContext) -> None:
+        nic = self._nic
+        if nic is None:
+            raise GuestError("sub-channel opened before the primary")
+        await nic.ready.wait()
+        nvsp = nv.NvspServer.for_subchannel(nic.nvsp)
+        while True:
+            out: list[OutPacket] = []
+            for pkt in await channel.receive():
+                out.extend(await self._rndis(pkt, nvsp, ctx, nic, primary=False))
+            await channel.send(out)
+
+    # -- guest -> host --
+
+    async def _handle(
+        self,
+        pkt: Packet,
+        channel: Channel,
+        ctx: DeviceContext,
+        nic: _Nic,
+        buffers: contextlib.AsyncExitStack,
+    ) -> list[OutPacket]:
+        if pkt.type == PacketType.COMPLETION:
+            return []  # not one of ours (ours are matched by the channel): ignored
+        try:
+            ev = nic.nvsp.receive(pkt.payload) if pkt.type == PacketType.INBAND else None
+        except nv.NvspError as exc:
+            return self._refuse(pkt, exc, ctx)
+        if ev is None or isinstance(ev, nv.RndisPacket):
+            return await self._rndis(pkt, nic.nvsp, ctx, nic, primary=True, event=ev)
+        reply: bytes | None = None
+        try:
+            if isinstance(ev, nv.MapReceiveBuffer | nv.MapSendBuffer):
+                mapping = await self._map(ctx, nic.nvsp, ev.gpadl_handle, buffers)
+                if isinstance(ev, nv.MapReceiveBuffer):
+                    reply = nic.nvsp.receive_buffer_mapped(mapping.size)
+                    nic.recv = mapping
+                    layout = nic.nvsp.receive_layout
+                    assert layout is not None
+                    nic.free_control = list(range(CONTROL_SECTIONS))
+                    nic.free_data = list(range(layout.count - 1, CONTROL_SECTIONS - 1, -1))
+                else:
+                    reply = nic.nvsp.send_buffer_mapped(mapping.size)
+                    nic.send = mapping
+                    nic.ready.set()
+            elif isinstance(ev, nv.AllocateSubchannels):
+                relids = await ctx.enable_subchannels(ev.granted)
+                reply = nic.nvsp.subchannels_allocated(min(len(relids), ev.granted))
+                nic.rndis.queues = 1 + nic.nvsp.subchannels
+            elif isinstance(ev, nv.RevokeReceiveBuffer):
+                nic.recv = None
+                nic.free_data.clear()
+                nic.free_control.clear()
+            elif isinstance(ev, nv.RevokeSendBuffer):
+                nic.send = None
+            elif isinstance(ev, nv.Initialized | nv.NdisConfig | nv.SwitchDataPath | nv.OidQueryEx):
+                reply = ev.reply
+                if isinstance(ev, nv.NdisConfig):
+                    nic.rndis.nvsp_version = nic.nvsp.version or 0
+        except nv.NvspError as exc:
+            return self._refuse(pkt, exc, ctx)
+        if reply is not None and wants_completion(pkt):
+            return [completion_for(pkt, reply)]
+        return []
+
+    @staticmethod
+    async def _map(
+        ctx: DeviceContext, nvsp: nv.NvspServer, handle: int, buffers: contextlib.AsyncExitStack
+    ) -> GpadlMapping:
+        try:
+            return await buffers.enter_async_context(ctx.gpadl(handle))
+        except GuestError as exc:
+            raise nvsp.buffer_map_failed(exc.reason) from None
+
+    @staticmethod
+    def _refuse(pkt: Packet, exc: nv.NvspError, ctx: DeviceContext) -> list[OutPacket]:
+        if exc.reply is None:
+            raise exc  # no answer in the protocol: the channel is reset
+        ctx.log.info("refused: %s", exc.reason)
+        return [completion_for(pkt, exc.reply)] if wants_completion(pkt) else []
+
+    async def _rndis(
+        self,
+        pkt: Packet,
+        nvsp: nv.NvspServer,
+        ctx: DeviceContext,
+        nic: _Nic,
+        *,
+        primary: bool,
+        event: nv.RndisPacket | None = None,
+    ) -> list[OutPacket]:
+        """One SEND_RNDIS_PKT (inband with a section, or GPA direct): every RNDIS
+        message in it, then its completion."""
+        try:
+            ev = event if event is not None else nvsp.receive(pkt.payload)
+            if not isinstance(ev, nv.RndisPacket):
+                raise nv.NvspError(f"{type(ev).__name__} in a GPA-direct packet")
+            data = b""
+            if ev.section is not None:
+                if nic.send is None:
+                    raise nv.NvspError("send section without a mapped send buffer")
+                data = bytes(nic.send.view[ev.offset : ev.offset + ev.length])
+            if pkt.type == PacketType.GPA_DIRECT:
+                ranges = ctx.memory.gpa_direct(pkt)
+                if ranges.total_bytes > rn.MAX_XFER_SIZE:
+                    raise nv.NvspError(f"GPA-direct send of {ranges.total_bytes} bytes")
+                data += b"".join(bytes(v) for v in ctx.memory.iovecs_of(ranges))
+        except nv.NvspError as exc:
+            return self._refuse(pkt, exc, ctx)
+        status = nv.Status.SUCCESS
+        try:
+            for msg_type, msg in rn.split_messages(data):
+                if msg_type == rn.MsgType.PACKET:
+                    p = rn.parse_packet(msg, max_frame=nvsp.mtu)
+                    nic.backend.transmit(bytes(msg[p.data_start : p.data_start + p.data_len]))
+                    nic.rndis.counters.xmit_ok += 1
+                    nic.wakeup.set()
+                elif not primary:
+                    raise rn.RndisError("RNDIS control on a sub-channel")
+                else:
+                    result = nic.rndis.control(msg)
+                    if result.reply is not None:
+                        nic.control_out.append(result.reply)
+        except rn.RndisError as exc:
+            ctx.log.info("RNDIS refused: %s", exc.reason)
+            nic.rndis.counters.xmit_error += 1
+            if exc.reply is not None:
+                nic.control_out.append(exc.reply)
+            else:
+                status = nv.Status.FAIL
+        if wants_completion(pkt):
+            return [completion_for(pkt, nvsp.rndis_complete(status))]
+        return []
+
+    # -- host -> guest --
+
+    @staticmethod
+    def _rx_completions(nic: _Nic, done: list[CompletedRequest]) -> None:
+        """The guest gave receive sections back (its completion's status is not
+        ours to act on: Linux reports a bad range as FAIL and drops the frame)."""
+        for c in done:
+            section, control = cast(tuple[int, bool], c.context)
+            (nic.free_control if control else nic.free_data).append(section)
+        nic.wakeup.set()
+
+    async def _receive_path(self, channel: Channel, nic: _Nic) -> None:
+        """Control replies first, then frames from the backend, into free sections.
+        Woken after each batch the primary handled and when sections come back."""
+        while True:
+            await nic.wakeup.wait()
+            nic.wakeup = trio.Event()
+            await self._post(channel, nic, control=True)
+            await self._post(channel, nic, control=False)
+
+    async def _post(self, channel: Channel, nic: _Nic, *, control: bool) -> None:
+        layout = nic.nvsp.receive_layout
+        if layout is None or nic.recv is None:
+            return
+        view = nic.recv.view
+        pkts: list[OutPacket] = []
+        ctxs: list[Any] = []
+        free = nic.free_control if control else nic.free_data
+        take: Callable[[], bytes | None]
+        if control:
+
+            def take() -> bytes | None:
+                return nic.control_out.pop(0) if nic.control_out else None
+
+        else:
+
+            def take() -> bytes | None:
+                try:
+                    frame = nic.backend.frames.receive_nowait()
+                except trio.WouldBlock:
+                    return None
+                return rn.packet_header(len(frame)) + frame
+
+        while free:
+            msg = take()
+            if msg is None:
+                break
+            if len(msg) > layout.section_size:
+                nic.rndis.counters.rcv_error += 1
+                continue
+            section = free.pop()
+            offset = section * layout.section_size
+            view[offset : offset + len(msg)] = msg
+            pkts.append(
+                xfer_pages(
+                    layout.buffer_id,
+                    [(len(msg), offset)],
+                    nv.rndis_pkt(nv.CHANNEL_TYPE_CONTROL if control else nv.CHANNEL_TYPE_DATA),
+                )
+            )
+            ctxs.append((section, control))
+            if not control:
+                nic.rndis.counters.rcv_ok += 1
+        if pkts:
+            await channel.post_requests(pkts, ctxs)
