@@ -8,6 +8,7 @@ import logging
 import os
 import random
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from devices.storvsc.protocol import (
     srb_request,
     sub_channels_request,
 )
-from devices.storvsc.vsc import StorvscHba, attach_storvsc
+from devices.storvsc.vsc import Disk, StorvscHba, attach_storvsc
 from devices.storvsc.vsp import StorvscDevice
 from vmbus.config import ConfigError, devices_from_config
 from vmbus.gpadl import PAGE_SIZE, GpaRange
@@ -73,6 +74,27 @@ class SlowBackend(MemoryBackend):
             await trio.sleep(0.3)
         await super().readv(offset, buffers)
         self.order.append(offset)
+
+
+class ThreadedSlowBackend(MemoryBackend):
+    """Reads in a worker thread that cannot be cancelled (as the file backend's
+    preadv): 0.3 s, then the bytes land (0x77)."""
+
+    def __init__(self) -> None:
+        super().__init__(size="1M")
+
+    async def readv(self, offset: int, buffers: Any) -> None:
+        def slow() -> None:
+            time.sleep(0.3)
+            for b in buffers:
+                b[:] = b"\x77" * len(b)
+
+        await trio.to_thread.run_sync(slow)
+
+
+class ThreadedSlowDisk(StorvscDevice):
+    def __init__(self) -> None:
+        super().__init__(lun=[{"backend": "test_storvsc_vsp:ThreadedSlowBackend"}])
 
 
 class SlowDisk(StorvscDevice):
@@ -380,6 +402,56 @@ async def _manual_init(ch: Any) -> None:
             (reply,) = list(await ch.receive())
         assert reply.trans_id == VMBUS_RQST_INIT
         assert decode_reply(bytes(reply.payload))[:2] == (Op.COMPLETE_IO, 0)
+
+
+@pytest.mark.devices.with_args(ThreadedSlowDisk)
+async def test_close_waits_for_uncancellable_io(local_vm: SimulatedVm) -> None:
+    """A READ in a worker thread cannot be cancelled: the close is answered only
+    after it finished, so its bytes land while the guest still owns the pages and
+    never after."""
+    hba = StorvscHba(local_vm, _offer(local_vm))
+    async with trio.open_nursery() as n:
+        await hba.start(n, scan=False)
+        q = hba.queues[0]
+        pfns = local_vm.ram.alloc_pages(1)
+        srb = encode_srb(cdb=_rw(READ_16, 0, 1), data_in=DataIn.READ, data_transfer_length=512)
+        pkt = gpa_direct([GpaRange(512, 0, tuple(pfns))], srb_request(srb), trans_id=9)
+        await q.channel.send([pkt])
+        await trio.sleep(0.05)
+        t0 = time.monotonic()
+        await hba.close()
+        assert time.monotonic() - t0 >= 0.2  # the close waited for the read
+        assert bytes(local_vm.ram.page(pfns[0])[:512]) == b"\x77" * 512
+        local_vm.ram.page(pfns[0])[:] = b"\x55" * PAGE_SIZE
+        await trio.sleep(0.5)
+        assert bytes(local_vm.ram.page(pfns[0])) == b"\x55" * PAGE_SIZE
+        n.cancel_scope.cancel()
+
+
+@pytest.mark.devices.with_args(SlowDisk)
+async def test_reset_during_io(local_vm: SimulatedVm) -> None:
+    """RESET_BUS (Linux's eh_host_reset, id VMBUS_RQST_RESET) while a READ is in
+    flight: the reset is answered at once and the READ still completes, as Linux
+    waits for it to drain."""
+    async with attach_storvsc(local_vm, _offer(local_vm), scan=False) as hba:
+        hba.disks = {0: Disk(0, 0, 0, 2048, 512, False, "", "", None, None)}
+        q = hba.queues[0]
+        results: list[str] = []
+
+        async def slow_read() -> None:
+            assert await hba.read(0, 0, 1, queue=0) == bytes(512)
+            results.append("read")
+
+        async with trio.open_nursery() as n:
+            n.start_soon(slow_read)
+            await trio.sleep(0.05)
+            pkt = inband(
+                init_request(Op.RESET_BUS), trans_id=VMBUS_RQST_RESET, completion_requested=True
+            )
+            raw = await q.call(pkt, VMBUS_RQST_RESET, 5)
+            assert decode_reply(raw)[:2] == (Op.COMPLETE_IO, 0)
+            results.append("reset")
+        assert results == ["reset", "read"]
 
 
 @pytest.mark.devices.with_args(SlowDisk)

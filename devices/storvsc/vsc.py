@@ -448,12 +448,20 @@ class StorvscHba:
             raise StorvscError(f"no LUN {lun} (scan found {sorted(self.disks)})")
         return disk
 
-    async def read(self, lun: int, lba: int, n: int, *, offset: int = 0) -> bytes:
+    async def read(
+        self, lun: int, lba: int, n: int, *, offset: int = 0, queue: int | None = None
+    ) -> bytes:
         """READ(16) of n blocks."""
         bs = self._disk(lun).block_size
         cdb = bytes([0x88, 0]) + lba.to_bytes(8, "big") + n.to_bytes(4, "big") + b"\0\0"
         return await self.command(
-            "READ(16)", cdb, lun=lun, data_in=DataIn.READ, length=n * bs, offset=offset
+            "READ(16)",
+            cdb,
+            lun=lun,
+            data_in=DataIn.READ,
+            length=n * bs,
+            offset=offset,
+            queue=queue,
         )
 
     async def write(
