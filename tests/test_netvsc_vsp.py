@@ -74,3 +74,43 @@ async def test_vsc_probe(local_vm: SimulatedVm) -> None:
     with trio.fail_after(20):
         summary = await NetvscVsc(frames=50).probe(local_vm, offer)
     assert summary["frames"] == 50 and summary["mac"] == "00155d000001"
+
+
+async def test_revoke_then_gpadl_teardown_is_prompt(
+    local_vm: SimulatedVm, open_channel: object
+) -> None:
+    """Linux on pre-Win10 hosts tears the buffer GPADLs down before closing the
+    channel: the VSP must let go at once (holding on past the grace resets it)."""
+    nic = await _nic(local_vm, open_channel)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(nic.receive_loop)
+        with trio.fail_after(10):
+            await nic.connect()
+            await nic.device_add()
+            await nic.teardown()
+        relid = nic.gch.offer.relid
+        with trio.fail_after(2):  # well inside GPADL_RELEASE_GRACE_S
+            await local_vm.teardown_buffer_gpadl(relid, *nic._recv)
+            await local_vm.teardown_buffer_gpadl(relid, *nic._send)
+        nursery.cancel_scope.cancel()
+
+
+async def test_gpadl_torn_down_while_in_use(local_vm: SimulatedVm, open_channel: object) -> None:
+    """A guest tearing the send buffer's GPADL down without revoking it: the host
+    lets go, and a later send from a section is refused with FAIL, not a crash."""
+    nic = await _nic(local_vm, open_channel)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(nic.receive_loop)
+        with trio.fail_after(10):
+            await nic.connect()
+            await nic.device_add()
+        relid = nic.gch.offer.relid
+        with trio.fail_after(2):
+            await local_vm.teardown_buffer_gpadl(relid, *nic._send)
+        nvsp = struct.pack("<IIII", nv.Msg.SEND_RNDIS_PKT, 0, 0, 64).ljust(40, b"\0")
+        from vmbus.packet import inband
+
+        with trio.fail_after(5):
+            done = await nic.gch.channel.request(inband(nvsp))
+        assert struct.unpack_from("<II", done) == (108, nv.Status.FAIL)
+        nursery.cancel_scope.cancel()

@@ -19,7 +19,6 @@ work on transmit, batching and the native path, link-state indications from
 
 from __future__ import annotations
 
-import contextlib
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -74,8 +73,15 @@ class _Nic:
     free_data: list[int] = field(default_factory=list)
     free_control: list[int] = field(default_factory=list)
     ready: trio.Event = field(default_factory=trio.Event)
+    release_recv: trio.Event = field(default_factory=trio.Event)
+    release_send: trio.Event = field(default_factory=trio.Event)
     control_out: list[bytes] = field(default_factory=list)
     wakeup: trio.Event = field(default_factory=trio.Event)
+
+
+async def _set_when(source: trio.Event, target: trio.Event) -> None:
+    await source.wait()
+    target.set()
 
 
 class NetvscDevice(Device):
@@ -124,7 +130,7 @@ class NetvscDevice(Device):
             LoopbackBackend(),
         )
         self._nic = nic
-        async with contextlib.AsyncExitStack() as buffers, trio.open_nursery() as nursery:
+        async with trio.open_nursery() as nursery:
             channel.track_completions(
                 lambda done: self._rx_completions(nic, done), max_in_flight=MAX_RX_IN_FLIGHT
             )
@@ -132,7 +138,7 @@ class NetvscDevice(Device):
             while True:
                 out: list[OutPacket] = []
                 for pkt in await channel.receive():
-                    out.extend(await self._handle(pkt, channel, ctx, nic, buffers))
+                    out.extend(await self._handle(pkt, channel, ctx, nic, nursery))
                 await channel.send(out)
                 nic.wakeup.set()
 
@@ -156,7 +162,7 @@ class NetvscDevice(Device):
         channel: Channel,
         ctx: DeviceContext,
         nic: _Nic,
-        buffers: contextlib.AsyncExitStack,
+        nursery: trio.Nursery,
     ) -> list[OutPacket]:
         if pkt.type == PacketType.COMPLETION:
             return []  # not one of ours (ours are matched by the channel): ignored
@@ -169,8 +175,9 @@ class NetvscDevice(Device):
         reply: bytes | None = None
         try:
             if isinstance(ev, nv.MapReceiveBuffer | nv.MapSendBuffer):
-                mapping = await self._map(ctx, nic.nvsp, ev.gpadl_handle, buffers)
-                if isinstance(ev, nv.MapReceiveBuffer):
+                receive = isinstance(ev, nv.MapReceiveBuffer)
+                mapping = await self._map(ctx, nic, ev.gpadl_handle, nursery, receive=receive)
+                if receive:
                     reply = nic.nvsp.receive_buffer_mapped(mapping.size)
                     nic.recv = mapping
                     layout = nic.nvsp.receive_layout
@@ -186,11 +193,9 @@ class NetvscDevice(Device):
                 reply = nic.nvsp.subchannels_allocated(min(len(relids), ev.granted))
                 nic.rndis.queues = 1 + nic.nvsp.subchannels
             elif isinstance(ev, nv.RevokeReceiveBuffer):
-                nic.recv = None
-                nic.free_data.clear()
-                nic.free_control.clear()
+                nic.release_recv.set()
             elif isinstance(ev, nv.RevokeSendBuffer):
-                nic.send = None
+                nic.release_send.set()
             elif isinstance(ev, nv.Initialized | nv.NdisConfig | nv.SwitchDataPath | nv.OidQueryEx):
                 reply = ev.reply
                 if isinstance(ev, nv.NdisConfig):
@@ -201,14 +206,39 @@ class NetvscDevice(Device):
             return [completion_for(pkt, reply)]
         return []
 
-    @staticmethod
     async def _map(
-        ctx: DeviceContext, nvsp: nv.NvspServer, handle: int, buffers: contextlib.AsyncExitStack
+        self, ctx: DeviceContext, nic: _Nic, handle: int, nursery: trio.Nursery, *, receive: bool
     ) -> GpadlMapping:
         try:
-            return await buffers.enter_async_context(ctx.gpadl(handle))
+            mapping: GpadlMapping = await nursery.start(self._hold, ctx, nic, handle, receive)
         except GuestError as exc:
-            raise nvsp.buffer_map_failed(exc.reason) from None
+            raise nic.nvsp.buffer_map_failed(exc.reason) from None
+        return mapping
+
+    @staticmethod
+    async def _hold(
+        ctx: DeviceContext,
+        nic: _Nic,
+        handle: int,
+        receive: bool,
+        task_status: trio.TaskStatus[GpadlMapping] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Hold a buffer GPADL until the guest revokes the buffer or tears the GPADL
+        down (then at once: its GPADL_TORNDOWN waits for us); afterwards the buffer
+        is gone for the NIC, and nothing is written into it any more."""
+        release = nic.release_recv if receive else nic.release_send
+        async with ctx.gpadl(handle) as mapping:
+            task_status.started(mapping)
+            async with trio.open_nursery() as watch:
+                watch.start_soon(_set_when, mapping.teardown_requested, release)
+                await release.wait()
+                watch.cancel_scope.cancel()
+            if receive:
+                nic.recv = None
+                nic.free_data.clear()
+                nic.free_control.clear()
+            else:
+                nic.send = None
 
     @staticmethod
     def _refuse(pkt: Packet, exc: nv.NvspError, ctx: DeviceContext) -> list[OutPacket]:
@@ -236,15 +266,18 @@ class NetvscDevice(Device):
             data = b""
             if ev.section is not None:
                 if nic.send is None:
-                    raise nv.NvspError("send section without a mapped send buffer")
+                    raise GuestError("send section without a mapped send buffer")
                 data = bytes(nic.send.view[ev.offset : ev.offset + ev.length])
             if pkt.type == PacketType.GPA_DIRECT:
-                ranges = ctx.memory.gpa_direct(pkt)
+                ranges = ctx.memory.gpa_direct(pkt)  # every PFN checked to be guest RAM
                 if ranges.total_bytes > rn.MAX_XFER_SIZE:
-                    raise nv.NvspError(f"GPA-direct send of {ranges.total_bytes} bytes")
+                    raise GuestError(f"GPA-direct send of {ranges.total_bytes} bytes")
                 data += b"".join(bytes(v) for v in ctx.memory.iovecs_of(ranges))
         except nv.NvspError as exc:
             return self._refuse(pkt, exc, ctx)
+        except GuestError as exc:  # the packet is unusable, the channel is fine: FAIL it
+            failed = nv.NvspError(exc.reason, reply=nv.rndis_pkt_complete(nv.Status.FAIL))
+            return self._refuse(pkt, failed, ctx)
         status = nv.Status.SUCCESS
         try:
             for msg_type, msg in rn.split_messages(data):
