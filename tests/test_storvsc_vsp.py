@@ -201,6 +201,31 @@ async def test_out_of_order_and_flow_control(local_vm: SimulatedVm, local_servic
         assert 1 <= dev.max_in_flight_seen <= 4
 
 
+@pytest.mark.devices.with_args(ThreeLuns)
+async def test_enumerate_bus_on_lun_change(local_vm: SimulatedVm, local_service: Any) -> None:
+    """A LUN added at runtime: the VSP sends ENUMERATE_BUS (in-band, id 0, no
+    completion wanted) on the primary, and the guest's rescan finds the new disk."""
+    async with attach_storvsc(local_vm, _offer(local_vm)) as hba:
+        dev = _device(local_service)
+        assert sorted(hba.disks) == [0, 3, 5]
+        dev.controller.add_lun(9, MemoryBackend(size="2M"))
+        dev.bus_changed()
+        dev.bus_changed()  # coalesced while the first is pending
+        with trio.fail_after(5):
+            while hba.queues[0].enumerate_bus == 0:
+                await trio.sleep(0.01)
+        await trio.sleep(0.05)
+        assert hba.queues[0].enumerate_bus == 1
+        assert all(q.enumerate_bus == 0 for q in hba.queues[1:])
+        await hba.scan()
+        assert sorted(hba.disks) == [0, 3, 5, 9] and hba.disks[9].size == 2 << 20
+        dev.controller.remove_lun(9)
+        dev.bus_changed()
+        reply, _ = await hba.execute(bytes(6), lun=9)  # Linux's TEST UNIT READY
+        assert reply.srb_status == SrbStatus.INVALID_LUN  # "the LUN is gone"
+        assert hba.queues[0].errors == []
+
+
 # --- the init handshake as Linux does it, and its refusals ------------------------------
 
 
