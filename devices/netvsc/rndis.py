@@ -1079,6 +1079,46 @@ def toeplitz_hash(key: bytes, data: bytes) -> int:
     return result
 
 
+ETH_P_IP: Final = 0x0800
+ETH_P_IPV6: Final = 0x86DD
+ETH_P_8021Q: Final = 0x8100
+IPPROTO_TCP: Final = 6
+
+
+def rss_input(frame: bytes | memoryview, hash_info: int) -> tuple[bytes, int] | None:
+    """What NDIS hashes for a received frame, and the hash type to report: the
+    addresses, with the TCP ports when the TCP type is enabled and the packet is
+    not a fragment (UDP hashes on addresses: Linux enables no UDP types).
+    None: not IP, or a type the guest did not enable, or a truncated header."""
+    f = memoryview(frame)
+    off = ETH_HLEN
+    if len(f) < off:
+        return None
+    (proto,) = struct.unpack_from(">H", f, 12)
+    if proto == ETH_P_8021Q and len(f) >= off + 4:
+        (proto,) = struct.unpack_from(">H", f, 16)
+        off += 4
+    if proto == ETH_P_IP and len(f) >= off + 20:
+        ihl = (f[off] & 0xF) * 4
+        (frag,) = struct.unpack_from(">H", f, off + 6)
+        addrs = bytes(f[off + 12 : off + 20])
+        l4 = off + ihl
+        tcp_ok = f[off + 9] == IPPROTO_TCP and not frag & 0x3FFF and len(f) >= l4 + 4
+        if ihl >= 20 and tcp_ok and hash_info & HASH_TCP_IPV4:
+            return addrs + bytes(f[l4 : l4 + 4]), HASH_TCP_IPV4
+        if hash_info & HASH_IPV4:
+            return addrs, HASH_IPV4
+        return None
+    if proto == ETH_P_IPV6 and len(f) >= off + 40:
+        addrs = bytes(f[off + 8 : off + 40])
+        l4 = off + 40
+        if f[off + 6] == IPPROTO_TCP and len(f) >= l4 + 4 and hash_info & HASH_TCP_IPV6:
+            return addrs + bytes(f[l4 : l4 + 4]), HASH_TCP_IPV6
+        if hash_info & HASH_IPV6:
+            return addrs, HASH_IPV6
+    return None
+
+
 def rss_queue(hash_value: int, table: Sequence[int]) -> int:
     """The queue for a hash: table[hash mod size] (sizes are powers of two in
     practice, so this is the low bits, as NDIS defines it)."""

@@ -7,7 +7,9 @@ send-buffer sections (inband SEND_RNDIS_PKT), RNDIS control as one GPA-direct pa
 received transfer-page packets are read from the receive buffer, checked as Linux
 checks them, and completed on the channel they came in on.
 
-Not yet: multi-queue (SUBCHANNEL + sub-channels), batching several packets per
+Multi-queue as Linux does it (`enable_multiqueue`: RSS capabilities, SUBCHANNEL,
+open the sub-channels, RSS parameters); each queue's receives are completed on
+their own channel and the hash PPI is read. Not yet: batching several packets per
 section, GPA-direct data sends, offload PPIs, the Linux buffer sizes (the tests
 use small buffers to keep the simulated VM's RAM small).
 """
@@ -52,6 +54,15 @@ class NetvscGuestError(Exception):
     """The host answered something Linux would refuse."""
 
 
+@dataclass(frozen=True)
+class RxFrame:
+    """A received frame, the queue (channel) it came in on and its hash PPI."""
+
+    queue: int
+    frame: bytes
+    hash_value: int | None = None
+
+
 def _msg(msg_type: int, fmt: str = "", *fields: int) -> bytes:
     return struct.pack("<I" + fmt, msg_type, *fields).ljust(nv.NVSP_MESSAGE_SIZE, b"\0")
 
@@ -70,9 +81,11 @@ class NetvscGuest:
     send_section: int = 0
     send_sections: int = 0
     mac: bytes = b""
-    frames: trio.MemoryReceiveChannel[bytes] = field(init=False)
+    frames: trio.MemoryReceiveChannel[RxFrame] = field(init=False)
     received_bad: int = 0
-    _frames_in: trio.MemorySendChannel[bytes] = field(init=False)
+    send_table: list[int] = field(default_factory=list)
+    subchannels: dict[int, GuestChannel] = field(default_factory=dict)
+    _frames_in: trio.MemorySendChannel[RxFrame] = field(init=False)
     _replies: dict[int, trio.MemorySendChannel[bytes]] = field(default_factory=dict)
     _req_id: int = 0
     _recv: tuple[int, list[int]] = (0, [])
@@ -80,7 +93,7 @@ class NetvscGuest:
     _free_sections: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self._frames_in, self.frames = trio.open_memory_channel[bytes](4096)
+        self._frames_in, self.frames = trio.open_memory_channel[RxFrame](4096)
 
     # -- memory helpers --
 
@@ -153,18 +166,35 @@ class NetvscGuest:
 
     # -- the receive loop --
 
-    async def receive_loop(self) -> None:
-        """Transfer-page packets: read each range, complete on this channel."""
-        ch = self.gch.channel
+    async def receive_loop(self, queue: int = 0) -> None:
+        """Transfer-page packets: read each range, complete on the channel it came
+        in on (spec §14.4); inband: the send indirection table (netvsc_send_table)."""
+        ch = (self.gch if queue == 0 else self.subchannels[queue]).channel
         while True:
             out = []
             for pkt in await ch.receive():
                 if pkt.type == PacketType.XFER_PAGES:
-                    status = self._on_xfer(pkt)
+                    status = self._on_xfer(pkt, queue)
                     out.append(completion_for(pkt, struct.pack("<II", 108, status)))
+                elif pkt.type == PacketType.INBAND:
+                    self._on_inband(bytes(pkt.payload))
             await ch.send(out)
 
-    def _on_xfer(self, pkt: Packet) -> int:
+    def _on_inband(self, msg: bytes) -> None:
+        if len(msg) < 12 or struct.unpack_from("<I", msg)[0] != nv.Msg.SEND_INDIRECTION_TABLE:
+            return
+        count, offset = struct.unpack_from("<II", msg, 4)
+        if count != nv.VRSS_SEND_TAB_SIZE:
+            self.received_bad += 1
+            return
+        if self.version <= nv.NVSP_PROTOCOL_VERSION_6 and len(msg) >= 40 + 4 * count:
+            offset = 40  # Linux's fix for the Windows host's offset bug
+        if len(msg) < 4 * count or offset > len(msg) - 4 * count:
+            self.received_bad += 1
+            return
+        self.send_table = list(struct.unpack_from(f"<{count}I", msg, offset))
+
+    def _on_xfer(self, pkt: Packet, queue: int) -> int:
         xp = parse_xfer_pages(pkt)
         body = bytes(pkt.payload[: 4 + 12])
         if len(body) < 4 or struct.unpack_from("<I", body)[0] != nv.Msg.SEND_RNDIS_PKT:
@@ -183,10 +213,10 @@ class NetvscGuest:
             ):
                 status = nv.Status.FAIL
                 continue
-            self._on_rndis(self._read(self._recv[1], offset, count))
+            self._on_rndis(self._read(self._recv[1], offset, count), queue)
         return status
 
-    def _on_rndis(self, msg: bytes) -> None:
+    def _on_rndis(self, msg: bytes, queue: int) -> None:
         if len(msg) < 8:
             self.received_bad += 1
             return
@@ -199,8 +229,10 @@ class NetvscGuest:
             if d_off >= len(msg) - 8 or len(msg) - 8 - d_off < d_len:
                 self.received_bad += 1
                 return
+            hash_value = self._ppi(msg, rn.PpiType.NBL_HASH_VALUE)
+            frame = RxFrame(queue, msg[8 + d_off : 8 + d_off + d_len], hash_value)
             try:
-                self._frames_in.send_nowait(msg[8 + d_off : 8 + d_off + d_len])
+                self._frames_in.send_nowait(frame)
             except trio.WouldBlock:
                 self.received_bad += 1
         elif msg_type in (
@@ -212,6 +244,69 @@ class NetvscGuest:
             waiter = self._replies.pop(req_id, None)
             if waiter is not None:
                 waiter.send_nowait(msg[:msg_len])
+
+    def _ppi(self, msg: bytes, want: int) -> int | None:
+        """rndis_get_ppi, with its checks (a bad element ends the walk here; Linux's
+        own loop would spin on it)."""
+        p_off, p_len = struct.unpack_from("<II", msg, 8 + 20)
+        if not p_len:
+            return None
+        rpkt_len = len(msg) - 8
+        if p_off < 36 or p_off > rpkt_len or p_len < 12 or p_len > rpkt_len - p_off:
+            self.received_bad += 1
+            return None
+        pos, left = 8 + p_off, p_len
+        while left > 0:
+            size, type_word, ppi_off = struct.unpack_from("<III", msg, pos)
+            if size > left or ppi_off >= size or size < 12:
+                self.received_bad += 1
+                return None
+            if type_word == want and size - ppi_off >= 4:
+                return int(struct.unpack_from("<I", msg, pos + ppi_off)[0])
+            left -= size
+            pos += size
+        return None
+
+    # -- vRSS (rndis_set_subchannel, one per queue) --
+
+    async def enable_multiqueue(self, queues: int, nursery: trio.Nursery) -> int:
+        """Linux's vRSS bring-up: RSS capabilities, SUBCHANNEL, open the offered
+        sub-channels, then RSS parameters (disable, then table and key). Returns the
+        number of queues now open."""
+        caps = await self.query(
+            rn.Oid.GEN_RECEIVE_SCALE_CAPABILITIES,
+            struct.pack("<BBH", 0x88, 2, 18).ljust(18, b"\0"),
+            expect=18,
+        )
+        n_queues, n_tab = struct.unpack_from("<IH", caps, 12)
+        want = min(queues, n_queues, 64)
+        if want < 2:
+            return 1
+        reply = await self.gch.channel.request(
+            inband(_msg(nv.Msg.SUBCHANNEL, "II", nv.SUBCHANNEL_ALLOCATE, want - 1))
+        )
+        msg_type, status, granted = struct.unpack_from("<3I", reply)
+        if msg_type != nv.Msg.SUBCHANNEL or status != nv.Status.SUCCESS or granted > want - 1:
+            raise NetvscGuestError(f"SUBCHANNEL answered {status} granting {granted}")
+        with trio.fail_after(RNDIS_TIMEOUT_S):
+            while True:
+                offers = {
+                    o.sub_channel_index: o
+                    for o in self.vm.find_offers(NETVSC_IF_TYPE)
+                    if o.if_instance == self.gch.offer.if_instance and o.sub_channel_index
+                }
+                if all(i in offers for i in range(1, granted + 1)):
+                    break
+                await self.vm.offer_events.receive()
+        for i in range(1, granted + 1):
+            self.subchannels[i] = await self.vm.open_channel(offers[i], 128 * PAGE_SIZE)
+            nursery.start_soon(self.receive_loop, i)
+        n = int(granted) + 1
+        table_size = n_tab if 1 <= n_tab <= 256 else 128
+        table = [i % n for i in range(table_size)]
+        for flags in (rn.RSS_FLAG_DISABLE, 0):
+            await self.set(rn.Oid.GEN_RECEIVE_SCALE_PARAMETERS, rss_params(table, flags))
+        return n
 
     # -- RNDIS control (rndis_filter_send_request: one GPA-direct buffer) --
 
@@ -281,7 +376,7 @@ class NetvscGuest:
 
     # -- transmit (netvsc_send: copied into a send-buffer section) --
 
-    async def send_frame(self, frame: bytes) -> None:
+    async def send_frame(self, frame: bytes, queue: int = 0) -> None:
         head = struct.pack("<II9I", 1, 44 + len(frame), 36, len(frame), 0, 0, 0, 36, 0, 0, 0)
         msg = head + frame
         if len(msg) > self.send_section:
@@ -292,7 +387,8 @@ class NetvscGuest:
         try:
             self._write(self._send[1], section * self.send_section, msg)
             nvsp = _msg(nv.Msg.SEND_RNDIS_PKT, "III", nv.CHANNEL_TYPE_DATA, section, len(msg))
-            done = await self.gch.channel.request(inband(nvsp))
+            ch = (self.gch if queue == 0 else self.subchannels[queue]).channel
+            done = await ch.request(inband(nvsp))
             if struct.unpack_from("<II", done) != (108, nv.Status.SUCCESS):
                 raise NetvscGuestError(f"send completed with {done[:8].hex()}")
         finally:
@@ -312,6 +408,28 @@ class NetvscGuest:
             _msg(nv.Msg.REVOKE_SEND_BUF, "H", nv.NETVSC_SEND_BUFFER_ID),
         ):
             await ch.send([inband(msg, trans_id=nv_no_response())])
+
+
+def rss_params(table: list[int], flags: int, key: bytes = rn.DEFAULT_RSS_KEY) -> bytes:
+    """rndis_set_rss_param_msg's object: header, table at 40, key after it."""
+    n = len(table)
+    head = struct.pack(
+        "<BBHHHIH2xIH2xIIII",
+        rn.NDIS_OBJECT_TYPE_RSS_PARAMETERS,
+        2,
+        rn.RSS_PARAMS_SIZE,
+        flags,
+        0,
+        0x1701,
+        4 * n,
+        rn.RSS_PARAMS_SIZE,
+        len(key),
+        rn.RSS_PARAMS_SIZE + 4 * n,
+        0,
+        0,
+        0,
+    )
+    return head + struct.pack(f"<{n}I", *table) + key
 
 
 def nv_no_response() -> int:
@@ -340,8 +458,8 @@ class NetvscVsc:
                 got = 0
                 for i in range(self.frames):
                     await nic.send_frame(bytes([i & 0xFF]) * 60)
-                    await nic.frames.receive()
-                    got += 1
+                    rx = await nic.frames.receive()
+                    got += rx.frame == bytes([i & 0xFF]) * 60
                 nursery.cancel_scope.cancel()
         finally:
             await vm.close_channel(gch)

@@ -20,6 +20,7 @@ work on transmit, batching and the native path, link-state indications from
 from __future__ import annotations
 
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -33,6 +34,7 @@ from vmbus.device import Device, DeviceContext, DeviceOffer, GpadlMapping, Guest
 from vmbus.packet import (
     PacketType,
     completion_for,
+    inband,
     packet_types_mask,
     wants_completion,
     xfer_pages,
@@ -41,24 +43,30 @@ from vmbus.ring import OutPacket, Packet
 
 NETVSC_IF_TYPE = uuid.UUID("f8615163-df3e-46c5-913f-f2d2f965ed0e")  # HV_NIC_GUID
 CONTROL_SECTIONS = 16  # receive sections kept for control replies and indications
-RX_QUEUE_DEPTH = 1024  # frames the backend may queue towards the guest
+RX_QUEUE_DEPTH = 1024  # frames queued towards one guest queue before drops
 MAX_RX_IN_FLIGHT = 4096  # transfer-page packets awaiting the guest's completion
 
 
 class LoopbackBackend:
     """Frames the guest sends come back to it (the benchmark's peer)."""
 
-    def __init__(self) -> None:
-        self._send, self.frames = trio.open_memory_channel[bytes](RX_QUEUE_DEPTH)
-        self.dropped = 0
+    def __init__(self, deliver: Callable[[bytes], None]) -> None:
+        self._deliver = deliver
 
     def transmit(self, frame: bytes) -> None:
-        """Queue a frame back to the guest; a full queue (the guest is not returning
-        receive sections) drops it and counts."""
-        try:
-            self._send.send_nowait(frame)
-        except trio.WouldBlock:
-            self.dropped += 1
+        self._deliver(frame)
+
+
+@dataclass
+class _Queue:
+    """One receive queue: its channel, the frames steered to it, its wake-up."""
+
+    index: int
+    channel: Channel | None = None
+    frames: deque[tuple[bytes, int | None, int]] = field(default_factory=deque)
+    wakeup: trio.Event = field(default_factory=trio.Event)
+    delivered: int = 0
+    dropped: int = 0
 
 
 @dataclass
@@ -67,7 +75,8 @@ class _Nic:
 
     nvsp: nv.NvspServer
     rndis: rn.RndisDevice
-    backend: LoopbackBackend
+    queues: list[_Queue]
+    backend: LoopbackBackend | None = None
     recv: GpadlMapping | None = None
     send: GpadlMapping | None = None
     free_data: list[int] = field(default_factory=list)
@@ -76,7 +85,32 @@ class _Nic:
     release_recv: trio.Event = field(default_factory=trio.Event)
     release_send: trio.Event = field(default_factory=trio.Event)
     control_out: list[bytes] = field(default_factory=list)
-    wakeup: trio.Event = field(default_factory=trio.Event)
+
+    def wake(self) -> None:
+        for q in self.queues:
+            q.wakeup.set()
+
+    def deliver(self, frame: bytes) -> None:
+        """A frame from the backend: steer it (Toeplitz over the guest's key, then
+        its indirection table) to an open queue; a full queue drops it, counted —
+        the guest is not returning receive sections there, the others carry on."""
+        rss = self.rndis.rss
+        q, hash_value, hash_info = self.queues[0], None, 0
+        if rss is not None and rss.enabled:
+            found = rn.rss_input(frame, rss.hash_info)
+            if found is not None:
+                data, hash_type = found
+                hash_value = rn.toeplitz_hash(rss.key, data)
+                hash_info = rn.HASH_FUNC_TOEPLITZ | hash_type
+                index = rn.rss_queue(hash_value, rss.table)
+                if index < len(self.queues) and self.queues[index].channel is not None:
+                    q = self.queues[index]
+        if len(q.frames) >= RX_QUEUE_DEPTH:
+            q.dropped += 1
+            self.rndis.counters.rcv_no_buffer += 1
+            return
+        q.frames.append((frame, hash_value, hash_info))
+        q.wakeup.set()
 
 
 async def _set_when(source: trio.Event, target: trio.Event) -> None:
@@ -127,32 +161,47 @@ class NetvscDevice(Device):
         nic = _Nic(
             nv.NvspServer(max_subchannels=self.config.max_queues - 1),
             rn.RndisDevice(self.config),
-            LoopbackBackend(),
+            [_Queue(i) for i in range(self.config.max_queues)],
         )
+        nic.backend = LoopbackBackend(nic.deliver)
         self._nic = nic
         async with trio.open_nursery() as nursery:
-            channel.track_completions(
-                lambda done: self._rx_completions(nic, done), max_in_flight=MAX_RX_IN_FLIGHT
-            )
-            nursery.start_soon(self._receive_path, channel, nic)
+            self._open_queue(nic, 0, channel, nursery)
             while True:
                 out: list[OutPacket] = []
                 for pkt in await channel.receive():
                     out.extend(await self._handle(pkt, channel, ctx, nic, nursery))
                 await channel.send(out)
-                nic.wakeup.set()
+                nic.queues[0].wakeup.set()
+
+    def _open_queue(self, nic: _Nic, index: int, channel: Channel, nursery: trio.Nursery) -> None:
+        channel.track_completions(
+            lambda done: self._rx_completions(nic, done), max_in_flight=MAX_RX_IN_FLIGHT
+        )
+        nic.queues[index].channel = channel
+        nursery.start_soon(self._receive_path, nic, nic.queues[index])
 
     async def _serve_subchannel(self, channel: Channel, ctx: DeviceContext) -> None:
         nic = self._nic
         if nic is None:
             raise GuestError("sub-channel opened before the primary")
+        index = ctx.sub_channel_index
+        if index >= len(nic.queues):
+            raise GuestError(f"sub-channel {index} beyond {len(nic.queues)} queues")
         await nic.ready.wait()
         nvsp = nv.NvspServer.for_subchannel(nic.nvsp)
-        while True:
-            out: list[OutPacket] = []
-            for pkt in await channel.receive():
-                out.extend(await self._rndis(pkt, nvsp, ctx, nic, primary=False))
-            await channel.send(out)
+        queue = nic.queues[index]
+        try:
+            async with trio.open_nursery() as nursery:
+                self._open_queue(nic, index, channel, nursery)
+                while True:
+                    out: list[OutPacket] = []
+                    for pkt in await channel.receive():
+                        out.extend(await self._rndis(pkt, nvsp, ctx, nic, primary=False))
+                    await channel.send(out)
+                    queue.wakeup.set()
+        finally:
+            queue.channel = None
 
     # -- guest -> host --
 
@@ -192,6 +241,9 @@ class NetvscDevice(Device):
                 relids = await ctx.enable_subchannels(ev.granted)
                 reply = nic.nvsp.subchannels_allocated(min(len(relids), ev.granted))
                 nic.rndis.queues = 1 + nic.nvsp.subchannels
+                if wants_completion(pkt):  # the table after the answer (Linux stores it)
+                    table = nv.send_indirection_table(nic.rndis.queues)
+                    return [completion_for(pkt, reply), inband(table)]
             elif isinstance(ev, nv.RevokeReceiveBuffer):
                 nic.release_recv.set()
             elif isinstance(ev, nv.RevokeSendBuffer):
@@ -283,9 +335,9 @@ class NetvscDevice(Device):
             for msg_type, msg in rn.split_messages(data):
                 if msg_type == rn.MsgType.PACKET:
                     p = rn.parse_packet(msg, max_frame=nvsp.mtu)
+                    assert nic.backend is not None
                     nic.backend.transmit(bytes(msg[p.data_start : p.data_start + p.data_len]))
                     nic.rndis.counters.xmit_ok += 1
-                    nic.wakeup.set()
                 elif not primary:
                     raise rn.RndisError("RNDIS control on a sub-channel")
                 else:
@@ -312,18 +364,22 @@ class NetvscDevice(Device):
         for c in done:
             section, control = cast(tuple[int, bool], c.context)
             (nic.free_control if control else nic.free_data).append(section)
-        nic.wakeup.set()
+        nic.wake()
 
-    async def _receive_path(self, channel: Channel, nic: _Nic) -> None:
-        """Control replies first, then frames from the backend, into free sections.
-        Woken after each batch the primary handled and when sections come back."""
+    async def _receive_path(self, nic: _Nic, queue: _Queue) -> None:
+        """Control replies (queue 0 only), then the frames steered to this queue, into
+        free sections, indicated on this queue's channel. Woken by new frames, by each
+        batch the channel handled and when sections come back."""
+        assert queue.channel is not None
+        channel = queue.channel
         while True:
-            await nic.wakeup.wait()
-            nic.wakeup = trio.Event()
-            await self._post(channel, nic, control=True)
-            await self._post(channel, nic, control=False)
+            await queue.wakeup.wait()
+            queue.wakeup = trio.Event()
+            if queue.index == 0:
+                await self._post(channel, nic, queue, control=True)
+            await self._post(channel, nic, queue, control=False)
 
-    async def _post(self, channel: Channel, nic: _Nic, *, control: bool) -> None:
+    async def _post(self, channel: Channel, nic: _Nic, queue: _Queue, *, control: bool) -> None:
         layout = nic.nvsp.receive_layout
         if layout is None or nic.recv is None:
             return
@@ -340,11 +396,11 @@ class NetvscDevice(Device):
         else:
 
             def take() -> bytes | None:
-                try:
-                    frame = nic.backend.frames.receive_nowait()
-                except trio.WouldBlock:
+                if not queue.frames:
                     return None
-                return rn.packet_header(len(frame)) + frame
+                frame, hash_value, hash_info = queue.frames.popleft()
+                head = rn.packet_header(len(frame), hash_value=hash_value, hash_info=hash_info)
+                return head + frame
 
         while free:
             msg = take()
@@ -366,5 +422,6 @@ class NetvscDevice(Device):
             ctxs.append((section, control))
             if not control:
                 nic.rndis.counters.rcv_ok += 1
+                queue.delivered += 1
         if pkts:
             await channel.post_requests(pkts, ctxs)
