@@ -172,3 +172,28 @@ async def test_vrss_steers_frames_by_toeplitz(local_vm: SimulatedVm, open_channe
             queues_seen.add(rx.queue)
         assert len(queues_seen) > 1 and nic.received_bad == 0
         nursery.cancel_scope.cancel()
+
+
+async def test_guest_that_never_returns_sections(
+    local_vm: SimulatedVm, open_channel: object
+) -> None:
+    """Frames beyond the free sections and the queue's depth are dropped and counted;
+    the guest's sends and its control path keep working."""
+    from devices.netvsc.vsp import RX_QUEUE_DEPTH
+
+    nic = await _nic(local_vm, open_channel)
+    nic.withhold_data_completions = True
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(nic.receive_loop)
+        with trio.fail_after(30):
+            await nic.connect()
+            await nic.device_add()
+            data_sections = nic.recv_size // nic.recv_section - 16
+            extra = 50
+            for _ in range(data_sections + RX_QUEUE_DEPTH + extra):
+                await nic.send_frame(b"\x01" * 60)
+            (no_buffer,) = struct.unpack("<I", await nic.query(rn.Oid.GEN_RCV_NO_BUFFER))
+            (rcv_ok,) = struct.unpack("<I", await nic.query(rn.Oid.GEN_RCV_OK))
+        assert rcv_ok == data_sections
+        assert no_buffer == extra
+        nursery.cancel_scope.cancel()

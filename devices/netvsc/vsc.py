@@ -83,6 +83,7 @@ class NetvscGuest:
     mac: bytes = b""
     frames: trio.MemoryReceiveChannel[RxFrame] = field(init=False)
     received_bad: int = 0
+    withhold_data_completions: bool = False  # a guest that stops returning sections
     send_table: list[int] = field(default_factory=list)
     subchannels: dict[int, GuestChannel] = field(default_factory=dict)
     _frames_in: trio.MemorySendChannel[RxFrame] = field(init=False)
@@ -175,7 +176,9 @@ class NetvscGuest:
             for pkt in await ch.receive():
                 if pkt.type == PacketType.XFER_PAGES:
                     status = self._on_xfer(pkt, queue)
-                    out.append(completion_for(pkt, struct.pack("<II", 108, status)))
+                    control = pkt.payload[4] == nv.CHANNEL_TYPE_CONTROL
+                    if control or not self.withhold_data_completions:
+                        out.append(completion_for(pkt, struct.pack("<II", 108, status)))
                 elif pkt.type == PacketType.INBAND:
                     self._on_inband(bytes(pkt.payload))
             await ch.send(out)
