@@ -262,7 +262,7 @@ def test_entry_point_device_is_served_and_listed_as_valid(tmp_path: Path) -> Non
     cfg = tmp_path / "bad.toml"
     cfg.write_text('[[device]]\ntype = "uper"\n')
     r = vmbusd("serve", "--listen", str(tmp_path / "s.sock"), "--config", str(cfg), env=env)
-    one_line_error(r, "unknown device type 'uper'", "valid: echo, upper")
+    one_line_error(r, "unknown device type 'uper'", "valid: echo, storvsc, upper")
 
     cfg.write_text('[[device]]\ntype = "upper"\n[[device]]\ntype = "echo"\n')
     stats = tmp_path / "stats.sock"
