@@ -138,6 +138,8 @@ def tcp_frame(src: str, sport: int, dst: str, dport: int, payload: bytes = b"x" 
         bytes(map(int, dst.split("."))),
     )
     tcp = struct.pack(">HHIIBBHHH", sport, dport, 0, 0, 0x50, 0x18, 65535, 0, 0)
+    words = sum(int.from_bytes(ip[i : i + 2], "big") for i in range(0, 20, 2)) % 0xFFFF
+    ip = ip[:10] + struct.pack(">H", 0xFFFF - words) + ip[12:]  # as Linux fills it
     eth = bytes.fromhex("00155d000001") + bytes.fromhex("00155d000002") + b"\x08\x00"
     return eth + ip + tcp + payload
 
@@ -196,4 +198,38 @@ async def test_guest_that_never_returns_sections(
             (rcv_ok,) = struct.unpack("<I", await nic.query(rn.Oid.GEN_RCV_OK))
         assert rcv_ok == data_sections
         assert no_buffer == extra
+        nursery.cancel_scope.cancel()
+
+
+async def test_offloads_end_to_end(local_vm: SimulatedVm, open_channel: object) -> None:
+    """An LSO send comes back as MSS-sized segments, a checksum-offload send with its
+    checksum filled, a VLAN PPI comes back as a PPI; the receive checksum PPI says
+    what the host verified; a bad offload request is completed with FAIL."""
+    nic = await _nic(local_vm, open_channel)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(nic.receive_loop)
+        with trio.fail_after(10):
+            await nic.connect()
+            await nic.device_add()
+            payload = bytes(range(256)) * 16  # 4096 bytes
+            big = tcp_frame("10.1.0.1", 5000, "10.1.0.2", 80, payload)
+            big = big[:16] + b"\0\0" + big[18:24] + b"\0\0" + big[26:]  # Linux zeroes both
+            lso = (1 << 30) | (34 << 20) | 1448
+            vlan = 3 | (42 << 4)
+            await nic.send_frame(big, ppis=((rn.PpiType.TCP_LARGESEND, lso), (6, vlan)))
+            segs = [await nic.frames.receive() for _ in range(3)]
+            small = tcp_frame("10.1.0.1", 5001, "10.1.0.2", 80, b"partial")
+            csum = 0x1 | 0x4 | (34 << 16)
+            await nic.send_frame(small, ppis=((rn.PpiType.TCPIP_CHKSUM, csum),))
+            filled = await nic.frames.receive()
+            # LSO asked for on an ARP frame: the host refuses it with FAIL
+            arp = bytes(12) + b"\x08\x06" + bytes(46)
+            with pytest.raises(Exception, match="send completed with 6c00000002000000"):
+                await nic.send_frame(arp, ppis=((rn.PpiType.TCP_LARGESEND, lso),))
+        ok = rn.RXCSUM_IP_SUCCEEDED | rn.RXCSUM_TCP_SUCCEEDED
+        assert b"".join(s.frame[54:] for s in segs) == payload
+        assert [len(s.frame) for s in segs] == [54 + 1448, 54 + 1448, 54 + 1200]
+        assert all(s.checksum == ok and s.vlan == vlan for s in segs)
+        assert filled.checksum == ok and filled.frame[:50] == small[:50]
+        assert filled.frame[50:52] != small[50:52]  # the host wrote the TCP checksum
         nursery.cancel_scope.cancel()

@@ -61,6 +61,8 @@ class RxFrame:
     queue: int
     frame: bytes
     hash_value: int | None = None
+    checksum: int | None = None  # the receive checksum PPI
+    vlan: int | None = None  # the 802.1Q PPI's value
 
 
 def _msg(msg_type: int, fmt: str = "", *fields: int) -> bytes:
@@ -232,8 +234,13 @@ class NetvscGuest:
             if d_off >= len(msg) - 8 or len(msg) - 8 - d_off < d_len:
                 self.received_bad += 1
                 return
-            hash_value = self._ppi(msg, rn.PpiType.NBL_HASH_VALUE)
-            frame = RxFrame(queue, msg[8 + d_off : 8 + d_off + d_len], hash_value)
+            frame = RxFrame(
+                queue,
+                msg[8 + d_off : 8 + d_off + d_len],
+                self._ppi(msg, rn.PpiType.NBL_HASH_VALUE),
+                self._ppi(msg, rn.PpiType.TCPIP_CHKSUM),
+                self._ppi(msg, rn.PpiType.IEEE_8021Q),
+            )
             try:
                 self._frames_in.send_nowait(frame)
             except trio.WouldBlock:
@@ -379,9 +386,28 @@ class NetvscGuest:
 
     # -- transmit (netvsc_send: copied into a send-buffer section) --
 
-    async def send_frame(self, frame: bytes, queue: int = 0) -> None:
-        head = struct.pack("<II9I", 1, 44 + len(frame), 36, len(frame), 0, 0, 0, 36, 0, 0, 0)
-        msg = head + frame
+    async def send_frame(
+        self, frame: bytes, queue: int = 0, ppis: tuple[tuple[int, int], ...] = ()
+    ) -> None:
+        """netvsc_xmit's RNDIS packet (PPIs as init_ppi_data lays them) copied into a
+        free send section, SEND_RNDIS_PKT on the queue's channel, wait for the
+        completion."""
+        area = b"".join(struct.pack("<IIII", 16, t, 12, v) for t, v in ppis)
+        head = struct.pack(
+            "<II9I",
+            1,
+            44 + len(area) + len(frame),
+            36 + len(area),
+            len(frame),
+            0,
+            0,
+            0,
+            36,
+            len(area),
+            0,
+            0,
+        )
+        msg = head + area + frame
         if len(msg) > self.send_section:
             raise ValueError("frame larger than a send section (GPA-direct sends: not yet)")
         while not self._free_sections:

@@ -27,6 +27,7 @@ from typing import Any, cast
 
 import trio
 
+from devices.netvsc import offload
 from devices.netvsc import protocol as nv
 from devices.netvsc import rndis as rn
 from vmbus.channel import Channel, CompletedRequest
@@ -50,11 +51,11 @@ MAX_RX_IN_FLIGHT = 4096  # transfer-page packets awaiting the guest's completion
 class LoopbackBackend:
     """Frames the guest sends come back to it (the benchmark's peer)."""
 
-    def __init__(self, deliver: Callable[[bytes], None]) -> None:
+    def __init__(self, deliver: Callable[[bytes, rn.Vlan | None], None]) -> None:
         self._deliver = deliver
 
-    def transmit(self, frame: bytes) -> None:
-        self._deliver(frame)
+    def transmit(self, frame: bytes, vlan: rn.Vlan | None = None) -> None:
+        self._deliver(frame, vlan)
 
 
 @dataclass
@@ -63,7 +64,7 @@ class _Queue:
 
     index: int
     channel: Channel | None = None
-    frames: deque[tuple[bytes, int | None, int]] = field(default_factory=deque)
+    frames: deque[tuple[bytes, rn.Vlan | None, int | None, int]] = field(default_factory=deque)
     wakeup: trio.Event = field(default_factory=trio.Event)
     delivered: int = 0
     dropped: int = 0
@@ -90,7 +91,7 @@ class _Nic:
         for q in self.queues:
             q.wakeup.set()
 
-    def deliver(self, frame: bytes) -> None:
+    def deliver(self, frame: bytes, vlan: rn.Vlan | None = None) -> None:
         """A frame from the backend: steer it (Toeplitz over the guest's key, then
         its indirection table) to an open queue; a full queue drops it, counted —
         the guest is not returning receive sections there, the others carry on."""
@@ -109,7 +110,7 @@ class _Nic:
             q.dropped += 1
             self.rndis.counters.rcv_no_buffer += 1
             return
-        q.frames.append((frame, hash_value, hash_info))
+        q.frames.append((frame, vlan, hash_value, hash_info))
         q.wakeup.set()
 
 
@@ -335,8 +336,10 @@ class NetvscDevice(Device):
             for msg_type, msg in rn.split_messages(data):
                 if msg_type == rn.MsgType.PACKET:
                     p = rn.parse_packet(msg, max_frame=nvsp.mtu)
+                    frame = bytes(msg[p.data_start : p.data_start + p.data_len])
                     assert nic.backend is not None
-                    nic.backend.transmit(bytes(msg[p.data_start : p.data_start + p.data_len]))
+                    for f in self._offload(frame, p):
+                        nic.backend.transmit(f, p.vlan)
                     nic.rndis.counters.xmit_ok += 1
                 elif not primary:
                     raise rn.RndisError("RNDIS control on a sub-channel")
@@ -344,6 +347,10 @@ class NetvscDevice(Device):
                     result = nic.rndis.control(msg)
                     if result.reply is not None:
                         nic.control_out.append(result.reply)
+        except offload.OffloadError as exc:
+            ctx.log.info("offload refused: %s", exc.reason)
+            nic.rndis.counters.xmit_error += 1
+            status = nv.Status.FAIL
         except rn.RndisError as exc:
             ctx.log.info("RNDIS refused: %s", exc.reason)
             nic.rndis.counters.xmit_error += 1
@@ -354,6 +361,18 @@ class NetvscDevice(Device):
         if wants_completion(pkt):
             return [completion_for(pkt, nvsp.rndis_complete(status))]
         return []
+
+    @staticmethod
+    def _offload(frame: bytes, p: rn.TxPacket) -> list[bytes]:
+        """What the guest asked of us before the frame leaves: segmentation (which
+        fills every checksum) or the checksums alone (pure Python for now)."""
+        if p.lso is not None:
+            return offload.segment(frame, p.lso)
+        if p.checksum is not None:
+            out = bytearray(frame)
+            offload.fill_checksum(out, p.checksum)
+            return [bytes(out)]
+        return [frame]
 
     # -- host -> guest --
 
@@ -398,8 +417,14 @@ class NetvscDevice(Device):
             def take() -> bytes | None:
                 if not queue.frames:
                     return None
-                frame, hash_value, hash_info = queue.frames.popleft()
-                head = rn.packet_header(len(frame), hash_value=hash_value, hash_info=hash_info)
+                frame, vlan, hash_value, hash_info = queue.frames.popleft()
+                head = rn.packet_header(
+                    len(frame),
+                    rx_checksum=offload.rx_checksum_info(frame),
+                    vlan=vlan,
+                    hash_value=hash_value,
+                    hash_info=hash_info,
+                )
                 return head + frame
 
         while free:
