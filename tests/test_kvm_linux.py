@@ -1,16 +1,18 @@
 """The Linux tier (issue 8): the real guest kernel's unmodified hv_vmbus and hv_storvsc
 against a real `vmbusd serve`, through vmbus.kvm.vmm.KvmVm.
 
-One boot per test session (`linux_boot`, ~30-40 s on kvm_pvm), until the guest panics
-for want of a root file system, with vmbusd serving an echo device (no Linux driver:
-hv_vmbus logs its unknown class GUID and registers the device) and a storvsc controller
-with one 16 MiB memory LUN (hv_storvsc opens its channel: bind, ioeventfd, call
-watcher, interrupts). The tests then read the console, the VMM's record of the
-control messages each way, and vmbusd's log. Marked `kvm_linux`: scripts/test runs
+One boot per test session (`guest_snapshot`: `vmbusd kvm --snapshot`, ~16-20 s on
+kvm_pvm, to the guest's first SynIC register write, before VMBus starts), then each
+guest is that snapshot restored (~0.3-0.9 s) and run. `linux_boot` runs one until the
+guest panics for want of a root file system, with vmbusd serving an echo device (no
+Linux driver: hv_vmbus logs its unknown class GUID and registers the device) and a
+storvsc controller with one 16 MiB memory LUN (hv_storvsc opens its channel: bind,
+ioeventfd, call watcher, interrupts); the tests read the console, the VMM's record of
+the control messages each way, and vmbusd's log. Marked `kvm_linux`: scripts/test runs
 them after the main suite. They skip only where /dev/kvm is absent; the kernel is
 built (or, as here, found in the cache) by the session fixture, never skipped.
 
-The CLI's user-mistake paths at the end need no boot and run in the main suite.
+The CLI's user-mistake paths need no boot and run in the main suite.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,7 +64,8 @@ class Boot:
     guest_log: list[tuple[int, bytes]]
     host_log: list[tuple[int, bytes]]
     vmbusd_log: str
-    version_after: float | None  # wall seconds from start to the version line
+    version_after: float | None  # wall seconds from the restore to the version line
+    restore_s: float  # KvmVm.from_snapshot
 
 
 def _serve(tmp: Path, config: str | None) -> tuple[subprocess.Popen[bytes], Path, Path]:
@@ -102,18 +104,48 @@ def guest_kernel() -> Path:
     return kbuild.build(lambda line: print(f"guest-kernel: {line}", file=sys.stderr)).vmlinux
 
 
+@dataclass
+class Snapshot:
+    path: Path
+    stderr: str
+    wall: float  # the whole `vmbusd kvm --snapshot` run
+
+
 @pytest.fixture(scope="session")
-def linux_boot(guest_kernel: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Boot]:
+def guest_snapshot(guest_kernel: Path, tmp_path_factory: pytest.TempPathFactory) -> Snapshot:
+    """`vmbusd kvm --snapshot FILE`: the guest booted to its first SynIC write, saved.
+    The one boot of the session (~16 s); every guest after it is a restore."""
     if not HAS_KVM:
         pytest.skip("/dev/kvm is absent")
+    path = tmp_path_factory.mktemp("kvm-snapshot") / "guest.snap"
+    t0 = time.monotonic()
+    r = subprocess.run(
+        [
+            *(VMBUSD, "kvm", "--kernel", str(guest_kernel), "--snapshot", str(path)),
+            *("--console", str(path.with_suffix(".console")), "--timeout", str(BOOT_TIMEOUT_S)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=BOOT_TIMEOUT_S + 30,
+        stdin=subprocess.DEVNULL,
+    )
+    assert r.returncode == 0, (r.returncode, r.stderr, r.stdout[-3000:])
+    return Snapshot(path, r.stderr, time.monotonic() - t0)
+
+
+@pytest.fixture(scope="session")
+def linux_boot(guest_snapshot: Snapshot, tmp_path_factory: pytest.TempPathFactory) -> Boot:
+    """The snapshot restored in-process against `vmbusd serve` (echo + storvsc), run
+    until the guest panics for want of a root file system."""
     tmp = tmp_path_factory.mktemp("kvm-linux")
     proc, sock, log = _serve(tmp, CONFIG)
-    image = guest_kernel.read_bytes()
     version_after: list[float] = []
+    restored: list[float] = []
 
     async def boot() -> tuple[vmm.RunResult, vmm.KvmVm]:
         conn = await attach.connect(str(sock))
-        vm = vmm.KvmVm(image, mem_size=256 << 20, vcpus=1)
+        vm, timing = vmm.KvmVm.from_snapshot(str(guest_snapshot.path))
+        restored.append(timing.seconds)
         t0 = time.monotonic()
 
         async def note_version() -> None:
@@ -136,7 +168,7 @@ def linux_boot(guest_kernel: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     finally:
         _stop(proc)
     (tmp / "console.txt").write_text(vm.console.text())
-    yield Boot(
+    return Boot(
         result,
         vm.console.text(),
         vm.counters,
@@ -144,6 +176,7 @@ def linux_boot(guest_kernel: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         vm.host_log,
         log.read_text(errors="replace"),
         version_after[0] if version_after else None,
+        restored[0],
     )
 
 
@@ -154,16 +187,19 @@ def _types(log: list[tuple[int, bytes]]) -> list[int]:
 @pytest.mark.kvm_linux
 @needs_kvm
 @pytest.mark.timeout(300)
-def test_guest_negotiates_vmbus_5_3(linux_boot: Boot) -> None:
+def test_guest_negotiates_vmbus_5_3(linux_boot: Boot, guest_snapshot: Snapshot) -> None:
     """The console shows hv_vmbus's version line; vmbusd's log the same version; the
     run went on to the expected panic (no fault, no vmbusd error)."""
-    b = linux_boot
+    b, snap = linux_boot, guest_snapshot
+    assert "snapshot at the guest's first SynIC write: MSR 0x40000083" in snap.stderr
     assert b.result.outcome == "until", (b.result, b.console[-3000:])
     assert VERSION_LINE in b.console
     assert "kvm-" in b.vmbusd_log and "VMBus version 5.3 negotiated" in b.vmbusd_log
     assert "WARNING" not in b.vmbusd_log and "ERROR" not in b.vmbusd_log, b.vmbusd_log
     print(
-        f"\nboot: version line after {b.version_after:.1f} s, panic after {b.result.elapsed:.1f} s"
+        f"\nsnapshot run {snap.wall:.1f} s ({snap.stderr.strip().splitlines()[-1]}); "
+        f"restored in {b.restore_s:.2f} s; version line {b.version_after:.1f} s and panic "
+        f"{b.result.elapsed:.1f} s after it"
     )
 
 
@@ -258,20 +294,40 @@ def test_kvm_missing_kernel_file_and_socket(tmp_path: Path) -> None:
         _one_line(r, "s.sock")  # nobody listens: said before any VM is built
 
 
+def test_kvm_snapshot_mistakes(tmp_path: Path) -> None:
+    """--snapshot takes no --connect; --restore of something else; no --connect."""
+    if not HAS_KVM:
+        _one_line(_vmbusd("kvm", "--connect", "x.sock"), "/dev/kvm")
+        return
+    r = _vmbusd("kvm", "--connect", "x.sock", "--snapshot", str(tmp_path / "s"))
+    _one_line(r, "takes no --connect")
+    _one_line(_vmbusd("kvm"), "--connect SOCK is needed")
+    bogus = tmp_path / "bogus.snap"
+    bogus.write_bytes(b"not a snapshot" * 100)
+    proc, sock, _ = _serve(tmp_path, None)
+    try:
+        r = _vmbusd("kvm", "--connect", str(sock), "--restore", str(bogus))
+        _one_line(r, "is not a vmbusd kvm snapshot")
+    finally:
+        _stop(proc)
+
+
 @pytest.mark.kvm_linux
 @needs_kvm
 @pytest.mark.timeout(300)
-def test_kvm_command_until_and_sigterm(guest_kernel: Path, tmp_path: Path) -> None:
-    """`vmbusd kvm` as a user runs it against `vmbusd serve` (default config): exit 0
-    when the console shows the version line, with the console written to --console and
-    its tail printed; a second run stopped by SIGTERM ends 128+15 with one summary line."""
-    proc, sock, _ = _serve(tmp_path, None)
+def test_kvm_command_restore_until_and_sigterm(guest_snapshot: Snapshot, tmp_path: Path) -> None:
+    """`vmbusd kvm --restore` as a user runs it against `vmbusd serve` (default config):
+    exit 0 when the console shows the version line, with the console written to
+    --console and its tail printed; a second run stopped by SIGTERM ends 128+15 with
+    one summary line."""
+    proc, sock, log = _serve(tmp_path, None)
     try:
         con = tmp_path / "console.txt"
         r = subprocess.run(
             [
                 *(VMBUSD, "kvm", "--connect", str(sock), "--console", str(con)),
-                *("--until", r"Vmbus version:\d+\.\d+", "--timeout", str(BOOT_TIMEOUT_S)),
+                *("--restore", str(guest_snapshot.path), "--until", r"Vmbus version:\d+\.\d+"),
+                *("--timeout", str(BOOT_TIMEOUT_S)),
             ],
             capture_output=True,
             text=True,
@@ -282,22 +338,23 @@ def test_kvm_command_until_and_sigterm(guest_kernel: Path, tmp_path: Path) -> No
         assert "console matched 'Vmbus version:5.3'" in r.stderr
         assert VERSION_LINE in con.read_text()
         assert VERSION_LINE in r.stdout  # the tail
-        log = tmp_path / "kvm.log"
-        with open(log, "wb") as f:
+        klog = tmp_path / "kvm.log"
+        with open(klog, "wb") as f:
             k = subprocess.Popen(
-                [VMBUSD, "kvm", "--connect", str(sock), "--console", str(con)],
+                [VMBUSD, "kvm", "--connect", str(sock), "--restore", str(guest_snapshot.path)],
                 stdout=f,
                 stderr=f,
                 stdin=subprocess.DEVNULL,
             )
         deadline = time.monotonic() + 30
-        while "attached to" not in log.read_text() and time.monotonic() < deadline:
+        while "attached to" not in klog.read_text() and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(1)
         k.send_signal(signal.SIGTERM)
         assert k.wait(timeout=30) == 128 + signal.SIGTERM
-        text = log.read_text()
+        text = klog.read_text()
         assert "SIGTERM: stopped after" in text, text
         assert "Traceback" not in text
     finally:
         _stop(proc)
+    assert "VMBus version 5.3 negotiated" in log.read_text()

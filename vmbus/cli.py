@@ -273,6 +273,8 @@ def cmd_kvm(args: argparse.Namespace, say: _Say) -> int:
             until=args.until,
             timeout=args.timeout,
             say=say,
+            snapshot_path=args.snapshot,
+            restore_path=args.restore,
         )
     )
 
@@ -496,7 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
         "unmodified hv_vmbus finds every device vmbusd offers. Prints the console. Exit 0 "
         "when the console matches --until, 1 at the timeout or any other end.",
     )
-    k.add_argument("--connect", metavar="SOCK", required=True, help="`vmbusd serve`'s socket")
+    k.add_argument(
+        "--connect", metavar="SOCK", help="`vmbusd serve`'s socket (needed but with --snapshot)"
+    )
     k.add_argument(
         "--kernel",
         metavar="VMLINUX",
@@ -520,6 +524,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_float,
         metavar="S",
         help="stop with exit 1 after S seconds (default: none)",
+    )
+    ks = k.add_mutually_exclusive_group()
+    ks.add_argument(
+        "--snapshot",
+        metavar="FILE",
+        help="boot to the guest's first SynIC register write (before VMBus starts), save the "
+        "VM there and exit; no --connect (default: no snapshot)",
+    )
+    ks.add_argument(
+        "--restore",
+        metavar="FILE",
+        help="resume a --snapshot instead of booting (its RAM, vCPUs and command line; "
+        "--kernel, --mem, --cpus, --append are not used) (default: boot)",
     )
     k.set_defaults(func=cmd_kvm)
     return p

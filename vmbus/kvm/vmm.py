@@ -31,11 +31,11 @@ import trio
 
 from vmbus import attach
 from vmbus import eventfd as _eventfd
-from vmbus.kvm import boot, pvm
+from vmbus.kvm import boot, pvm, snapshot
 from vmbus.kvm import hyperv as hv
 from vmbus.kvm.acpi import build_acpi
 from vmbus.kvm.hypercall_page import HypercallStub
-from vmbus.kvm.machine import LAPIC_GPA, Machine, StopReason, VcpuFault, current_vcpu
+from vmbus.kvm.machine import LAPIC_GPA, Machine, StopReason, Vcpu, VcpuFault, current_vcpu
 from vmbus.kvm.serial import COM1_IRQ, COM1_PORT, Console, Serial16550
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,12 @@ LOG_LIMIT = 256  # control messages kept each way (KvmVm.guest_log / host_log) f
 POST_QUEUE = 16  # unsent guest posts before HV_STATUS_INSUFFICIENT_BUFFERS (Hyper-V: 16)
 PYTHON_SLOTS_RETRY_S = 0.01  # the twin slot path's retry() period (see hyperv._PySlots)
 QUEUE_FULL_WAIT_S = 0.01
+
+# the SynIC registers hv_synic_enable_regs writes (SIMP first), before INITIATE_CONTACT
+SYNIC_MSRS = frozenset(
+    {hv.HV_X64_MSR_SCONTROL, hv.HV_X64_MSR_SIEFP, hv.HV_X64_MSR_SIMP}
+    | set(range(hv.HV_X64_MSR_SINT0, hv.HV_X64_MSR_SINT15 + 1))
+)
 
 # Without these Linux spends ~15 s of emulated time probing three absent 16550s.
 BASE_APPEND = "8250.nr_uarts=1 hv_vmbus.dyndbg=+p"
@@ -146,14 +152,19 @@ class KvmVm:
 
     def __init__(
         self,
-        vmlinux: bytes,
+        vmlinux: bytes | None,
         *,
         mem_size: int = 256 << 20,
         vcpus: int = 1,
         append: str = "",
         console_sink: Callable[[bytes], None] | None = None,
         vm_id: str | None = None,
+        snapshot_at_synic: bool = False,
     ) -> None:
+        """vmlinux None: nothing is loaded (a snapshot is restored into it next).
+        snapshot_at_synic: stop at the guest's first SynIC register write (run()
+        returns outcome 'snapshot'; then `save_snapshot`)."""
+        self.snapshot_at_synic = snapshot_at_synic
         self.vcpus = vcpus
         self.vm_id = vm_id or f"kvm-{os.getpid()}"
         self.on_pvm = pvm.is_pvm()
@@ -174,7 +185,7 @@ class KvmVm:
             raise
 
     def _setup(
-        self, vmlinux: bytes, append: str, console_sink: Callable[[bytes], None] | None
+        self, vmlinux: bytes | None, append: str, console_sink: Callable[[bytes], None] | None
     ) -> None:
         m = self.machine
         self.pvm_hook = pvm.install(m)
@@ -194,22 +205,24 @@ class KvmVm:
             stub=self.stub,
         )
         m.rdmsr = lambda vcpu, index: self.part.read_msr(vcpu.id, index)
-        m.wrmsr = lambda vcpu, index, value: self.part.write_msr(vcpu.id, index, value)
+        m.wrmsr = self._wrmsr
         m.add_port_device(self.stub.signal_port, 1, _SignalPort(self.part))
         m.add_port_device(self.stub.hypercall_port, 1, _HypercallPort(self.part))
         tables = build_acpi(ACPI_GPA, self.vcpus)
         self.cmdline = kernel_cmdline(self.tsc_khz, on_pvm=self.on_pvm, append=append)
-        try:
-            self.boot_info = boot.boot_elf(
-                m,
-                vmlinux,
-                self.cmdline,
-                acpi=tables.blob,
-                acpi_gpa=tables.base_gpa,
-                rsdp_gpa=tables.rsdp_addr,
-            )
-        except boot.BootError as exc:
-            raise KvmVmError(f"cannot boot this kernel: {exc}") from exc
+        self.boot_info: boot.BootInfo | None = None
+        if vmlinux is not None:
+            try:
+                self.boot_info = boot.boot_elf(
+                    m,
+                    vmlinux,
+                    self.cmdline,
+                    acpi=tables.blob,
+                    acpi_gpa=tables.base_gpa,
+                    rsdp_gpa=tables.rsdp_addr,
+                )
+            except boot.BootError as exc:
+                raise KvmVmError(f"cannot boot this kernel: {exc}") from exc
         self.counters = Counters()
         # the first LOG_LIMIT VMBus control messages each way: (connection id or vCPU, bytes)
         self.guest_log: list[tuple[int, bytes]] = []
@@ -224,6 +237,13 @@ class KvmVm:
         self.ended: str | None = None  # why the attach session ended, once it has
 
     # ---------------------------------------------------------------- vCPU side
+
+    def _wrmsr(self, vcpu: Vcpu, index: int, value: int) -> bool:
+        ok = self.part.write_msr(vcpu.id, index, value)
+        if self.snapshot_at_synic and ok and index in SYNIC_MSRS:
+            self.snapshot_at_synic = False  # the first one only
+            self.machine.request_stop(StopReason("snapshot", vcpu.id, index))
+        return ok
 
     def _on_guest_post(self, connection_id: int, message_type: int, payload: bytes) -> int:
         """HvPostMessage on connection 1 or 4 (the partition refused the rest), on a vCPU
@@ -439,7 +459,9 @@ class KvmVm:
                 except VcpuFault as exc:
                     stop("fault", str(exc))
                 else:
-                    if reason.kind == "timeout":
+                    if reason.kind == "snapshot":
+                        stop("snapshot", f"first SynIC write: MSR {reason.code:#x}")
+                    elif reason.kind == "timeout":
                         stop("timeout", f"no match after {timeout:g} s" if until else "")
                     else:
                         stop("stopped", f"{reason.kind} {reason.detail}".strip())
@@ -450,6 +472,38 @@ class KvmVm:
                 self._unbind(relid)
         assert result is not None
         return result
+
+    # ---------------------------------------------------------------- snapshots
+
+    def save_snapshot(self, path: str) -> snapshot.Timing:
+        """After run() returned outcome 'snapshot': the whole VM to `path`."""
+        return snapshot.save(self, path)
+
+    @classmethod
+    def from_snapshot(
+        cls,
+        path: str,
+        *,
+        console_sink: Callable[[bytes], None] | None = None,
+        vm_id: str | None = None,
+    ) -> tuple[KvmVm, snapshot.Timing]:
+        """A fresh VM with the snapshot's RAM size and vCPUs, its state restored: run()
+        it (after start_session) and the guest goes on from its first SynIC write."""
+        t0 = time.monotonic()
+        state, _ = snapshot.read_header(path)
+        vm = cls(
+            None,
+            mem_size=int(state["mem_size"]),
+            vcpus=int(state["vcpus"]),
+            console_sink=console_sink,
+            vm_id=vm_id,
+        )
+        try:
+            timing = snapshot.restore(vm, path)
+        except BaseException:
+            vm.close()
+            raise
+        return vm, snapshot.Timing(time.monotonic() - t0, timing.ram_bytes)
 
     def close(self) -> None:
         for relid in list(self._bindings):
@@ -499,7 +553,7 @@ def check_kvm(path: str = KVM_DEVICE) -> None:
 
 async def run_kvm(
     *,
-    connect: str,
+    connect: str | None,
     kernel_path: str | None,
     mem_size: int,
     vcpus: int,
@@ -508,28 +562,40 @@ async def run_kvm(
     until: str | None,
     timeout: float | None,
     say: Callable[[str], None],
+    snapshot_path: str | None = None,
+    restore_path: str | None = None,
 ) -> int:
-    """`vmbusd kvm`: 0 when the console matched --until, 1 otherwise (the timeout, vmbusd
-    ending the session, a guest fault), 128+signal when SIGTERM/SIGINT stopped it; a
-    user's mistake raises
+    """`vmbusd kvm`: 0 when the console matched --until (or, with --snapshot, the
+    snapshot was written), 1 otherwise (the timeout, vmbusd ending the session, a guest
+    fault), 128+signal when SIGTERM/SIGINT stopped it; a user's mistake raises
     UserError. Prints the console as it comes (or, with --console FILE, writes it there
     and prints its last lines at the end)."""
     import sys
 
-    from vmbus.cliutil import STOP_SIGNALS, UserError, describe_connect_error
+    from vmbus.cliutil import STOP_SIGNALS, UserError, check_writable, describe_connect_error
 
     check_kvm()
+    if snapshot_path is not None and restore_path is not None:
+        raise UserError("--snapshot and --restore exclude each other")
+    if snapshot_path is not None:
+        if connect is not None:
+            raise UserError("--snapshot stops before VMBus starts: it takes no --connect")
+        check_writable(snapshot_path, "--snapshot")
+    elif connect is None:
+        raise UserError("--connect SOCK is needed (`vmbusd serve --listen SOCK`)")
     if until is not None:
         try:
             re.compile(until)
         except re.error as exc:
             raise UserError(f"--until {until!r} is not a regular expression: {exc}") from None
-    path = kernel_path or default_kernel()
-    try:
-        with open(path, "rb") as f:
-            image = f.read()
-    except OSError as exc:
-        raise UserError(f"--kernel {path}: {exc.strerror or exc}") from None
+    image: bytes | None = None
+    path = restore_path or kernel_path or default_kernel()
+    if restore_path is None:
+        try:
+            with open(path, "rb") as f:
+                image = f.read()
+        except OSError as exc:
+            raise UserError(f"--kernel {path}: {exc.strerror or exc}") from None
     console_file = None
     if console_path is not None:
         try:
@@ -545,45 +611,74 @@ async def run_kvm(
             sys.stdout.buffer.write(data)
             sys.stdout.buffer.flush()
 
+    stopped_by: list[int] = []
+    conn: attach.AttachConnection | None = None
+    vm: KvmVm | None = None
     try:
-        try:
-            conn = await attach.connect(connect)
-        except OSError as exc:
-            raise UserError(describe_connect_error(connect, exc)) from exc
-        try:
-            vm = KvmVm(image, mem_size=mem_size, vcpus=vcpus, append=append, console_sink=sink)
-        except KvmVmError as exc:
-            raise UserError(f"--kernel {path}: {exc}") from None
-        try:
+        if connect is not None:
+            try:
+                conn = await attach.connect(connect)
+            except OSError as exc:
+                raise UserError(describe_connect_error(connect, exc)) from exc
+        if restore_path is not None:
+            try:
+                vm, timing = KvmVm.from_snapshot(restore_path, console_sink=sink)
+            except snapshot.SnapshotError as exc:
+                raise UserError(f"--restore {exc}") from None
+            say(f"restored {restore_path} in {timing.seconds:.2f} s")
+        else:
+            assert image is not None
+            try:
+                vm = KvmVm(
+                    image,
+                    mem_size=mem_size,
+                    vcpus=vcpus,
+                    append=append,
+                    console_sink=sink,
+                    snapshot_at_synic=snapshot_path is not None,
+                )
+            except KvmVmError as exc:
+                raise UserError(f"--kernel {path}: {exc}") from None
+        if conn is not None:
             await vm.start_session(conn)
+        n = vm.vcpus
+        say(
+            f"{'attached to ' + connect if connect else 'not attached'} as {vm.vm_id}; "
+            f"{'resuming' if restore_path else 'booting'} {path} "
+            f"({vm.machine.ram.size >> 20} MiB, {n} vCPU{'s' if n > 1 else ''}"
+            f"{', kvm_pvm' if vm.on_pvm else ''})"
+        )
+        with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+            async with trio.open_nursery() as nursery:
+
+                async def on_signal(machine: Machine) -> None:
+                    async for signum in signals:
+                        stopped_by.append(signum)
+                        machine.request_stop()
+                        return
+
+                nursery.start_soon(on_signal, vm.machine)
+                result = await vm.run(until=until, timeout=timeout)
+                nursery.cancel_scope.cancel()
+        if result.outcome == "snapshot" and snapshot_path is not None and not stopped_by:
+            timing = vm.save_snapshot(snapshot_path)
             say(
-                f"attached to {connect} as {vm.vm_id}; booting {path} "
-                f"({mem_size >> 20} MiB, {vcpus} vCPU{'s' if vcpus > 1 else ''}"
-                f"{', kvm_pvm' if vm.on_pvm else ''})"
+                f"snapshot at the guest's {result.detail}, {result.elapsed:.1f} s after start: "
+                f"wrote {snapshot_path} in {timing.seconds:.2f} s "
+                f"({timing.ram_bytes >> 20} MiB of RAM not zero)"
             )
-            with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
-                async with trio.open_nursery() as nursery:
-                    stopped_by: list[int] = []
-
-                    async def on_signal() -> None:
-                        async for signum in signals:
-                            stopped_by.append(signum)
-                            vm.machine.request_stop()
-                            return
-
-                    nursery.start_soon(on_signal)
-                    result = await vm.run(until=until, timeout=timeout)
-                    nursery.cancel_scope.cancel()
-        finally:
-            vm.close()
-            await conn.aclose()
+            return EXIT_MATCHED
     finally:
+        if vm is not None:
+            vm.close()
+        if conn is not None:
+            await conn.aclose()
         if console_file is not None:
             console_file.close()
     if console_path is not None:
         tail = vm.console.text().splitlines()[-TAIL_LINES:]
         print("\n".join(tail), flush=True)
-    elif not vm.console.text().endswith("\n"):
+    elif vm.console.text() and not vm.console.text().endswith("\n"):
         print(flush=True)
     c = vm.counters
     traffic = (
@@ -598,7 +693,9 @@ async def run_kvm(
         say(f"console matched {result.match!r} after {result.elapsed:.1f} s; {traffic}")
         return EXIT_MATCHED
     if result.outcome == "timeout":
-        what = f"no match for --until {until!r}" if until else "timeout"
+        what = "no SynIC write" if snapshot_path else "timeout"
+        if until:
+            what = f"no match for --until {until!r}"
         say(f"{what} after {result.elapsed:.1f} s; {traffic}")
     elif result.outcome == "vmbusd":
         say(f"stopped: {result.detail}; {traffic}")
