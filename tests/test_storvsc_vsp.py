@@ -17,6 +17,7 @@ import trio
 
 from devices.storvsc.backends.memory import MemoryBackend
 from devices.storvsc.protocol import (
+    PACKET_SIZE,
     SCSI_IF_TYPE,
     SENSE_BUFFER_SIZE,
     VMBUS_RQST_INIT,
@@ -425,7 +426,9 @@ async def _manual_init(ch: Any) -> None:
         await ch.send([inband(p, trans_id=VMBUS_RQST_INIT, completion_requested=True)])
         with trio.fail_after(5):
             (reply,) = list(await ch.receive())
-        assert reply.trans_id == VMBUS_RQST_INIT
+        # a completion (0x0B), flags 0, the id echoed, a 64-byte vstor_packet
+        assert (reply.type, reply.flags, reply.trans_id) == (0x0B, 0, VMBUS_RQST_INIT)
+        assert len(reply.payload) == PACKET_SIZE
         assert decode_reply(bytes(reply.payload))[:2] == (Op.COMPLETE_IO, 0)
 
 

@@ -403,6 +403,11 @@ class StorvscHba:
         _reply, inq = await self.execute(_inquiry(36), length=36, **kw)
         if len(inq) < 36 or inq[0] >> 5 != 0:
             return None  # PQ 3 (or 1): no LUN here
+        if inq[4] + 5 > 36:  # scsi_probe_lun: again with the length the data says
+            n = min(inq[4] + 5, 255)
+            _reply, inq = await self.execute(_inquiry(n), length=n, **kw)
+            if len(inq) < 36:
+                return None
         rc = await self.command(
             "READ CAPACITY(16)",
             bytes([0x9E, 0x10]) + bytes(8) + (32).to_bytes(4, "big") + b"\0\0",
