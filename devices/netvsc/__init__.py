@@ -13,8 +13,18 @@ The device shape every kind shares (docs/devices.md):
   fixed OID whitelist; `parse_packet` reads a guest PACKET and its PPIs (checksum,
   LSO v2, VLAN, hash); `packet_header` and `indicate_status` build host messages;
   `toeplitz_hash` and `rss_queue` steer receives. Errors: `RndisError`.
-- `vsp.py` (host side, trio), `vsc.py` (the simulated guest's driver) and
-  `backends/` (loopback, tap, switch, pcap): issue 10's later parts; not written yet.
+- `offload.py`: checksum fill, LSO v2 segmentation and the receive checksum PPI,
+  pure Python (the native twins do not exist yet).
+- `vsp.py`: `NetvscDevice` (host side, trio; options `mac`, `mtu`, `queues`) with
+  an in-file loopback backend: buffers mapped through `ctx.gpadl` and let go on
+  revoke or teardown, transmit from send sections and GPA-direct pages, RNDIS
+  control answered through receive sections, receives indicated with transfer-page
+  packets per queue, vRSS (sub-channels, send table, Toeplitz steering, hash PPI).
+- `vsc.py`: `NetvscGuest`, the simulated guest's driver doing Linux 6.1's init and
+  vRSS bring-up byte for byte, and `NetvscVsc`, its probe.
+- Not yet: `backends/` (tap, switch, pcap, the entry-point group), native C,
+  several RNDIS packets per transfer-page packet, link indications from `vmbusd
+  ctl`, the `netvsc` entry point (config uses `type = "devices.netvsc.vsp:NetvscDevice"`).
 
 Wire facts come from Linux 6.1's drivers/net/hyperv/ and ../shared/spec/netvsc.md.
 """

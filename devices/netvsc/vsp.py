@@ -1,20 +1,23 @@
-"""The netvsc VSP (host side), a first cut: NVSP and RNDIS cores driven with trio,
-one queue's receive path, and a loopback backend (frames come back).
+"""The netvsc VSP (host side): NVSP and RNDIS cores driven with trio, and a loopback
+backend (frames come back).
 
-What it does: on the primary channel, NVSP init (protocol.py) with the receive and
-send buffers mapped through `ctx.gpadl`; SEND_RNDIS_PKT from send-buffer sections
-and from GPA-direct pages; RNDIS control (rndis.py) answered through receive-buffer
-sections in transfer-page packets; PACKETs handed to the backend; frames from the
-backend written into free receive sections (RNDIS header + frame) and indicated
-with `VM_PKT_DATA_USING_XFER_PAGES`, the sections freed by the guest's
-completions; with no free section a frame is dropped and counted. SUBCHANNEL
-requests are granted through `ctx.enable_subchannels`, and a sub-channel carries
-the guest's transmits (completed on that channel).
+On the primary channel: NVSP init (protocol.py) with the receive and send buffers
+mapped through `ctx.gpadl`, each held by its own task and let go at once on revoke
+or GPADL teardown; SEND_RNDIS_PKT from send-buffer sections and from GPA-direct
+pages; RNDIS control (rndis.py) answered through receive-buffer sections (16 kept
+for control) in transfer-page packets; PACKETs offloaded (offload.py: checksum,
+LSO v2) and handed to the backend. SUBCHANNEL is granted through
+`ctx.enable_subchannels` and followed by the send indirection table; every channel
+carries transmits (completed on that channel) and its own receive path. Frames from
+the backend are steered by Toeplitz over the guest's key and indirection table,
+written into free receive sections (RNDIS header with checksum, VLAN and hash PPIs,
+then the frame) and indicated with `VM_PKT_DATA_USING_XFER_PAGES`; the guest's
+completions free the sections. A queue whose guest stops returning sections drops
+frames beyond RX_QUEUE_DEPTH, counted (OID_GEN_RCV_NO_BUFFER).
 
-Not yet (issue 10 part 3): receives on sub-channels and vRSS steering, the send
-indirection table, several RNDIS packets per transfer-page packet, checksum/LSO
-work on transmit, batching and the native path, link-state indications from
-`vmbusd ctl`, the tap/switch/pcap backends and config wiring.
+Not yet (issue 10): tap/switch/pcap backends and the entry points, several RNDIS
+packets per transfer-page packet, native per-packet code, link indications from
+`vmbusd ctl`, per-queue section partitioning.
 """
 
 from __future__ import annotations
@@ -335,7 +338,8 @@ class NetvscDevice(Device):
         try:
             for msg_type, msg in rn.split_messages(data):
                 if msg_type == rn.MsgType.PACKET:
-                    p = rn.parse_packet(msg, max_frame=nvsp.mtu)
+                    max_frame = min(nvsp.mtu, self.config.mtu + rn.ETH_HLEN)
+                    p = rn.parse_packet(msg, max_frame=max_frame)
                     frame = bytes(msg[p.data_start : p.data_start + p.data_len])
                     assert nic.backend is not None
                     for f in self._offload(frame, p):
