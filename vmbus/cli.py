@@ -499,7 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
         "when the console matches --until, 1 at the timeout or any other end.",
     )
     k.add_argument(
-        "--connect", metavar="SOCK", help="`vmbusd serve`'s socket (needed but with --snapshot)"
+        "--connect",
+        metavar="SOCK",
+        help="`vmbusd serve`'s socket (default: none, which only --snapshot accepts)",
     )
     k.add_argument(
         "--kernel",
