@@ -300,6 +300,16 @@ class KvmVm:
             )
         )
 
+    def start_attach_tasks(self, nursery: trio.Nursery, on_end: Callable[[str], None]) -> None:
+        """The attach session's tasks (run() starts them): the post sender, the receive
+        loop (which starts a call watcher per bind in `nursery`), and on the twin slot
+        path the retry timer. on_end(why) when vmbusd ends the session."""
+        self._nursery = nursery
+        nursery.start_soon(self._send_posts, name="vmm posts")
+        nursery.start_soon(self._receive, on_end, name="vmm receive")
+        if self.part.slot_backend == "python":
+            nursery.start_soon(self._retry_slots)
+
     async def _send_posts(self) -> None:
         assert self.conn is not None
         async for msg in self._post_recv:
@@ -446,12 +456,8 @@ class KvmVm:
 
         try:
             async with trio.open_nursery() as nursery:
-                self._nursery = nursery
                 if self.conn is not None:
-                    nursery.start_soon(self._send_posts, name="vmm posts")
-                    nursery.start_soon(self._receive, lambda why: stop("vmbusd", why))
-                    if self.part.slot_backend == "python":
-                        nursery.start_soon(self._retry_slots)
+                    self.start_attach_tasks(nursery, lambda why: stop("vmbusd", why))
                 if pattern is not None:
                     nursery.start_soon(watch_console)
                 try:
