@@ -358,3 +358,40 @@ def test_kvm_command_restore_until_and_sigterm(guest_snapshot: Snapshot, tmp_pat
     finally:
         _stop(proc)
     assert "VMBus version 5.3 negotiated" in log.read_text()
+
+
+@pytest.mark.kvm_linux
+@needs_kvm
+@pytest.mark.timeout(300)
+async def test_kvm_command_stops_on_vmbusd_error(guest_snapshot: Snapshot, tmp_path: Path) -> None:
+    """A vmbusd that ends the session with `error` (here a scripted one, right after
+    the guest's RAM arrives) stops the VM: exit 1 and one line with vmbusd's words."""
+    sock = tmp_path / "fake.sock"
+    listener = await attach.listen(str(sock))
+
+    async def fake_vmbusd() -> None:
+        conn = await listener.accept()
+        await attach.handshake(conn, attach.Hello(attach.PROTOCOL_VERSION, "vmbusd", "", 0))
+        mem = await conn.receive()
+        assert isinstance(mem, attach.MemoryRegions)
+        attach.close_fds(mem.fds())
+        await conn.send(attach.Error("protocol", "scripted vmbusd says no"))
+        await trio.sleep(1)
+        await conn.aclose()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fake_vmbusd)
+        r = await trio.run_process(
+            [
+                *(VMBUSD, "kvm", "--connect", str(sock), "--restore", str(guest_snapshot.path)),
+                *("--console", str(tmp_path / "console.txt"), "--timeout", "60"),
+            ],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+        await listener.aclose()
+    err = r.stderr.decode()
+    assert r.returncode == 1, err
+    assert "vmbusd kvm: stopped: vmbusd reported error protocol: scripted vmbusd says no" in err
+    assert "Traceback" not in err
