@@ -8,6 +8,8 @@ import logging
 import os
 import random
 import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -612,25 +614,17 @@ readonly = true
 """
 
 
-@pytest.mark.kvm_linux
-@pytest.mark.skipif(not os.path.exists("/dev/kvm"), reason="/dev/kvm is absent")
-def test_real_linux_scans_the_luns(tmp_path: Path) -> None:
-    """Linux 6.1's hv_storvsc on KVM against `vmbusd serve`: it negotiates, opens a
-    sub-channel (2 vCPUs), scans and attaches every LUN with the configured size,
-    block size and write protection, reads their partition tables, and vmbusd
-    refuses nothing and resets no channel."""
-    import subprocess
-    import sys
-    import time
-
+def _boot_real_linux(
+    tmp_path: Path, config: str, until: str, append: str = ""
+) -> tuple[subprocess.CompletedProcess[str], str, str]:
+    """`vmbusd serve --config` + `vmbusd kvm` (2 vCPUs) to `until`: (kvm run,
+    console, vmbusd's log)."""
     from vmbus.kvm import kernel as kbuild
 
     vmlinux = kbuild.build(lambda line: print(f"guest-kernel: {line}", file=sys.stderr)).vmlinux
     exe = str(Path(sys.executable).with_name("vmbusd"))
-    img = tmp_path / "ro.img"
-    img.write_bytes(bytes(16 << 20))
     cfg = tmp_path / "vm.toml"
-    cfg.write_text(LINUX_CONFIG.format(img=img))
+    cfg.write_text(config)
     sock, log = tmp_path / "s.sock", tmp_path / "vmbusd.log"
     with open(log, "wb") as f:
         serve = subprocess.Popen(
@@ -645,19 +639,28 @@ def test_real_linux_scans_the_luns(tmp_path: Path) -> None:
             assert time.monotonic() < deadline and serve.poll() is None, log.read_text()
             time.sleep(0.05)
         console = tmp_path / "console.log"
-        until = r"sdc\] Attached SCSI disk|Kernel panic"
         args = [exe, "kvm", "--connect", str(sock), "--kernel", str(vmlinux), "--cpus", "2"]
         args += ["--console", str(console), "--timeout", "170", "--until", until]
-        kvm = subprocess.run(
-            args,
-            capture_output=True,
-            text=True,
-            timeout=200,
-        )
+        if append:
+            args += ["--append", append]
+        kvm = subprocess.run(args, capture_output=True, text=True, timeout=200)
     finally:
         serve.terminate()
         serve.wait(10)
-    out = console.read_text(errors="replace")
+    return kvm, console.read_text(errors="replace"), log.read_text(errors="replace")
+
+
+@pytest.mark.kvm_linux
+@pytest.mark.skipif(not os.path.exists("/dev/kvm"), reason="/dev/kvm is absent")
+def test_real_linux_scans_the_luns(tmp_path: Path) -> None:
+    """Linux 6.1's hv_storvsc on KVM against `vmbusd serve`: it negotiates, opens a
+    sub-channel (2 vCPUs), scans and attaches every LUN with the configured size,
+    block size and write protection, reads their partition tables, and vmbusd
+    refuses nothing and resets no channel."""
+    img = tmp_path / "ro.img"
+    img.write_bytes(bytes(16 << 20))
+    until = r"sdc\] Attached SCSI disk|Kernel panic"
+    kvm, out, served = _boot_real_linux(tmp_path, LINUX_CONFIG.format(img=img), until)
     assert kvm.returncode == 0, kvm.stdout + kvm.stderr + out[-3000:]
     assert "2 bind(s)" in kvm.stdout + kvm.stderr  # primary + one sub-channel
     assert "scsi host0: storvsc_host_t" in out
@@ -673,5 +676,42 @@ def test_real_linux_scans_the_luns(tmp_path: Path) -> None:
     ):
         assert line in out, line
     assert "storvsc" not in "".join(x for x in out.splitlines() if "rror" in x)
-    served = log.read_text(errors="replace")
     assert "channel reset" not in served and "refused" not in served, served[-3000:]
+
+
+@pytest.mark.kvm_linux
+@pytest.mark.skipif(not os.path.exists("/dev/kvm"), reason="/dev/kvm is absent")
+def test_real_linux_mounts_ext4_read_write(tmp_path: Path) -> None:
+    """Linux 6.1 mounts an ext4 file-backed LUN read-write as its root (then panics:
+    the image has no init). The guest's writes reach the file (the superblock's
+    mount count goes 0 -> 1) and e2fsck finds the file system consistent."""
+    from conftest import require_tool
+
+    mkfs = require_tool("mkfs.ext4", "e2fsprogs")
+    e2fsck = require_tool("e2fsck", "e2fsprogs")
+    dumpe2fs = require_tool("dumpe2fs", "e2fsprogs")
+    img = tmp_path / "root.img"
+    img.write_bytes(b"")
+    os.truncate(img, 64 << 20)
+    subprocess.run([mkfs, "-q", "-F", str(img)], check=True)
+
+    def mount_count() -> int:
+        out = subprocess.run([dumpe2fs, "-h", str(img)], capture_output=True, text=True).stdout
+        (line,) = [x for x in out.splitlines() if x.startswith("Mount count:")]
+        return int(line.split(":")[1])
+
+    assert mount_count() == 0
+    config = f'[[device]]\ntype = "storvsc"\n[[device.lun]]\nbackend = "file"\npath = "{img}"\n'
+    kvm, out, served = _boot_real_linux(
+        tmp_path, config, "Kernel panic", append="root=/dev/sda rw rootfstype=ext4"
+    )
+    assert kvm.returncode == 0, kvm.stdout + kvm.stderr + out[-3000:]
+    assert "EXT4-fs (sda): mounted filesystem with ordered data mode" in out, out[-3000:]
+    assert "VFS: Mounted root (ext4 filesystem) on device 8:0." in out
+    assert "channel reset" not in served and "refused" not in served, served[-3000:]
+    assert mount_count() == 1  # the guest's superblock write is in the file
+    # the guest died with its journal open: replay it, then a forced check is clean
+    fix = subprocess.run([e2fsck, "-fy", str(img)], capture_output=True, text=True)
+    assert fix.returncode in (0, 1), fix.stdout + fix.stderr
+    check = subprocess.run([e2fsck, "-fn", str(img)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
