@@ -233,3 +233,38 @@ async def test_offloads_end_to_end(local_vm: SimulatedVm, open_channel: object) 
         assert filled.checksum == ok and filled.frame[:50] == small[:50]
         assert filled.frame[50:52] != small[50:52]  # the host wrote the TCP checksum
         nursery.cancel_scope.cancel()
+
+
+class LinkNic(NetvscDevice):
+    """A NIC the test can reach: the last one built is `LinkNic.last`."""
+
+    last: LinkNic | None = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        LinkNic.last = self
+
+
+@pytest.mark.devices.with_args(LinkNic)
+async def test_link_down_and_up_reach_the_guest(
+    local_vm: SimulatedVm, open_channel: object
+) -> None:
+    gch = await open_channel(local_vm, LinkNic)  # type: ignore[operator]
+    nic = NetvscGuest(local_vm, gch)
+    dev = LinkNic.last
+    assert dev is not None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(nic.receive_loop)
+        with trio.fail_after(10):
+            await nic.connect()
+            await nic.device_add()
+            assert dev.set_link(False)
+            while not nic.indications:
+                await trio.sleep(0.005)
+            (status,) = struct.unpack("<I", await nic.query(rn.Oid.GEN_MEDIA_CONNECT_STATUS))
+            assert status == 1  # disconnected
+            assert dev.set_link(True)
+            while len(nic.indications) < 2:
+                await trio.sleep(0.005)
+        assert nic.indications == [rn.Status.MEDIA_DISCONNECT, rn.Status.MEDIA_CONNECT]
+        nursery.cancel_scope.cancel()

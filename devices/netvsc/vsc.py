@@ -87,6 +87,7 @@ class NetvscGuest:
     received_bad: int = 0
     withhold_data_completions: bool = False  # a guest that stops returning sections
     send_table: list[int] = field(default_factory=list)
+    indications: list[int] = field(default_factory=list)  # INDICATE_STATUS codes
     subchannels: dict[int, GuestChannel] = field(default_factory=dict)
     _frames_in: trio.MemorySendChannel[RxFrame] = field(init=False)
     _replies: dict[int, trio.MemorySendChannel[bytes]] = field(default_factory=dict)
@@ -245,6 +246,8 @@ class NetvscGuest:
                 self._frames_in.send_nowait(frame)
             except trio.WouldBlock:
                 self.received_bad += 1
+        elif msg_type == rn.MsgType.INDICATE_STATUS and msg_len >= rn.INDICATE_STATUS_SIZE:
+            self.indications.append(struct.unpack_from("<I", msg, 8)[0])
         elif msg_type in (
             rn.MsgType.INITIALIZE_CMPLT,
             rn.MsgType.QUERY_CMPLT,

@@ -158,6 +158,19 @@ class NetvscDevice(Device):
     async def reset(self) -> None:
         self._nic = None
 
+    def set_link(self, up: bool) -> bool:
+        """Media connect/disconnect (what `vmbusd ctl ... nic link` will call): the
+        guest gets an RNDIS INDICATE_STATUS through a control section. Returns
+        whether a guest NIC was there to tell (the state is kept either way)."""
+        self.config.connected = up
+        nic = self._nic
+        if nic is None or nic.rndis.state is not rn.State.INITIALIZED:
+            return False
+        status = rn.Status.MEDIA_CONNECT if up else rn.Status.MEDIA_DISCONNECT
+        nic.control_out.append(rn.indicate_status(status))
+        nic.queues[0].wakeup.set()
+        return True
+
     async def serve(self, channel: Channel, ctx: DeviceContext) -> None:
         if ctx.sub_channel_index:
             await self._serve_subchannel(channel, ctx)
