@@ -268,3 +268,23 @@ async def test_link_down_and_up_reach_the_guest(
                 await trio.sleep(0.005)
         assert nic.indications == [rn.Status.MEDIA_DISCONNECT, rn.Status.MEDIA_CONNECT]
         nursery.cancel_scope.cancel()
+
+
+async def test_64k_lso_send_goes_gpa_direct(local_vm: SimulatedVm, open_channel: object) -> None:
+    """A 64 KiB LSO send does not fit a send section: the guest sends it GPA direct
+    and it comes back as MSS segments carrying the whole payload."""
+    nic = await _nic(local_vm, open_channel)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(nic.receive_loop)
+        with trio.fail_after(10):
+            await nic.connect()
+            await nic.device_add()
+            payload = bytes(i * 7 & 0xFF for i in range(62780 - 40))  # LSO_MAX_SIZE of IP
+            big = tcp_frame("10.2.0.1", 6000, "10.2.0.2", 443, payload)
+            lso = (1 << 30) | (34 << 20) | 1448
+            await nic.send_frame(big, ppis=((rn.PpiType.TCP_LARGESEND, lso),))
+            n = (len(payload) + 1447) // 1448
+            segs = [await nic.frames.receive() for _ in range(n)]
+        assert b"".join(s.frame[54:] for s in segs) == payload
+        assert all(len(s.frame) <= 1514 for s in segs)
+        nursery.cancel_scope.cancel()
