@@ -715,3 +715,116 @@ def test_real_linux_mounts_ext4_read_write(tmp_path: Path) -> None:
     assert fix.returncode in (0, 1), fix.stdout + fix.stderr
     check = subprocess.run([e2fsck, "-fn", str(img)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+# --- a seeded hostile guest ---------------------------------------------------------------
+
+_OPS = (0x00, 0x03, 0x12, 0x1A, 0x25, 0x28, 0x2A, 0x35, 0x88, 0x8A, 0x9E, 0xA0, 0x42, 0x41, 0xFF)
+
+
+_VALID = (
+    (bytes(6), DataIn.NONE, 0),  # TEST UNIT READY
+    (bytes([0x12, 0, 0, 0, 36, 0]), DataIn.READ, 36),  # INQUIRY
+    (_rw(READ_16, 5, 1), DataIn.READ, 512),
+    (_rw(WRITE_16, 9, 2), DataIn.WRITE, 1024),
+    (bytes([0xA0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0]), DataIn.READ, 256),  # REPORT LUNS
+)
+
+
+def _hostile_packet(rng: random.Random, tid: int, ram_pfns: list[int]) -> OutPacket:
+    """A valid SRB with one field mutated (or none, a quarter of the time): edge
+    values, wrong lengths and directions, addresses outside RAM, garbage."""
+    cdb, data_in, dtl = rng.choice(_VALID)
+    fields: dict[str, Any] = {
+        "lun": rng.choice([0, 0, 3]),
+        "cdb": cdb,
+        "data_in": data_in,
+        "data_transfer_length": dtl,
+    }
+    count, offset, outside, garbage = dtl, 0, False, False
+    what = rng.randrange(12) if rng.random() < 0.75 else -1
+    if what == 0:
+        fields["cdb"] = bytes([rng.choice(_OPS)]) + rng.randbytes(15)
+    elif what == 1:
+        fields["cdb_length"] = rng.choice([0, 17, 255, 1, 5])
+    elif what == 2:
+        fields["data_in"] = rng.choice([0, 1, 2, 3, 255])
+    elif what == 3:
+        fields["data_transfer_length"] = rng.choice([0, 1, dtl + 512, 0x40001, 0xFFFFFFFF])
+    elif what == 4:
+        count = rng.choice([dtl + 512, max(1, dtl - 1), 0x40000])
+    elif what == 5:
+        offset = rng.choice([512, 4095])
+    elif what == 6:
+        outside = True
+    elif what == 7:
+        fields["sense_info_length"] = rng.choice([0, 1, 255])
+    elif what == 8:
+        fields.update(path_id=rng.choice([1, 7, 255]), target_id=rng.choice([0, 1, 255]))
+    elif what == 9:
+        fields["lun"] = rng.choice([1, 7, 254, 255])
+    elif what == 10:
+        garbage = True
+    elif what == 11:
+        fields["cdb"] = cdb[:1] + rng.randbytes(len(cdb) - 1)
+    payload = srb_request(encode_srb(**fields))
+    if garbage:
+        payload = payload[:12] + rng.randbytes(52)
+    if count == 0:
+        return inband(payload, trans_id=tid, completion_requested=True)
+    npfns = (offset + count + PAGE_SIZE - 1) // PAGE_SIZE
+    pfns = [rng.choice(ram_pfns) for _ in range(npfns)]
+    if outside:
+        pfns[-1] = rng.choice([1 << 40, 0xFFFFFFFFFFFFF, 1 << 20])
+    return gpa_direct([GpaRange(count, offset, tuple(pfns))], payload, trans_id=tid)
+
+
+@pytest.mark.devices.with_args(ThreeLuns)
+async def test_hostile_srbs_get_answers(local_vm: SimulatedVm, caplog: Any) -> None:
+    """400 mutated SRBs: each is answered with its own trans id (or, for a packet the
+    protocol cannot answer, the channel is reset and re-offered); never a device
+    bug, never a hang; the disk still reads and writes afterwards."""
+    rng = random.Random(0x5C51)
+    ram_pfns = local_vm.ram.alloc_pages(64)
+    answered = resets = 0
+    kinds: dict[int, int] = {}
+    gch = await local_vm.open_channel(_offer(local_vm), 8 * PAGE_SIZE)
+    await _manual_init(gch.channel)
+    with caplog.at_level(logging.INFO):
+        for i in range(400):
+            tid = 1000 + i
+            await gch.channel.send([_hostile_packet(rng, tid, ram_pfns)])
+            got = None
+            with trio.move_on_after(3):
+                got = list(await gch.channel.receive())
+            if got:
+                assert [p.trans_id for p in got] == [tid]
+                assert len(got[0].payload) == PACKET_SIZE
+                op, reply = decode_srb_reply(bytes(got[0].payload))
+                assert op == Op.COMPLETE_IO and reply.srb_status not in (0x00, 0x03)
+                assert reply.sense_info_length <= SENSE_BUFFER_SIZE
+                kinds[reply.srb_status] = kinds.get(reply.srb_status, 0) + 1
+                answered += 1
+                continue
+            relid = gch.offer.relid
+            assert local_vm.offers[relid].rescinded, f"packet {i}: no answer and no reset"
+            resets += 1
+            await local_vm.release_offer(relid)
+            with trio.fail_after(5):
+                while not [
+                    o for o in local_vm.find_offers(SCSI_IF_TYPE) if o.sub_channel_index == 0
+                ]:
+                    await local_vm.offer_events.receive()
+            gch = await local_vm.open_channel(_offer(local_vm), 8 * PAGE_SIZE)
+            await _manual_init(gch.channel)
+    print(f"hostile: {answered} answered, {resets} resets, srb statuses {kinds}")
+    assert answered > 300
+    assert kinds.get(SrbStatus.SUCCESS, 0) > 20  # some commands really ran
+    bugs = [r.getMessage() for r in caplog.records if "device bug" in r.getMessage()]
+    assert bugs == []
+    # the controller is fine: a clean driver can use it
+    await local_vm.close_channel(gch)
+    async with attach_storvsc(local_vm, _offer(local_vm)) as hba:
+        await hba.write(0, 10, b"\x42" * 512)
+        assert await hba.read(0, 10, 1) == b"\x42" * 512
+    local_vm.ram.free_pages(ram_pfns)
