@@ -828,3 +828,18 @@ async def test_hostile_srbs_get_answers(local_vm: SimulatedVm, caplog: Any) -> N
         await hba.write(0, 10, b"\x42" * 512)
         assert await hba.read(0, 10, 1) == b"\x42" * 512
     local_vm.ram.free_pages(ram_pfns)
+
+
+def test_config_check_leaks_no_descriptor(tmp_path: Path) -> None:
+    """`vmbusd serve` builds the devices once to check the config and drops them:
+    the file backend's descriptor goes with them."""
+    import gc
+
+    img = tmp_path / "d.img"
+    img.write_bytes(bytes(1 << 20))
+    cfg = {"device": [{"type": "storvsc", "lun": [{"backend": "file", "path": str(img)}]}]}
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        devices_from_config(cfg)
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) <= before

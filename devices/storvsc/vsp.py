@@ -20,8 +20,11 @@ Configured as `[[device]] type = "storvsc"` with `[[device.lun]]` tables (see
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import uuid
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -103,8 +106,6 @@ def build_lun(
         if k not in _LUN_KEYS:
             opts[_RENAMED.get(str(k), str(k))] = v
     if name == "file" and "path" in opts and "create_size" not in opts:
-        import os
-
         if not os.path.exists(str(opts["path"])):
             raise ConfigError(
                 f"{where}: file {opts['path']} does not exist (set create_size to create it)"
@@ -193,6 +194,10 @@ class StorvscDevice(Device):
         self._open_lock: trio.Lock | None = None
         self._rescan: trio.Event | None = None
         self.max_in_flight_seen = 0  # per channel high-water mark (tests, stats)
+        # `vmbusd serve` builds one device set just to check the config and drops
+        # it without close(): a file backend's descriptor would leak. Whatever
+        # close() did not release is released when the device is collected.
+        weakref.finalize(self, _release_fds, self._backends)
 
     @property
     def offer(self) -> DeviceOffer:
@@ -366,6 +371,17 @@ class _ChannelWorker:
             await self.channel.send(out)  # waits (this channel only) while the ring is full
             self.in_flight -= done
             self._room.set()
+
+
+def _release_fds(backends: list[DiskBackend]) -> None:
+    """Close the descriptor of a backend that was never closed (a file backend's
+    `_fd`; -1 once its close() ran)."""
+    for b in backends:
+        fd = getattr(b, "_fd", None)
+        if isinstance(fd, int) and fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            b._fd = -1  # type: ignore[attr-defined]
 
 
 def _declared_bytes(pkt: Packet) -> int:
