@@ -325,6 +325,12 @@ async def test_bad_srbs(local_vm: SimulatedVm) -> None:
         r = await _raw(hba, pkt)
         assert r.scsi_status == 2 and r.sense[12] == 0x24
         assert bytes(local_vm.ram.page(pfns[0])) == b"\xaa" * PAGE_SIZE  # untouched
+        # ... and a WRITE whose SRB says READ: refused, the disk keeps its bytes
+        srb = encode_srb(cdb=_rw(WRITE_16, 0, 8), data_in=DataIn.READ, data_transfer_length=4096)
+        pkt = gpa_direct([GpaRange(4096, 0, tuple(pfns[:1]))], srb_request(srb), trans_id=7)
+        r = await _raw(hba, pkt)
+        assert r.scsi_status == 2 and r.sense[12] == 0x24
+        assert await hba.read(0, 0, 8) == bytes(4096)
         # a GPA range outside guest RAM (well-formed packet): refused with a status
         srb = encode_srb(cdb=_rw(READ_16, 0, 8), data_in=DataIn.READ, data_transfer_length=4096)
         pkt = gpa_direct([GpaRange(4096, 0, (1 << 30,))], srb_request(srb), trans_id=7)
