@@ -849,3 +849,38 @@ def test_config_check_leaks_no_descriptor(tmp_path: Path) -> None:
         devices_from_config(cfg)
     gc.collect()
     assert len(os.listdir("/proc/self/fd")) <= before
+
+
+async def test_nbd_lun(tmp_path: Path, nursery: trio.Nursery, caplog: Any) -> None:
+    """An NBD LUN (nbdkit's RAM disk, `uri = "nbd+unix:///?socket=..."`) opens on the
+    first channel open and carries I/O; a LUN whose server is not there stays absent
+    with one log line while the other LUNs work."""
+    from conftest import attached_vm
+    from nbd_servers import nbdkit_memory, short_socket_path
+
+    from vmbus.server import serve_listener
+
+    up = short_socket_path(tmp_path, "up.sock")
+    down = short_socket_path(tmp_path, "down.sock")
+    luns = [
+        {"backend": "nbd", "uri": f"nbd+unix:///?socket={up}"},
+        {"lun": 1, "backend": "nbd", "uri": f"nbd+unix:///?socket={down}", "give_up_after": 1},
+        {"lun": 2, "size": "1M"},
+    ]
+    cfg = {"device": [{"type": "storvsc", "lun": luns}]}
+    sock = str(tmp_path / "s.sock")
+    with nbdkit_memory(up, "8M"):
+        await nursery.start(
+            lambda **kw: serve_listener(sock, lambda: devices_from_config(cfg), **kw)
+        )
+        with caplog.at_level(logging.WARNING):
+            async with attached_vm(sock) as vm, attach_storvsc(vm, _offer(vm)) as hba:
+                assert sorted(hba.disks) == [0, 2]
+                assert hba.disks[0].size == 8 << 20
+                data = random.Random(3).randbytes(64 * 512)
+                await hba.write(0, 100, data)
+                await hba.flush(0)
+                assert await hba.read(0, 100, 64) == data
+        lines = [r.getMessage() for r in caplog.records if "did not open" in r.getMessage()]
+        assert len(lines) == 1 and "LUN 1" in lines[0]
+    nursery.cancel_scope.cancel()

@@ -70,6 +70,7 @@ DEFAULT_MAX_TRANSFER = 0x40000  # 256 KiB, OpenVMM's value
 DEFAULT_MAX_SUBCHANNELS = 8
 DEFAULT_RING = 128 * 1024  # Linux's storvsc_ringbuffer_size
 MAX_LUNS = 256
+OPEN_TIMEOUT_S = 3.0  # a backend's async open, inside Linux's 5 s init step
 REFUSALS_LOGGED = 8  # per channel; later refusals are only counted
 
 _LUN_KEYS = ("backend", "lun", "serial", "wwn")  # ours; the rest goes to the backend
@@ -168,6 +169,11 @@ class StorvscDevice(Device):
             raise ConfigError("queue_depth must be 1..4096")
         self.controller = controller or ScsiController()
         self._backends: list[DiskBackend] = []
+        # Backends with an async open step (NBD: capacity and block size come from
+        # the server) become LUNs once opened, on the first channel open.
+        self._unopened: list[tuple[int, DiskBackend, DiskIdentity]] = []
+        if lun is not None and not isinstance(lun, list):
+            raise ConfigError("lun: write each LUN as a [[device.lun]] table")
         seen: set[int] = set()
         for i, entry in enumerate(lun or []):
             n, backend, identity = build_lun(i, entry, pinned)
@@ -177,6 +183,9 @@ class StorvscDevice(Device):
                 raise ConfigError(f"lun #{i + 1}: LUN {n} > {MAX_LUN}")
             seen.add(n)
             self._backends.append(backend)
+            if getattr(backend, "open", None) is not None:
+                self._unopened.append((n, backend, identity))
+                continue
             try:
                 self.controller.add_lun(n, backend, identity)
             except BackendConfigError as exc:
@@ -190,7 +199,6 @@ class StorvscDevice(Device):
         self.max_subchannels = max_subchannels
         self.queue_depth = queue_depth
         self._absent = ScsiController()  # other path/target: no LUNs (scan sees none)
-        self._opened = False
         self._open_lock: trio.Lock | None = None
         self._rescan: trio.Event | None = None
         self.max_in_flight_seen = 0  # per channel high-water mark (tests, stats)
@@ -220,21 +228,32 @@ class StorvscDevice(Device):
         if self._rescan is not None:
             self._rescan.set()
 
-    async def _open_backends(self) -> None:
-        """Backends with an async open step (NBD's connect) open on first use."""
+    async def _open_backends(self, ctx: DeviceContext) -> None:
+        """Open the backends that have an async open step and attach their LUNs,
+        within Linux's 5 s per init step. One that fails (its server is down)
+        stays absent, with one log line; the next primary open tries again."""
+        if not self._unopened:
+            return
         if self._open_lock is None:
             self._open_lock = trio.Lock()
         async with self._open_lock:
-            if not self._opened:
-                for b in self._backends:
-                    await open_backend(b)
-                self._opened = True
+            for item in list(self._unopened):
+                n, backend, identity = item
+                try:
+                    with trio.fail_after(OPEN_TIMEOUT_S):
+                        await open_backend(backend)
+                    self.controller.add_lun(n, backend, identity)
+                except Exception as exc:  # its error, or TooSlowError
+                    ctx.log.warning("LUN %d: backend did not open (%s); it stays absent", n, exc)
+                    continue
+                self._unopened.remove(item)
 
     async def serve(self, channel: Channel, ctx: DeviceContext) -> None:
         primary = ctx.sub_channel_index == 0
         if primary:
             self.proto.reset()  # a new primary open starts the handshake again
-        await self._open_backends()
+        if primary:
+            await self._open_backends(ctx)
         await _ChannelWorker(self, channel, ctx, primary).run()
 
 
