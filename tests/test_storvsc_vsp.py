@@ -548,6 +548,10 @@ def test_config_errors(tmp_path: Path) -> None:
         build({"lun": 1, "size": "1M"}, {"lun": 1, "size": "1M"})
     with pytest.raises(ConfigError, match=r"unknown backend .tape.*file, memory, nbd"):
         build({"backend": "tape"})
+    with pytest.raises(ConfigError, match=r"\[\[device.lun\]\] table"):
+        devices_from_config({"device": [{"type": "storvsc", "lun": 3}]})
+    with pytest.raises(ConfigError, match="lun must be an integer"):
+        build({"lun": 300, "size": "1M"})
     (dev,) = build({"size": "1M", "serial": "S1"}, {"lun": 2, "size": "2M", "block_size": 4096})
     assert isinstance(dev, StorvscDevice)
     assert dev.controller.luns == [0, 2]
