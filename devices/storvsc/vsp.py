@@ -220,8 +220,11 @@ class StorvscDevice(Device):
         self.proto.reset()
 
     async def close(self) -> None:
-        for b in self._backends:
-            await b.close()
+        for b in self._backends:  # every one, even when another fails
+            try:
+                await b.close()
+            except Exception as exc:
+                log.warning("storvsc: closing a %s failed: %s", type(b).__name__, exc)
 
     def bus_changed(self) -> None:
         """LUNs were added or removed: tell the guest (ENUMERATE_BUS, coalesced)."""
