@@ -14,8 +14,23 @@ guest's ring fills, flow control, not memory). A guest that never reads its
 completions fills its own inbound ring: that channel's sender waits, its cap is
 reached, and only that channel stops.
 
+What a hostile or confused guest gets:
+- an answer with the protocol's status: out-of-order or unknown operations, SRBs
+  before END_INITIALIZATION, bad cdb_length/data_in, data_transfer_length that is
+  not what the ranges describe (or over max_transfer_bytes), ranges naming memory
+  that is not RAM, CREATE_SUB_CHANNELS for 0, too many or twice; SRBs are refused
+  as CHECK CONDITION / ILLEGAL REQUEST 24/00 (SRB INVALID_REQUEST|AUTOSENSE);
+- a channel reset (one log line at the session boundary): a packet of the wrong
+  size for the negotiated version, one that asks for no completion, a range list
+  whose shape is broken (offset >= page size, count overflow, more ranges than fit);
+- decisions: the direction is the SRB's `data_in` (the ranges are just memory, so
+  a non-READ SRB's buffer is read-only to the device and a READ CDB with it is
+  refused); a sense offer larger than the sense area is clamped, never refused;
+  an absent LUN or any other path/target answers INQUIRY (PQ 3), REPORT LUNS
+  (its list, empty elsewhere) and SRB INVALID_LUN to everything else.
+
 Configured as `[[device]] type = "storvsc"` with `[[device.lun]]` tables (see
-`StorvscDevice.__init__` and docs/storvsc.md).
+`StorvscDevice.__init__`).
 """
 
 from __future__ import annotations
