@@ -56,8 +56,12 @@ SYNIC_MSRS = frozenset(
     | set(range(hv.HV_X64_MSR_SINT0, hv.HV_X64_MSR_SINT15 + 1))
 )
 
-# Without these Linux spends ~15 s of emulated time probing three absent 16550s.
-BASE_APPEND = "8250.nr_uarts=1 hv_vmbus.dyndbg=+p"
+# 8250.nr_uarts=1: without it Linux spends ~15 s of emulated time probing three absent
+# 16550s. loglevel=8: pr_debug is KERN_DEBUG, which the default console level (7) keeps
+# off the console, so without it `hv_vmbus.dyndbg=+p` shows nothing there. (6.1's
+# hv_vmbus has no pr_debug on the offer path; an offer shows as "Unknown GUID" for a
+# class Linux has no driver for, or as the driver's own probe lines.)
+BASE_APPEND = "8250.nr_uarts=1 loglevel=8 hv_vmbus.dyndbg=+p"
 
 
 def kernel_cmdline(tsc_khz: int, *, on_pvm: bool, append: str = "") -> str:
