@@ -33,6 +33,15 @@ import trio
 from devices.netvsc import offload
 from devices.netvsc import protocol as nv
 from devices.netvsc import rndis as rn
+from devices.netvsc.backends.base import (
+    BackendError,
+    Frame,
+    NetBackend,
+    NicInfo,
+    make_backend,
+)
+from devices.netvsc.backends.tap import parse_mac
+from vmbus import plugins
 from vmbus.channel import Channel, CompletedRequest
 from vmbus.device import Device, DeviceContext, DeviceOffer, GpadlMapping, GuestError
 from vmbus.packet import (
@@ -51,14 +60,8 @@ RX_QUEUE_DEPTH = 1024  # frames queued towards one guest queue before drops
 MAX_RX_IN_FLIGHT = 4096  # transfer-page packets awaiting the guest's completion
 
 
-class LoopbackBackend:
-    """Frames the guest sends come back to it (the benchmark's peer)."""
-
-    def __init__(self, deliver: Callable[[bytes, rn.Vlan | None], None]) -> None:
-        self._deliver = deliver
-
-    def transmit(self, frame: bytes, vlan: rn.Vlan | None = None) -> None:
-        self._deliver(frame, vlan)
+MAX_MTU = 9000  # jumbo frames (without the Ethernet header)
+MIN_MTU = 68
 
 
 @dataclass
@@ -80,7 +83,6 @@ class _Nic:
     nvsp: nv.NvspServer
     rndis: rn.RndisDevice
     queues: list[_Queue]
-    backend: LoopbackBackend | None = None
     recv: GpadlMapping | None = None
     send: GpadlMapping | None = None
     free_data: list[int] = field(default_factory=list)
@@ -93,6 +95,11 @@ class _Nic:
     def wake(self) -> None:
         for q in self.queues:
             q.wakeup.set()
+
+    def deliver_batch(self, frames: list[Frame]) -> None:
+        """A batch from the backend (its `deliver`)."""
+        for f in frames:
+            self.deliver(f.data, f.vlan)
 
     def deliver(self, frame: bytes, vlan: rn.Vlan | None = None) -> None:
         """A frame from the backend: steer it (Toeplitz over the guest's key, then
@@ -123,7 +130,9 @@ async def _set_when(source: trio.Event, target: trio.Event) -> None:
 
 
 class NetvscDevice(Device):
-    """A synthetic NIC: `mac`, `mtu` (without Ethernet header), `queues`."""
+    """A synthetic NIC: `mac`, `mtu` (without Ethernet header, 68..9000), `queues`
+    (vRSS channels), `backend` (a `vmbusd.net_backends` entry point or module:Class,
+    default loopback) and that backend's options as further keywords."""
 
     if_type = NETVSC_IF_TYPE
     name = "netvsc"
@@ -139,11 +148,33 @@ class NetvscDevice(Device):
         mtu: int = 1500,
         queues: int = 1,
         ring_size_hint: int = 128 * 4096,
+        backend: str | NetBackend = "loopback",
+        **backend_options: Any,
     ) -> None:
+        from vmbus.config import ConfigError
+
         super().__init__(instance, ring_size_hint=ring_size_hint)
-        self.config = rn.NicConfig(
-            mac=bytes.fromhex(mac.replace(":", "")), mtu=mtu, max_queues=queues
-        )
+        try:
+            mac_bytes = parse_mac(mac)
+        except BackendError as exc:
+            raise ConfigError(str(exc)) from None
+        if isinstance(mtu, bool) or not isinstance(mtu, int) or not MIN_MTU <= mtu <= MAX_MTU:
+            raise ConfigError(f"mtu {mtu!r} out of range: {MIN_MTU}..{MAX_MTU} (9000 = jumbo)")
+        if isinstance(queues, bool) or not isinstance(queues, int) or not 1 <= queues <= 64:
+            raise ConfigError(f"queues {queues!r} out of range: 1..64")
+        self.config = rn.NicConfig(mac=mac_bytes, mtu=mtu, max_queues=queues)
+        if isinstance(backend, NetBackend):
+            if backend_options:
+                raise ConfigError("backend options given with a ready backend object")
+            self.backend = backend
+        else:
+            if not isinstance(backend, str):
+                raise ConfigError(f"backend must be a string, not {backend!r}")
+            cls = plugins.resolve(plugins.NET_BACKENDS, backend)
+            try:
+                self.backend = make_backend(cls, backend, backend_options)
+            except BackendError as exc:
+                raise ConfigError(str(exc)) from None
         self._nic: _Nic | None = None
 
     @property
@@ -180,9 +211,14 @@ class NetvscDevice(Device):
             rn.RndisDevice(self.config),
             [_Queue(i) for i in range(self.config.max_queues)],
         )
-        nic.backend = LoopbackBackend(nic.deliver)
         self._nic = nic
+        info = NicInfo(self.config.mac, self.config.mtu, self.config.max_queues)
         async with trio.open_nursery() as nursery:
+            try:
+                await nursery.start(self.backend.run, info, nic.deliver_batch)
+            except BackendError as exc:  # the host side is missing: this NIC cannot serve
+                ctx.log.warning("netvsc backend %s: %s", self.backend.name, exc)
+                raise
             self._open_queue(nic, 0, channel, nursery)
             while True:
                 out: list[OutPacket] = []
@@ -348,15 +384,14 @@ class NetvscDevice(Device):
             failed = nv.NvspError(exc.reason, reply=nv.rndis_pkt_complete(nv.Status.FAIL))
             return self._refuse(pkt, failed, ctx)
         status = nv.Status.SUCCESS
+        out: list[Frame] = []
         try:
             for msg_type, msg in rn.split_messages(data):
                 if msg_type == rn.MsgType.PACKET:
                     max_frame = min(nvsp.mtu, self.config.mtu + rn.ETH_HLEN)
                     p = rn.parse_packet(msg, max_frame=max_frame)
                     frame = bytes(msg[p.data_start : p.data_start + p.data_len])
-                    assert nic.backend is not None
-                    for f in self._offload(frame, p):
-                        nic.backend.transmit(f, p.vlan)
+                    out.extend(Frame(f, p.vlan) for f in self._offload(frame, p))
                     nic.rndis.counters.xmit_ok += 1
                 elif not primary:
                     raise rn.RndisError("RNDIS control on a sub-channel")
@@ -375,6 +410,8 @@ class NetvscDevice(Device):
                 nic.control_out.append(exc.reply)
             else:
                 status = nv.Status.FAIL
+        if out:
+            self.backend.transmit(ctx.sub_channel_index, out)
         if wants_completion(pkt):
             return [completion_for(pkt, nvsp.rndis_complete(status))]
         return []

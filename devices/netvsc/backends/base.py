@@ -1,0 +1,130 @@
+"""The network backend contract: what the netvsc VSP asks of whatever its frames
+go to (a loopback, a TAP device, a switch, a capture file...).
+
+A backend is built from its config options when the VM's config is loaded (so a
+bad option fails before anything listens) and does nothing until `run`: the VSP
+starts it when the guest's NIC comes up and cancels it when the NIC goes (a guest
+that reboots runs it again). Frames cross in batches, per queue:
+
+- guest -> backend: `transmit(queue, frames)`, the frames one VMBus channel
+  carried in one batch, with the offloads the backend does not take already done
+  by the VSP (checksums filled, LSO segmented). Never blocks: a backend that
+  cannot take a frame now drops it and counts it.
+- backend -> guest: the `deliver` callable given to `run`, a batch at a time; the
+  VSP steers each frame to a guest queue (vRSS) itself.
+"""
+
+from __future__ import annotations
+
+import inspect
+import struct
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from devices.netvsc.rndis import Vlan
+from vmbus.cliutil import UserError
+
+
+class BackendError(UserError):
+    """A backend's options are wrong, or what it names on the host is not there."""
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One Ethernet frame (without 802.1Q tag: the tag rides beside it, as in RNDIS)."""
+
+    data: bytes
+    vlan: Vlan | None = None
+
+
+@dataclass(frozen=True)
+class Offloads:
+    """What a backend can take from the VSP instead of having it done in Python:
+    frames whose TCP/UDP checksum is still to be filled, and LSO sends still to be
+    segmented. A backend that takes neither gets only finished frames."""
+
+    tx_checksum: bool = False
+    tx_lso: bool = False
+
+
+@dataclass(frozen=True)
+class NicInfo:
+    """What the backend may want to know of the NIC it serves."""
+
+    mac: bytes
+    mtu: int  # without the Ethernet header
+    queues: int
+
+
+Deliver = Callable[[list[Frame]], None]
+
+
+class NetBackend(ABC):
+    """A host-side network for one synthetic NIC."""
+
+    name: str = "?"
+    offloads: Offloads = Offloads()
+
+    def __init__(self) -> None:
+        self.tx_frames = 0
+        self.tx_dropped = 0
+        self.rx_frames = 0
+        self.rx_dropped = 0
+
+    @abstractmethod
+    async def run(
+        self,
+        nic: NicInfo,
+        deliver: Deliver,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Open what the backend needs, call `task_status.started()` when frames
+        can flow, carry frames until cancelled, then let everything go."""
+
+    @abstractmethod
+    def transmit(self, queue: int, frames: list[Frame]) -> None:
+        """Frames the guest sent on `queue` (0-based VMBus channel index)."""
+
+    @property
+    def link_up(self) -> bool:
+        """Whether the backend's side of the wire is up (media connect)."""
+        return True
+
+
+def make_backend(cls: object, name: str, options: dict[str, Any]) -> NetBackend:
+    """Build backend `cls` from config options; an unknown or ill-typed option is a
+    one-line BackendError naming what the backend takes."""
+    if not (isinstance(cls, type) and issubclass(cls, NetBackend)):
+        raise BackendError(f"net backend {name!r} is {cls!r}, not a NetBackend subclass")
+    params = inspect.signature(cls).parameters
+    takes = [p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY]
+    for key in options:
+        if key not in takes:
+            listed = ", ".join(takes) or "no options"
+            raise BackendError(f"{name} backend: unknown option {key!r}; it takes: {listed}")
+    try:
+        return cls(**options)
+    except TypeError as exc:
+        raise BackendError(f"{name} backend: {exc}") from exc
+
+
+ETH_P_8021Q = 0x8100
+
+
+def vlan_strip(data: bytes) -> tuple[bytes, Vlan | None]:
+    """An inline 802.1Q tag taken out of a frame (the NDIS way: beside it, PPI 6)."""
+    if len(data) < 18 or struct.unpack_from(">H", data, 12)[0] != ETH_P_8021Q:
+        return data, None
+    (tci,) = struct.unpack_from(">H", data, 14)
+    return data[:12] + data[16:], Vlan(tci & 0xFFF, tci >> 13, bool(tci & 0x1000))
+
+
+def vlan_insert(data: bytes, vlan: Vlan) -> bytes:
+    """The tag put back inline (for a kernel interface, which wants it in the frame)."""
+    tci = (vlan.vlan_id & 0xFFF) | int(vlan.cfi) << 12 | (vlan.priority & 7) << 13
+    return data[:12] + struct.pack(">HH", ETH_P_8021Q, tci) + data[12:]
