@@ -2,23 +2,27 @@
 whose vCPU never runs (no kernel): hello and the sealed RAM regions; a `post` into the
 SIMP slot; a `bind` that puts a datamatch ioeventfd in KVM and a call watcher that
 turns a burst of vmbusd signals into one SIEFP bit and one interrupt; `unbind` taking
-the ioeventfd out again; `error` ending the session with vmbusd's words. Fast (no
-guest boot): the main suite runs it on any KVM. The real guest is tests/test_kvm_linux.py.
+the ioeventfd out again; `error` ending the session with vmbusd's words; and a
+snapshot's round trip. Fast (no guest boot): the main suite runs it on any KVM. The
+real guest is tests/test_kvm_linux.py.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import socket
+import struct
+from pathlib import Path
 
 import pytest
 import trio
 
 from vmbus import attach
 from vmbus.kvm import hyperv as hv
-from vmbus.kvm import vmm
+from vmbus.kvm import snapshot, vmm
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/kvm"), reason="/dev/kvm is absent")
 
@@ -132,3 +136,58 @@ async def test_attach_side_against_a_scripted_vmbusd() -> None:
             os.close(fd)
         await peer.aclose()
         await conn.aclose()
+
+
+def test_snapshot_round_trip_and_bad_files(tmp_path: Path) -> None:
+    """save -> from_snapshot on a VM that never ran: RAM (holes included), registers, the
+    LAPIC, MSRs, the Hyper-V partition and the UART come back; a file that is not a
+    snapshot, one cut short, and one from a host with another TSC rate are refused."""
+    vm = vmm.KvmVm(None, mem_size=64 << 20, vcpus=2, vm_id="kvm-snap")
+    path = str(tmp_path / "vm.snap")
+    try:
+        vm.machine.ram.write(0x200000, b"guest bytes" * 100)
+        vm.machine.ram.write((64 << 20) - 16, b"the last page...")
+        regs = vm.machine.vcpus[1].fd.get_regs()
+        regs.rip, regs.rbx = 0x1234, 0xDEADBEEF
+        vm.machine.vcpus[1].fd.set_regs(regs)
+        assert vm.part.write_msr(0, hv.HV_X64_MSR_GUEST_OS_ID, 0x8100)
+        assert vm.part.write_msr(1, hv.HV_X64_MSR_SIMP, SIMP_GPA | 1)
+        vm.serial.lcr = 0x1B
+        saved = vm.save_snapshot(path)
+        assert saved.ram_bytes < 64 << 20  # holes for the zero MiBs
+        hv_state = vm.part.save()
+    finally:
+        vm.close()
+    vm2, timing = vmm.KvmVm.from_snapshot(path)
+    try:
+        assert timing.ram_bytes == 64 << 20 and len(vm2.machine.vcpus) == 2
+        assert vm2.machine.ram.read(0x200000, 1100) == b"guest bytes" * 100
+        assert vm2.machine.ram.read((64 << 20) - 16, 16) == b"the last page..."
+        assert vm2.machine.ram.read(0x300000, 4096) == bytes(4096)
+        r = vm2.machine.vcpus[1].fd.get_regs()
+        assert (r.rip, r.rbx) == (0x1234, 0xDEADBEEF)
+        assert vm2.part.save() == hv_state
+        assert vm2.serial.lcr == 0x1B
+    finally:
+        vm2.close()
+
+    def refused(data: bytes, needle: str) -> None:
+        bad = tmp_path / "bad.snap"
+        bad.write_bytes(data)
+        with pytest.raises(snapshot.SnapshotError, match=needle):
+            vmm.KvmVm.from_snapshot(str(bad))
+
+    raw = Path(path).read_bytes()
+    refused(b"nope" * 100, "not a vmbusd kvm snapshot")
+    refused(raw[: len(raw) - 4096], "RAM truncated")
+    (n,) = struct.unpack_from("<Q", raw, len(snapshot.MAGIC))
+    start = len(snapshot.MAGIC) + 8
+    state = json.loads(raw[start : start + n])
+    state["tsc_khz"] += 1
+    head = json.dumps(state).encode()
+    pad = -(-(start + len(head)) // snapshot.PAGE) * snapshot.PAGE - start - len(head)
+    ram = raw[-(-(start + n) // snapshot.PAGE) * snapshot.PAGE :]
+    refused(
+        snapshot.MAGIC + struct.pack("<Q", len(head)) + head + bytes(pad) + ram,
+        "restore it on the machine that took it",
+    )
