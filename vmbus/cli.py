@@ -203,15 +203,20 @@ def cmd_attach(args: argparse.Namespace, say: _Say) -> int:
 def cmd_vm(args: argparse.Namespace, say: _Say) -> int:
     from vmbus.guest.main import run_vm
 
+    if args.netns and not args.nic_tap:
+        raise UserError("--netns names the namespace of --nic-tap's TAP: give --nic-tap NAME too")
+
     return trio.run(
         lambda: run_vm(
             listen=args.listen,
             connect=args.connect,
-            workload=args.workload,
+            workload="idle" if args.nic_tap else args.workload,
             packets=args.packets,
             ring_size=args.ring_size,
             json_out=args.json,
             say=say,
+            nic_tap=args.nic_tap,
+            netns=args.netns,
         )
     )
 
@@ -398,6 +403,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--json",
         metavar="FILE",
         help="also write the summary as JSON, '-' = stdout (default: no JSON)",
+    )
+    v.add_argument(
+        "--nic-tap",
+        metavar="NAME",
+        help="bridge the VM's netvsc NIC to TAP device NAME (created, or attached if it "
+        "exists) and stay idle: programs using NAME talk through VMBus to vmbusd's NIC "
+        "backend (default: no TAP; implies --workload idle)",
+    )
+    v.add_argument(
+        "--netns",
+        metavar="NS",
+        help="with --nic-tap: the existing network namespace (/run/netns/NS) the TAP is in "
+        "(default: vmbusd vm's own)",
     )
     v.set_defaults(func=cmd_vm)
 

@@ -11,6 +11,7 @@ import json
 import logging
 import signal
 import sys
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -77,11 +78,14 @@ async def run_drivers(vm: SimulatedVm, packets: int, ring_size: int) -> dict[str
     return {"channels": results}
 
 
-async def _open_all(vm: SimulatedVm, ring_size: int) -> list[GuestChannel]:
-    """The idle workload: open every channel the host offered, as a guest's drivers would."""
+async def _open_all(
+    vm: SimulatedVm, ring_size: int, skip: frozenset[uuid.UUID] = frozenset()
+) -> list[GuestChannel]:
+    """The idle workload: open every channel the host offered, as a guest's drivers would
+    (but those of interface types in `skip`, which a driver already has)."""
     opened = []
     for offer in sorted(vm.offers.values(), key=lambda o: o.relid):
-        if not offer.rescinded:
+        if not offer.rescinded and offer.if_type not in skip:
             opened.append(await vm.open_channel(offer, ring_size))
     return opened
 
@@ -137,6 +141,8 @@ async def run_vm(
     ring_size: int,
     json_out: str | None,
     say: Callable[[str], None] | None = None,
+    nic_tap: str | None = None,
+    netns: str | None = None,
 ) -> int:
     """Exit status: 0 done (or idle stopped by a signal), 1 the workload failed,
     128+signal when a signal cut the echo workload short; a bad path raises UserError."""
@@ -170,7 +176,14 @@ async def run_vm(
                             status = 0
                             say(_echo_line(summary))
                         else:
-                            opened = await _open_all(vm, ring_size)
+                            skip: frozenset[uuid.UUID] = frozenset()
+                            if nic_tap is not None:  # the NIC bridged to a TAP, then idle
+                                from devices.netvsc.tap_bridge import bridge_nic_to_tap
+                                from devices.netvsc.vsp import NETVSC_IF_TYPE
+
+                                await nursery.start(bridge_nic_to_tap, vm, nic_tap, netns, say)
+                                skip = frozenset({NETVSC_IF_TYPE})
+                            opened = await _open_all(vm, ring_size, skip)
                             summary["channels_open"] = len(opened)
                             say(
                                 f"VMBus {summary['version']}, {len(vm.offers)} offer(s), "
