@@ -39,6 +39,7 @@ from devices.netvsc.backends.base import (
     NetBackend,
     NicInfo,
     make_backend,
+    partial_frame,
 )
 from devices.netvsc.backends.tap import parse_mac
 from vmbus import plugins
@@ -391,7 +392,11 @@ class NetvscDevice(Device):
                     max_frame = min(nvsp.mtu, self.config.mtu + rn.ETH_HLEN)
                     p = rn.parse_packet(msg, max_frame=max_frame)
                     frame = bytes(msg[p.data_start : p.data_start + p.data_len])
-                    out.extend(Frame(f, p.vlan) for f in self._offload(frame, p))
+                    passed = partial_frame(frame, p, self.backend.offloads)
+                    if passed is not None:  # the backend does the offload (tap: vnet header)
+                        out.extend(passed)
+                    else:
+                        out.extend(Frame(f, p.vlan) for f in self._offload(frame, p))
                     nic.rndis.counters.xmit_ok += 1
                 elif not primary:
                     raise rn.RndisError("RNDIS control on a sub-channel")

@@ -25,6 +25,8 @@ from typing import Any
 
 import trio
 
+from devices.netvsc import offload
+from devices.netvsc import rndis as rn
 from devices.netvsc.rndis import Vlan
 from vmbus.cliutil import UserError
 
@@ -34,11 +36,29 @@ class BackendError(UserError):
 
 
 @dataclass(frozen=True)
+class Gso:
+    """A TCP send still to be segmented (the frame's IP lengths and header checksum
+    are right for the whole frame; its TCP checksum field holds the pseudo-header
+    sum, as for `Frame.csum`)."""
+
+    ipv6: bool
+    mss: int
+    hdr_len: int  # Ethernet + IP + TCP headers
+
+
+@dataclass(frozen=True)
 class Frame:
-    """One Ethernet frame (without 802.1Q tag: the tag rides beside it, as in RNDIS)."""
+    """One Ethernet frame (without 802.1Q tag: the tag rides beside it, as in RNDIS).
+
+    Only for a backend whose `offloads` take them: `csum` = (start, offset): the
+    ones'-complement sum from `start` to the end goes at start + offset (the field
+    holds the pseudo-header sum, as Linux's CHECKSUM_PARTIAL and virtio leave it);
+    `gso`: segment it too."""
 
     data: bytes
     vlan: Vlan | None = None
+    csum: tuple[int, int] | None = None
+    gso: Gso | None = None
 
 
 @dataclass(frozen=True)
@@ -128,3 +148,52 @@ def vlan_insert(data: bytes, vlan: Vlan) -> bytes:
     """The tag put back inline (for a kernel interface, which wants it in the frame)."""
     tci = (vlan.vlan_id & 0xFFF) | int(vlan.cfi) << 12 | (vlan.priority & 7) << 13
     return data[:12] + struct.pack(">HH", ETH_P_8021Q, tci) + data[12:]
+
+
+def partial_frame(frame: bytes, p: rn.TxPacket, offloads: Offloads) -> list[Frame] | None:
+    """The guest's checksum/LSO request handed on as a partial frame (`Frame.csum`,
+    `Frame.gso`) when the backend takes it; None when the VSP must do it in Python.
+    Checked as offload.py checks it (an OffloadError is the guest's); for LSO the
+    IP lengths and IPv4 header checksum Linux zeroed are rebuilt and the TCP field
+    gets the pseudo-header sum over the real length (Linux left it over length 0)."""
+    if p.lso is not None:
+        if not offloads.tx_lso:
+            return None
+        out = bytearray(frame)
+        ip, version = offload._ip_at(out)
+        if (version == 6) != p.lso.ipv6:
+            raise offload.OffloadError("LSO PPI's IP version does not match the frame")
+        l4 = p.lso.tcp_offset
+        if l4 < ip + (20 if version == 4 else 40) or len(out) < l4 + 20:
+            raise offload.OffloadError(f"LSO TCP offset {l4} in a {len(out)}-byte frame")
+        if version == 4 and out[ip + 9] != offload.IPPROTO_TCP:
+            raise offload.OffloadError("LSO on a non-TCP IPv4 packet")
+        thl = (out[l4 + 12] >> 4) * 4
+        if thl < 20 or len(out) <= l4 + thl or not 0 < p.lso.mss <= 0xFFFF:
+            raise offload.OffloadError(f"LSO: TCP header {thl}, mss {p.lso.mss}")
+        if len(out) - ip > 0xFFFF + (40 if version == 6 else 0):
+            raise offload.OffloadError(f"LSO frame of {len(out)} bytes")
+        if version == 4:
+            struct.pack_into(">H", out, ip + 2, len(out) - ip)
+            offload.ipv4_header_checksum(out, ip)
+        else:
+            struct.pack_into(">H", out, ip + 4, len(out) - ip - 40)
+        l4_len = len(out) - l4
+        pseudo = offload._pseudo(out, ip, version, offload.IPPROTO_TCP, l4_len)
+        struct.pack_into(">H", out, l4 + 16, pseudo)
+        gso = Gso(version == 6, p.lso.mss, l4 + thl)
+        return [Frame(bytes(out), p.vlan, (l4, 16), gso)]
+    csum = p.checksum
+    if csum is None or not (csum.tcp or csum.udp) or not offloads.tx_checksum:
+        return None
+    out = bytearray(frame)
+    ip, version = offload._ip_at(out)
+    if (version == 4) != csum.ipv4:
+        raise offload.OffloadError("checksum PPI's IP version does not match the frame")
+    field = 16 if csum.tcp else 6
+    l4 = csum.l4_offset
+    if l4 < ip + (20 if version == 4 else 40) or l4 + field + 2 > len(out):
+        raise offload.OffloadError(f"L4 offset {l4} in a {len(out)}-byte frame")
+    if csum.ip_header and version == 4:
+        offload.ipv4_header_checksum(out, ip)
+    return [Frame(bytes(out), p.vlan, (l4, field))]

@@ -13,12 +13,12 @@ The TAP is opened IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE, one queu
 and enslaves it to the bridge. Everything is done from a worker thread that has
 entered the namespace (setns on that thread only), so the TAP is made inside it.
 
-Offloads: the virtio_net_hdr is on every frame, but for now it always says "no
-offload": the VSP fills checksums and segments LSO sends in Python (offload.py)
-before a frame is written, and the kernel is not told (TUNSETOFFLOAD) that we take
-partial checksums or GSO, so it finishes every frame it gives us. Mapping the
-guest's checksum/LSO PPIs to the header (and back to the receive checksum PPI and
-coalesced receives) is the next step; `offloads` says what this backend takes.
+Offloads, transmit: the guest's checksum and LSO v2 PPIs become the frame's
+virtio_net_hdr (NEEDS_CSUM with csum_start/offset; GSO_TCPV4/TCPV6 with gso_size
+and hdr_len), so the kernel fills checksums and segments, not Python. Receive: the
+kernel is not told (TUNSETOFFLOAD) that we take partial checksums or GSO, so it
+finishes and segments every frame it gives us, and the VSP computes the receive
+checksum PPI itself; handing the guest coalesced (RSC) receives is not done.
 """
 
 from __future__ import annotations
@@ -54,7 +54,10 @@ CLONE_NEWNET = 0x40000000
 IFNAMSIZ = 16
 VNET_HDR_LEN = 10  # struct virtio_net_hdr (TUNSETVNETHDRSZ not set: the default)
 NO_OFFLOAD_HDR = bytes(VNET_HDR_LEN)  # flags 0, GSO_NONE
+VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
 VIRTIO_NET_HDR_GSO_NONE = 0
+VIRTIO_NET_HDR_GSO_TCPV4 = 1
+VIRTIO_NET_HDR_GSO_TCPV6 = 4
 READ_BATCH = 64  # frames read from one queue before handing them over
 READ_SIZE = VNET_HDR_LEN + 65536 + 18
 
@@ -140,7 +143,7 @@ class TapBackend(NetBackend):
     """A TAP device: one queue per VMBus channel, frames with a virtio_net_hdr."""
 
     name = "tap"
-    offloads = Offloads()  # see the module docstring: done by the VSP for now
+    offloads = Offloads(tx_checksum=True, tx_lso=True)  # through the vnet header
 
     def __init__(
         self,
@@ -226,10 +229,32 @@ class TapBackend(NetBackend):
         for f in frames:
             data = f.data if f.vlan is None else vlan_insert(f.data, f.vlan)
             try:
-                os.write(fd, NO_OFFLOAD_HDR + data)
+                os.write(fd, vnet_header(f) + data)
                 self.tx_frames += 1
             except (BlockingIOError, OSError):
                 self.tx_dropped += 1  # the TAP's queue is full or the link is down
+
+
+def vnet_header(f: Frame) -> bytes:
+    """The virtio_net_hdr for a frame: NEEDS_CSUM with where the checksum goes, and
+    the GSO type, size and header length for an LSO send (offsets moved by the
+    802.1Q tag when it goes inline)."""
+    if f.csum is None:
+        return NO_OFFLOAD_HDR
+    shift = 4 if f.vlan is not None else 0
+    start, offset = f.csum
+    if f.gso is None:
+        return struct.pack("<BBHHHH", VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, start + shift, offset)
+    kind = VIRTIO_NET_HDR_GSO_TCPV6 if f.gso.ipv6 else VIRTIO_NET_HDR_GSO_TCPV4
+    return struct.pack(
+        "<BBHHHH",
+        VIRTIO_NET_HDR_F_NEEDS_CSUM,
+        kind,
+        f.gso.hdr_len + shift,
+        f.gso.mss,
+        start + shift,
+        offset,
+    )
 
 
 def parse_mac(text: str) -> bytes:
