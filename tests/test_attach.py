@@ -27,11 +27,11 @@ from vmbus.attach import (
     ConnectionClosed,
     Error,
     Hello,
+    MemoryRegion,
     MemoryRegions,
     PeerError,
     PostFromGuest,
     PostToGuest,
-    Region,
     Reset,
     Unbind,
     decode_message,
@@ -90,7 +90,7 @@ def test_codec_round_trip_without_fds(msg: attach.Message) -> None:
 def test_codec_maps_fds_to_indices() -> None:
     mem = os.memfd_create("ram")
     try:
-        msg = MemoryRegions((Region(0, 8192, mem, 0), Region(1 << 32, 4096, mem, 8192)))
+        msg = MemoryRegions((MemoryRegion(0, 8192, mem, 0), MemoryRegion(1 << 32, 4096, mem, 8192)))
         data, fds = encode_message(msg)
         assert fds == [mem, mem]  # one file, attached once per region
         body = msgpack.unpackb(data)
@@ -98,7 +98,7 @@ def test_codec_maps_fds_to_indices() -> None:
         dup = [os.dup(mem), os.dup(mem)]
         got = decode_message(data, dup)
         assert got == MemoryRegions(
-            (Region(0, 8192, dup[0], 0), Region(1 << 32, 4096, dup[1], 8192))
+            (MemoryRegion(0, 8192, dup[0], 0), MemoryRegion(1 << 32, 4096, dup[1], 8192))
         )
         attach.close_fds(got.fds())
     finally:
@@ -115,9 +115,9 @@ def test_local_construction_is_checked() -> None:
     with pytest.raises(ValueError):
         Bind(1, 0x2001, 0, 5, 5)
     with pytest.raises(ValueError):
-        MemoryRegions((Region(0, 8192, 3, 0), Region(4096, 4096, 3, 0)))
+        MemoryRegions((MemoryRegion(0, 8192, 3, 0), MemoryRegion(4096, 4096, 3, 0)))
     with pytest.raises(ValueError):
-        Region(0, 100, 3, 0)
+        MemoryRegion(0, 100, 3, 0)
     with pytest.raises(ValueError):
         Hello(1, "vmm", "", 1)  # a VMM must name its VM
     with pytest.raises(ValueError):
@@ -163,7 +163,9 @@ async def test_memory_fds_reach_the_same_file(
     os.ftruncate(lo, 8192)
     os.ftruncate(hi, 4096)
     try:
-        await vmm.send(MemoryRegions((Region(0, 8192, lo, 0), Region(1 << 32, 4096, hi, 0))))
+        await vmm.send(
+            MemoryRegions((MemoryRegion(0, 8192, lo, 0), MemoryRegion(1 << 32, 4096, hi, 0)))
+        )
         got = await vmbusd.receive()
         assert isinstance(got, MemoryRegions)
         r0, r1 = got.regions

@@ -356,7 +356,7 @@ async def test_vmm_unmappable_memory_fd(tmp_path: Path) -> None:
         conn = await _raw_vmm(sp.path)
         r, w = os.pipe()
         try:
-            await conn.send(attach.MemoryRegions((attach.Region(0, 1 << 20, r, 0),)))
+            await conn.send(attach.MemoryRegions((attach.MemoryRegion(0, 1 << 20, r, 0),)))
         finally:
             os.close(r)
             os.close(w)
@@ -370,8 +370,8 @@ async def test_vmm_overlapping_regions(tmp_path: Path) -> None:
         conn = await _raw_vmm(sp.path)
         fd = sealed_memfd("ram", 4 << 20)
         try:
-            await conn.send(attach.MemoryRegions((attach.Region(0, 2 << 20, fd, 0),)))
-            await conn.send(attach.MemoryRegions((attach.Region(1 << 20, 2 << 20, fd, 0),)))
+            await conn.send(attach.MemoryRegions((attach.MemoryRegion(0, 2 << 20, fd, 0),)))
+            await conn.send(attach.MemoryRegions((attach.MemoryRegion(1 << 20, 2 << 20, fd, 0),)))
         finally:
             os.close(fd)
         await _expect_error_then_eof(conn, attach.ErrorCode.RESOURCE)

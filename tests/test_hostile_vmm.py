@@ -115,9 +115,9 @@ async def test_refused_region_closes_the_fds_of_every_region() -> None:
     try:
         async with session_and_vmm() as (_session, vmm):
             regions = (
-                attach.Region(0, 2 * PAGE, fds[0], 0),  # the file holds only one page
-                attach.Region(1 << 20, 4 * PAGE, fds[1], 0),
-                attach.Region(2 << 20, 4 * PAGE, fds[2], 0),
+                attach.MemoryRegion(0, 2 * PAGE, fds[0], 0),  # the file holds only one page
+                attach.MemoryRegion(1 << 20, 4 * PAGE, fds[1], 0),
+                attach.MemoryRegion(2 << 20, 4 * PAGE, fds[2], 0),
             )
             await vmm.send(attach.MemoryRegions(regions))
             err = await expect_error_then_eof(vmm, attach.ErrorCode.RESOURCE)
@@ -135,10 +135,10 @@ async def test_one_region_too_many_closes_the_fds_of_every_region() -> None:
     extra = [sealed_memfd(name, PAGE) for _ in range(3)]
     try:
         async with session_and_vmm() as (session, vmm):
-            full = tuple(attach.Region(i * PAGE, PAGE, ram, i * PAGE) for i in range(MAX_REGIONS))
+            full = tuple(attach.MemoryRegion(i * PAGE, PAGE, ram, i * PAGE) for i in range(MAX_REGIONS))
             await vmm.send(attach.MemoryRegions(full))
             more = tuple(
-                attach.Region((1 << 30) + i * PAGE, PAGE, fd, 0) for i, fd in enumerate(extra)
+                attach.MemoryRegion((1 << 30) + i * PAGE, PAGE, fd, 0) for i, fd in enumerate(extra)
             )
             await vmm.send(attach.MemoryRegions(more))
             err = await expect_error_then_eof(vmm, attach.ErrorCode.RESOURCE)
@@ -155,7 +155,7 @@ async def test_fds_sent_instead_of_hello_are_closed() -> None:
     fd = sealed_memfd(name, PAGE)
     try:
         async with session_and_vmm(hello=False) as (_session, vmm):
-            await vmm.send(attach.MemoryRegions((attach.Region(0, PAGE, fd, 0),)))
+            await vmm.send(attach.MemoryRegions((attach.MemoryRegion(0, PAGE, fd, 0),)))
             with trio.fail_after(10):
                 assert isinstance(await vmm.receive(), attach.Hello)
             err = await expect_error_then_eof(vmm, attach.ErrorCode.PROTOCOL)
@@ -468,8 +468,8 @@ async def test_overlap_inside_one_message_is_protocol_across_messages_resource()
     fd = sealed_memfd("hostile-overlap", 8 * PAGE)
     try:
         async with session_and_vmm() as (_session, vmm):
-            await vmm.send(attach.MemoryRegions((attach.Region(0, 4 * PAGE, fd, 0),)))
-            await vmm.send(attach.MemoryRegions((attach.Region(2 * PAGE, 4 * PAGE, fd, 0),)))
+            await vmm.send(attach.MemoryRegions((attach.MemoryRegion(0, 4 * PAGE, fd, 0),)))
+            await vmm.send(attach.MemoryRegions((attach.MemoryRegion(2 * PAGE, 4 * PAGE, fd, 0),)))
             err = await expect_error_then_eof(vmm, attach.ErrorCode.RESOURCE)
             assert "overlaps" in err.message
         async with session_and_vmm() as (_session, vmm):

@@ -1,6 +1,6 @@
 """vmbus.kvm.hyperv: the emulated Hyper-V surface, driven as Linux 6.1 drives it.
 
-Fake RAM is a bytearray behind the GuestRam interface (with a hole, so "outside RAM"
+Fake RAM is a bytearray behind the SynicRam interface (with a hole, so "outside RAM"
 is more than "past the end"); the injector records what it was asked to send. Every
 slot test runs on both the C slot operations and their pure-Python twin. The hypercall
 stub is checked against GNU as assembling the listing in vmbus/kvm/hypercall_page.py.
@@ -48,7 +48,7 @@ TSC_HZ = 2_500_000_000
 
 
 class FakeRam:
-    """Two RAM regions with a hole between, behind the GuestRam interface."""
+    """Two RAM regions with a hole between, behind the SynicRam interface."""
 
     def __init__(self) -> None:
         self.low = bytearray(RAM_LOW)

@@ -197,7 +197,7 @@ class Hello:
 
 
 @dataclass(frozen=True, slots=True)
-class Region:
+class MemoryRegion:
     """One guest RAM region: ``size`` bytes at ``gpa`` are ``fd`` from ``offset`` on."""
 
     gpa: int
@@ -220,13 +220,15 @@ class MemoryRegions:
     """``memory``: regions of guest RAM to add (sent again on hot-plug)."""
 
     T = "memory"
-    regions: tuple[Region, ...]
+    regions: tuple[MemoryRegion, ...]
 
     def __post_init__(self) -> None:
         if isinstance(self.regions, list):
             object.__setattr__(self, "regions", tuple(self.regions))
-        if type(self.regions) is not tuple or not all(type(r) is Region for r in self.regions):
-            raise TypeError("regions must be a list of Region")
+        if type(self.regions) is not tuple or not all(
+            type(r) is MemoryRegion for r in self.regions
+        ):
+            raise TypeError("regions must be a list of MemoryRegion")
         if not 1 <= len(self.regions) <= MAX_REGIONS:
             raise ValueError(f"need 1..{MAX_REGIONS} regions")
         spans = sorted((r.gpa, r.gpa + r.size) for r in self.regions)
@@ -518,7 +520,7 @@ def _decode(data: bytes, fds: list[int]) -> Message:
                 for key in ("gpa", "size", "offset"):
                     if key not in r:
                         raise ValueError(f"region missing {key!r}")
-                out.append(Region(r["gpa"], r["size"], fd_at(r, "fd"), r["offset"]))
+                out.append(MemoryRegion(r["gpa"], r["size"], fd_at(r, "fd"), r["offset"]))
             msg = MemoryRegions(tuple(out))
         elif t == "post":
             if ("connection_id" in obj) == ("sint" in obj):

@@ -118,7 +118,7 @@ class SimulatedVm:
         await conn.send(
             attach.MemoryRegions(
                 regions=tuple(
-                    attach.Region(gpa=r.gpa, size=r.size, fd=self.ram.fd, offset=r.offset)
+                    attach.MemoryRegion(gpa=r.gpa, size=r.size, fd=self.ram.fd, offset=r.offset)
                     for r in self.ram.regions
                 )
             )

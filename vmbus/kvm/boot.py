@@ -85,7 +85,7 @@ class BootError(ValueError):
 
 
 @dataclass(frozen=True)
-class Segment:
+class ElfSegment:
     paddr: int
     data: bytes
     memsz: int
@@ -94,7 +94,7 @@ class Segment:
 @dataclass(frozen=True)
 class ElfImage:
     entry: int
-    segments: tuple[Segment, ...]
+    segments: tuple[ElfSegment, ...]
 
     @property
     def end(self) -> int:
@@ -122,7 +122,7 @@ def parse_elf(image: bytes) -> ElfImage:
             continue
         if p_offset + p_filesz > len(image) or p_filesz > p_memsz:
             raise BootError(f"PT_LOAD {i} lies outside the file")
-        segs.append(Segment(p_paddr, image[p_offset : p_offset + p_filesz], p_memsz))
+        segs.append(ElfSegment(p_paddr, image[p_offset : p_offset + p_filesz], p_memsz))
     if not segs:
         raise BootError("ELF has no PT_LOAD segment")
     return ElfImage(e_entry, tuple(segs))

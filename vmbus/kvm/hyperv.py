@@ -18,7 +18,7 @@ What the guest does, and what answers it here (Linux 6.1 sources named):
   HVMSG_NONE and write HV_X64_MSR_EOM if msg_pending was set: `post_message`.
 - `vmbus_chan_sched` test-and-clears bits in the SIEFP slot: `signal_event`.
 
-The core touches guest memory only through `GuestRam` and asks for interrupts only
+The core touches guest memory only through `SynicRam` and asks for interrupts only
 through `Injector`; it takes a lock for its own state, so vCPU threads (MSR exits,
 hypercalls) and the VMM's event loop (messages and events from vmbusd) may call it at
 once. docs/kvm.md says which TLFS pieces are emulated and which are not.
@@ -234,7 +234,7 @@ class MessageQueueFull(HyperVError):
     reading from vmbusd until `queued()` drops."""
 
 
-class GuestRam(Protocol):
+class SynicRam(Protocol):
     """Guest memory as the core needs it (vmbus.kvm.ram.KvmRam fits). `slice` returns a
     writable view of a range inside one page, for the atomic slot operations."""
 
@@ -430,7 +430,7 @@ class HyperVPartition:
 
     def __init__(
         self,
-        ram: GuestRam,
+        ram: SynicRam,
         injector: Injector,
         *,
         vcpus: int,

@@ -22,7 +22,7 @@ HIGH_BASE = 1 << 32
 
 
 @dataclass(frozen=True)
-class Region:
+class RamRun:
     """A run of guest RAM: its GPA, size and offset in the memfd."""
 
     gpa: int
@@ -34,7 +34,7 @@ class Region:
         return self.gpa + self.size
 
 
-class GuestMemoryError(ValueError):
+class KvmRamError(ValueError):
     """A GPA range that is not (entirely) guest RAM."""
 
 
@@ -52,17 +52,17 @@ class KvmRam:
         del anchor
         self.view = memoryview(self._map)
         low = min(size, LOW_RAM_MAX)
-        regions = [Region(0, low, 0)]
+        regions = [RamRun(0, low, 0)]
         if size > low:
-            regions.append(Region(HIGH_BASE, size - low, low))
-        self.regions: tuple[Region, ...] = tuple(regions)
+            regions.append(RamRun(HIGH_BASE, size - low, low))
+        self.regions: tuple[RamRun, ...] = tuple(regions)
 
     def offset_of(self, gpa: int, length: int = 1) -> int:
-        """The memfd offset of GPA range [gpa, gpa+length); GuestMemoryError outside RAM."""
+        """The memfd offset of GPA range [gpa, gpa+length); KvmRamError outside RAM."""
         for r in self.regions:
             if r.gpa <= gpa and gpa + length <= r.end:
                 return r.offset + gpa - r.gpa
-        raise GuestMemoryError(f"GPA {gpa:#x}+{length:#x} is not guest RAM")
+        raise KvmRamError(f"GPA {gpa:#x}+{length:#x} is not guest RAM")
 
     def contains(self, gpa: int, length: int = 1) -> bool:
         return any(r.gpa <= gpa and gpa + length <= r.end for r in self.regions)

@@ -298,7 +298,7 @@ class KvmVm:
         await conn.send(
             attach.MemoryRegions(
                 regions=tuple(
-                    attach.Region(gpa=r.gpa, size=r.size, fd=ram.fd, offset=r.offset)
+                    attach.MemoryRegion(gpa=r.gpa, size=r.size, fd=ram.fd, offset=r.offset)
                     for r in ram.regions
                 )
             )
