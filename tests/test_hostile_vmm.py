@@ -135,7 +135,9 @@ async def test_one_region_too_many_closes_the_fds_of_every_region() -> None:
     extra = [sealed_memfd(name, PAGE) for _ in range(3)]
     try:
         async with session_and_vmm() as (session, vmm):
-            full = tuple(attach.MemoryRegion(i * PAGE, PAGE, ram, i * PAGE) for i in range(MAX_REGIONS))
+            full = tuple(
+                attach.MemoryRegion(i * PAGE, PAGE, ram, i * PAGE) for i in range(MAX_REGIONS)
+            )
             await vmm.send(attach.MemoryRegions(full))
             more = tuple(
                 attach.MemoryRegion((1 << 30) + i * PAGE, PAGE, fd, 0) for i, fd in enumerate(extra)

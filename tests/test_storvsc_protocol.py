@@ -23,11 +23,11 @@ from devices.storvsc.protocol import (
     DataIn,
     ExecuteSrb,
     NtStatus,
-    Op,
     Reply,
     SrbStatus,
-    State,
+    VstorOp,
     VstorProtocol,
+    VstorState,
     decode_srb_reply,
     encode_srb,
     srb_request,
@@ -108,18 +108,18 @@ def test_linux_init_sequence() -> None:
     props = bytes.fromhex("00000000040000000100000000000400") + bytes(8)
     assert r.payload == bytes.fromhex("010000000000000000000000") + props + bytes(28)
     r = p.receive(END)
-    assert isinstance(r, Reply) and status_of(r.payload) == (Op.COMPLETE_IO, 0)
-    assert p.state == State.READY and p.version == 0x0602
+    assert isinstance(r, Reply) and status_of(r.payload) == (VstorOp.COMPLETE_IO, 0)
+    assert p.state == VstorState.READY and p.version == 0x0602
     ev = p.receive(CREATE_1)
     assert ev == CreateSubChannels(1)
-    assert status_of(p.subchannels_created()) == (Op.COMPLETE_IO, 0)
+    assert status_of(p.subchannels_created()) == (VstorOp.COMPLETE_IO, 0)
 
 
 @pytest.mark.parametrize("version", [0x0602, 0x0600, 0x0501, 0x0402, 0x0200])
 def test_versions_accepted(version: int) -> None:
     p = VstorProtocol()
     p.receive(BEGIN)
-    r = p.receive(pkt(Op.QUERY_PROTOCOL_VERSION, struct.pack("<HH", version, 0)))
+    r = p.receive(pkt(VstorOp.QUERY_PROTOCOL_VERSION, struct.pack("<HH", version, 0)))
     assert isinstance(r, Reply) and status_of(r.payload)[1] == 0
     assert p.size == (64 if version >= 0x0501 else 48)
 
@@ -128,11 +128,11 @@ def test_versions_accepted(version: int) -> None:
 def test_versions_refused(version: int) -> None:
     p = VstorProtocol()
     p.receive(BEGIN)
-    r = p.receive(pkt(Op.QUERY_PROTOCOL_VERSION, struct.pack("<HH", version, 0)))
+    r = p.receive(pkt(VstorOp.QUERY_PROTOCOL_VERSION, struct.pack("<HH", version, 0)))
     assert isinstance(r, Reply)
-    assert status_of(r.payload) == (Op.COMPLETE_IO, NtStatus.REVISION_MISMATCH)
+    assert status_of(r.payload) == (VstorOp.COMPLETE_IO, NtStatus.REVISION_MISMATCH)
     assert r.payload[12:14] == struct.pack("<H", version)
-    assert p.state == State.QUERY_VERSION  # the guest tries its next one
+    assert p.state == VstorState.QUERY_VERSION  # the guest tries its next one
     r = p.receive(QUERY_WIN8_1)
     assert isinstance(r, Reply) and status_of(r.payload)[1] == 0
 
@@ -143,7 +143,7 @@ def test_pre_win8_sizes() -> None:
     p = VstorProtocol(max_sub_channels=2)
     r = p.receive(BEGIN[:48])
     assert isinstance(r, Reply) and len(r.payload) == PACKET_SIZE_PRE_WIN8
-    r = p.receive(pkt(Op.QUERY_PROTOCOL_VERSION, struct.pack("<HH", 0x0402, 0), 48))
+    r = p.receive(pkt(VstorOp.QUERY_PROTOCOL_VERSION, struct.pack("<HH", 0x0402, 0), 48))
     assert isinstance(r, Reply) and len(r.payload) == 48
     r = p.receive(QUERY_PROPS[:48])
     assert isinstance(r, Reply) and r.payload[16:18] == b"\0\0"  # no multi-channel < 5.1
@@ -168,7 +168,7 @@ def test_srb_decode_and_completion() -> None:
     assert s.cdb == bytes.fromhex("28000000001000000800") and s.data_transfer_length == 4096
     assert (s.sense_info_length, s.srb_flags, s.time_out_value) == (0x14, 0x14A, 60)
     ok = p.complete_srb(s, 0, b"", 4096)
-    assert len(ok) == 64 and status_of(ok) == (Op.COMPLETE_IO, 0)
+    assert len(ok) == 64 and status_of(ok) == (VstorOp.COMPLETE_IO, 0)
     _op, r = decode_srb_reply(ok)
     assert (r.srb_status, r.scsi_status, r.data_transfer_length) == (1, 0, 4096)
     # underrun: SUCCESS with the short length (never more than asked)
@@ -218,17 +218,17 @@ def test_io_before_end_initialization() -> None:
     assert st == NtStatus.INVALID_DEVICE_STATE
     r = decode_srb_reply(reply)[1]
     assert r.srb_status == 0x86 and r.scsi_status == 2 and len(reply) == 64
-    assert p.state == State.QUERY_VERSION  # unchanged
+    assert p.state == VstorState.QUERY_VERSION  # unchanged
 
 
 @pytest.mark.parametrize(
     "first",
-    [QUERY_WIN10, QUERY_PROPS, END, CREATE_1, pkt(Op.RESET_BUS)],
+    [QUERY_WIN10, QUERY_PROPS, END, CREATE_1, pkt(VstorOp.RESET_BUS)],
 )
 def test_out_of_order(first: bytes) -> None:
     st, reply = refused(VstorProtocol(max_sub_channels=2), first)
     assert st == NtStatus.INVALID_DEVICE_STATE
-    assert status_of(reply) == (Op.COMPLETE_IO, NtStatus.INVALID_DEVICE_STATE)
+    assert status_of(reply) == (VstorOp.COMPLETE_IO, NtStatus.INVALID_DEVICE_STATE)
 
 
 def test_second_begin_refused_until_reset() -> None:
@@ -254,10 +254,10 @@ def test_wrong_sizes_reset(n: int) -> None:
 
 def test_sub_channel_rules() -> None:
     p = ready(max_sub=4)
-    assert refused(p, pkt(Op.CREATE_SUB_CHANNELS, b"\0\0"))[0] == NtStatus.INVALID_PARAMETER
-    assert refused(p, pkt(Op.CREATE_SUB_CHANNELS, b"\5\0"))[0] == NtStatus.INVALID_PARAMETER
+    assert refused(p, pkt(VstorOp.CREATE_SUB_CHANNELS, b"\0\0"))[0] == NtStatus.INVALID_PARAMETER
+    assert refused(p, pkt(VstorOp.CREATE_SUB_CHANNELS, b"\5\0"))[0] == NtStatus.INVALID_PARAMETER
     assert refused(p, CREATE_1, primary=False)[0] == NtStatus.INVALID_DEVICE_STATE
-    assert p.receive(pkt(Op.CREATE_SUB_CHANNELS, b"\4\0")) == CreateSubChannels(4)
+    assert p.receive(pkt(VstorOp.CREATE_SUB_CHANNELS, b"\4\0")) == CreateSubChannels(4)
     assert refused(p, CREATE_1)[0] == NtStatus.INVALID_DEVICE_STATE  # twice
     # no multi-channel advertised: refused
     assert refused(ready(max_sub=0), CREATE_1)[0] == NtStatus.INVALID_DEVICE_STATE
@@ -277,9 +277,9 @@ def test_create_sub_channels_before_end() -> None:
 
 def test_resets() -> None:
     p = ready()
-    for op in (Op.RESET_LUN, Op.RESET_BUS, Op.RESET_ADAPTER):
+    for op in (VstorOp.RESET_LUN, VstorOp.RESET_BUS, VstorOp.RESET_ADAPTER):
         r = p.receive(pkt(op))
-        assert isinstance(r, Reply) and status_of(r.payload) == (Op.COMPLETE_IO, 0)
+        assert isinstance(r, Reply) and status_of(r.payload) == (VstorOp.COMPLETE_IO, 0)
     assert p.ready
 
 
@@ -305,14 +305,14 @@ def test_bad_srb_fields() -> None:
         r = decode_srb_reply(reply)[1]
         assert (r.srb_status, r.scsi_status, r.sense[2], r.sense[12]) == (0x86, 2, 5, 0x24)
     # a control operation with a data buffer
-    assert refused(p, pkt(Op.RESET_BUS), data_bytes=4096)[0] == NtStatus.INVALID_PARAMETER
+    assert refused(p, pkt(VstorOp.RESET_BUS), data_bytes=4096)[0] == NtStatus.INVALID_PARAMETER
 
 
 def test_enumerate_bus_only_when_ready() -> None:
     p = VstorProtocol()
     assert p.enumerate_bus() is None
     p = ready()
-    assert p.enumerate_bus() == struct.pack("<III", Op.ENUMERATE_BUS, 0, 0) + bytes(52)
+    assert p.enumerate_bus() == struct.pack("<III", VstorOp.ENUMERATE_BUS, 0, 0) + bytes(52)
 
 
 def test_config_limits() -> None:

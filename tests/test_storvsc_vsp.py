@@ -26,8 +26,8 @@ from devices.storvsc.protocol import (
     VMBUS_RQST_RESET,
     DataIn,
     NtStatus,
-    Op,
     SrbStatus,
+    VstorOp,
     build_packet,
     decode_reply,
     decode_srb_reply,
@@ -238,8 +238,8 @@ async def test_linux_init_bytes(local_vm: SimulatedVm) -> None:
         q = hba.queues[0]
         # The host mirrors each reply's size and the trans id; after init the
         # negotiated size. A second BEGIN is refused (INVALID_DEVICE_STATE).
-        op, status, _ = await hba.control(init_request(Op.BEGIN_INITIALIZATION))
-        assert (op, status) == (Op.COMPLETE_IO, NtStatus.INVALID_DEVICE_STATE)
+        op, status, _ = await hba.control(init_request(VstorOp.BEGIN_INITIALIZATION))
+        assert (op, status) == (VstorOp.COMPLETE_IO, NtStatus.INVALID_DEVICE_STATE)
         # CREATE_SUB_CHANNELS twice (the driver did it once already)
         op, status, _ = await hba.control(sub_channels_request(1))
         assert status == NtStatus.INVALID_DEVICE_STATE
@@ -247,10 +247,12 @@ async def test_linux_init_bytes(local_vm: SimulatedVm) -> None:
         async with trio.open_nursery() as n:
             n.start_soon(hba.execute, bytes(6))  # TEST UNIT READY
             pkt = inband(
-                init_request(Op.RESET_BUS), trans_id=VMBUS_RQST_RESET, completion_requested=True
+                init_request(VstorOp.RESET_BUS),
+                trans_id=VMBUS_RQST_RESET,
+                completion_requested=True,
             )
             raw = await q.call(pkt, VMBUS_RQST_RESET, 5)
-            assert decode_reply(raw)[:2] == (Op.COMPLETE_IO, 0)
+            assert decode_reply(raw)[:2] == (VstorOp.COMPLETE_IO, 0)
         assert q.errors == []
 
 
@@ -260,23 +262,23 @@ async def test_sub_channels_zero_and_too_many(local_vm: SimulatedVm) -> None:
     async with trio.open_nursery() as n:
         hba._nursery = n
         await hba._open_queue(hba.offer)
-        for op in (Op.BEGIN_INITIALIZATION,):
+        for op in (VstorOp.BEGIN_INITIALIZATION,):
             await hba._step(op)
         await hba.control(
-            build_packet(Op.QUERY_PROTOCOL_VERSION, struct.pack("<HH", 0x0602, 0), flags=1)
+            build_packet(VstorOp.QUERY_PROTOCOL_VERSION, struct.pack("<HH", 0x0602, 0), flags=1)
         )
         # SRB before END_INITIALIZATION
         reply, _ = await hba.execute(bytes(6))
         assert reply.status == NtStatus.INVALID_DEVICE_STATE
         assert reply.srb_status == SrbStatus.INVALID_REQUEST | 0x80
-        await hba._step(Op.QUERY_PROPERTIES)
+        await hba._step(VstorOp.QUERY_PROPERTIES)
         for count, status in ((0, NtStatus.INVALID_PARAMETER), (3, NtStatus.INVALID_PARAMETER)):
             _, st, _ = await hba.control(sub_channels_request(count))
             assert st == status
-        await hba._step(Op.END_INITIALIZATION)
+        await hba._step(VstorOp.END_INITIALIZATION)
         # an unknown version is refused with REVISION_MISMATCH (state then is Ready,
         # so a fresh primary would be needed; here only the status matters)
-        _, st, _ = await hba.control(build_packet(Op.FCHBA_DATA, flags=1))
+        _, st, _ = await hba.control(build_packet(VstorOp.FCHBA_DATA, flags=1))
         assert st == NtStatus.INVALID_DEVICE_REQUEST  # a SCSI controller is not FC
         _, st, _ = await hba.control(build_packet(99, flags=1))
         assert st == NtStatus.INVALID_DEVICE_REQUEST
@@ -378,7 +380,9 @@ async def _expect_reset(vm: SimulatedVm, hba: StorvscHba, pkt: Any, caplog: Any)
     [
         pytest.param(lambda: inband(b"\0" * 56, trans_id=7, completion_requested=True), id="short"),
         pytest.param(lambda: inband(b"\0" * 72, trans_id=7, completion_requested=True), id="long"),
-        pytest.param(lambda: inband(init_request(Op.RESET_LUN), trans_id=7), id="no-completion"),
+        pytest.param(
+            lambda: inband(init_request(VstorOp.RESET_LUN), trans_id=7), id="no-completion"
+        ),
         pytest.param(lambda: _raw_gpa(struct.pack("<IIIIQ", 0, 1, 4096, 4096, 1)), id="offset"),
         pytest.param(
             lambda: _raw_gpa(struct.pack("<IIIIQ", 0, 1, 0xFFFFFFFF, 4095, 1)), id="overflow"
@@ -425,10 +429,10 @@ async def test_close_with_io_in_flight(local_vm: SimulatedVm, local_service: Any
 async def _manual_init(ch: Any) -> None:
     """Linux's init sequence on a raw guest channel (no driver reading for us)."""
     steps = [
-        init_request(Op.BEGIN_INITIALIZATION),
-        build_packet(Op.QUERY_PROTOCOL_VERSION, struct.pack("<HH", 0x0602, 0), flags=1),
-        init_request(Op.QUERY_PROPERTIES),
-        init_request(Op.END_INITIALIZATION),
+        init_request(VstorOp.BEGIN_INITIALIZATION),
+        build_packet(VstorOp.QUERY_PROTOCOL_VERSION, struct.pack("<HH", 0x0602, 0), flags=1),
+        init_request(VstorOp.QUERY_PROPERTIES),
+        init_request(VstorOp.END_INITIALIZATION),
     ]
     for p in steps:
         await ch.send([inband(p, trans_id=VMBUS_RQST_INIT, completion_requested=True)])
@@ -437,7 +441,7 @@ async def _manual_init(ch: Any) -> None:
         # a completion (0x0B), flags 0, the id echoed, a 64-byte vstor_packet
         assert (reply.type, reply.flags, reply.trans_id) == (0x0B, 0, VMBUS_RQST_INIT)
         assert len(reply.payload) == PACKET_SIZE
-        assert decode_reply(bytes(reply.payload))[:2] == (Op.COMPLETE_IO, 0)
+        assert decode_reply(bytes(reply.payload))[:2] == (VstorOp.COMPLETE_IO, 0)
 
 
 @pytest.mark.devices.with_args(ThreadedSlowDisk)
@@ -482,10 +486,12 @@ async def test_reset_during_io(local_vm: SimulatedVm) -> None:
             n.start_soon(slow_read)
             await trio.sleep(0.05)
             pkt = inband(
-                init_request(Op.RESET_BUS), trans_id=VMBUS_RQST_RESET, completion_requested=True
+                init_request(VstorOp.RESET_BUS),
+                trans_id=VMBUS_RQST_RESET,
+                completion_requested=True,
             )
             raw = await q.call(pkt, VMBUS_RQST_RESET, 5)
-            assert decode_reply(raw)[:2] == (Op.COMPLETE_IO, 0)
+            assert decode_reply(raw)[:2] == (VstorOp.COMPLETE_IO, 0)
             results.append("reset")
         assert results == ["reset", "read"]
 
@@ -811,7 +817,7 @@ async def test_hostile_srbs_get_answers(local_vm: SimulatedVm, caplog: Any) -> N
                 assert [p.trans_id for p in got] == [tid]
                 assert len(got[0].payload) == PACKET_SIZE
                 op, reply = decode_srb_reply(bytes(got[0].payload))
-                assert op == Op.COMPLETE_IO and reply.srb_status not in (0x00, 0x03)
+                assert op == VstorOp.COMPLETE_IO and reply.srb_status not in (0x00, 0x03)
                 assert reply.sense_info_length <= SENSE_BUFFER_SIZE
                 kinds[reply.srb_status] = kinds.get(reply.srb_status, 0) + 1
                 answered += 1

@@ -39,7 +39,7 @@ SCSI_IF_TYPE = uuid.UUID("ba6163d9-04a1-4d29-b605-72e2ffb1dc7f")
 # --- operations, versions, statuses --------------------------------------------------
 
 
-class Op(IntEnum):
+class VstorOp(IntEnum):
     """`enum vstor_packet_operation` (spec 3.1)."""
 
     COMPLETE_IO = 1
@@ -300,7 +300,7 @@ class CreateSubChannels:
 Event = Reply | ExecuteSrb | CreateSubChannels
 
 
-class State(IntEnum):
+class VstorState(IntEnum):
     """The host state machine (spec 6, OpenVMM's model)."""
 
     BEGIN = 0
@@ -338,7 +338,7 @@ class VstorProtocol:
 
     def reset(self) -> None:
         """Forget the negotiation: a new primary open, or a new guest session."""
-        self.state = State.BEGIN
+        self.state = VstorState.BEGIN
         self.version: int | None = None
         self.sub_channels_requested: int | None = None
         self._reply_size = PACKET_SIZE
@@ -349,7 +349,7 @@ class VstorProtocol:
 
     @property
     def ready(self) -> bool:
-        return self.state == State.READY
+        return self.state == VstorState.READY
 
     @property
     def size(self) -> int:
@@ -389,21 +389,21 @@ class VstorProtocol:
         op, _flags, _status = _HDR.unpack_from(raw, 0)
         self._last_op = op
         body = raw[HEADER_SIZE:]
-        if op == Op.EXECUTE_SRB:
+        if op == VstorOp.EXECUTE_SRB:
             return ExecuteSrb(self._srb(body, data_bytes))
         if data_bytes:
             guest_error(f"operation {op} with a data buffer", status=NtStatus.INVALID_PARAMETER)
-        if op in (Op.RESET_LUN, Op.RESET_BUS, Op.RESET_ADAPTER):
+        if op in (VstorOp.RESET_LUN, VstorOp.RESET_BUS, VstorOp.RESET_ADAPTER):
             # Linux drains its outstanding I/O after the reply: nothing to do here.
-            self._need(State.READY, op)
+            self._need(VstorState.READY, op)
             return Reply(self._reply())
-        if op == Op.CREATE_SUB_CHANNELS:
+        if op == VstorOp.CREATE_SUB_CHANNELS:
             return self._create_sub_channels(body, primary)
         if op in (
-            Op.BEGIN_INITIALIZATION,
-            Op.QUERY_PROTOCOL_VERSION,
-            Op.QUERY_PROPERTIES,
-            Op.END_INITIALIZATION,
+            VstorOp.BEGIN_INITIALIZATION,
+            VstorOp.QUERY_PROTOCOL_VERSION,
+            VstorOp.QUERY_PROPERTIES,
+            VstorOp.END_INITIALIZATION,
         ):
             if not primary:
                 guest_error(
@@ -416,45 +416,45 @@ class VstorProtocol:
             f"operation {op} is not for this controller", status=NtStatus.INVALID_DEVICE_REQUEST
         )
 
-    def _need(self, state: State, op: int) -> None:
+    def _need(self, state: VstorState, op: int) -> None:
         if self.state != state:
             guest_error(
                 f"operation {op} in state {self.state.name}", status=NtStatus.INVALID_DEVICE_STATE
             )
 
     def _init_step(self, op: int, body: bytes) -> Reply:
-        if op == Op.BEGIN_INITIALIZATION:
-            self._need(State.BEGIN, op)
-            self.state = State.QUERY_VERSION
+        if op == VstorOp.BEGIN_INITIALIZATION:
+            self._need(VstorState.BEGIN, op)
+            self.state = VstorState.QUERY_VERSION
             return Reply(self._reply())
-        if op == Op.QUERY_PROTOCOL_VERSION:
-            self._need(State.QUERY_VERSION, op)
+        if op == VstorOp.QUERY_PROTOCOL_VERSION:
+            self._need(VstorState.QUERY_VERSION, op)
             major_minor, _revision = _VERSION.unpack_from(body, 0)
             echo = _VERSION.pack(major_minor, 0)
             if major_minor not in self.versions:
                 # Refused, state unchanged: the guest tries its next version.
                 return Reply(self._reply(echo, status=NtStatus.REVISION_MISMATCH))
             self.version = major_minor
-            self.state = State.QUERY_PROPERTIES
+            self.state = VstorState.QUERY_PROPERTIES
             return Reply(self._reply(echo))
-        if op == Op.QUERY_PROPERTIES:
-            self._need(State.QUERY_PROPERTIES, op)
-            self.state = State.END_INIT
+        if op == VstorOp.QUERY_PROPERTIES:
+            self._need(VstorState.QUERY_PROPERTIES, op)
+            self.state = VstorState.END_INIT
             count = self.max_sub_channels if self.multi_channel else 0
             flags = STORAGE_CHANNEL_SUPPORTS_MULTI_CHANNEL if count else 0
             props = _PROPS.pack(0, count, 0, flags, self.max_transfer_bytes, 0)
             return Reply(self._reply(props))
-        self._need(State.END_INIT, op)
-        self.state = State.READY
+        self._need(VstorState.END_INIT, op)
+        self.state = VstorState.READY
         return Reply(self._reply())
 
     def _create_sub_channels(self, body: bytes, primary: bool) -> CreateSubChannels:
-        op = Op.CREATE_SUB_CHANNELS
+        op = VstorOp.CREATE_SUB_CHANNELS
         if not primary:
             guest_error(
                 "CREATE_SUB_CHANNELS on a sub-channel", status=NtStatus.INVALID_DEVICE_STATE
             )
-        if self.state not in (State.END_INIT, State.READY) or not self.multi_channel:
+        if self.state not in (VstorState.END_INIT, VstorState.READY) or not self.multi_channel:
             guest_error(
                 f"operation {op} in state {self.state.name} (multi-channel "
                 f"{'on' if self.multi_channel else 'off'})",
@@ -477,7 +477,7 @@ class VstorProtocol:
         return self._reply(status=NtStatus.SUCCESS if ok else NtStatus.INVALID_PARAMETER)
 
     def _srb(self, body: bytes, data_bytes: int) -> Srb:
-        if self.state != State.READY:
+        if self.state != VstorState.READY:
             guest_error(
                 f"EXECUTE_SRB in state {self.state.name}", status=NtStatus.INVALID_DEVICE_STATE
             )
@@ -524,7 +524,7 @@ class VstorProtocol:
     # -- host -> guest --
 
     def _reply(self, body: bytes = b"", *, status: int = NtStatus.SUCCESS) -> bytes:
-        return build_packet(Op.COMPLETE_IO, body, status=status, size=self._reply_size)
+        return build_packet(VstorOp.COMPLETE_IO, body, status=status, size=self._reply_size)
 
     def failure_reply(self, status: int) -> bytes:
         """The answer to the packet `receive` just refused with `status`.
@@ -533,7 +533,7 @@ class VstorProtocol:
         with SRB status INVALID_REQUEST|AUTOSENSE_VALID, so every guest fails the
         command cleanly (FreeBSD panics on SRB status 0); control operations get the
         NTSTATUS alone, which is all guests look at."""
-        if self._last_op != Op.EXECUTE_SRB:
+        if self._last_op != VstorOp.EXECUTE_SRB:
             return self._reply(status=status)
         sense = bytearray(18)
         sense[0], sense[2], sense[7], sense[12] = 0x70, SENSE_KEY_ILLEGAL_REQUEST, 10, 0x24
@@ -572,7 +572,7 @@ class VstorProtocol:
             dtl,
             area,
         )
-        return build_packet(Op.COMPLETE_IO, fields, status=status, size=size)
+        return build_packet(VstorOp.COMPLETE_IO, fields, status=status, size=size)
 
     def complete_srb(self, srb: Srb, scsi_status: int, sense: bytes, transferred: int) -> bytes:
         """The completion of an executed SRB (spec 7.2).
@@ -608,7 +608,7 @@ class VstorProtocol:
         Ready (or below 4.2, where Hyper-V sends none)."""
         if not self.ready or self.version is None or self.version < VERSION_WIN7:
             return None
-        return build_packet(Op.ENUMERATE_BUS, size=self.size)
+        return build_packet(VstorOp.ENUMERATE_BUS, size=self.size)
 
 
 # --- the guest side's packets (the simulated VSC, tests) ------------------------------
@@ -620,15 +620,15 @@ def init_request(op: int, body: bytes = b"") -> bytes:
 
 
 def version_request(version: int) -> bytes:
-    return init_request(Op.QUERY_PROTOCOL_VERSION, _VERSION.pack(version, 0))
+    return init_request(VstorOp.QUERY_PROTOCOL_VERSION, _VERSION.pack(version, 0))
 
 
 def sub_channels_request(count: int) -> bytes:
-    return init_request(Op.CREATE_SUB_CHANNELS, _SUBCH.pack(count))
+    return init_request(VstorOp.CREATE_SUB_CHANNELS, _SUBCH.pack(count))
 
 
 def srb_request(srb: bytes, *, size: int = PACKET_SIZE) -> bytes:
-    return build_packet(Op.EXECUTE_SRB, srb, flags=REQUEST_COMPLETION_FLAG, size=size)
+    return build_packet(VstorOp.EXECUTE_SRB, srb, flags=REQUEST_COMPLETION_FLAG, size=size)
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,9 +38,9 @@ from devices.storvsc.protocol import (
     STORAGE_CHANNEL_SUPPORTS_MULTI_CHANNEL,
     VMBUS_RQST_INIT,
     DataIn,
-    Op,
     Properties,
     SrbReply,
+    VstorOp,
     decode_properties,
     decode_reply,
     decode_srb_reply,
@@ -140,7 +140,7 @@ class _Queue:
                     continue
                 if tid == 0:
                     op = struct.unpack_from("<I", payload)[0]
-                    if op in (Op.ENUMERATE_BUS, Op.REMOVE_DEVICE):
+                    if op in (VstorOp.ENUMERATE_BUS, VstorOp.REMOVE_DEVICE):
                         self.enumerate_bus += 1
                     else:
                         self.errors.append(f"unsolicited op {op} with id 0")
@@ -222,23 +222,23 @@ class StorvscHba:
 
     async def _step(self, op: int, body: bytes = b"") -> bytes:
         rop, status, rbody = await self.control(init_request(op, body))
-        if rop != Op.COMPLETE_IO or status != 0:
+        if rop != VstorOp.COMPLETE_IO or status != 0:
             raise StorvscError(f"vstor operation {op}: op={rop}, status={status:#x}")
         return rbody
 
     async def init_sequence(self) -> None:
-        await self._step(Op.BEGIN_INITIALIZATION)
+        await self._step(VstorOp.BEGIN_INITIALIZATION)
         for v in LINUX_VERSIONS:
             rop, status, _ = await self.control(version_request(v))
-            if rop != Op.COMPLETE_IO:
+            if rop != VstorOp.COMPLETE_IO:
                 raise StorvscError(f"QUERY_PROTOCOL_VERSION answered with op {rop}")
             if status == 0:
                 self.version = v
                 break
         else:
             raise StorvscError("Obsolete Hyper-V version")
-        self.properties = decode_properties(await self._step(Op.QUERY_PROPERTIES))
-        await self._step(Op.END_INITIALIZATION)
+        self.properties = decode_properties(await self._step(VstorOp.QUERY_PROPERTIES))
+        await self._step(VstorOp.END_INITIALIZATION)
         props = self.properties
         if props.flags & STORAGE_CHANNEL_SUPPORTS_MULTI_CHANNEL:
             await self._sub_channels(min(self.vm.vcpus - 1, props.max_channel_cnt))
@@ -248,7 +248,7 @@ class StorvscHba:
             return
         rop, status, _ = await self.control(sub_channels_request(num_sc))
         self.sub_channel_status = status
-        if rop != Op.COMPLETE_IO or status != 0:
+        if rop != VstorOp.COMPLETE_IO or status != 0:
             log.warning("Failed to create sub-channel: op=%d, sts=%#x", rop, status)
             return
         want = set(range(1, num_sc + 1))
@@ -322,7 +322,7 @@ class StorvscHba:
             except trio.TooSlowError:
                 raise StorvscError(f"SRB {cdb[:1].hex()} timed out") from None
             op, reply = decode_srb_reply(raw)
-            if op != Op.COMPLETE_IO:
+            if op != VstorOp.COMPLETE_IO:
                 raise StorvscError(f"SRB answered with op {op}")
             got = b""
             if length and data_in == DataIn.READ:

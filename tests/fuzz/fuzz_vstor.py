@@ -30,8 +30,8 @@ from devices.storvsc.protocol import (
     SENSE_BUFFER_SIZE,
     CreateSubChannels,
     ExecuteSrb,
-    Op,
     Reply,
+    VstorOp,
     VstorProtocol,
     build_packet,
     decode_srb_reply,
@@ -41,10 +41,10 @@ from vmbus.device import GuestError
 _SIZES = (64, 64, 64, 48, 0, 8, 12, 56, 72)
 _DATA = (0, 0, 512, 4096, 0x40000, 0x40001, 0xFFFFFFFF)
 _INIT = (
-    build_packet(Op.BEGIN_INITIALIZATION, flags=1),
-    build_packet(Op.QUERY_PROTOCOL_VERSION, struct.pack("<HH", 0x0602, 0), flags=1),
-    build_packet(Op.QUERY_PROPERTIES, flags=1),
-    build_packet(Op.END_INITIALIZATION, flags=1),
+    build_packet(VstorOp.BEGIN_INITIALIZATION, flags=1),
+    build_packet(VstorOp.QUERY_PROTOCOL_VERSION, struct.pack("<HH", 0x0602, 0), flags=1),
+    build_packet(VstorOp.QUERY_PROPERTIES, flags=1),
+    build_packet(VstorOp.END_INITIALIZATION, flags=1),
 )
 MAX_STEPS = 32
 
@@ -81,12 +81,12 @@ def check_step(proto: VstorProtocol, body: bytes, primary: bool, data_bytes: int
         reply = proto.failure_reply(exc.status)
         assert len(reply) in (48, 64)
         op, status = struct.unpack_from("<II", reply, 0)[0], struct.unpack_from("<I", reply, 8)[0]
-        assert op == Op.COMPLETE_IO and status == exc.status
+        assert op == VstorOp.COMPLETE_IO and status == exc.status
         return
     size = proto.size
     if isinstance(ev, Reply):
         assert len(ev.payload) in (48, 64)
-        assert struct.unpack_from("<I", ev.payload)[0] == Op.COMPLETE_IO
+        assert struct.unpack_from("<I", ev.payload)[0] == VstorOp.COMPLETE_IO
     elif isinstance(ev, CreateSubChannels):
         assert primary and 1 <= ev.count <= proto.max_sub_channels
         assert len(proto.subchannels_created()) == size
