@@ -56,6 +56,7 @@ class Net:
     g: str  # the guest's namespace
     h: str  # the host's namespace
     logs: Path
+    sock: Path | None = None
 
     def in_g(self, *cmd: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
         return _run("ip", "netns", "exec", self.g, *cmd, timeout=timeout, check=False)
@@ -114,7 +115,7 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
             f'[[device]]\ntype = "netvsc"\nmac = "{NIC_MAC}"\nmtu = {MTU}\nqueues = 2\n'
             f'backend = "tap"\nifname = "vh0"\nnetns = "{n.h}"\nbridge = "br0"\n'
         )
-        sock = logs / "vmbusd.sock"
+        sock = n.sock = logs / "vmbusd.sock"
         serve_log, vm_log = logs / "serve.log", logs / "vm.log"
         with serve_log.open("wb") as out:
             procs.append(
@@ -302,6 +303,26 @@ def test_iperf3_tcp_both_ways(net: Net) -> None:
         f"\niperf3 TCP through VMBus: guest->host {up / 1e6:.1f} Mbit/s, "
         f"host->guest {down / 1e6:.1f} Mbit/s"
     )
+
+
+def test_vm_nic_tap_errors_are_one_line(net: Net) -> None:
+    """A namespace that is not there, and --netns alone: one line each, exit 2."""
+    assert net.sock is not None
+    missing = f"vmbt-none-{uuid.uuid4().hex[:6]}"
+    for args, message in (
+        (["--nic-tap", "vx0", "--netns", missing], f"network namespace {missing!r} does not exist"),
+        (["--netns", net.g], "--netns names the namespace of --nic-tap's TAP"),
+    ):
+        r = subprocess.run(
+            [*VMBUSD, "vm", "--connect", str(net.sock), *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert r.returncode == 2 and message in r.stderr, (args, r.returncode, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+    # and the bridged VM carries on
+    _ping(net, H_ADDR, count=1)
 
 
 # -- the config's one-line errors (no root needed) --

@@ -11,6 +11,12 @@
     backend = "file"         # point; lun, serial, wwn; the rest are the backend's options
     path = "disk.img"        # (size, path, readonly, create_size, uri, block_size, ...)
 
+    [[device]]
+    type = "netvsc"          # the synthetic NIC: mac, mtu (68..9000), queues (1..64),
+    backend = "tap"          # backend: loopback (default), tap or any `vmbusd.net_backends`
+    ifname = "vh0"           # entry point; the other keys are the backend's options
+    netns = "h"              # (tap: ifname, netns, bridge)
+
 Everything is checked when the file is loaded, before anything listens: an unknown key
 anywhere (`[[devices]]` would otherwise serve nothing), an unknown device type, a class
 that is no device or has no `if_type`, an option the class does not take. Each is a

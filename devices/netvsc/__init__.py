@@ -22,9 +22,14 @@ The device shape every kind shares (docs/devices.md):
   packets per queue, vRSS (sub-channels, send table, Toeplitz steering, hash PPI).
 - `vsc.py`: `NetvscGuest`, the simulated guest's driver doing Linux 6.1's init and
   vRSS bring-up byte for byte, and `NetvscVsc`, its probe.
-- Not yet: `backends/` (tap, switch, pcap, the entry-point group), native C,
-  several RNDIS packets per transfer-page packet, link indications from `vmbusd
-  ctl`, the `netvsc` entry point (config uses `type = "devices.netvsc.vsp:NetvscDevice"`).
+- `backends/`: the contract (`base.NetBackend`: frames per batch and queue, link,
+  which offloads it takes), `loopback`, and `tap` (IFF_VNET_HDR with checksum/LSO
+  passed to the kernel, IFF_MULTI_QUEUE, netns, bridge; pyroute2); entry-point
+  group `vmbusd.net_backends`; config `type = "netvsc"`.
+- `tap_bridge.py`: `vmbusd vm --nic-tap NAME [--netns NS]`, the simulated guest's
+  NIC bridged to a TAP.
+- Not yet: switch and pcap backends, native C, several RNDIS packets per
+  transfer-page packet, link indications from `vmbusd ctl`.
 
 Wire facts come from Linux 6.1's drivers/net/hyperv/ and ../shared/spec/netvsc.md.
 """

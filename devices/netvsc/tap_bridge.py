@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 GUEST_MTU = 9000  # what the guest asks for; the host's MTU bounds it
 TX_BACKLOG = 1024  # frames from the TAP waiting for a send section before drops
 RING_SIZE = 256 * PAGE_SIZE
+CLOSE_TIMEOUT_S = 5.0
 
 
 def _vlan_of(value: int | None) -> rn.Vlan | None:
@@ -93,6 +94,10 @@ async def bridge_nic_to_tap(
             mac = ":".join(f"{b:02x}" for b in nic.mac)
             say(f"netvsc NIC {mac} (MTU {nic.mtu}) bridged to TAP {ifname}{where}")
             task_status.started(nic)
+    except Exception:  # the TAP or the NIC failed: give the channel back before saying why
+        with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
+            await vm.close_channel(gch)
+        raise
     finally:
         if dropped:
             log.info("--nic-tap: %d frames from %s dropped (no send section free)", dropped, ifname)

@@ -1,12 +1,13 @@
-"""The netvsc VSP (host side): NVSP and RNDIS cores driven with trio, and a loopback
-backend (frames come back).
+"""The netvsc VSP (host side): NVSP and RNDIS cores driven with trio, frames to and
+from a network backend (backends/: loopback, tap, any `vmbusd.net_backends` entry).
 
 On the primary channel: NVSP init (protocol.py) with the receive and send buffers
 mapped through `ctx.gpadl`, each held by its own task and let go at once on revoke
 or GPADL teardown; SEND_RNDIS_PKT from send-buffer sections and from GPA-direct
 pages; RNDIS control (rndis.py) answered through receive-buffer sections (16 kept
 for control) in transfer-page packets; PACKETs offloaded (offload.py: checksum,
-LSO v2) and handed to the backend. SUBCHANNEL is granted through
+LSO v2, or handed on as partial frames to a backend that takes them, as tap does)
+and given to the backend per VMBus packet and queue. SUBCHANNEL is granted through
 `ctx.enable_subchannels` and followed by the send indirection table; every channel
 carries transmits (completed on that channel) and its own receive path. Frames from
 the backend are steered by Toeplitz over the guest's key and indirection table,
@@ -15,7 +16,7 @@ then the frame) and indicated with `VM_PKT_DATA_USING_XFER_PAGES`; the guest's
 completions free the sections. A queue whose guest stops returning sections drops
 frames beyond RX_QUEUE_DEPTH, counted (OID_GEN_RCV_NO_BUFFER).
 
-Not yet (issue 10): tap/switch/pcap backends and the entry points, several RNDIS
+Not yet (issue 10): switch/pcap backends, several RNDIS
 packets per transfer-page packet, native per-packet code, link indications from
 `vmbusd ctl`, per-queue section partitioning.
 """

@@ -6,10 +6,11 @@ bad option fails before anything listens) and does nothing until `run`: the VSP
 starts it when the guest's NIC comes up and cancels it when the NIC goes (a guest
 that reboots runs it again). Frames cross in batches, per queue:
 
-- guest -> backend: `transmit(queue, frames)`, the frames one VMBus channel
-  carried in one batch, with the offloads the backend does not take already done
-  by the VSP (checksums filled, LSO segmented). Never blocks: a backend that
-  cannot take a frame now drops it and counts it.
+- guest -> backend: `transmit(queue, frames)`, the frames one VMBus packet
+  (SEND_RNDIS_PKT) carried on channel `queue`, with the offloads the backend does
+  not take already done by the VSP (checksums filled, LSO segmented) and those it
+  does take described on the frame (`Frame.csum`, `Frame.gso`). Never blocks: a
+  backend that cannot take a frame now drops it and counts it.
 - backend -> guest: the `deliver` callable given to `run`, a batch at a time; the
   VSP steers each frame to a guest queue (vRSS) itself.
 """
