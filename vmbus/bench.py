@@ -256,7 +256,7 @@ def write_plot(records: list[dict[str, Any]], path: str) -> None:
 class _Progress:
     """A progress bar (rich) on a terminal; plain `bench: ...` lines otherwise."""
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, label: str = "bench ring") -> None:
         self.total = total
         self.done = 0
         self._bar: Any = None
@@ -271,7 +271,7 @@ class _Progress:
             )
 
             self._bar = Progress(
-                TextColumn("bench ring"),
+                TextColumn(label),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TimeElapsedColumn(),

@@ -230,6 +230,12 @@ def cmd_demo(args: argparse.Namespace, say: _Say) -> int:
 def cmd_bench(args: argparse.Namespace, say: _Say) -> int:
     from vmbus.bench import run_bench
 
+    if args.what == "disk":
+        from vmbus.bench_disk import run_bench_disk
+
+        return run_bench_disk(
+            quick=args.quick, json_path=args.json, seconds=args.seconds, plot_path=args.plot
+        )
     return run_bench(
         args.what, quick=args.quick, json_path=args.json, seconds=args.seconds, plot_path=args.plot
     )
@@ -453,12 +459,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = add(
         "bench",
-        "benchmarks (ring)",
+        "benchmarks (ring, disk)",
         "ring: guest -> host -> guest echo through a real channel between two processes at "
         "64 B..64 KiB, native and pure-Python, with memcpy and AF_UNIX socketpair baselines "
-        "measured in the same run. A progress bar on a terminal, plain lines otherwise.",
+        "measured in the same run. disk: storvsc 4K random / 128K sequential I/O on a memory "
+        "and a file LUN through a real channel, native and pure-Python, with fio on the same "
+        "file. A progress bar on a terminal, plain lines otherwise.",
     )
-    b.add_argument("what", choices=["ring"], help="which benchmark")
+    b.add_argument("what", choices=["ring", "disk"], help="which benchmark")
     b.add_argument(
         "--quick", action="store_true", help="short run, under 30 s (default: full, 2 s a point)"
     )
