@@ -210,13 +210,14 @@ def cmd_vm(args: argparse.Namespace, say: _Say) -> int:
         lambda: run_vm(
             listen=args.listen,
             connect=args.connect,
-            workload="idle" if args.nic_tap else args.workload,
+            workload="idle" if args.nic_tap or args.export_nbd else args.workload,
             packets=args.packets,
             ring_size=args.ring_size,
             json_out=args.json,
             say=say,
             nic_tap=args.nic_tap,
             netns=args.netns,
+            export_nbd=args.export_nbd,
         )
     )
 
@@ -422,6 +423,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NS",
         help="with --nic-tap: the existing network namespace (/run/netns/NS) the TAP is in "
         "(default: vmbusd vm's own)",
+    )
+    v.add_argument(
+        "--export-nbd",
+        metavar="DIR",
+        help="serve each disk the guest's storvsc driver finds as an NBD server on "
+        "DIR/storvsc<N>-lun<L>.sock (tools' I/O goes through VMBus to vmbusd's backends) "
+        "and stay idle; the sockets are removed on exit (default: none; implies --workload idle)",
     )
     v.set_defaults(func=cmd_vm)
 

@@ -143,6 +143,7 @@ async def run_vm(
     say: Callable[[str], None] | None = None,
     nic_tap: str | None = None,
     netns: str | None = None,
+    export_nbd: str | None = None,
 ) -> int:
     """Exit status: 0 done (or idle stopped by a signal), 1 the workload failed,
     128+signal when a signal cut the echo workload short; a bad path raises UserError."""
@@ -153,6 +154,11 @@ async def run_vm(
 
     if json_out and json_out != "-":
         check_writable(json_out, "--json")  # before the run, not after it
+    if export_nbd is not None:
+        from devices.storvsc.nbd_export import NbdExports, check_export_dir
+
+        check_export_dir(export_nbd)
+    exports: NbdExports | None = None
     vm = SimulatedVm()
     summary: dict[str, Any] = {"ok": False}
     status = 1
@@ -183,6 +189,12 @@ async def run_vm(
 
                                 await nursery.start(bridge_nic_to_tap, vm, nic_tap, netns, say)
                                 skip = frozenset({NETVSC_IF_TYPE})
+                            if export_nbd is not None:  # the guest's disks as NBD servers
+                                from devices.storvsc.nbd_export import export_disks
+                                from devices.storvsc.protocol import SCSI_IF_TYPE
+
+                                exports = await nursery.start(export_disks, vm, export_nbd, say)
+                                skip |= {SCSI_IF_TYPE}
                             opened = await _open_all(vm, ring_size, skip)
                             summary["channels_open"] = len(opened)
                             say(
@@ -197,6 +209,8 @@ async def run_vm(
                             status = 0
                             summary["ok"] = True
                             say(f"vmbusd ended the session ({vm.closed_reason})")
+                    if exports is not None:  # sockets gone, HBAs closed, before leaving
+                        await exports.aclose()
                     if stopped.signum is not None:
                         closed = await _leave(vm)
                         name = signal.Signals(stopped.signum).name
