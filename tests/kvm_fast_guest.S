@@ -7,7 +7,8 @@
  *   VERSION_RESPONSE in its SIMP slot by interrupt; REQUESTOFFERS with the SIMP moved
  *   while a message sits in its slot; GPADL + OPENCHANNEL for the echo offer's ring;
  *   one inband packet and a fast HvSignalEvent -> the echo comes back and its relid's
- *   SIEFP bit raises the SINT interrupt.
+ *   SIEFP bit raises the SINT interrupt; a second one with the SIEFP moved while its
+ *   flag is set.
  * The test writes the message inputs (posts: 256 bytes each), the ring pages and pktlen
  * before the run, and reads results, msglog, events and seen after it. Entered like
  * vmlinux (long mode, identity map of the low 4 GiB, IF=0). Ends with `out 0x31, 0xf4`;
@@ -122,8 +123,10 @@ _start:
 	mov	$MSR_SIMP, %ecx
 	or	$1, %rax
 	call	wrmsr64
+	lea	siefp(%rip), %rax
+	mov	%rax, cursiefp(%rip)
 	mov	$MSR_SIEFP, %ecx
-	lea	siefp+1(%rip), %rax
+	or	$1, %rax
 	call	wrmsr64
 	mov	$MSR_SINT2, %ecx
 	mov	$0xf3, %eax
@@ -286,7 +289,50 @@ _start:
 	jmp	1b
 2:	sti
 
+	/* consume the echo (read_index = write_index), a second packet and signal with
+	   interrupts off; once its flag is in the SIEFP slot, move the SIEFP to another
+	   page (the flags go with it), then take the interrupt */
 	STAGE	9
+	cli
+	mov	evcount(%rip), %r13
+	mov	ring+2*4096(%rip), %eax
+	mov	%eax, ring+2*4096+4(%rip)
+	mov	pktlen2(%rip), %eax
+	mov	%eax, ring(%rip)
+	mfence
+	mov	$0x1005d, %ecx
+	mov	offer_conn(%rip), %edx
+	xor	%r8d, %r8d
+	call	hcpage
+	RESULT	63
+	lea	siefp+512(%rip), %rsi
+	mov	$200000000, %ecx
+1:	mov	(%rsi), %rax
+	or	8(%rsi), %rax
+	or	16(%rsi), %rax
+	or	24(%rsi), %rax
+	test	%rax, %rax
+	jnz	2f
+	pause
+	dec	%ecx
+	jnz	1b
+2:	lea	siefp2(%rip), %rax
+	mov	%rax, cursiefp(%rip)
+	mov	$MSR_SIEFP, %ecx
+	or	$1, %rax
+	call	wrmsr64
+	GP_RESULT 53
+	mov	siefp2+512(%rip), %rax	/* 54: the flags came along */
+	RESULT	54
+1:	cli
+	cmp	evcount(%rip), %r13
+	jne	2f
+	sti
+	hlt
+	jmp	1b
+2:	sti
+
+	STAGE	10
 	mov	irqcount(%rip), %rax
 	RESULT	64
 	mov	msgcount(%rip), %rax
@@ -419,7 +465,8 @@ sint_isr:
 	xor	%edx, %edx
 	wrmsr
 	jmp	1b
-3:	lea	siefp+512(%rip), %rsi
+3:	mov	cursiefp(%rip), %rsi
+	add	$512, %rsi
 	lea	events(%rip), %rdi
 	mov	$32, %ecx
 4:	xor	%eax, %eax
@@ -451,6 +498,8 @@ pktlen:	.quad	0		/* the test: bytes of the packet it wrote in the send ring */
 offer_relid: .quad 0
 offer_conn: .quad 0
 cursimp: .quad	0
+cursiefp: .quad	0
+pktlen2: .quad	0		/* the test: the send ring's write_index after packet 2 */
 irqcount: .quad	0
 msgcount: .quad	0
 evcount: .quad	0
@@ -464,6 +513,7 @@ hcpage:	.skip	4096
 simp:	.skip	4096
 simp2:	.skip	4096
 siefp:	.skip	4096
+siefp2:	.skip	4096
 idt:	.skip	4096
 posts:	.skip	4096		/* the test: 256-byte HvPostMessage inputs */
 badpost: .skip	4096

@@ -70,9 +70,10 @@ GP = {  # slot: (what, 1 = #GP)
     51: ("the hypercall page outside RAM", 1),
     52: ("an MSR not offered, written", 1),
     60: ("the SIMP moved while its slot holds a message", 0),
+    53: ("the SIEFP moved while a flag is set", 0),
 }
-SIMP_AFTER, SIEFP_AFTER, SINT2_AFTER, MOVED_SLOT_TYPE = 42, 44, 46, 61
-POST_INITIATE, POST_REQUEST, POST_GPADL, POST_OPEN, SIGNAL = 56, 57, 58, 59, 62
+SIMP_AFTER, SIEFP_AFTER, SINT2_AFTER, MOVED_SLOT_TYPE, MOVED_FLAGS = 42, 44, 46, 61, 54
+POST_INITIATE, POST_REQUEST, POST_GPADL, POST_OPEN, SIGNAL, SIGNAL2 = 56, 57, 58, 59, 62, 63
 IRQS, MSGS, SPURIOUS, STAGE = 64, 65, 66, 67
 
 
@@ -105,14 +106,14 @@ def post_input(connection_id: int, payload: bytes, *, size: int | None = None) -
     return body + bytes(256 - len(body))
 
 
-ECHO_BODY = b"ping!!!!"
+ECHO_BODIES = (b"ping!!!!", b"pong????")
 TRANS_ID = 0x77
 
 
-def echo_packet() -> bytes:
-    """One inband packet as the ring holds it: descriptor, body, trailer (start 0)."""
-    desc = struct.pack("<HHHHQ", PacketType.INBAND, 2, (16 + len(ECHO_BODY)) // 8, 0, TRANS_ID)
-    return desc + ECHO_BODY + struct.pack("<Q", 0)
+def echo_packet(body: bytes, start: int) -> bytes:
+    """One inband packet as the ring holds it: descriptor, body, trailer (its start)."""
+    desc = struct.pack("<HHHHQ", PacketType.INBAND, 2, (16 + len(body)) // 8, 0, TRANS_ID)
+    return desc + body + struct.pack("<Q", start << 32)
 
 
 class RecordingExit:
@@ -152,9 +153,11 @@ def prepare(vm: vmm.KvmVm, g: Guest) -> None:
     init_ring_header(hdr)
     ram.write(ring, bytes(hdr))
     ram.write(ring + 2 * PAGE, bytes(hdr))
-    pkt = echo_packet()
-    ram.write(ring + PAGE, pkt)
-    ram.write(s["pktlen"], struct.pack("<Q", len(pkt)))
+    one = echo_packet(ECHO_BODIES[0], 0)
+    two = echo_packet(ECHO_BODIES[1], len(one))
+    ram.write(ring + PAGE, one + two)
+    ram.write(s["pktlen"], struct.pack("<Q", len(one)))
+    ram.write(s["pktlen2"], struct.pack("<Q", len(one) + len(two)))
 
 
 @dataclass
@@ -206,7 +209,7 @@ async def test_hyperv_surface_and_bad_input_against_vmbusd(g: Guest, served: Ser
         log = served.log.read_text(errors="replace")
         where = f"stage {r[STAGE]}, {result}, exit {exit_port.codes}\n{log[-3000:]}"
         assert exit_port.codes == [FINISHED], where
-        assert r[STAGE] == 9 and elapsed < 20, where
+        assert r[STAGE] == 10 and elapsed < 20, where
 
         # CPUID: every Hyper-V leaf the VMM defines, as the guest saw it
         leaves = hv.HyperVCpuid().overrides()
@@ -256,21 +259,26 @@ async def test_hyperv_surface_and_bad_input_against_vmbusd(g: Guest, served: Ser
         assert isinstance(opened, p.OpenChannelResult) and opened.status == 0
         assert vm.counters.binds == 1
 
-        # the signal: taken by the ioeventfd inside KVM, the echo back in the receive
-        # ring, and the relid's SIEFP bit raised the interrupt
-        assert r[SIGNAL] == hv.HV_STATUS_SUCCESS
+        # the signals: taken by the ioeventfd inside KVM; each echo back in the receive
+        # ring, and the relid's SIEFP bit raised the interrupt (the second one's flag
+        # moved with the SIEFP)
+        assert r[SIGNAL] == r[SIGNAL2] == hv.HV_STATUS_SUCCESS
         assert vm.counters.unmatched_signals == 0
         ring = s["ring"]
         write_index, read_index = struct.unpack("<II", ram.read(ring + 2 * PAGE, 8))
-        assert (write_index, read_index) == (len(echo_packet()), 0)
+        size = len(echo_packet(ECHO_BODIES[0], 0))
+        assert (write_index, read_index) == (2 * size, size)
         back = ram.read(ring + 3 * PAGE, write_index)
-        assert back[16 : 16 + len(ECHO_BODY)] == ECHO_BODY
-        assert struct.unpack_from("<H", back)[0] == PacketType.INBAND
-        events = ram.read(s["events"], 256)
+        for k, body in enumerate(ECHO_BODIES):
+            assert struct.unpack_from("<H", back, k * size)[0] == PacketType.INBAND
+            assert back[k * size + 16 : k * size + 16 + len(body)] == body
         relid = offer.child_relid
-        assert events[relid // 8] & (1 << relid % 8), events.hex()
-        assert sum(bin(b).count("1") for b in events) == 1
-        assert vm.counters.calls >= 1
+        bit = 1 << relid
+        assert r[MOVED_FLAGS] == bit
+        events = ram.read(s["events"], 256)
+        assert int.from_bytes(events, "little") == bit, events.hex()
+        assert vm.counters.calls >= 2
+        assert ram.read(s["siefp2"] + 512, 256) == bytes(256)  # the handler took it
 
         # interrupts: the messages' and the event's came, and no stray vector
         assert r[SPURIOUS] == 0
