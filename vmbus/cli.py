@@ -1,4 +1,4 @@
-"""`vmbusd`: the one command (serve, attach, vm, demo, bench, stats, plugins, kvm).
+"""`vmbusd`: the one command (serve, attach, vm, demo, bench, stats, ctl, plugins, kvm).
 
 Errors a user can fix are `UserError`s raised where they are found; `main` is the one
 place that turns them into a single line on stderr and exit status 2 (unwrapping
@@ -163,6 +163,7 @@ def cmd_serve(args: argparse.Namespace, say: _Say) -> int:
             factory,
             allowed_uids=uids,
             stats_path=args.stats,
+            control_path=args.control,
             metrics=metrics,
             announce=say,
         )
@@ -188,6 +189,40 @@ def cmd_stats(args: argparse.Namespace, say: _Say) -> int:
         print(text, end="" if text.endswith("\n") else "\n")
     else:
         print(stats.render_table(json.loads(text)))
+    return 0
+
+
+def cmd_ctl(args: argparse.Namespace, say: _Say) -> int:
+    from vmbus import control
+    from vmbus.cliutil import describe_connect_error
+
+    req: dict[str, object] = {"vm": args.vm, "device": args.device}
+    if args.what == "disk":
+        req["lun"] = args.lun
+        if args.action == "add":
+            req.update(
+                cmd="disk-add",
+                backend=args.backend,
+                size=args.size,
+                path=args.path,
+                readonly=args.readonly or None,
+                create_size=args.create_size,
+                uri=args.uri,
+                serial=args.serial,
+            )
+        else:
+            req["cmd"] = "disk-remove"
+    else:
+        req.update(cmd="nic-link", up=args.state == "up")
+    try:
+        answer = control.request(args.sock, req)
+    except OSError as exc:
+        raise UserError(
+            f"{describe_connect_error(args.sock, exc)} (is `vmbusd serve --control PATH` running?)"
+        ) from exc
+    if not answer.get("ok"):
+        raise UserError(str(answer.get("error")))
+    print(answer.get("message"))
     return 0
 
 
@@ -352,6 +387,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: no stats socket)",
     )
     s.add_argument(
+        "--control",
+        metavar="PATH",
+        help="also take `vmbusd ctl PATH ...` changes (disks, NIC link) on this socket "
+        "(0600, same allowed uids) (default: no control socket)",
+    )
+    s.add_argument(
         "--metrics",
         metavar="[HOST:]PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics; HOST defaults to "
@@ -464,6 +505,51 @@ def build_parser() -> argparse.ArgumentParser:
         help="print Prometheus text format (default: a table)",
     )
     t.set_defaults(func=cmd_stats)
+
+    c = add(
+        "ctl",
+        "change a running service's VMs (add/remove a disk, NIC link)",
+        "Ask `vmbusd serve --control SOCK` to change an attached VM: `disk add` attaches a "
+        "LUN to its storvsc controller (the same keys and checks as a [[device.lun]] table) "
+        "and `disk remove` detaches one, the guest told with ENUMERATE_BUS; `nic link up|down` "
+        "tells its netvsc NIC's guest the link state. One line out; exit 2 with the reason.",
+    )
+    c.add_argument("sock", metavar="SOCK", help="the service's --control socket")
+    cw = c.add_subparsers(dest="what", required=True, metavar="WHAT", parser_class=_Parser)
+
+    def target(q: argparse.ArgumentParser, kind: str) -> None:
+        q.add_argument("--vm", required=True, metavar="NAME", help="the VM's name (or session id)")
+        q.add_argument(
+            "--device",
+            type=int,
+            default=0,
+            metavar="N",
+            help=f"which of the VM's {kind} devices, counted from 0",
+        )
+
+    disk = cw.add_parser("disk", help="add or remove a LUN", formatter_class=_Formatter)
+    da = disk.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=_Parser)
+    dadd = da.add_parser("add", help="attach a LUN", formatter_class=_Formatter)
+    target(dadd, "storvsc")
+    dadd.add_argument("--lun", type=int, required=True, metavar="L", help="LUN number")
+    dadd.add_argument(
+        "--backend", default="memory", help="memory, file, nbd or a vmbusd.disk_backends name"
+    )
+    dadd.add_argument("--size", help="memory: size such as 64M (default: none)")
+    dadd.add_argument("--path", help="file: the image (default: none)")
+    dadd.add_argument("--readonly", action="store_true", help="file: read-only LUN")
+    dadd.add_argument("--create-size", help="file: create it this big if missing (default: no)")
+    dadd.add_argument("--uri", help="nbd: nbd+unix:///export?socket=PATH or nbd://host:port/export")
+    dadd.add_argument("--serial", help="the unit serial number (default: derived)")
+    drm = da.add_parser("remove", help="detach a LUN", formatter_class=_Formatter)
+    target(drm, "storvsc")
+    drm.add_argument("--lun", type=int, required=True, metavar="L", help="LUN number")
+    nic = cw.add_parser("nic", help="NIC link state", formatter_class=_Formatter)
+    na = nic.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=_Parser)
+    link = na.add_parser("link", help="link up or down", formatter_class=_Formatter)
+    link.add_argument("state", choices=("up", "down"))
+    target(link, "netvsc")
+    c.set_defaults(func=cmd_ctl)
 
     b = add(
         "bench",

@@ -17,6 +17,10 @@
     ifname = "vh0"           # entry point; the other keys are the backend's options
     netns = "h"              # (tap: ifname, netns, bridge)
 
+    [vm.db1]                 # the VM whose attach hello names it "db1" gets this list
+    [[vm.db1.device]]        # instead of the top-level one (the default for every
+    type = "storvsc"         # other VM); each [vm.NAME] holds only its device list
+
 Everything is checked when the file is loaded, before anything listens: an unknown key
 anywhere (`[[devices]]` would otherwise serve nothing), an unknown device type, a class
 that is no device or has no `if_type`, an option the class does not take. Each is a
@@ -37,7 +41,6 @@ import tomllib
 import types
 import typing
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 from vmbus import plugins
@@ -45,7 +48,8 @@ from vmbus.cliutil import UserError
 from vmbus.device import Device
 
 MAX_DEVICES = 64
-TOP_LEVEL_KEYS = ("device",)
+TOP_LEVEL_KEYS = ("device", "vm")
+VM_KEYS = ("device",)
 DEFAULT_CONFIG: dict[str, Any] = {"device": [{"type": "echo"}]}
 
 
@@ -159,21 +163,59 @@ def _build(where: str, entry: object) -> Device:
         raise ConfigError(f"{where} ({kind}): {type(exc).__name__}: {exc}") from exc
 
 
-def devices_from_config(cfg: dict[str, Any], source: str = "config") -> list[Device]:
-    """Build one VM's devices from a parsed config; every key must mean something."""
+def _check_keys(cfg: dict[str, Any], source: str) -> dict[str, list[Any]]:
+    """Every key must mean something; returns the [vm.NAME] device lists by name."""
     for key in cfg:
         if key not in TOP_LEVEL_KEYS:
             raise ConfigError(
                 f"{source}: unknown key {key!r}{_did_you_mean(key, TOP_LEVEL_KEYS)}; "
                 "a device is declared as [[device]] with a type = ... key"
             )
-    entries = cfg.get("device")
-    if isinstance(entries, dict):
-        raise ConfigError(f"{source}: write [[device]] (an array of tables), not [device]")
-    if not isinstance(entries, list) or not entries:
+    vms = cfg.get("vm", {})
+    if not isinstance(vms, dict):
+        raise ConfigError(f"{source}: 'vm' must be tables [vm.NAME] with [[vm.NAME.device]]")
+    lists: dict[str, list[Any]] = {}
+    for name, section in vms.items():
+        where = f"{source}: [vm.{name}]"
+        if not isinstance(section, dict):
+            raise ConfigError(f"{where}: must be a table with [[vm.{name}.device]] tables")
+        for key in section:
+            if key not in VM_KEYS:
+                raise ConfigError(
+                    f"{where}: unknown key {key!r}{_did_you_mean(key, VM_KEYS)}; "
+                    f"a VM's device is declared as [[vm.{name}.device]] with a type = ... key"
+                )
+        lists[str(name)] = _entry_list(section.get("device"), where, f"vm.{name}.device")
+    if "device" not in cfg and not lists:
         raise ConfigError(f"{source}: no devices: declare at least one [[device]] table")
+    return lists
+
+
+def _entry_list(entries: object, where: str, table: str) -> list[Any]:
+    if isinstance(entries, dict):
+        raise ConfigError(f"{where}: write [[{table}]] (an array of tables), not [{table}]")
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"{where}: no devices: declare at least one [[{table}]] table")
     if len(entries) > MAX_DEVICES:
-        raise ConfigError(f"{source}: {len(entries)} devices; at most {MAX_DEVICES} per VM")
+        raise ConfigError(f"{where}: {len(entries)} devices; at most {MAX_DEVICES} per VM")
+    return entries
+
+
+def devices_from_config(
+    cfg: dict[str, Any], source: str = "config", vm_name: str | None = None
+) -> list[Device]:
+    """Build one VM's devices from a parsed config: its [vm.NAME] list when the config
+    has one for `vm_name`, else the top-level [[device]] list (the default)."""
+    per_vm = _check_keys(cfg, source)
+    if vm_name is not None and vm_name in per_vm:
+        where = f"{source}: [vm.{vm_name}] device"
+        return [_build(f"{where} #{i + 1}", e) for i, e in enumerate(per_vm[vm_name])]
+    if "device" not in cfg:
+        raise ConfigError(
+            f"{source}: no [vm.{vm_name}] section and no default [[device]] list "
+            f"(VMs configured: {', '.join(sorted(per_vm))})"
+        )
+    entries = _entry_list(cfg["device"], source, "device")
     return [_build(f"{source}: device #{i + 1}", e) for i, e in enumerate(entries)]
 
 
@@ -222,12 +264,32 @@ def load_devices(path: str | None) -> list[Device]:
     return devices_from_config(cfg, path)
 
 
-def devices_factory(path: str | None) -> Callable[[], list[Device]]:
-    """A fresh set of devices per VM session. The file is read and checked now (a bad
-    file fails before anything listens) and reused, so every VM sees the same config."""
+class VmDevices:
+    """A fresh set of devices per VM session, chosen by the VM's name from its attach
+    hello (`for_vm`); calling it gives the default set. The file is read and every
+    list checked once up front (a bad file fails before anything listens), and the
+    parsed config reused, so every VM of a name sees the same config."""
+
+    def __init__(self, cfg: dict[str, Any], source: str) -> None:
+        self.cfg = cfg
+        self.source = source
+        self.vm_names = sorted(_check_keys(cfg, source))
+        if "device" in cfg:
+            devices_from_config(cfg, source)
+        for name in self.vm_names:
+            devices_from_config(cfg, source, name)
+
+    def __call__(self) -> list[Device]:
+        return devices_from_config(self.cfg, self.source)
+
+    def for_vm(self, name: str) -> list[Device]:
+        return devices_from_config(self.cfg, self.source, name)
+
+
+def devices_factory(path: str | None) -> VmDevices:
+    """The per-VM device sets of a config file (the embedded default when None)."""
     cfg = DEFAULT_CONFIG if path is None else read_config(path)
     source = "default config" if path is None else path
     if path is not None:
         _importable_beside(path)
-    devices_from_config(cfg, source)
-    return lambda: devices_from_config(cfg, source)
+    return VmDevices(cfg, source)

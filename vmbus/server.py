@@ -78,9 +78,13 @@ class VmSession:
         *,
         vm_label: str = "vm",
         on_channel_event: Callable[[str, int, str], None] | None = None,
+        devices_for: Callable[[str], Sequence[Device]] | None = None,
     ) -> None:
+        """`devices_for`, when given, picks the devices by the VM's name once the
+        hello has named it (added to `devices`)."""
         self.conn = conn
         self.devices = list(devices)
+        self._devices_for = devices_for
         self.label = vm_label
         self.session_id = uuid.uuid4().hex[:8]  # tells apart VMs that share a name
         self.memory = GuestMemory()
@@ -139,6 +143,14 @@ class VmSession:
                 ),
             )  # bounded by the connection's handshake deadline; conn.admit may refuse
             self.label = self.peer.vm_id or self.label
+            if self._devices_for is not None:
+                try:
+                    self.devices += list(self._devices_for(self.label))
+                except Exception as exc:  # a backend that cannot open now, ...
+                    log.error("%s: no devices for this VM: %s", self.label, exc)
+                    self._peer_gone = True
+                    await self.conn.abort(attach.ErrorCode.RESOURCE, f"no devices: {exc}")
+                    return
             self.bus = bus.VmBusServer(
                 vcpu_count=max(1, self.peer.vcpus), validate_pfns=self._pfns_in_ram
             )
@@ -669,7 +681,15 @@ async def serve_listener(
                     await conn.abort(attach.ErrorCode.RESOURCE, f"{limit} VMs already attached")
                     continue
                 count += 1
-                session = VmSession(conn, devices_factory(), vm_label=f"vm{count}")
+                # Devices are built once the hello names the VM: a config's
+                # [vm.NAME] list (`for_vm`), else the factory's one list.
+                for_vm = getattr(devices_factory, "for_vm", None)
+                session = VmSession(
+                    conn,
+                    [],
+                    vm_label=f"vm{count}",
+                    devices_for=for_vm or (lambda _name, f=devices_factory: f()),
+                )
                 conn.admit = lambda _hello, s=session: admit(s)
                 live.add(session)
                 nursery.start_soon(_run_isolated, session, live, established)
@@ -698,6 +718,7 @@ async def serve_until_signalled(
     *,
     allowed_uids: set[int] | None = None,
     stats_path: str | None = None,
+    control_path: str | None = None,
     metrics: tuple[str, int] | None = None,
     announce: Callable[[str], None] = log.warning,
 ) -> str:
@@ -748,6 +769,15 @@ async def serve_until_signalled(
                     )
                 )
                 ready.append(f"stats on {stats_path}")
+            if control_path:
+                from vmbus import control
+
+                await nursery.start(
+                    lambda **kw: control.serve_control(
+                        control_path, sessions, allowed_uids=allowed_uids, **kw
+                    )
+                )
+                ready.append(f"control on {control_path}")
             if metrics:
                 port = await nursery.start(
                     lambda **kw: stats.serve_metrics(metrics[0], metrics[1], snap, **kw)

@@ -40,6 +40,7 @@ from devices.storvsc.protocol import (
     DataIn,
     Properties,
     SrbReply,
+    SrbStatus,
     VstorOp,
     decode_properties,
     decode_reply,
@@ -127,6 +128,7 @@ class _Queue:
         self.tag_free = trio.Event()
         self.errors: list[str] = []
         self.enumerate_bus = 0
+        self.on_enumerate: trio.Event | None = None  # the HBA's rescan request
 
     async def receive_loop(self) -> None:
         while True:
@@ -142,6 +144,8 @@ class _Queue:
                     op = struct.unpack_from("<I", payload)[0]
                     if op in (VstorOp.ENUMERATE_BUS, VstorOp.REMOVE_DEVICE):
                         self.enumerate_bus += 1
+                        if self.on_enumerate is not None:
+                            self.on_enumerate.set()  # storvsc_host_scan, queued as work
                     else:
                         self.errors.append(f"unsolicited op {op} with id 0")
                     continue
@@ -191,6 +195,9 @@ class StorvscHba:
         self.disks: dict[int, Disk] = {}
         self._rr = itertools.count()
         self._nursery: trio.Nursery | None = None
+        self._rescan_wanted = trio.Event()
+        self.rescans = 0  # host scans done for ENUMERATE_BUS (tests wait on it)
+        self.rescanned = trio.Event()  # set after each; replaced by a fresh one
 
     # -- init --
 
@@ -201,10 +208,31 @@ class StorvscHba:
         await self.init_sequence()
         if scan:
             await self.scan()
+            nursery.start_soon(self._host_scan_worker, name="storvsc host scan")
+
+    async def _host_scan_worker(self) -> None:
+        """storvsc_host_scan: on ENUMERATE_BUS, TEST UNIT READY to every known LUN
+        (one that answers INVALID_LUN is gone and removed), then scsi_scan_host
+        (new LUNs appear). Requests that come while a scan runs make one more."""
+        while True:
+            await self._rescan_wanted.wait()
+            self._rescan_wanted = trio.Event()
+            for q in self.queues:
+                q.on_enumerate = self._rescan_wanted
+            for lun in sorted(self.disks):
+                reply, _ = await self.execute(bytes(6), lun=lun)
+                if reply.srb_status & 0x3F == SrbStatus.INVALID_LUN:
+                    log.info("storvsc: LUN %d is gone", lun)
+                    self.disks.pop(lun, None)
+            await self.scan()
+            self.rescans += 1
+            done, self.rescanned = self.rescanned, trio.Event()
+            done.set()
 
     async def _open_queue(self, offer: GuestOffer) -> _Queue:
         gch = await self.vm.open_channel(offer, self.ring_size)
         q = _Queue(len(self.queues), gch)
+        q.on_enumerate = self._rescan_wanted
         self.queues.append(q)
         assert self._nursery is not None
         self._nursery.start_soon(q.receive_loop, name=f"storvsc vsc {offer.relid}")

@@ -246,6 +246,47 @@ class StorvscDevice(Device):
         if self._rescan is not None:
             self._rescan.set()
 
+    async def hot_add_lun(self, entry: dict[str, Any]) -> int:
+        """`vmbusd ctl ... disk add`: one `[[device.lun]]` table (validated as the
+        config's), its backend opened, attached, and the guest told. ConfigError
+        (one line) when the LUN is taken or the table is wrong."""
+        n = entry.get("lun")
+        if isinstance(n, int) and n in self.controller:
+            raise ConfigError(f"LUN {n} is in use (remove it first)")
+        if isinstance(n, int) and not isinstance(n, bool) and n > MAX_LUN:
+            raise ConfigError(f"LUN {n} > {MAX_LUN}")
+        try:
+            n, backend, identity = build_lun(0, entry, self.instance)
+        except ConfigError as exc:
+            msg = str(exc).replace(f"lun #1 (LUN {n})", f"LUN {n}").replace("lun #1", "lun")
+            raise ConfigError(msg) from exc
+        try:
+            if getattr(backend, "open", None) is not None:
+                with trio.fail_after(OPEN_TIMEOUT_S):
+                    await open_backend(backend)
+            if n in self.controller:  # taken while the backend opened
+                raise ConfigError(f"LUN {n} is in use (remove it first)")
+            self.controller.add_lun(n, backend, identity)
+        except BaseException as exc:
+            with trio.CancelScope(shield=True):
+                with contextlib.suppress(Exception):
+                    await backend.close()
+            if isinstance(exc, (trio.TooSlowError, OSError, BackendConfigError)):
+                raise ConfigError(f"LUN {n} ({entry.get('backend', 'memory')}): {exc}") from exc
+            raise
+        self._backends.append(backend)
+        self.bus_changed()
+        return n
+
+    async def hot_remove_lun(self, lun: int) -> None:
+        """`vmbusd ctl ... disk remove`: detach and tell the guest; later SRBs to it
+        get INVALID_LUN. The backend is closed with the device (a request still
+        running on it must never meet a closed, reused descriptor)."""
+        if lun not in self.controller:
+            raise ConfigError(f"no LUN {lun} (LUNs: {self.controller.luns or 'none'})")
+        self.controller.remove_lun(lun)
+        self.bus_changed()
+
     async def _open_backends(self, ctx: DeviceContext) -> None:
         """Open the backends that have an async open step and attach their LUNs,
         within Linux's 5 s per init step. One that fails (its server is down)

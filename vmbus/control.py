@@ -1,0 +1,225 @@
+"""`vmbusd serve --control PATH` and `vmbusd ctl PATH ...`: changes to running VMs.
+
+A private unix socket with the stats socket's rules (born 0600, the peer's
+SO_PEERCRED uid must be allowed, one request of at most `stats.MAX_REQUEST` bytes
+read within `stats.REQUEST_TIMEOUT_S`). A request is one JSON object and a
+newline; the answer is one JSON object, `{"ok": true, "message": ...}` or
+`{"ok": false, "error": ...}`, then EOF. Commands (`cmd`):
+
+- `disk-add`: vm, device (index among the VM's storvsc controllers, default 0),
+  and a `[[device.lun]]` table's keys (lun, backend, size, path, readonly,
+  create_size, uri, serial, wwn, ...), checked as the config file's;
+- `disk-remove`: vm, device, lun;
+- `nic-link`: vm, device (index among its netvsc NICs), up (true/false).
+
+A VM is named by the name its attach hello gave (or its session id from
+`vmbusd stats`, when two VMs share a name). A new command is a function in
+`COMMANDS`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket as _stdsocket
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import trio
+
+from vmbus.cliutil import UserError, claim_socket_path, describe_bind_error
+from vmbus.device import Device
+from vmbus.server import VmSession
+from vmbus.stats import MAX_REQUEST, REQUEST_TIMEOUT_S, _peer_uid, _read_request
+
+log = logging.getLogger(__name__)
+
+
+class ControlError(UserError):
+    """A request that cannot be carried out; the message is the client's one line."""
+
+
+def find_vm(sessions: Iterable[VmSession], name: object) -> VmSession:
+    if not isinstance(name, str) or not name:
+        raise ControlError("no VM given (--vm NAME)")
+    live = [s for s in sessions if s.peer is not None]
+    hits = [s for s in live if s.session_id == name] or [s for s in live if s.label == name]
+    if not hits:
+        names = ", ".join(sorted({s.label for s in live})) or "none"
+        raise ControlError(f"no VM named {name!r} is attached (attached: {names})")
+    if len(hits) > 1:
+        ids = ", ".join(sorted(s.session_id for s in hits))
+        raise ControlError(f"{len(hits)} VMs are named {name!r}: give a session id instead ({ids})")
+    return hits[0]
+
+
+def find_device(session: VmSession, kind: str, index: object) -> Device:
+    """The `index`-th device named `kind` (storvsc, netvsc) of the VM."""
+    if index is None:
+        index = 0
+    if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+        raise ControlError(f"--device must be an index 0, 1, ..., not {index!r}")
+    found = [d for d in session.devices if d.name == kind]
+    if not found:
+        raise ControlError(f"VM {session.label!r} has no {kind} device")
+    if index >= len(found):
+        raise ControlError(
+            f"VM {session.label!r} has {len(found)} {kind} device(s): --device 0..{len(found) - 1}"
+        )
+    return found[index]
+
+
+_NOT_LUN_KEYS = ("cmd", "vm", "device")
+
+
+async def disk_add(sessions: set[VmSession], req: dict[str, Any]) -> str:
+    from devices.storvsc.vsp import StorvscDevice
+
+    session = find_vm(sessions, req.get("vm"))
+    dev = find_device(session, "storvsc", req.get("device"))
+    assert isinstance(dev, StorvscDevice)
+    if "lun" not in req:
+        raise ControlError("no LUN given (--lun N)")
+    entry = {k: v for k, v in req.items() if k not in _NOT_LUN_KEYS and v is not None}
+    try:
+        lun = await dev.hot_add_lun(entry)
+    except UserError as exc:
+        raise ControlError(f"VM {session.label!r}: {exc}") from exc
+    disk = dev.controller.disk(lun)
+    size = disk.blocks * disk.block_size
+    return f"VM {session.label!r}: LUN {lun} added ({size:,} bytes); the guest was told"
+
+
+async def disk_remove(sessions: set[VmSession], req: dict[str, Any]) -> str:
+    from devices.storvsc.vsp import StorvscDevice
+
+    session = find_vm(sessions, req.get("vm"))
+    dev = find_device(session, "storvsc", req.get("device"))
+    assert isinstance(dev, StorvscDevice)
+    lun = req.get("lun")
+    if not isinstance(lun, int) or isinstance(lun, bool):
+        raise ControlError(f"--lun must be an integer, not {lun!r}")
+    try:
+        await dev.hot_remove_lun(lun)
+    except UserError as exc:
+        raise ControlError(f"VM {session.label!r}: {exc}") from exc
+    return f"VM {session.label!r}: LUN {lun} removed; the guest was told"
+
+
+async def nic_link(sessions: set[VmSession], req: dict[str, Any]) -> str:
+    from devices.netvsc.vsp import NetvscDevice
+
+    session = find_vm(sessions, req.get("vm"))
+    dev = find_device(session, "netvsc", req.get("device"))
+    assert isinstance(dev, NetvscDevice)
+    up = req.get("up")
+    if not isinstance(up, bool):
+        raise ControlError(f"link must be up or down, not {up!r}")
+    told = dev.set_link(up)
+    state = "up" if up else "down"
+    tail = "the guest was told" if told else "no guest NIC is up to tell yet; it starts so"
+    return f"VM {session.label!r}: link {state}; {tail}"
+
+
+Command = Callable[[set[VmSession], dict[str, Any]], Awaitable[str]]
+COMMANDS: dict[str, Command] = {
+    "disk-add": disk_add,
+    "disk-remove": disk_remove,
+    "nic-link": nic_link,
+}
+
+
+async def handle(sessions: set[VmSession], raw: bytes) -> dict[str, Any]:
+    """One request's answer (never raises for a bad request)."""
+    try:
+        req = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return {"ok": False, "error": "the request is not one JSON object on one line"}
+    if not isinstance(req, dict):
+        return {"ok": False, "error": "the request is not a JSON object"}
+    cmd = COMMANDS.get(str(req.get("cmd")))
+    if cmd is None:
+        return {"ok": False, "error": f"unknown command {req.get('cmd')!r}: {', '.join(COMMANDS)}"}
+    try:
+        return {"ok": True, "message": await cmd(sessions, req)}
+    except UserError as exc:
+        return {"ok": False, "error": str(exc)}
+
+
+async def serve_control(
+    path: str,
+    sessions: set[VmSession],
+    *,
+    allowed_uids: Iterable[int] | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The control socket; same claim, mode and removal rules as the stats socket."""
+    allowed = set(allowed_uids) if allowed_uids is not None else {os.getuid()}
+    claim_socket_path(path, _stdsocket.SOCK_STREAM, what="control socket")
+    sock = trio.socket.socket(_stdsocket.AF_UNIX, _stdsocket.SOCK_STREAM)
+    try:
+        os.fchmod(sock.fileno(), 0o600)
+        await sock.bind(path)
+        os.chmod(path, 0o600)
+        sock.listen(16)
+    except OSError as exc:
+        sock.close()
+        raise UserError(describe_bind_error(path, exc, what="control socket")) from exc
+    st = os.stat(path)
+    ours = (st.st_dev, st.st_ino)
+    listener = trio.SocketListener(sock)
+    task_status.started()
+    try:
+        async with trio.open_nursery() as nursery:
+            while True:
+                stream = await listener.accept()
+                nursery.start_soon(_answer, stream, sessions, allowed)
+    finally:
+        sock.close()  # no await: this runs cancelled (see stats.serve_stats)
+        try:
+            st = os.stat(path)
+            if (st.st_dev, st.st_ino) == ours:
+                os.unlink(path)
+        except OSError:
+            pass
+
+
+async def _answer(stream: trio.SocketStream, sessions: set[VmSession], allowed: set[int]) -> None:
+    async with stream:
+        try:
+            if _peer_uid(stream.socket) not in allowed:
+                log.warning("control: refused a peer whose uid is not allowed")
+                return
+            raw = await _read_request(stream)
+            if not raw.endswith(b"\n"):
+                answer = {
+                    "ok": False,
+                    "error": f"the request must be one line of at most {MAX_REQUEST} bytes",
+                }
+            else:
+                answer = await handle(sessions, raw)
+            if answer["ok"]:
+                log.info("control: %s", answer["message"])
+            await stream.send_all(json.dumps(answer).encode() + b"\n")
+        except (trio.BrokenResourceError, OSError):
+            pass
+
+
+def request(path: str, req: dict[str, Any]) -> dict[str, Any]:
+    """Client side (`vmbusd ctl`): one request, its answer. OSError when nobody listens."""
+    with _stdsocket.socket(_stdsocket.AF_UNIX, _stdsocket.SOCK_STREAM) as s:
+        s.settimeout(REQUEST_TIMEOUT_S + 5)
+        s.connect(path)
+        s.sendall(json.dumps(req).encode() + b"\n")
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    text = b"".join(chunks).decode(errors="replace")
+    try:
+        answer = json.loads(text)
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict) or "ok" not in answer:
+        return {"ok": False, "error": f"{path}: not a vmbusd control socket (answer {text[:80]!r})"}
+    return answer
