@@ -56,6 +56,8 @@ def test_demo_command(native: str) -> None:
     assert r.returncode == 0, r.stderr
     assert "VMBus version negotiated : 5.3" in r.stdout
     assert "3000 packets" in r.stdout
+    assert "storvsc relid 2       : VSTOR 0x0602" in r.stdout  # the demo's RAM disk
+    assert "RAM disk read back     : all 4194304 bytes written, read, compared" in r.stdout
     assert "every byte and the order verified: OK" in r.stdout
 
 
