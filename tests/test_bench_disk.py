@@ -27,13 +27,18 @@ FIELDS = ("iops", "bytes_per_s", "lat_p50_us", "lat_p99_us")
 def test_bench_disk_quick_writes_every_record(tmp_path: Path) -> None:
     out = tmp_path / "disk.json"
     r = subprocess.run(
-        [sys.executable, "-m", "vmbus.cli", "bench", "disk", "--quick", "--json", str(out)],
+        [
+            *(sys.executable, "-m", "vmbus.cli", "bench", "disk", "--quick"),
+            *("--json", str(out), "--plot", str(tmp_path / "disk.png")),
+        ],
         capture_output=True,
         text=True,
         timeout=200,
     )
     assert r.returncode == 0, r.stderr
     assert "vs fio" in r.stdout
+    png = (tmp_path / "disk.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
     recs = json.loads(out.read_text())
     want = {(b, w.name, i) for b in BACKENDS for w in WORKLOADS for i in ("native", "python")}
     want |= {("file", w.name, "fio") for w in WORKLOADS}

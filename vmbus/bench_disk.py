@@ -309,7 +309,7 @@ def host_main(args: argparse.Namespace) -> int:
     from vmbus import attach
     from vmbus.server import VmSession
 
-    async def serve() -> None:
+    async def serve() -> list[dict[str, Any]]:
         listener = await attach.listen(args.listen)
         conn = await listener.accept()
         await listener.aclose()
@@ -321,12 +321,15 @@ def host_main(args: argparse.Namespace) -> int:
                 {"backend": "file", "path": args.image},
             ],
         )
+        session = VmSession(conn, [dev], vm_label="bench")
         try:
-            await VmSession(conn, [dev], vm_label="bench").run()
+            await session.run()
         finally:
             await dev.close()
+        return [st for _relid, _d, st in session.closed_stats]
 
-    trio.run(serve)
+    # The host's channel counters (sends, signals, wake-ups), for profiling by hand.
+    print(json.dumps(trio.run(serve)), flush=True)
     return 0
 
 
@@ -413,6 +416,8 @@ async def _drive(
         slot.t0 = perf_ns()
         return slot.pkt
 
+    st = channel.stats
+    b0, w0, s0 = st.batches_in, st.wakeups, st.signals_sent
     try:
         t_start = time.perf_counter()
         deadline = t_start + seconds
@@ -454,6 +459,10 @@ async def _drive(
         "lat_p99_us": _pct(lat, 99),
         "ios": ios,
         "seconds": dt,
+        # the guest's view of batching: completions per receive, sleeps, kicks it sent
+        "guest_batches": st.batches_in - b0,
+        "guest_wakeups": st.wakeups - w0,
+        "guest_signals": st.signals_sent - s0,
     }
 
 
@@ -481,7 +490,11 @@ def vm_main(args: argparse.Namespace) -> int:
             for lun, backend in enumerate(BACKENDS):
                 if lun not in hba.disks:
                     raise RuntimeError(f"the scan found no LUN {lun} ({backend})")
+                if args.only and args.only.split(":")[0] != backend:
+                    continue
                 for w in WORKLOADS:
+                    if args.only and args.only.split(":")[1] != w.name:
+                        continue
                     what = f"{args.impl} {backend} {w.name}"
                     print(f"{PROGRESS_PREFIX}{what}", file=sys.stderr, flush=True)
                     records.append(await _drive(hba, lun, w, args.seconds, args.impl, backend))
@@ -505,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--connect", required=True)
     v.add_argument("--seconds", type=float, required=True)
     v.add_argument("--impl", required=True)
+    v.add_argument("--only", help="BACKEND:WORKLOAD, one point (profiling)")
     args = p.parse_args(argv)
     return host_main(args) if args.role == "host" else vm_main(args)
 
