@@ -376,7 +376,8 @@ def test_qemu_io(exported: Exported) -> None:
         cmds: list[str] = []
         for i, (off, n) in enumerate(spots):
             off = min(off, size - n)
-            cmds += ["-c", f"write -P {0x11 * (i + 1)} {off} {n}", "-c", "flush"]
+            fua = "-f " if i % 2 else ""  # NBD_CMD_FLAG_FUA: WRITE(16) with FUA
+            cmds += ["-c", f"write {fua}-P {0x11 * (i + 1)} {off} {n}", "-c", "flush"]
         for i, (off, n) in enumerate(spots):
             off = min(off, size - n)
             cmds += ["-c", f"read -P {0x11 * (i + 1)} {off} {n}"]
@@ -516,25 +517,27 @@ def test_hostile_clients_and_pipelining(exported: Exported) -> None:
 
 
 def test_trim_and_write_zeroes(exported: Exported) -> None:
-    """TRIM (UNMAP) and WRITE_ZEROES (WRITE SAME) through qemu-io; the range reads zeros."""
+    """TRIM (UNMAP) and WRITE_ZEROES (WRITE SAME) through qemu-io on both LUNs; the
+    range reads zeros, through NBD and in the file backend's image."""
     qemu_io = require_tool("qemu-io", "qemu-utils")
-    r = _run(
-        qemu_io,
-        "-f",
-        "raw",
-        "-c",
-        "write -P 0x77 0 1M",
-        "-c",
-        "discard 0 64k",
-        "-c",
-        "write -z 64k 64k",
-        "-c",
-        "read -P 0 0 128k",
-        "-c",
-        "read -P 0x77 128k 896k",
-        exported.uri(1),
-    )
-    assert "Pattern verification failed" not in r.stdout + r.stderr, r.stdout
+    for lun in (0, 1):
+        r = _run(
+            qemu_io,
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x77 0 1M",
+            "-c",
+            "discard 0 64k",
+            "-c",
+            "write -z 64k 64k",
+            "-c",
+            "read -P 0 0 128k",
+            "-c",
+            "read -P 0x77 128k 896k",
+            exported.uri(lun),
+        )
+        assert "Pattern verification failed" not in r.stdout + r.stderr, r.stdout
     assert exported.stop() == 0
     data = exported.image.read_bytes()
     assert data[: 128 << 10] == bytes(128 << 10) and data[128 << 10 : 1 << 20] == b"\x77" * (
