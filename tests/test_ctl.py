@@ -4,7 +4,9 @@ ENUMERATE_BUS, as Linux's storvsc_host_scan does), does I/O on it, and sees it g
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import stat
 import struct
 import sys
@@ -241,3 +243,81 @@ def test_per_vm_without_default(tmp_path: Path) -> None:
     bad.write_text('[[device]]\ntype = "echo"\n[vm.a]\n[[vm.a.device]]\ntype = "nosuch"\n')
     r = vmbusd("serve", "--listen", str(tmp_path / "s.sock"), "--config", str(bad))
     one_line_error(r, "[vm.a] device #1", "nosuch")
+
+
+async def test_control_socket_access_rules(tmp_path: Path, nursery: trio.Nursery) -> None:
+    """0600, a peer whose uid is not allowed gets nothing, a request is one bounded
+    line, nonsense gets a one-line error (in process: the same serve_control)."""
+    from vmbus import control
+    from vmbus.stats import MAX_REQUEST
+
+    path = str(tmp_path / "c.sock")
+    await nursery.start(lambda **kw: control.serve_control(path, set(), **kw))
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+    def ask(req: object) -> dict[str, object]:
+        return control.request(path, req)  # type: ignore[arg-type]
+
+    answer = await trio.to_thread.run_sync(ask, {"cmd": "disk-add", "vm": "x", "lun": 0})
+    assert answer == {"ok": False, "error": "no VM named 'x' is attached (attached: none)"}
+    answer = await trio.to_thread.run_sync(ask, {"cmd": "format-disk"})
+    assert answer["ok"] is False and "unknown command 'format-disk'" in str(answer["error"])
+    answer = await trio.to_thread.run_sync(ask, {"cmd": "x", "pad": "y" * MAX_REQUEST})
+    assert answer == {"ok": False, "error": f"the request is over {MAX_REQUEST} bytes"}
+    # the server's own bound: it reads MAX_REQUEST bytes, answers and closes (the
+    # unread rest makes the kernel reset the connection, which may drop the answer)
+    raw = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await raw.connect(path)
+    with raw:
+        await raw.send(b"{" + b" " * (2 * MAX_REQUEST))
+        reply = b""
+        with trio.fail_after(10):
+            try:
+                while chunk := await raw.recv(4096):
+                    reply += chunk
+            except ConnectionResetError:
+                pass
+    refusal = {"ok": False, "error": f"the request must be one line of at most {MAX_REQUEST} bytes"}
+    assert reply in (b"", json.dumps(refusal).encode() + b"\n")
+    # not JSON
+    raw = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await raw.connect(path)
+    with raw:
+        await raw.send(b"disk add\n")
+        with trio.fail_after(10):
+            reply = await raw.recv(4096)
+    assert b"not one JSON object" in reply
+
+    other = str(tmp_path / "other.sock")
+    await nursery.start(
+        lambda **kw: control.serve_control(other, set(), allowed_uids={os.getuid() + 1}, **kw)
+    )
+    answer = await trio.to_thread.run_sync(
+        lambda: control.request(other, {"cmd": "disk-remove", "vm": "x", "lun": 0})
+    )
+    assert answer["ok"] is False and "closed without an answer" in str(answer["error"])
+    nursery.cancel_scope.cancel()
+
+
+async def test_vm_with_no_list_is_refused_at_attach(tmp_path: Path) -> None:
+    """Only [vm.a]: a VM named b is told why (error resource) and the service goes on."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[vm.a]\n[[vm.a.device]]\ntype = "echo"\n')
+    sock = str(tmp_path / "s.sock")
+    with running(["serve", "--listen", sock, "--config", str(cfg)], tmp_path / "s.log") as serve:
+        serve.wait_for("listening on")
+        with pytest.raises(Exception) as info:
+            async with attached_vm(sock, vm_id="b"):
+                pass
+        # The refusal answers its hello; a VMM already sending its RAM may meet the
+        # close first (the attach handshake is symmetric), so either is right here.
+        why = repr(info.value)
+        assert "vmbusd ended the session: resource: no devices:" in why or (
+            "ConnectionClosed" in why
+        ), why
+        async with attached_vm(sock, vm_id="a") as a:
+            assert [o.if_type for o in a.offers.values()] == [EchoDevice.if_type]
+        assert serve.stop() == 0
+    log = serve.text()
+    assert "b: no devices for this VM: " in log
+    assert "no [vm.b] section and no default [[device]] list (VMs configured: a)" in log

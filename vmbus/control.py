@@ -208,13 +208,24 @@ async def _answer(stream: trio.SocketStream, sessions: set[VmSession], allowed: 
 
 def request(path: str, req: dict[str, Any]) -> dict[str, Any]:
     """Client side (`vmbusd ctl`): one request, its answer. OSError when nobody listens."""
+    line = json.dumps(req).encode() + b"\n"
+    if len(line) > MAX_REQUEST:
+        return {"ok": False, "error": f"the request is over {MAX_REQUEST} bytes"}
+    chunks = []
     with _stdsocket.socket(_stdsocket.AF_UNIX, _stdsocket.SOCK_STREAM) as s:
         s.settimeout(REQUEST_TIMEOUT_S + 5)
         s.connect(path)
-        s.sendall(json.dumps(req).encode() + b"\n")
-        chunks = []
-        while chunk := s.recv(65536):
-            chunks.append(chunk)
+        try:
+            s.sendall(line)
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+        except (ConnectionResetError, BrokenPipeError):
+            chunks = []  # closed unanswered: a uid the service does not allow
+    if not chunks:
+        return {
+            "ok": False,
+            "error": f"{path}: closed without an answer (is this uid allowed? see --allow-uid)",
+        }
     text = b"".join(chunks).decode(errors="replace")
     try:
         answer = json.loads(text)

@@ -143,14 +143,11 @@ class VmSession:
                 ),
             )  # bounded by the connection's handshake deadline; conn.admit may refuse
             self.label = self.peer.vm_id or self.label
-            if self._devices_for is not None:
-                try:
-                    self.devices += list(self._devices_for(self.label))
-                except Exception as exc:  # a backend that cannot open now, ...
-                    log.error("%s: no devices for this VM: %s", self.label, exc)
-                    self._peer_gone = True
-                    await self.conn.abort(attach.ErrorCode.RESOURCE, f"no devices: {exc}")
-                    return
+            refusal = self.pick_devices(self.label)  # serve_listener's admit did it
+            if refusal is not None:
+                self._peer_gone = True
+                await self.conn.abort(attach.ErrorCode.RESOURCE, refusal)
+                return
             self.bus = bus.VmBusServer(
                 vcpu_count=max(1, self.peer.vcpus), validate_pfns=self._pfns_in_ram
             )
@@ -185,6 +182,21 @@ class VmSession:
             with trio.move_on_after(SHUTDOWN_GRACE_S) as cs:
                 cs.shield = True
                 await self._teardown()
+
+    def pick_devices(self, name: str) -> str | None:
+        """Build the devices `devices_for` gives the VM called `name` (once); the
+        refusal to send its VMM when they cannot be built (a [vm.NAME] list that is
+        missing, a backend that cannot open now). Called from the handshake's admit
+        (no checkpoint), so the VMM reads the refusal as its hello's answer."""
+        if self._devices_for is None:
+            return None
+        pick, self._devices_for = self._devices_for, None
+        try:
+            self.devices += list(pick(name))
+        except Exception as exc:
+            log.error("%s: no devices for this VM: %s", name, exc)
+            return f"no devices: {exc}"
+        return None
 
     def _offer(self, dev: Device) -> None:
         for sub in range(dev.offer.sub_channels + 1):
@@ -666,11 +678,14 @@ async def serve_listener(
         established: set[VmSession] = set()
         count = 0
 
-        def admit(session: VmSession) -> str | None:
+        def admit(session: VmSession, hello: attach.Hello) -> str | None:
             # Called by the handshake with no checkpoint before the session is
             # counted, so concurrent handshakes cannot overshoot the limit.
             if len(established) >= limit:
                 return f"{limit} VMs already attached"
+            refusal = session.pick_devices(hello.vm_id or session.label)
+            if refusal is not None:
+                return refusal
             established.add(session)
             return None
 
@@ -690,7 +705,7 @@ async def serve_listener(
                     vm_label=f"vm{count}",
                     devices_for=for_vm or (lambda _name, f=devices_factory: f()),
                 )
-                conn.admit = lambda _hello, s=session: admit(s)
+                conn.admit = lambda hello, s=session: admit(s, hello)
                 live.add(session)
                 nursery.start_soon(_run_isolated, session, live, established)
 
