@@ -34,7 +34,13 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
-from vmbus.packet import GpaDirect, PacketType, packet_types_mask, parse_gpa_direct
+from vmbus.packet import (
+    GpaDirect,
+    GpaDirectDecoder,
+    PacketType,
+    packet_types_mask,
+    parse_gpa_direct,
+)
 
 if TYPE_CHECKING:
     import trio
@@ -140,6 +146,11 @@ class DeviceMemory:
     def iovecs_of(self, ranges: GpaDirect) -> list[memoryview]:
         """Views of guest RAM for a parsed GPA-direct packet's ranges, in order."""
         return ranges.iovecs(self._mem)
+
+    def gpa_direct_decoder(self) -> GpaDirectDecoder:
+        """A decoder of whole received batches (one native call per batch instead of
+        gpa_direct() per packet); one per channel task."""
+        return GpaDirectDecoder(self._mem)
 
 
 class GpadlMapping:

@@ -68,8 +68,8 @@ from vmbus.channel import Channel
 from vmbus.cliutil import UserError
 from vmbus.device import Device, DeviceContext, DeviceOffer, GuestError, guest_error
 from vmbus.packet import (
+    GpaDirectBatch,
     GpaStatus,
-    PacketError,
     PacketType,
     completion,
     inband,
@@ -341,17 +341,20 @@ class _ChannelWorker:
                 self.dev._rescan = trio.Event()
                 nursery.start_soon(self._notifier)
             cap = self.dev.queue_depth
+            decoder = self.ctx.memory.gpa_direct_decoder()
             while True:
                 while self.in_flight >= cap:
                     self._room = trio.Event()
                     await self._room.wait()
                 batch = await self.channel.receive(max_pkts=cap - self.in_flight)
-                for pkt in batch:
-                    self._take(pkt, nursery)
+                # Every GPA-direct range list of the batch in one (native) call.
+                ranges = decoder.decode_batch(batch)
+                for i, pkt in enumerate(batch):
+                    self._take(pkt, nursery, ranges, i)
 
     # -- intake (synchronous: packets are views valid until the next receive) --
 
-    def _take(self, pkt: Packet, nursery: trio.Nursery) -> None:
+    def _take(self, pkt: Packet, nursery: trio.Nursery, ranges: GpaDirectBatch, i: int) -> None:
         if not wants_completion(pkt):
             guest_error("a vstor request that asks for no completion")
         tid = pkt.trans_id
@@ -359,16 +362,15 @@ class _ChannelWorker:
         data_bytes = 0
         bad_pfn = False
         if pkt.type == PacketType.GPA_DIRECT:
-            try:
-                ranges = self.ctx.memory.gpa_direct(pkt)
-            except PacketError as exc:
-                if exc.status != GpaStatus.PFN:
-                    raise  # a malformed range list: the channel is reset
+            err = ranges.error(i)
+            if err is None:
+                data_bytes = ranges.total_bytes(i)
+                iov = ranges.iovecs(i)
+            elif err.status != GpaStatus.PFN:
+                raise err  # a malformed range list: the channel is reset
+            else:
                 bad_pfn = True  # well-formed, but names memory that is not RAM
                 data_bytes = _declared_bytes(pkt)
-            else:
-                data_bytes = ranges.total_bytes
-                iov = self.ctx.memory.iovecs_of(ranges)
         self.in_flight += 1
         self.dev.max_in_flight_seen = max(self.dev.max_in_flight_seen, self.in_flight)
         try:
