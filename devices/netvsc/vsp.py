@@ -93,6 +93,7 @@ class _Nic:
     release_recv: trio.Event = field(default_factory=trio.Event)
     release_send: trio.Event = field(default_factory=trio.Event)
     control_out: list[bytes] = field(default_factory=list)
+    filtered: int = 0  # frames dropped before the guest set a packet filter
 
     def wake(self) -> None:
         for q in self.queues:
@@ -106,7 +107,17 @@ class _Nic:
     def deliver(self, frame: bytes, vlan: rn.Vlan | None = None) -> None:
         """A frame from the backend: steer it (Toeplitz over the guest's key, then
         its indirection table) to an open queue; a full queue drops it, counted —
-        the guest is not returning receive sections there, the others carry on."""
+        the guest is not returning receive sections there, the others carry on.
+
+        Nothing goes to the guest before RNDIS is initialized and its packet filter
+        is set (rndis_filter_open), as on Hyper-V: Linux 6.1's hv_netvsc takes a
+        transfer-page packet that arrives while netvsc_init_buf still waits on the
+        SEND_RECV_BUF completion with recv_section_size 0 and its receive-completion
+        ring not yet allocated, logs "Packet too big" and writes through a NULL
+        pointer in its interrupt handler (seen with a bridge's IPv6 multicast)."""
+        if self.rndis.state is not rn.State.INITIALIZED or not self.rndis.packet_filter:
+            self.filtered += 1
+            return
         rss = self.rndis.rss
         q, hash_value, hash_info = self.queues[0], None, 0
         if rss is not None and rss.enabled:
