@@ -9,7 +9,9 @@ import os
 import socket
 import stat
 import struct
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -321,3 +323,60 @@ async def test_vm_with_no_list_is_refused_at_attach(tmp_path: Path) -> None:
     log = serve.text()
     assert "b: no devices for this VM: " in log
     assert "no [vm.b] section and no default [[device]] list (VMs configured: a)" in log
+
+
+def _wait_for(path: Path, needle: str, proc: subprocess.Popen[bytes], timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        text = path.read_text(errors="replace") if path.exists() else ""
+        if needle in text:
+            return text
+        assert time.monotonic() < deadline and proc.poll() is None, (needle, text[-3000:])
+        time.sleep(0.1)
+
+
+@pytest.mark.kvm_linux
+@pytest.mark.timeout(400)
+@pytest.mark.skipif(not os.path.exists("/dev/kvm"), reason="/dev/kvm is absent")
+def test_real_linux_sees_a_lun_come_and_go(tmp_path: Path) -> None:
+    """Linux 6.1's hv_storvsc on KVM: `vmbusd ctl disk add` makes the new LUN a
+    SCSI disk in the guest (ENUMERATE_BUS -> storvsc_host_scan), `disk remove`
+    makes the guest delete it (its TEST UNIT READY gets INVALID_LUN)."""
+    from vmbus.kvm import kernel as kbuild
+
+    vmlinux = kbuild.build(lambda line: print(f"guest-kernel: {line}", file=sys.stderr)).vmlinux
+    cfg = tmp_path / "vm.toml"
+    cfg.write_text('[[device]]\ntype = "storvsc"\n[[device.lun]]\nsize = "16M"\n')
+    sock, ctl_sock = str(tmp_path / "s.sock"), str(tmp_path / "ctl.sock")
+    args = ["-v", "serve", "--listen", sock, "--config", str(cfg), "--control", ctl_sock]
+    console = tmp_path / "console.log"
+    with running(args, tmp_path / "serve.log") as serve:
+        serve.wait_for("control on")
+        kvm_args = [VMBUSD, "kvm", "--connect", sock, "--kernel", str(vmlinux), "--cpus", "2"]
+        kvm_args += ["--console", str(console), "--timeout", "300", "--until", "never-printed"]
+        kvm_args += ["--append", "root=/dev/sdz rootwait"]  # waits for it: no panic
+        with open(tmp_path / "kvm.log", "wb") as f:
+            kvm = subprocess.Popen(kvm_args, stdout=f, stderr=f, stdin=subprocess.DEVNULL)
+        try:
+            _wait_for(console, "sd 0:0:0:0: [sda] Attached SCSI disk", kvm, 200)
+            vm = f"kvm-{kvm.pid}"
+            img = tmp_path / "hot.img"
+            add = ["ctl", ctl_sock, "disk", "add", "--vm", vm, "--lun", "5"]
+            r = vmbusd(*add, "--backend", "file", "--path", str(img), "--create-size", "8M")
+            assert r.returncode == 0, r.stderr
+            out = _wait_for(console, "sd 0:0:0:5: [sdb] Attached SCSI disk", kvm, 60)
+            assert "[sdb] 16384 512-byte logical blocks: (8.39 MB/8.00 MiB)" in out
+            r = vmbusd("ctl", ctl_sock, "disk", "remove", "--vm", vm, "--lun", "5")
+            assert r.returncode == 0, r.stderr
+            # sd_remove's cache flush: the LUN is being deleted, and the host
+            # answers its SYNCHRONIZE CACHE with SRB_STATUS_INVALID_LUN (0x20).
+            _wait_for(console, "sd 0:0:0:5: [sdb] Synchronizing SCSI cache", kvm, 60)
+            out = _wait_for(console, "[sdb] Synchronize Cache(10) failed", kvm, 30)
+            assert "cmd 0x35 status: scsi 0x0 srb 0x20" in out
+            assert "sd 0:0:0:0: [sda]" in out and "sda] Synchronizing" not in out
+        finally:
+            kvm.terminate()
+            kvm.wait(30)
+        assert serve.stop() == 0
+    served = serve.text()
+    assert "channel reset" not in served, served[-3000:]
