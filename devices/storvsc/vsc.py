@@ -14,6 +14,9 @@ gpa_direct`), exactly ceil((offset + len) / 4096) PFNs as Linux >= 6.1.y sends.
 The scan is Linux's: INQUIRY to LUN 0 of every channel 0..7 x target 0..1, REPORT
 LUNS where a target answered, then per LUN INQUIRY, READ CAPACITY(16) (falling
 back to (10)), MODE SENSE(6) for the write-protect bit, VPD 0x80 and 0x83.
+An ENUMERATE_BUS from the host (LUNs added or removed) makes it do what Linux's
+storvsc_host_scan does: TEST UNIT READY to every LUN it knows (INVALID_LUN: gone),
+then the scan again (`hba.rescans` counts them, `hba.rescanned` is set after each).
 
 Use: `async with attach_storvsc(vm, offer) as hba:` then `hba.disks`,
 `await hba.read(lun, lba, n)`, `await hba.write(lun, lba, data)`, `await hba.flush()`.
@@ -219,12 +222,15 @@ class StorvscHba:
             self._rescan_wanted = trio.Event()
             for q in self.queues:
                 q.on_enumerate = self._rescan_wanted
-            for lun in sorted(self.disks):
-                reply, _ = await self.execute(bytes(6), lun=lun)
-                if reply.srb_status & 0x3F == SrbStatus.INVALID_LUN:
-                    log.info("storvsc: LUN %d is gone", lun)
-                    self.disks.pop(lun, None)
-            await self.scan()
+            try:
+                for lun in sorted(self.disks):
+                    reply, _ = await self.execute(bytes(6), lun=lun)
+                    if reply.srb_status & 0x3F == SrbStatus.INVALID_LUN:
+                        log.info("storvsc: LUN %d is gone", lun)
+                        self.disks.pop(lun, None)
+                await self.scan()
+            except (StorvscError, trio.TooSlowError) as exc:  # Linux logs and goes on
+                log.warning("storvsc: host scan failed: %s", exc)
             self.rescans += 1
             done, self.rescanned = self.rescanned, trio.Event()
             done.set()
