@@ -380,3 +380,28 @@ def test_real_linux_sees_a_lun_come_and_go(tmp_path: Path) -> None:
         assert serve.stop() == 0
     served = serve.text()
     assert "channel reset" not in served, served[-3000:]
+
+
+def test_attach_picks_the_vms_list(tmp_path: Path) -> None:
+    """`vmbusd attach --config`: the VMM's VM ("sim") gets its [vm.sim] list."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        '[[device]]\ntype = "echo"\n[vm.sim]\n[[vm.sim.device]]\ntype = "storvsc"\n'
+        '[[vm.sim.device.lun]]\nsize = "1M"\n'
+    )
+    path = str(tmp_path / "vm.sock")
+    out = tmp_path / "vm.json"
+    args = ["vm", "--listen", path, "--packets", "100", "--json", str(out)]
+    with running(args, tmp_path / "vm.log") as vm:
+        deadline = time.monotonic() + 20
+        while not os.path.exists(path):
+            assert time.monotonic() < deadline and vm.proc.poll() is None, vm.text()
+            time.sleep(0.02)
+        r = vmbusd("attach", path, "--config", str(cfg))
+        assert r.returncode == 0, r.stderr
+        assert vm.proc.wait(30) == 0, vm.text()
+    summary = json.loads(out.read_text())
+    assert [ch["driver"] for ch in summary["channels"]] == ["storvsc"]
+    assert summary["channels"][0]["disks"] == {
+        "0": {"size": 1 << 20, "block_size": 512, "read_only": False}
+    }

@@ -227,11 +227,11 @@ def cmd_ctl(args: argparse.Namespace, say: _Say) -> int:
 
 
 def cmd_attach(args: argparse.Namespace, say: _Say) -> int:
-    from vmbus.config import load_devices
+    from vmbus.config import devices_factory
     from vmbus.server import attach_to
 
-    devices = load_devices(args.config)
-    say(trio.run(attach_to, args.path, devices))
+    factory = devices_factory(args.config)  # the VM's [vm.NAME] list, else the default
+    say(trio.run(attach_to, args.path, [], factory.for_vm))
     return 0
 
 

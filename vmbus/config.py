@@ -211,9 +211,14 @@ def devices_from_config(
         where = f"{source}: [vm.{vm_name}] device"
         return [_build(f"{where} #{i + 1}", e) for i, e in enumerate(per_vm[vm_name])]
     if "device" not in cfg:
+        named = ", ".join(sorted(per_vm))
+        if vm_name is None:
+            raise ConfigError(
+                f"{source}: no default [[device]] list (only [vm.NAME] lists: {named})"
+            )
         raise ConfigError(
             f"{source}: no [vm.{vm_name}] section and no default [[device]] list "
-            f"(VMs configured: {', '.join(sorted(per_vm))})"
+            f"(VMs configured: {named})"
         )
     entries = _entry_list(cfg["device"], source, "device")
     return [_build(f"{source}: device #{i + 1}", e) for i, e in enumerate(entries)]

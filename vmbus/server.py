@@ -808,16 +808,21 @@ async def serve_until_signalled(
     return f"{stopped_by}: stopped; {attached} VM(s) were attached and told 'shutdown'"
 
 
-async def attach_to(path: str, devices: Sequence[Device]) -> str:
+async def attach_to(
+    path: str,
+    devices: Sequence[Device],
+    devices_for: Callable[[str], Sequence[Device]] | None = None,
+) -> str:
     """`vmbusd attach PATH`: connect to a VMM that listens, serve its VM until it leaves
-    or SIGTERM/SIGINT; returns a one-line summary. Nobody listening is a UserError."""
+    or SIGTERM/SIGINT; returns a one-line summary. Nobody listening is a UserError.
+    `devices_for` picks (more) devices by the VM's name once its hello names it."""
     from vmbus.cliutil import Stopped, UserError, describe_connect_error, run_until_signalled
 
     try:
         conn = await attach.connect(path)
     except OSError as exc:
         raise UserError(describe_connect_error(path, exc)) from exc
-    session = VmSession(conn, devices, vm_label=str(uuid.uuid4())[:8])
+    session = VmSession(conn, devices, vm_label=str(uuid.uuid4())[:8], devices_for=devices_for)
     stopped = Stopped()
     await run_until_signalled(session.run, stopped)
     served = f"{len(session.closed_stats) + len(session.open)} channel(s) served"
