@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -104,6 +105,9 @@ class Guest:
     netconsole: Path
     control: Path
     vm_name: str
+    cpus: int = 1
+    kvm: subprocess.Popen[bytes] | None = None
+    kvm_log: Path | None = None
 
     def ping(self, *args: str, count: int = 3) -> subprocess.CompletedProcess[str]:
         return _run(
@@ -117,11 +121,15 @@ class Guest:
         return _run(VMBUSD, "ctl", str(self.control), *args, check=False)
 
 
-@pytest.fixture(scope="module")
-def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
+@pytest.fixture(scope="module", params=[1, 2], ids=["1cpu-1queue", "2cpu-2queues"])
+def guest(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Guest]:
     """The namespace with br0, `vmbusd serve --control` with a netvsc NIC whose tap
     backend joins br0, the netconsole listener, and the guest booted until IP-Config
-    is done; everything stopped and removed afterwards."""
+    is done; everything stopped and removed afterwards. Twice: one vCPU and queue,
+    then two vCPUs and `queues = 2` (hv_netvsc opens a vRSS sub-channel)."""
+    cpus = int(request.param)
     if not HAS_KVM:
         pytest.skip("/dev/kvm is absent")
     if os.geteuid() != 0:
@@ -141,11 +149,13 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
         _run("ip", "-n", ns, "link", "set", "br0", "up")
         cfg = tmp / "nic.toml"
         cfg.write_text(
-            f'[[device]]\ntype = "netvsc"\nmac = "{NIC_MAC}"\nmtu = 1500\n'
+            f'[[device]]\ntype = "netvsc"\nmac = "{NIC_MAC}"\nmtu = 1500\nqueues = {cpus}\n'
             f'backend = "tap"\nifname = "vh0"\nnetns = "{ns}"\nbridge = "br0"\n'
         )
         sock, control = tmp / "s.sock", tmp / "c.sock"
-        g = Guest(ns, tmp / "console.txt", tmp / "serve.log", tmp / "netconsole.txt", control, "")
+        g = Guest(
+            ns, tmp / "console.txt", tmp / "serve.log", tmp / "netconsole.txt", control, "", cpus
+        )
         files.append(open(g.netconsole, "wb"))
         procs.append(
             subprocess.Popen(
@@ -174,6 +184,7 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
             subprocess.Popen(
                 [
                     *(VMBUSD, "kvm", "--connect", str(sock), "--kernel", str(vmlinux)),
+                    *("--cpus", str(cpus)),
                     *("--console", str(g.console), "--append", APPEND),
                     *("--until", "will not match", "--timeout", "900"),
                 ],
@@ -186,6 +197,7 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
         found = re.search(r"attached to \S+ as (\S+);", attached)
         assert found, attached
         g.vm_name = found.group(1)
+        g.kvm, g.kvm_log = procs[-1], kvm_log
         _wait_text(g.console, UP, procs[-1], BOOT_TIMEOUT_S)
         yield g
     finally:
@@ -271,6 +283,20 @@ def test_link_down_then_up_from_vmbusd_ctl(guest: Guest) -> None:
     assert out.index(down) < out.index(up)
     served = guest.serve_log.read_text(errors="replace")
     assert "channel reset" not in served and "Traceback" not in served
+
+
+@pytest.mark.kvm_linux
+@pytest.mark.timeout(400)
+def test_every_queue_was_bound(guest: Guest) -> None:
+    """Last, as it stops the guest: `vmbusd kvm`'s summary counts one bind per open
+    channel: the primary, plus the sub-channel hv_netvsc opened for its second vCPU
+    when the NIC offers two queues."""
+    assert guest.kvm is not None and guest.kvm_log is not None
+    guest.kvm.send_signal(signal.SIGTERM)
+    guest.kvm.wait(30)
+    text = guest.kvm_log.read_text(errors="replace")
+    assert f"{guest.cpus} bind(s)" in text, text[-2000:]
+    assert "Traceback" not in text
 
 
 # --------------------------------------------------------------- the regression
