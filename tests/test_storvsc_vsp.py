@@ -733,6 +733,57 @@ def test_real_linux_mounts_ext4_read_write(tmp_path: Path) -> None:
     assert check.returncode == 0, check.stdout + check.stderr
 
 
+@pytest.mark.kvm_linux
+@pytest.mark.skipif(not os.path.exists("/dev/kvm"), reason="/dev/kvm is absent")
+def test_real_linux_mounts_ext4_from_a_partition(tmp_path: Path) -> None:
+    """Linux 6.1 reads an MBR partition table from a file LUN and mounts ext4 from
+    partition 1 read-write as root (`root=/dev/sda1`): the partition's superblock
+    mount count goes 0 -> 1 in the file and e2fsck finds it consistent."""
+    from conftest import require_tool
+
+    mkfs = require_tool("mkfs.ext4", "e2fsprogs")
+    e2fsck = require_tool("e2fsck", "e2fsprogs")
+    dumpe2fs = require_tool("dumpe2fs", "e2fsprogs")
+    img, part = tmp_path / "disk.img", tmp_path / "part1.img"
+    start, sectors = 2048, (64 << 20) // 512
+    # MBR: one Linux (0x83) partition from sector 2048 to the end (CHS unused: 0xFFFFFE)
+    entry = struct.pack(
+        "<B3sB3sII", 0, b"\xfe\xff\xff", 0x83, b"\xfe\xff\xff", start, sectors - start
+    )
+    img.write_bytes(bytes(446) + entry + bytes(48) + b"\x55\xaa")
+    os.truncate(img, sectors * 512)
+    size_k = f"{(sectors - start) // 2}k"
+    subprocess.run([mkfs, "-q", "-F", "-E", f"offset={start * 512}", str(img), size_k], check=True)
+
+    def partition() -> Path:
+        """Partition 1's bytes as a file of their own, for the e2fsprogs tools."""
+        with open(img, "rb") as f:
+            f.seek(start * 512)
+            part.write_bytes(f.read())
+        return part
+
+    def mount_count() -> int:
+        out = subprocess.run([dumpe2fs, "-h", str(partition())], capture_output=True, text=True)
+        (line,) = [x for x in out.stdout.splitlines() if x.startswith("Mount count:")]
+        return int(line.split(":")[1])
+
+    assert mount_count() == 0
+    config = f'[[device]]\ntype = "storvsc"\n[[device.lun]]\nbackend = "file"\npath = "{img}"\n'
+    kvm, out, served = _boot_real_linux(
+        tmp_path, config, "Kernel panic", append="root=/dev/sda1 rw rootfstype=ext4"
+    )
+    assert kvm.returncode == 0, kvm.stdout + kvm.stderr + out[-3000:]
+    assert " sda: sda1\n" in out, out[-3000:]  # the guest read the partition table
+    assert "EXT4-fs (sda1): mounted filesystem with ordered data mode" in out, out[-3000:]
+    assert "VFS: Mounted root (ext4 filesystem) on device 8:1." in out
+    assert "channel reset" not in served and "refused" not in served, served[-3000:]
+    assert mount_count() == 1  # the guest's superblock write is in the partition
+    fix = subprocess.run([e2fsck, "-fy", str(partition())], capture_output=True, text=True)
+    assert fix.returncode in (0, 1), fix.stdout + fix.stderr  # journal replay
+    check = subprocess.run([e2fsck, "-fn", str(part)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
 # --- a seeded hostile guest ---------------------------------------------------------------
 
 _OPS = (0x00, 0x03, 0x12, 0x1A, 0x25, 0x28, 0x2A, 0x35, 0x88, 0x8A, 0x9E, 0xA0, 0x42, 0x41, 0xFF)
