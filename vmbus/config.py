@@ -2,7 +2,8 @@
 
     [[device]]
     type = "echo"            # a `vmbusd.devices` entry point, or "module:Class"
-    instance = "..."         # optional instance GUID (stable across restarts)
+    instance = "..."         # optional instance GUID; by default one derived from the
+                             # VM's name and the device's place (the same after a restart)
     ring_size_hint = 65536   # optional; any other key is an option of that device class
 
     [[device]]
@@ -41,6 +42,7 @@ import tomllib
 import types
 import typing
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from vmbus import plugins
@@ -122,7 +124,18 @@ def _type_problem(cls: type[Device], name: str, value: object) -> str | None:
     return f"option {name!r} must be {wanted}, not {value!r}"
 
 
-def _build(where: str, entry: object) -> Device:
+# Default instance GUIDs are derived, not random: a restarted vmbusd offers the same
+# controller and NIC to the same VM, so its guest sees no new device (issue 11).
+INSTANCE_NAMESPACE = uuid.UUID("3c1e9a52-7d0b-5f4e-9a61-0b2d8c4f7e13")
+
+
+def default_instance(vm_name: str | None, place: str, kind: str) -> uuid.UUID:
+    """The instance GUID of the device at `place` in a VM's list, when the config gives
+    none: a name-based (v5) GUID of the VM's name, the place and the device type."""
+    return uuid.uuid5(INSTANCE_NAMESPACE, f"{vm_name or ''}\n{place}\n{kind}")
+
+
+def _build(where: str, entry: object, instance: Callable[[str], uuid.UUID] | None = None) -> Device:
     if not isinstance(entry, dict):
         raise ConfigError(f"{where}: must be a table ([[device]] with a type = ... key)")
     if "type" not in entry:
@@ -155,6 +168,8 @@ def _build(where: str, entry: object) -> Device:
             raise ConfigError(
                 f"{where} ({kind}): instance {opts['instance']!r} is not a GUID"
             ) from exc
+    elif instance is not None and "instance" in taken:
+        opts["instance"] = instance(kind)
     try:
         return cls(**opts)
     except UserError as exc:
@@ -207,9 +222,16 @@ def devices_from_config(
     """Build one VM's devices from a parsed config: its [vm.NAME] list when the config
     has one for `vm_name`, else the top-level [[device]] list (the default)."""
     per_vm = _check_keys(cfg, source)
+
+    def place(where: str) -> Callable[[str], uuid.UUID]:
+        return lambda kind: default_instance(vm_name, where, kind)
+
     if vm_name is not None and vm_name in per_vm:
         where = f"{source}: [vm.{vm_name}] device"
-        return [_build(f"{where} #{i + 1}", e) for i, e in enumerate(per_vm[vm_name])]
+        return [
+            _build(f"{where} #{i + 1}", e, place(f"vm.{vm_name}#{i}"))
+            for i, e in enumerate(per_vm[vm_name])
+        ]
     if "device" not in cfg:
         named = ", ".join(sorted(per_vm))
         if vm_name is None:
@@ -221,7 +243,9 @@ def devices_from_config(
             f"(VMs configured: {named})"
         )
     entries = _entry_list(cfg["device"], source, "device")
-    return [_build(f"{source}: device #{i + 1}", e) for i, e in enumerate(entries)]
+    return [
+        _build(f"{source}: device #{i + 1}", e, place(f"device#{i}")) for i, e in enumerate(entries)
+    ]
 
 
 _AT = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
