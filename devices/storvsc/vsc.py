@@ -196,6 +196,9 @@ class StorvscHba:
         self.properties: Properties | None = None
         self.sub_channel_status: int | None = None
         self.disks: dict[int, Disk] = {}
+        # (path, target, lun) whose INQUIRY said CmdQue: Linux's sdev->tagged_supported.
+        # Until then its SRBs go untagged (no queue tag/action, flags 0x48 for a read).
+        self.tagged: set[tuple[int, int, int]] = set()
         self._rr = itertools.count()
         self._nursery: trio.Nursery | None = None
         self._rescan_wanted = trio.Event()
@@ -321,8 +324,12 @@ class StorvscHba:
         if data:
             length = len(data)
         q = self.queues[next(self._rr) % len(self.queues) if queue is None else queue]
-        flags = SRB_FLAGS_DISABLE_SYNCH_TRANSFER | SRB_FLAGS_QUEUE_ACTION_ENABLE
-        flags |= SRB_FLAGS_NO_QUEUE_FREEZE
+        # storvsc_queuecommand: tag fields only once the device is known to queue
+        # (the real driver's first INQUIRYs are untagged, 0x48; later ones 0x14a).
+        tagged = (path_id, target_id, lun) in self.tagged
+        flags = SRB_FLAGS_DISABLE_SYNCH_TRANSFER
+        if tagged:
+            flags |= SRB_FLAGS_QUEUE_ACTION_ENABLE | SRB_FLAGS_NO_QUEUE_FREEZE
         flags |= {DataIn.READ: SRB_FLAGS_DATA_IN, DataIn.WRITE: SRB_FLAGS_DATA_OUT}.get(
             DataIn(data_in), 0
         )
@@ -334,8 +341,8 @@ class StorvscHba:
             data_in=data_in,
             data_transfer_length=length,
             srb_flags=flags,
-            queue_tag=SP_UNTAGGED,
-            queue_action=SRB_SIMPLE_TAG_REQUEST,
+            queue_tag=SP_UNTAGGED if tagged else 0,
+            queue_action=SRB_SIMPLE_TAG_REQUEST if tagged else 0,
         )
         payload = srb_request(body)
         tag = await q.take_tag()
@@ -442,6 +449,8 @@ class StorvscHba:
             _reply, inq = await self.execute(_inquiry(n), length=n, **kw)
             if len(inq) < 36:
                 return None
+        if inq[2] >= 2 and inq[7] & 2:  # scsi_add_lun: SCSI-2 or later with CmdQue
+            self.tagged.add((addr.get("path_id", 0), addr.get("target_id", 0), lun))
         rc = await self.command(
             "READ CAPACITY(16)",
             bytes([0x9E, 0x10]) + bytes(8) + (32).to_bytes(4, "big") + b"\0\0",
