@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -58,6 +59,12 @@ def test_demo_command(native: str) -> None:
     assert "3000 packets" in r.stdout
     assert "storvsc relid 2       : VSTOR 0x0602" in r.stdout  # the demo's RAM disk
     assert "RAM disk read back     : all 4194304 bytes written, read, compared" in r.stdout
+    # the demo's loopback NIC: the guest's netvsc VSC got NVSP 6.1, sent 2000 frames
+    # (min(--packets, MAX_PROBE_FRAMES)) and saw each come back
+    assert "netvsc relid 3        : NVSP 0x60001, MTU 1500" in r.stdout
+    assert re.search(
+        r"loopback NIC, 60 B     : [\d,]+ frames/s \(2000 frames sent, each came back\)", r.stdout
+    )
     assert "every byte and the order verified: OK" in r.stdout
 
 

@@ -480,7 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Build-free end-to-end check: start the service and a simulated VM as two processes "
         "joined by the attach protocol, negotiate VMBus, open an echo channel, push traffic of "
         "mixed sizes (1 byte to a quarter of the ring) both ways, verify every byte and the "
-        "order, print a summary. Exit status 0 only if everything matched.",
+        "order; write and read back a 4 MiB RAM disk through storvsc; send frames through a "
+        "netvsc NIC with the loopback backend (min(--packets, 2000)) and check each comes "
+        "back; print a summary. Exit status 0 only if everything matched.",
     )
     d.add_argument("--packets", type=_packet_count, default=20000, help="packets to echo")
     d.add_argument(

@@ -1,6 +1,8 @@
-"""`vmbusd demo`: vmbusd and a simulated VM as two processes, echo traffic and a RAM
+"""`vmbusd demo`: vmbusd and a simulated VM as two processes, echo traffic, a RAM
 disk (a storvsc controller with one memory LUN, written whole and read back through
-the VMBus storvsc path), a summary."""
+the VMBus storvsc path) and a loopback NIC (a netvsc device whose backend sends every
+frame back: the guest's netvsc VSC brings it up, sends frames, checks each one
+returns), a summary."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Any
 import trio
 
 from devices.echo import EchoDevice
+from devices.netvsc.vsp import NetvscDevice
 from devices.storvsc.vsp import StorvscDevice
 from vmbus import attach
 from vmbus.cliutil import Stopped, run_until_signalled
@@ -56,7 +59,8 @@ async def _demo(packets: int, ring_size: int) -> int:
                     conn = await listener.accept()
                     await listener.aclose()
                     disk = StorvscDevice(lun=[{"backend": "memory", "size": DISK_SIZE}])
-                    session = VmSession(conn, [EchoDevice(), disk], vm_label="demo-vm")
+                    nic = NetvscDevice(backend="loopback")
+                    session = VmSession(conn, [EchoDevice(), disk, nic], vm_label="demo-vm")
                     await session.run()
         finally:
             await listener.aclose()
@@ -86,6 +90,7 @@ def _report(out: dict[str, Any], rc: int, session: VmSession) -> int:
     print(f"channels offered/opened  : {out['offers']}/{len(out['channels'])}")
     echo = [ch for ch in out["channels"] if ch.get("driver", "echo") == "echo"]
     disks = [ch for ch in out["channels"] if ch.get("driver") == "storvsc"]
+    nics = [ch for ch in out["channels"] if ch.get("driver") == "netvsc"]
     for ch in echo:
         hst = host.get(ch["relid"], {})
         wake = ch["guest_wakeups"] + hst.get("wakeups", 0)
@@ -115,8 +120,21 @@ def _report(out: dict[str, Any], rc: int, session: VmSession) -> int:
             f"({ch['packets']} writes+reads, {ch['bytes'] / secs / 1e6:,.1f} MB/s each way)"
         )
         print(f"  RAM disk read back     : all {ch['bytes']} bytes written, read, compared")
+    for ch in nics:
+        secs = max(ch["seconds"], 1e-9)
+        print(
+            f"  netvsc relid {ch['relid']:<4}     : NVSP {ch['version']}, MTU {ch['mtu']}, "
+            f"MAC {':'.join(ch['mac'][i : i + 2] for i in range(0, 12, 2))}, loopback backend"
+        )
+        print(
+            f"  loopback NIC, 60 B     : {ch['frames'] / secs:,.0f} frames/s "
+            f"({ch['frames']} frames sent, each came back)"
+        )
     if not disks or not any(ch["bytes"] >= DISK_SIZE for ch in disks):
         print("vmbusd demo: FAILED: the guest did not write and read the RAM disk", file=sys.stderr)
+        return 1
+    if not nics or not all(ch["frames"] > 0 for ch in nics):
+        print("vmbusd demo: FAILED: no frame came back through the NIC", file=sys.stderr)
         return 1
     print("every byte and the order verified: OK")
     return 0

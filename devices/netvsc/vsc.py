@@ -18,6 +18,8 @@ use small buffers to keep the simulated VM's RAM small).
 from __future__ import annotations
 
 import struct
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -500,30 +502,77 @@ def nv_no_response() -> int:
     return (1 << 64) - 3
 
 
+MAX_PROBE_FRAMES = 2000  # `vmbusd vm --packets N` bounces min(N, this) frames
+FRAME_TIMEOUT_S = 10.0  # a frame not back by then was lost
+SENDERS = 32  # sends in flight at once (each awaits its completion, as netvsc_xmit's callers)
+
+
 @register
 @dataclass
 class NetvscVsc:
-    """Probe: connect, bring the NIC up and bounce `frames` frames off the host."""
+    """Probe: connect, bring the NIC up and bounce `frames` frames off the host (the
+    loopback backend sends each back): every one must come back once and whole (frame
+    i carries i; SENDERS sends in flight, so not necessarily in order).
+    `packets` is the workload's knob (`vmbusd vm --packets`, the demo): when given, it
+    sets `frames` (at most MAX_PROBE_FRAMES, so the NIC costs the demo little time)."""
 
     if_type: ClassVar = NETVSC_IF_TYPE
     name: ClassVar[str] = "netvsc"
     frames: int = 100
     ring_size: int = 128 * PAGE_SIZE
+    packets: int | None = None
 
     async def probe(self, vm: SimulatedVm, offer: GuestOffer) -> dict[str, Any]:
-        gch = await vm.open_channel(offer, self.ring_size)
+        count = self.frames if self.packets is None else min(self.packets, MAX_PROBE_FRAMES)
+        size = 60  # ETH_ZLEN: the smallest frame, the packet rate's worst case
+        gch = await vm.open_channel(offer, max(self.ring_size, 2 * PAGE_SIZE))
+        got = 0
+        seconds = 0.0
         try:
             async with trio.open_nursery() as nursery:
                 nic = NetvscGuest(vm, gch)
                 nursery.start_soon(nic.receive_loop)
                 await nic.connect()
                 await nic.device_add()
-                got = 0
-                for i in range(self.frames):
-                    await nic.send_frame(bytes([i & 0xFF]) * 60)
-                    rx = await nic.frames.receive()
-                    got += rx.frame == bytes([i & 0xFF]) * 60
+                frames = [struct.pack("<I", i).ljust(size, bytes([i & 0xFF])) for i in range(count)]
+                t0 = time.perf_counter()
+                seen = bytearray(count)
+                async with trio.open_nursery() as pump:  # sends in flight while frames return
+                    todo = iter(frames)
+                    for _ in range(SENDERS):
+                        pump.start_soon(_send_all, nic, todo)
+                    while got < count:
+                        with trio.move_on_after(FRAME_TIMEOUT_S) as wait:
+                            rx = await nic.frames.receive()
+                        if wait.cancelled_caught:
+                            raise NetvscGuestError(
+                                f"{count - got} of {count} frames did not come back"
+                            )
+                        (i,) = struct.unpack_from("<I", rx.frame)
+                        if i >= count or seen[i] or rx.frame != frames[i]:
+                            raise NetvscGuestError(
+                                f"frame came back wrong: {rx.frame[:8].hex()}..."
+                            )
+                        seen[i] = 1
+                        got += 1
+                seconds = time.perf_counter() - t0
                 nursery.cancel_scope.cancel()
         finally:
             await vm.close_channel(gch)
-        return {"driver": self.name, "relid": offer.relid, "frames": got, "mac": nic.mac.hex()}
+        return {
+            "driver": self.name,
+            "relid": offer.relid,
+            "frames": got,
+            "mac": nic.mac.hex(),
+            "version": f"{nic.version:#x}",
+            "mtu": nic.mtu,
+            "packets": got,  # what `vmbusd vm`'s summary line prints
+            "bytes": got * size,
+            "seconds": seconds,
+        }
+
+
+async def _send_all(nic: NetvscGuest, frames: Iterator[bytes]) -> None:
+    """One of the probe's senders: takes the next frame until there are none."""
+    for frame in frames:
+        await nic.send_frame(frame)

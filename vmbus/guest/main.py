@@ -63,6 +63,7 @@ async def _connection(listen: str | None, connect: str | None) -> attach.AttachC
 async def run_drivers(vm: SimulatedVm, packets: int, ring_size: int) -> dict[str, Any]:
     """Probe the registered guest driver of every offer, one after another."""
     import devices.echo.vsc  # noqa: F401  (registers the echo VSC)
+    from devices.netvsc import vsc as _netvsc_vsc  # noqa: F401  (registers the netvsc VSC)
     from devices.storvsc import vsc as _storvsc_vsc  # noqa: F401  (registers the storvsc VSC)
 
     results = []
