@@ -9,7 +9,7 @@ only through vmbusd.
       (the simulated guest's netvsc VSC)  == VMBus rings ==  (the VSP)
 
 ping (every size class up to the jumbo MTU, and one that fragments), ARP, IPv6
-neighbour discovery, iperf3 TCP both ways, 802.1Q-tagged frames both ways. Root only;
+neighbour discovery, iperf3 TCP and UDP both ways, 802.1Q-tagged frames both ways. Root only;
 the namespaces and processes go even when a test fails. Also the config's one-line
 errors for a netvsc NIC.
 """
@@ -42,6 +42,7 @@ G_ADDR6, H_ADDR6 = "fd77::2", "fd77::1"
 VLAN = 42
 NIC_MAC = "00:15:5d:00:00:05"
 START_TIMEOUT_S = 30
+UDP_RATE = "100M"  # iperf3 -b: offered, so loss is what the path drops at this rate
 
 
 def _run(*cmd: str, timeout: float = 30, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -303,6 +304,51 @@ def test_iperf3_tcp_both_ways(net: Net) -> None:
         f"\niperf3 TCP through VMBus: guest->host {up / 1e6:.1f} Mbit/s, "
         f"host->guest {down / 1e6:.1f} Mbit/s"
     )
+
+
+def _iperf_udp(net: Net, *args: str) -> dict[str, float]:
+    """One iperf3 UDP run g -> h (or h -> g with -R) at a fixed offered rate; its
+    receiver's figures: bits/s, packets, lost packets and percent, jitter."""
+    require_tool("iperf3", "iperf3")
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", net.h, "iperf3", "-s", "-1", "-B", H_ADDR],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(0.5)
+        cmd = ("iperf3", "-c", H_ADDR, "-u", "-b", UDP_RATE, "-l", "1400", "-t", "3", "-J")
+        r = net.in_g(*cmd, *args, timeout=60)
+        result = json.loads(r.stdout)
+        assert "error" not in result, result["error"]
+        end = result["end"]
+        got = end.get("sum_received") or end["sum"]
+        out = {
+            "bits": float(got["bits_per_second"]),
+            "packets": float(end["sum"]["packets"]),
+            "lost": float(end["sum"]["lost_packets"]),
+            "lost_percent": float(end["sum"]["lost_percent"]),
+            "jitter_ms": float(end["sum"]["jitter_ms"]),
+        }
+    finally:
+        _stop(server)
+    return out
+
+
+def test_iperf3_udp_both_ways(net: Net) -> None:
+    """UDP at a fixed offered rate through VMBus each way: the run completes, the
+    receiver counted datagrams and reported its loss. Throughput and loss are printed,
+    not asserted (a slow simulated guest loses datagrams; that is what UDP reports)."""
+    for direction, extra in (("guest->host", ()), ("host->guest", ("-R",))):
+        res = _iperf_udp(net, *extra)
+        assert res["packets"] > 0, res
+        assert 0 <= res["lost"] <= res["packets"] and 0 <= res["lost_percent"] <= 100, res
+        assert res["bits"] > 0, res
+        print(
+            f"\niperf3 UDP through VMBus {direction} at {UDP_RATE}bit/s offered: "
+            f"{res['bits'] / 1e6:.1f} Mbit/s received, {res['lost']:.0f}/{res['packets']:.0f} "
+            f"lost ({res['lost_percent']:.1f}%), jitter {res['jitter_ms']:.3f} ms"
+        )
 
 
 def test_vm_nic_tap_errors_are_one_line(net: Net) -> None:
