@@ -12,6 +12,8 @@ import trio
 
 from devices.netvsc import protocol as nv
 from devices.netvsc import rndis as rn
+from devices.netvsc.backends.base import Frame
+from devices.netvsc.backends.loopback import LoopbackBackend
 from devices.netvsc.vsc import NetvscGuest, NetvscVsc
 from devices.netvsc.vsp import NetvscDevice
 from vmbus.guest.vm import SimulatedVm
@@ -288,3 +290,25 @@ async def test_64k_lso_send_goes_gpa_direct(local_vm: SimulatedVm, open_channel:
         assert b"".join(s.frame[54:] for s in segs) == payload
         assert all(len(s.frame) <= 1514 for s in segs)
         nursery.cancel_scope.cancel()
+
+
+class _SinkBackend(LoopbackBackend):
+    """A backend whose peer never answers (as a TAP usually is): frames go nowhere."""
+
+    def transmit(self, queue: int, frames: list[Frame]) -> None:
+        self.tx_frames += len(frames)
+
+
+class SinkNic(NetvscDevice):
+    def __init__(self, **kw: object) -> None:
+        super().__init__(backend=_SinkBackend(), **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.devices.with_args(SinkNic)
+async def test_vsc_probe_against_a_backend_that_does_not_echo(local_vm: SimulatedVm) -> None:
+    """`vmbusd vm` against a NIC whose backend is not a loopback: the probe reports no
+    frames back instead of failing the VM (it used to wait 10 s and fail)."""
+    (offer,) = local_vm.find_offers(NetvscDevice.if_type)
+    with trio.fail_after(20):
+        summary = await NetvscVsc(frames=50).probe(local_vm, offer)
+    assert summary["frames"] == 0 and summary["mac"] == "00155d000001"
