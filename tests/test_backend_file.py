@@ -328,13 +328,13 @@ def fs_on_4k_device(tmp_path):
     run = lambda *cmd: subprocess.run(cmd, capture_output=True, text=True)  # noqa: E731
     proc = run("losetup", "--find", "--show", "--sector-size", "4096", str(image))
     if proc.returncode != 0:
-        pytest.skip(f"losetup failed: {proc.stderr.strip()}")
+        pytest.fail(f"losetup failed: {proc.stderr.strip()}")  # root has loop devices
     dev = proc.stdout.strip()
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     try:
         if run("mkfs.ext4", "-q", dev).returncode or run("mount", dev, str(mnt)).returncode:
-            pytest.skip("cannot make or mount a file system here")
+            pytest.fail("cannot make or mount a file system here (root, e2fsprogs, mount)")
         try:
             yield mnt
         finally:
@@ -413,7 +413,7 @@ def loop_device(tmp_path):
         ["losetup", "--find", "--show", str(image)], capture_output=True, text=True
     )
     if proc.returncode != 0:
-        pytest.skip(f"losetup failed: {proc.stderr.strip()}")
+        pytest.fail(f"losetup failed: {proc.stderr.strip()}")  # root has loop devices
     dev = proc.stdout.strip()
     try:
         yield dev
