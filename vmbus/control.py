@@ -21,17 +21,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import socket as _stdsocket
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import trio
 
-from vmbus.cliutil import UserError, claim_socket_path, describe_bind_error
+from vmbus.cliutil import UserError
 from vmbus.device import Device
 from vmbus.server import VmSession
-from vmbus.stats import MAX_REQUEST, REQUEST_TIMEOUT_S, _peer_uid, _read_request
+from vmbus.stats import MAX_REQUEST, REQUEST_TIMEOUT_S, _peer_uid, _read_request, serve_unix
 
 log = logging.getLogger(__name__)
 
@@ -155,34 +154,13 @@ async def serve_control(
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """The control socket; same claim, mode and removal rules as the stats socket."""
-    allowed = set(allowed_uids) if allowed_uids is not None else {os.getuid()}
-    claim_socket_path(path, _stdsocket.SOCK_STREAM, what="control socket")
-    sock = trio.socket.socket(_stdsocket.AF_UNIX, _stdsocket.SOCK_STREAM)
-    try:
-        os.fchmod(sock.fileno(), 0o600)
-        await sock.bind(path)
-        os.chmod(path, 0o600)
-        sock.listen(16)
-    except OSError as exc:
-        sock.close()
-        raise UserError(describe_bind_error(path, exc, what="control socket")) from exc
-    st = os.stat(path)
-    ours = (st.st_dev, st.st_ino)
-    listener = trio.SocketListener(sock)
-    task_status.started()
-    try:
-        async with trio.open_nursery() as nursery:
-            while True:
-                stream = await listener.accept()
-                nursery.start_soon(_answer, stream, sessions, allowed)
-    finally:
-        sock.close()  # no await: this runs cancelled (see stats.serve_stats)
-        try:
-            st = os.stat(path)
-            if (st.st_dev, st.st_ino) == ours:
-                os.unlink(path)
-        except OSError:
-            pass
+    await serve_unix(
+        path,
+        "control socket",
+        lambda stream, allowed: _answer(stream, sessions, allowed),
+        allowed_uids,
+        task_status,
+    )
 
 
 async def _answer(stream: trio.SocketStream, sessions: set[VmSession], allowed: set[int]) -> None:

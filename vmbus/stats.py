@@ -15,7 +15,7 @@ import logging
 import os
 import socket as _stdsocket
 import struct
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
 import trio
@@ -183,8 +183,27 @@ async def serve_stats(
 
     A stale socket file at `path` is replaced; a live one (another service's) or any
     other file is refused with a UserError. The file is removed when this ends."""
+    await serve_unix(
+        path,
+        "stats socket",
+        lambda stream, allowed: _answer_stats(stream, snapshot, allowed),
+        allowed_uids,
+        task_status,
+    )
+
+
+async def serve_unix(
+    path: str,
+    what: str,
+    answer: Callable[[trio.SocketStream, set[int]], Awaitable[None]],
+    allowed_uids: Iterable[int] | None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """A 0600 Unix stream socket whose connections `answer` serves (with the allowed
+    uids), for the stats and control sockets: a stale file is replaced, a live one
+    refused with a UserError, and the file is removed when this ends if still ours."""
     allowed = set(allowed_uids) if allowed_uids is not None else {os.getuid()}
-    claim_socket_path(path, _stdsocket.SOCK_STREAM, what="stats socket")
+    claim_socket_path(path, _stdsocket.SOCK_STREAM, what=what)
     sock = trio.socket.socket(_stdsocket.AF_UNIX, _stdsocket.SOCK_STREAM)
     try:
         os.fchmod(sock.fileno(), 0o600)  # the file is born 0600 (see attach.listen)
@@ -193,7 +212,7 @@ async def serve_stats(
         sock.listen(16)
     except OSError as exc:
         sock.close()
-        raise UserError(describe_bind_error(path, exc, what="stats socket")) from exc
+        raise UserError(describe_bind_error(path, exc, what=what)) from exc
     st = os.stat(path)
     ours = (st.st_dev, st.st_ino)
     listener = trio.SocketListener(sock)
@@ -202,7 +221,7 @@ async def serve_stats(
         async with trio.open_nursery() as nursery:
             while True:
                 stream = await listener.accept()
-                nursery.start_soon(_answer_stats, stream, snapshot, allowed)
+                nursery.start_soon(answer, stream, allowed)
     finally:
         # No await here: this runs cancelled (shutdown), and a checkpoint would raise
         # before the file is gone. Remove it only while it is still ours.
