@@ -336,14 +336,7 @@ def run_bench(
         for impl in ("native", "python"):
             records.extend(_run_pair(impl, SIZES, seconds, progress.step))
     except (Interrupted, KeyboardInterrupt) as exc:
-        stop = exc if isinstance(exc, Interrupted) else Interrupted(signal.SIGINT)
-        stop.summary = (
-            f"stopped at point {progress.done} of {progress.total}; children stopped, "
-            "nothing written"
-        )
-        if stop is exc:
-            raise
-        raise stop from None
+        raise stopped(exc, progress) from None
     finally:
         progress.close()
     print(_table(records))
@@ -351,13 +344,7 @@ def run_bench(
         f"\n(ring: {RING_SIZE // 1024} KiB per direction; {seconds} s per point; "
         f"{os.cpu_count()} CPUs; round-trip payload rates)"
     )
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(records, f, indent=1)
-        _log(f"wrote {json_path}")
-    if plot_path:
-        write_plot(records, plot_path)
-        _log(f"wrote {plot_path}")
+    write_outputs(records, json_path, plot_path, write_plot)
     return 0
 
 
@@ -506,3 +493,28 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def stopped(exc: BaseException, progress: _Progress) -> Interrupted:
+    """The Interrupted a signal (or Ctrl-C) mid-benchmark ends with, its summary said."""
+    stop = exc if isinstance(exc, Interrupted) else Interrupted(signal.SIGINT)
+    stop.summary = (
+        f"stopped at point {progress.done} of {progress.total}; children stopped, nothing written"
+    )
+    return stop
+
+
+def write_outputs(
+    records: list[dict[str, Any]],
+    json_path: str | None,
+    plot_path: str | None,
+    plot: Callable[[list[dict[str, Any]], str], None],
+) -> None:
+    """--json and --plot of a finished benchmark."""
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(records, f, indent=1)
+        _log(f"wrote {json_path}")
+    if plot_path:
+        plot(records, plot_path)
+        _log(f"wrote {plot_path}")

@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import random
-import signal
 import struct
 import subprocess
 import sys
@@ -36,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from vmbus.bench import PROGRESS_PREFIX, _log, _Progress
+from vmbus.bench import PROGRESS_PREFIX, _Progress, stopped, write_outputs
 from vmbus.cliutil import Interrupted, UserError, check_writable
 
 
@@ -273,14 +272,7 @@ def run_bench_disk(
             for impl in ("native", "python"):
                 records.extend(_run_pair(impl, image, seconds, progress.step))
     except (Interrupted, KeyboardInterrupt) as exc:
-        stop = exc if isinstance(exc, Interrupted) else Interrupted(signal.SIGINT)
-        stop.summary = (
-            f"stopped at point {progress.done} of {progress.total}; children stopped, "
-            "nothing written"
-        )
-        if stop is exc:
-            raise
-        raise stop from None
+        raise stopped(exc, progress) from None
     finally:
         progress.close()
     print(_table(records))
@@ -289,13 +281,7 @@ def run_bench_disk(
         f"buffered; fio psync, numjobs = queue depth; {seconds} s per point; "
         f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f})"
     )
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(records, f, indent=1)
-        _log(f"wrote {json_path}")
-    if plot_path:
-        write_plot(records, plot_path)
-        _log(f"wrote {plot_path}")
+    write_outputs(records, json_path, plot_path, write_plot)
     return 0
 
 
