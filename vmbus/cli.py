@@ -253,6 +253,7 @@ def cmd_vm(args: argparse.Namespace, say: _Say) -> int:
             nic_tap=args.nic_tap,
             netns=args.netns,
             export_nbd=args.export_nbd,
+            vm_id=args.name,
         )
     )
 
@@ -444,6 +445,11 @@ def build_parser() -> argparse.ArgumentParser:
         "idle: negotiate, open every offered channel, wait for SIGTERM or Ctrl-C",
     )
     v.add_argument("--packets", type=_packet_count, default=20000, help="echo packets to send")
+    v.add_argument(
+        "--name",
+        default="sim",
+        help="the VM's name in its attach hello: a config's [vm.NAME] list picks its devices",
+    )
     v.add_argument(
         "--ring-size", type=_positive_int, default=256 * 1024, help="bytes per ring direction"
     )

@@ -145,6 +145,7 @@ async def run_vm(
     nic_tap: str | None = None,
     netns: str | None = None,
     export_nbd: str | None = None,
+    vm_id: str = "sim",
 ) -> int:
     """Exit status: 0 done (or idle stopped by a signal), 1 the workload failed,
     128+signal when a signal cut the echo workload short; a bad path raises UserError."""
@@ -160,7 +161,7 @@ async def run_vm(
 
         check_export_dir(export_nbd)
     exports: NbdExports | None = None
-    vm = SimulatedVm()
+    vm = SimulatedVm(vm_id=vm_id)
     summary: dict[str, Any] = {"ok": False}
     status = 1
     stopped = Stopped()
