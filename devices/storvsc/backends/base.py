@@ -19,11 +19,21 @@ class BackendIOError(Exception):
 
     `offset`, when the backend knows it, is the byte offset of the first failed
     block: the SCSI layer reports its LBA in the sense INFORMATION field.
+    `sense_key` and `asc_ascq`, when given, replace MEDIUM ERROR and the
+    operation's ASC/ASCQ (a fault injector's NOT READY, ABORTED COMMAND, ...).
     """
 
-    def __init__(self, *args: object, offset: int | None = None) -> None:
+    def __init__(
+        self,
+        *args: object,
+        offset: int | None = None,
+        sense_key: int | None = None,
+        asc_ascq: tuple[int, int] | None = None,
+    ) -> None:
         super().__init__(*args)
         self.offset = offset
+        self.sense_key = sense_key
+        self.asc_ascq = asc_ascq
 
 
 class BackendConfigError(Exception):

@@ -355,7 +355,10 @@ class ScsiDisk:
             await call()
         except BackendIOError as err:
             log.warning("backend I/O error: %s", err)
-            raise SenseError(SenseKey.MEDIUM_ERROR, asc_ascq, self._failed_lba(err)) from None
+            key = getattr(err, "sense_key", None)
+            key = SenseKey.MEDIUM_ERROR if key is None else key
+            asc = getattr(err, "asc_ascq", None) or asc_ascq
+            raise SenseError(key, asc, self._failed_lba(err)) from None
         except OSError as err:
             log.warning("backend OS error: %s", err)
             raise SenseError(SenseKey.MEDIUM_ERROR, asc_ascq) from None

@@ -1,0 +1,254 @@
+"""The `faulty` disk backend under the real SCSI disk emulation: each fault kind with
+exact, seeded counts, the sense each one maps to, latency and stalls on trio's mock
+clock, a power cut tearing in-flight writes, and one-line config errors."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+from disk_model import CHECK_CONDITION, GOOD, read10, scsi, sense_key_asc, write10
+
+from devices.storvsc.backends.faulty import FaultConfigError, FaultyBackend
+from devices.storvsc.backends.memory import MemoryBackend
+from devices.storvsc.scsi import ScsiController
+from devices.storvsc.vsp import ConfigError, build_lun
+from vmbus.config import load_devices
+
+BS = 512
+BLOCKS = 2048
+MEDIUM_READ, MEDIUM_WRITE = (0x3, 0x11, 0x00), (0x3, 0x0C, 0x00)
+NOT_READY = (0x2, 0x04, 0x00)
+
+
+def faulty(**keys: object) -> tuple[ScsiController, FaultyBackend]:
+    backend = FaultyBackend(inner={"backend": "memory", "size": BLOCKS * BS}, **keys)  # type: ignore[arg-type]
+    ctrl = ScsiController()
+    ctrl.add_lun(0, backend)
+    return ctrl, backend
+
+
+def pattern(tag: int, blocks: int) -> bytes:
+    return bytes([tag & 0xFF]) * (blocks * BS)
+
+
+async def test_read_fail_next_gives_exactly_n_medium_errors_with_the_lba() -> None:
+    ctrl, b = faulty(read_fail_next=3)
+    seen = []
+    for _ in range(6):
+        res, _ = await scsi(ctrl, read10(40, 4), data_in_len=4 * BS)
+        seen.append(res.status)
+        if res.status == CHECK_CONDITION:
+            assert sense_key_asc(res) == MEDIUM_READ
+            assert res.sense[0] == 0xF0 and res.sense[3:7] == (40).to_bytes(4, "big")
+    assert seen == [CHECK_CONDITION] * 3 + [GOOD] * 3
+    assert b.counters["read_error"] == 3 and b.ops["read"].fail_next == 0
+    assert sum(b.counters.values()) == 3
+
+
+@pytest.mark.parametrize(
+    ("sense", "want"),
+    [
+        ("medium", MEDIUM_WRITE),
+        ("not_ready", NOT_READY),
+        ("hardware", (0x4, 0x44, 0x00)),
+        ("aborted", (0xB, 0x00, 0x00)),
+    ],
+)
+async def test_each_sense_name_maps_to_its_sense(sense: str, want: tuple[int, int, int]) -> None:
+    ctrl, b = faulty(write_fail_next=1, write_sense=sense, flush_fail_next=1, flush_sense=sense)
+    res, _ = await scsi(ctrl, write10(1, 1), data_out=pattern(1, 1))
+    assert sense_key_asc(res) == want
+    res, _ = await scsi(ctrl, bytes([0x35] + [0] * 9))  # SYNCHRONIZE CACHE (10)
+    assert sense_key_asc(res) == want
+    assert b.counters["write_error"] == 1 and b.counters["flush_error"] == 1
+    res, _ = await scsi(ctrl, write10(1, 1), data_out=pattern(1, 1))
+    assert res.status == GOOD
+
+
+def _expected_failures(seed: int, op: str, rate: float, n: int) -> list[int]:
+    """The draws the backend makes: its stream for `op` is Random(f"{seed}/{op}")."""
+    rng = random.Random(f"{seed}/{op}")
+    return [i for i in range(n) if rng.random() < rate]
+
+
+async def test_error_rate_is_seeded_and_exact() -> None:
+    n, rate = 400, 0.05
+    runs = []
+    for seed in (7, 7, 8):
+        ctrl, b = faulty(seed=seed, read_error_rate=rate)
+        failed = []
+        for i in range(n):
+            res, _ = await scsi(ctrl, read10(i, 1), data_in_len=BS)
+            if res.status != GOOD:
+                assert sense_key_asc(res) == MEDIUM_READ
+                failed.append(i)
+        assert failed == _expected_failures(seed, "read", rate, n)
+        assert b.counters["read_error"] == len(failed) > 0
+        runs.append(failed)
+    assert runs[0] == runs[1] != runs[2]
+
+
+async def test_lba_range_limits_where_errors_land() -> None:
+    ctrl, b = faulty(read_fail_next=2, lba_range=[100, 110])
+    for lba in (0, 90, 110, 500):  # outside: no error, fail_next not used up
+        res, _ = await scsi(ctrl, read10(lba, 8), data_in_len=8 * BS)
+        assert res.status == GOOD
+    res, _ = await scsi(ctrl, read10(96, 8), data_in_len=8 * BS)  # 96..103 touches it
+    assert sense_key_asc(res) == MEDIUM_READ
+    res, _ = await scsi(ctrl, read10(109, 1), data_in_len=BS)
+    assert sense_key_asc(res) == MEDIUM_READ
+    res, _ = await scsi(ctrl, read10(105, 1), data_in_len=BS)
+    assert res.status == GOOD
+    assert b.counters["read_error"] == 2
+
+
+async def test_fail_after_writes_wears_the_disk_out() -> None:
+    ctrl, b = faulty(fail_after_writes=5)
+    statuses = []
+    for i in range(9):
+        res, _ = await scsi(ctrl, write10(i, 1), data_out=pattern(i + 1, 1))
+        statuses.append(res.status)
+    assert statuses == [GOOD] * 5 + [CHECK_CONDITION] * 4
+    assert b.counters["write_limit"] == 4
+    res, data = await scsi(ctrl, read10(0, 9), data_in_len=9 * BS)  # reads still work
+    assert data == b"".join(pattern(i + 1, 1) for i in range(5)) + bytes(4 * BS)
+
+
+async def test_latency_distributions(autojump_clock: trio.testing.MockClock) -> None:
+    ctrl, b = faulty(read_latency=10, write_latency={"dist": "uniform", "min_ms": 2, "max_ms": 4})
+    t0 = trio.current_time()
+    await scsi(ctrl, read10(0, 1), data_in_len=BS)
+    assert trio.current_time() - t0 == pytest.approx(0.010)
+    for _ in range(20):
+        t0 = trio.current_time()
+        await scsi(ctrl, write10(0, 1), data_out=pattern(1, 1))
+        assert 0.002 <= trio.current_time() - t0 <= 0.004
+    assert b.counters["delayed"] == 21
+    for lat in (
+        {"dist": "exponential", "mean_ms": 50, "cap_ms": 60},
+        {"dist": "normal", "mean_ms": 50, "stddev_ms": 30, "cap_ms": 60},
+    ):
+        b.configure(read_latency=lat)
+        took = []
+        for _ in range(200):
+            t0 = trio.current_time()
+            await scsi(ctrl, read10(0, 1), data_in_len=BS)
+            took.append(trio.current_time() - t0)
+        assert max(took) == pytest.approx(0.060)  # the cap is hit, never passed
+        assert min(took) < 0.040
+
+
+async def test_stall_until_cleared_and_for_n_seconds(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    ctrl, b = faulty()
+    b.configure(stall="forever")
+    done = trio.Event()
+
+    async def read() -> None:
+        res, _ = await scsi(ctrl, read10(0, 1), data_in_len=BS)
+        assert res.status == GOOD
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        await trio.sleep(1000)
+        assert not done.is_set()
+        b.configure(stall="off")
+        await done.wait()
+    assert b.counters["stalled"] == 1
+    b.configure(stall=2.5)
+    t0 = trio.current_time()
+    await scsi(ctrl, read10(0, 1), data_in_len=BS)
+    await scsi(ctrl, read10(0, 1), data_in_len=BS)
+    assert trio.current_time() - t0 == pytest.approx(2.5)
+    assert b.counters["stalled"] == 2  # the second read came after the stall ended
+
+
+async def test_power_cut_tears_in_flight_writes_and_keeps_acknowledged_ones(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    ctrl, b = faulty(seed=3, write_latency=10)
+    inner = b.inner
+    assert isinstance(inner, MemoryBackend)
+    for i in range(4):  # acknowledged before the cut
+        res, _ = await scsi(ctrl, write10(i * 16, 16), data_out=pattern(0x10 + i, 16))
+        assert res.status == GOOD
+    results: dict[int, int] = {}
+
+    async def write(i: int) -> None:
+        res, _ = await scsi(ctrl, write10(i * 16, 16), data_out=pattern(0x80 + i, 16))
+        results[i] = res.status
+        if res.status != GOOD:
+            assert sense_key_asc(res) == NOT_READY
+
+    async with trio.open_nursery() as nursery:
+        for i in range(2, 10):  # two of them overwrite acknowledged blocks
+            nursery.start_soon(write, i)
+        await trio.sleep(0.005)
+        b.configure(power="cut")
+    assert results == dict.fromkeys(range(2, 10), CHECK_CONDITION)
+    assert b.counters["torn_write"] == 8 and b.counters["power_cut"] == 1
+    res, _ = await scsi(ctrl, read10(0, 1), data_in_len=BS)
+    assert sense_key_asc(res) == NOT_READY and b.counters["power_off"] == 1
+    b.configure(power="restore")
+    res, data = await scsi(ctrl, read10(0, 160), data_in_len=160 * BS)
+    assert res.status == GOOD
+    assert data[: 32 * BS] == pattern(0x10, 16) + pattern(0x11, 16)  # acknowledged: intact
+    kept = []
+    for i in range(2, 10):  # each in-flight write: a seeded prefix of its sectors landed
+        keep = random.Random(f"3/torn/1/{i * 16 * BS}").randint(0, 16)
+        kept.append(keep)
+        old = pattern(0x10 + i, 16) if i < 4 else bytes(16 * BS)
+        want = pattern(0x80 + i, keep) + old[keep * BS :]
+        assert data[i * 16 * BS : (i + 1) * 16 * BS] == want, i
+    assert 0 < sum(kept) < 8 * 16  # torn, not all-or-nothing, with this seed
+
+
+def test_config_errors_are_one_line_naming_the_key() -> None:
+    good = {"backend": "faulty", "inner": {"backend": "memory", "size": "1M"}}
+    _lun, backend, _ = build_lun(0, good, None)
+    assert isinstance(backend, FaultyBackend) and backend.capacity == 1 << 20
+    bad = [
+        ({"read_eror_rate": 0.1}, "read_eror_rate"),
+        ({"read_error_rate": 1.5}, "read_error_rate must be a number 0..1"),
+        ({"write_sense": "smoke"}, "write_sense must be one of medium, not_ready"),
+        ({"read_latency": {"dist": "pareto"}}, "read_latency.dist must be one of"),
+        ({"read_latency": {"dist": "uniform", "mean_ms": 3}}, "read_latency.mean_ms"),
+        ({"lba_range": [5, 2]}, "lba_range end 2"),
+        ({"stall": -1}, "stall must be seconds"),
+        ({"inner": {"backend": "memory"}}, "inner (memory)"),
+        ({"inner": {"backend": "faulty"}}, "faulty disk inside a faulty disk"),
+        ({"inner": None}, "inner is required"),
+    ]
+    for extra, needle in bad:
+        with pytest.raises(ConfigError) as exc:
+            build_lun(0, {**good, **extra}, None)
+        msg = str(exc.value)
+        assert needle in msg and "\n" not in msg, (extra, msg)
+
+
+def test_configure_applies_nothing_when_one_key_is_bad() -> None:
+    b = FaultyBackend(inner={"backend": "memory", "size": "1M"})
+    with pytest.raises(FaultConfigError, match="read_sense"):
+        b.configure(read_error_rate=0.5, read_sense="bogus")
+    assert b.ops["read"].error_rate == 0.0
+    assert b.configure(read_error_rate=0.5, power="cut") == ["read_error_rate=0.5", "power=cut"]
+    assert not b.powered
+
+
+def test_toml_config_builds_a_faulty_lun(tmp_path: Path) -> None:
+    cfg = tmp_path / "vm.toml"
+    cfg.write_text(
+        '[[device]]\ntype = "storvsc"\n[[device.lun]]\nbackend = "faulty"\n'
+        'inner = { backend = "memory", size = "64M" }\nread_error_rate = 0.01\n'
+        'write_latency = { dist = "exponential", mean_ms = 2, cap_ms = 20 }\n'
+    )
+    (dev,) = load_devices(str(cfg))
+    (backend,) = dev._backends  # type: ignore[attr-defined]  # attached when the channel opens
+    assert isinstance(backend, FaultyBackend) and backend.capacity == 64 << 20
+    assert backend.ops["read"].error_rate == 0.01
