@@ -24,18 +24,20 @@ Use: `async with attach_storvsc(vm, offer) as hba:` then `hba.disks`,
 
 from __future__ import annotations
 
+import array
 import contextlib
 import itertools
 import logging
 import struct
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, cast
 
 import trio
 
 from devices.storvsc.protocol import (
+    HEADER_SIZE,
     LINUX_VERSIONS,
     SCSI_IF_TYPE,
     STORAGE_CHANNEL_SUPPORTS_MULTI_CHANNEL,
@@ -54,11 +56,22 @@ from devices.storvsc.protocol import (
     sub_channels_request,
     version_request,
 )
+from vmbus import native as _native_sel
 from vmbus.gpadl import PAGE_SIZE, GpaRange
 from vmbus.guest.drivers import register
 from vmbus.packet import PacketType, gpa_direct, inband
+from vmbus.ring import (
+    DESC_SIZE,
+    TRAILER_SIZE,
+    VM_PKT_COMP,
+    OutPacket,
+    PyRingWriter,
+    WriteResult,
+)
+from vmbus.ring import _raise as _ring_raise
 
 if TYPE_CHECKING:
+    from vmbus.channel import Channel
     from vmbus.guest.vm import GuestChannel, GuestOffer, SimulatedVm
 
 log = logging.getLogger(__name__)
@@ -608,3 +621,329 @@ class StorvscVsc:
                 "bytes": moved,
                 "seconds": secs,
             }
+
+
+# -- the load generator's per-request path ------------------------------------------
+#
+# `vmbusd bench disk` measures the host. Its guest keeps `depth` requests in flight
+# through SrbSlots: per batch one call submits every free slot (LBA, block count,
+# trans id patched, packets written to the ring) and one call parses every
+# completion received into arrays, in C (native/storvsc_vsc.c) or in the
+# pure-Python twin below (VMBUSD_NATIVE=0), same contract: native/storvsc_vsc.h.
+
+E_BAD_ARG = -100  # VMB_VSC_E_*: the tests check these against the build
+E_TRANS_ID = -101
+E_NOT_COMP = -102
+E_SHORT = -103
+COMP_MIN = 28  # vstor header + vmscsi_request up to data_transfer_length
+SRB_STATUS_SUCCESS = 0x01
+LBA_IN_PAYLOAD = HEADER_SIZE + 16 + 2  # vstor header, vmscsi_request before the CDB, op+flags
+_M64 = (1 << 64) - 1
+_DESC = struct.Struct("<HHHHQ")
+_U32 = struct.Struct("<I")
+_BE_LBA = struct.Struct(">QI")  # READ(16)/WRITE(16): LBA, then the block count
+
+
+class SrbSlotsError(StorvscError):
+    """The load generator's packets or completions are not what it expects."""
+
+    NAMES: ClassVar[dict[int, str]] = {
+        E_BAD_ARG: "bad argument",
+        E_TRANS_ID: "trans id of no slot",
+        E_NOT_COMP: "not a completion",
+        E_SHORT: "completion too short",
+    }
+
+    def __init__(self, code: int, what: str) -> None:
+        super().__init__(f"{what}: {self.NAMES.get(code, str(code))}")
+        self.code = code
+
+
+def splitmix64(state: int) -> tuple[int, int]:
+    """(new state, output): the load generator's random LBA source (as the C)."""
+    state = (state + 0x9E3779B97F4A7C15) & _M64
+    z = state
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return state, z ^ (z >> 31)
+
+
+@dataclass
+class LbaSequence:
+    """Where requests go: unit k (`blocks` blocks) is LBA k * blocks; random units
+    are splitmix64 % span, sequential ones next % span (then next + 1)."""
+
+    span: int
+    blocks: int
+    random: bool
+    rng: int = 0
+    next: int = 0
+
+
+class ParseResult(NamedTuple):
+    """One parsed batch: how many, how many failed (op, vstor or SRB status), the
+    first failed one's index, and the bytes the completions say were moved."""
+
+    n: int
+    nfailed: int
+    first_failed: int
+    bytes: int
+
+
+def _templates(packets: Sequence[OutPacket]) -> tuple[bytearray, int, int]:
+    """Preformed packets (descriptor, body, zero pad) back to back, as write_raw takes
+    them; (buffer, packet length, offset of the payload in a packet)."""
+    out = bytearray()
+    pkt_len = off8 = 0
+    for i, p in enumerate(packets):
+        body = b"".join(bytes(b) for b in p.body)
+        length = DESC_SIZE + ((len(body) + 7) & ~7)
+        o8 = (DESC_SIZE + p.ext_len) // 8
+        if i and (length, o8) != (pkt_len, off8):
+            raise ValueError("every slot's packet must have the same shape")
+        if p.trans_id != i + 1:
+            raise ValueError(f"slot {i} must have trans id {i + 1}")
+        pkt_len, off8 = length, o8
+        out += _DESC.pack(p.type, o8, length // 8, p.flags, p.trans_id) + body
+        out += bytes(length - DESC_SIZE - len(body))
+    if not packets:
+        raise ValueError("no slots")
+    return out, pkt_len, off8 * 8
+
+
+class PySrbSlots:
+    """`depth` prebuilt EXECUTE_SRB packets (slot s has trans id s + 1), in Python:
+    the reference for NativeSrbSlots. Parse outputs (trans_id, vstor_status,
+    srb_status, scsi_status, xfer_len, lat_ns) hold one batch of up to `max_batch`."""
+
+    def __init__(self, packets: Sequence[OutPacket], seq: LbaSequence, max_batch: int) -> None:
+        tmpl, self.pkt_len, payload_at = _templates(packets)
+        self.tmpl = tmpl
+        self.nslots = len(packets)
+        self.lba_at = payload_at + LBA_IN_PAYLOAD
+        if self.lba_at + 12 > self.pkt_len:
+            raise ValueError("the packets' payload holds no CDB")
+        self.seq = seq
+        self.max_batch = max_batch
+        self.unsent = 0  # packets of the last submit still to write (ring was full)
+        self._sent = 0
+        self._n = 0
+        self._init_arrays()
+
+    def _init_arrays(self) -> None:
+        n, b = self.nslots, self.max_batch
+        self.t0: Any = array.array("Q", bytes(8 * n))
+        self.index: Any = array.array("I", bytes(8 * n))
+        self.trans_id: Any = array.array("Q", bytes(8 * b))
+        self.vstor_status: Any = array.array("I", bytes(4 * b))
+        self.srb_status: Any = bytearray(b)
+        self.scsi_status: Any = bytearray(b)
+        self.xfer_len: Any = array.array("I", bytes(4 * b))
+        self.lat_ns: Any = array.array("Q", bytes(8 * b))
+
+    @property
+    def unsent_need(self) -> int:
+        """Ring bytes the next unsent packet takes (request_space's `need`)."""
+        return self.pkt_len + TRAILER_SIZE
+
+    def _check_n(self, n: int, cap: int) -> None:
+        if not 0 <= n <= cap:
+            raise ValueError(f"{n} packets, room for {cap}")
+
+    def submit(self, writer: PyRingWriter, tids: Sequence[int], n: int, now_ns: int) -> WriteResult:
+        """Patch slots tids[:n] with the next LBAs and write them; what did not fit
+        stays patched (`unsent`), for resume()."""
+        self._check_n(n, self.nslots)
+        seq, tmpl, pkt_len, lba_at = self.seq, self.tmpl, self.pkt_len, self.lba_at
+        if seq.span <= 0:
+            raise SrbSlotsError(E_BAD_ARG, "submit")
+        if any(not 1 <= tids[k] <= self.nslots for k in range(n)):
+            raise SrbSlotsError(E_TRANS_ID, "submit")
+        index, t0 = self.index, self.t0
+        for k in range(n):
+            tid = tids[k]
+            slot = tid - 1
+            p = slot * pkt_len
+            if seq.random:
+                seq.rng, x = splitmix64(seq.rng)
+                unit = x % seq.span
+            else:
+                unit = seq.next % seq.span
+                seq.next = (seq.next + 1) & _M64
+            struct.pack_into("<Q", tmpl, p + 8, tid)
+            _BE_LBA.pack_into(tmpl, p + lba_at, (unit * seq.blocks) & _M64, seq.blocks)
+            t0[slot] = now_ns
+            index[2 * k], index[2 * k + 1] = p, pkt_len
+        self._sent, self._n = 0, n
+        return self._write(writer)
+
+    def resume(self, writer: PyRingWriter) -> WriteResult:
+        """Write what the last submit left unsent (as many as fit now)."""
+        return self._write(writer)
+
+    def _write(self, writer: PyRingWriter) -> WriteResult:
+        k = self._sent
+        res = writer.write_raw(self.tmpl, memoryview(self.index)[2 * k :], self._n - k)
+        self._sent += res.npkts
+        self.unsent = self._n - self._sent
+        return res
+
+    def parse(self, buf: Any, index: Any, n: int, now_ns: int) -> ParseResult:
+        """The completions of one received batch (PacketBatch's buffer and index)."""
+        self._check_n(n, self.max_batch)
+        view = memoryview(buf).cast("B")
+        idx = memoryview(index).cast("B").cast("I")
+        nfailed = first = total = 0
+        for k in range(n):
+            off, ln = idx[2 * k], idx[2 * k + 1]
+            if off + ln > len(view) or ln < DESC_SIZE:
+                raise SrbSlotsError(E_BAD_ARG, f"completion {k}")
+            typ, off8, _len8, _flags, tid = _DESC.unpack_from(view, off)
+            if off8 * 8 > ln or off8 < 2:
+                raise SrbSlotsError(E_BAD_ARG, f"completion {k}")
+            if typ != VM_PKT_COMP:
+                raise SrbSlotsError(E_NOT_COMP, f"completion {k}")
+            pl = off + off8 * 8
+            if ln - off8 * 8 < COMP_MIN:
+                raise SrbSlotsError(E_SHORT, f"completion {k}")
+            if not 1 <= tid <= self.nslots:
+                raise SrbSlotsError(E_TRANS_ID, f"completion {k}")
+            op, _fl, status = struct.unpack_from("<III", view, pl)
+            srb, scsi = view[pl + 14], view[pl + 15]
+            xfer = _U32.unpack_from(view, pl + 24)[0]
+            sent = self.t0[tid - 1]
+            self.trans_id[k] = tid
+            self.vstor_status[k] = status
+            self.srb_status[k] = srb
+            self.scsi_status[k] = scsi
+            self.xfer_len[k] = xfer
+            self.lat_ns[k] = now_ns - sent if now_ns >= sent else 0
+            if op != VstorOp.COMPLETE_IO or status or srb != SRB_STATUS_SUCCESS:
+                if not nfailed:
+                    first = k
+                nfailed += 1
+            total += xfer
+        return ParseResult(n, nfailed, first, total)
+
+    def add_latencies(self, samples: array.array[int], n: int) -> None:
+        """Append the last parse's n latencies (ns) to samples."""
+        samples.extend(self.lat_ns[:n])
+
+
+class NativeSrbSlots(PySrbSlots):
+    """SrbSlots in C: one native call per batch each way (native/storvsc_vsc.h)."""
+
+    def _init_arrays(self) -> None:
+        mod = _native_sel.native_module()
+        self._ffi = ffi = mod.ffi
+        self._lib = mod.lib
+        n, b = self.nslots, self.max_batch
+        self._c_tmpl = ffi.from_buffer("uint8_t[]", self.tmpl, require_writable=True)
+        self.t0 = ffi.new("uint64_t[]", n)
+        self.index = ffi.new("uint32_t[]", 2 * n)
+        self.trans_id = ffi.new("uint64_t[]", b)
+        self.vstor_status = ffi.new("uint32_t[]", b)
+        self.srb_status = ffi.new("uint8_t[]", b)
+        self.scsi_status = ffi.new("uint8_t[]", b)
+        self.xfer_len = ffi.new("uint32_t[]", b)
+        self.lat_ns = ffi.new("uint64_t[]", b)
+        self._gen = ffi.new("struct vmb_vsc_gen *")
+        self._wres = ffi.new("struct vmb_write_result *")
+        self._pres = ffi.new("struct vmb_vsc_parse_result *")
+
+    def submit(self, writer: PyRingWriter, tids: Sequence[int], n: int, now_ns: int) -> WriteResult:
+        """Patch slots tids[:n] with the next LBAs and write them; what did not fit
+        stays patched (`unsent`), for resume()."""
+        self._check_n(n, self.nslots)
+        ffi, seq, g = self._ffi, self.seq, self._gen
+        if seq.span <= 0:
+            raise SrbSlotsError(E_BAD_ARG, "submit")
+        c_tids = tids if isinstance(tids, ffi.CData) else ffi.new("uint64_t[]", list(tids[:n]))
+        g.rng, g.next, g.span, g.blocks = seq.rng, seq.next, seq.span, seq.blocks
+        g.random = int(seq.random)
+        res = self._wres
+        rc = self._lib.vmb_vsc_submit(
+            cast(Any, writer)._r,
+            self._c_tmpl,
+            len(self.tmpl),
+            self.pkt_len,
+            self.nslots,
+            self.lba_at,
+            c_tids,
+            n,
+            g,
+            now_ns,
+            self.t0,
+            self.index,
+            res,
+        )
+        self._raise(rc, "submit")
+        seq.rng, seq.next = int(g.rng), int(g.next)
+        self._n, self._sent = n, int(res.npkts)
+        self.unsent = n - self._sent
+        return WriteResult(int(res.npkts), int(res.bytes), bool(res.signal))
+
+    def _write(self, writer: PyRingWriter) -> WriteResult:
+        k = self._sent
+        rest = self._ffi.buffer(self.index + 2 * k, 8 * (self._n - k))
+        res = writer.write_raw(self.tmpl, rest, self._n - k)
+        self._sent += res.npkts
+        self.unsent = self._n - self._sent
+        return res
+
+    def parse(self, buf: Any, index: Any, n: int, now_ns: int) -> ParseResult:
+        """The completions of one received batch (PacketBatch's buffer and index)."""
+        self._check_n(n, self.max_batch)
+        ffi, r = self._ffi, self._pres
+        c_buf = ffi.from_buffer("uint8_t[]", buf)
+        c_idx = ffi.from_buffer("uint32_t[]", index)
+        if len(c_idx) < 2 * n:
+            raise ValueError(f"index holds {len(c_idx) // 2} pairs, n is {n}")
+        rc = self._lib.vmb_vsc_parse(
+            c_buf,
+            len(c_buf),
+            c_idx,
+            n,
+            self.nslots,
+            self.t0,
+            now_ns,
+            self.trans_id,
+            self.vstor_status,
+            self.srb_status,
+            self.scsi_status,
+            self.xfer_len,
+            self.lat_ns,
+            r,
+        )
+        self._raise(rc, f"completion {r.n}")
+        return ParseResult(int(r.n), int(r.nfailed), int(r.first_failed), int(r.bytes))
+
+    def add_latencies(self, samples: array.array[int], n: int) -> None:
+        """Append the last parse's n latencies (ns) to samples."""
+        samples.frombytes(self._ffi.buffer(self.lat_ns, 8 * n))
+
+    @staticmethod
+    def _raise(rc: int, what: str) -> None:
+        if rc <= E_BAD_ARG:
+            raise SrbSlotsError(rc, what)
+        if rc:
+            _ring_raise(rc, what)
+
+
+if TYPE_CHECKING:
+    SrbSlots = PySrbSlots
+else:
+    SrbSlots = NativeSrbSlots if _native_sel.NATIVE else PySrbSlots
+
+
+async def submit_slots(
+    channel: Channel, slots: PySrbSlots, tids: Sequence[int], n: int, now_ns: int
+) -> None:
+    """Submit n slots on a channel; waits (this channel only) while its ring is full."""
+    async with channel._send_lock:
+        res = slots.submit(channel.writer, tids, n, now_ns)
+        channel._account(res.npkts, res.bytes, res.signal)
+        while slots.unsent:
+            await channel._wait_space(slots.unsent_need)
+            res = slots.resume(channel.writer)
+            channel._account(res.npkts, res.bytes, res.signal)
