@@ -1,0 +1,230 @@
+"""The `impair` network backend around a recording inner backend: each impairment with
+exact, seeded counts, per direction; delay, jitter, reordering and link flaps on trio's
+mock clock; one-line config errors."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from devices.netvsc.backends.base import BackendError, Deliver, Frame, NetBackend, NicInfo
+from devices.netvsc.backends.impair import ImpairBackend
+from devices.netvsc.backends.loopback import LoopbackBackend
+from vmbus.config import load_devices
+
+NIC = NicInfo(b"\x00\x15\x5d\x00\x00\x01", 1500, 1)
+
+
+class Recorder(NetBackend):
+    """An inner backend that keeps what it is given and sends what the test asks."""
+
+    name = "recorder"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[tuple[float, bytes]] = []
+        self.deliver: Deliver | None = None
+
+    async def run(
+        self,
+        nic: NicInfo,
+        deliver: Deliver,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        self.deliver = deliver
+        task_status.started()
+        await trio.sleep_forever()
+
+    def transmit(self, queue: int, frames: list[Frame]) -> None:
+        self.sent += [(trio.current_time(), f.data) for f in frames]
+
+
+def frame(i: int) -> Frame:
+    return Frame(b"\xff" * 12 + b"\x08\x00" + i.to_bytes(4, "big") + bytes(60))
+
+
+def idx(data: bytes) -> int:
+    return int.from_bytes(data[14:18], "big")
+
+
+class Guest:
+    """What the VSP would be: frames delivered to the guest, with their times."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[float, bytes]] = []
+
+    def __call__(self, frames: list[Frame]) -> None:
+        self.got += [(trio.current_time(), f.data) for f in frames]
+
+
+async def started(nursery: trio.Nursery, **keys: object) -> tuple[ImpairBackend, Recorder, Guest]:
+    inner = Recorder()
+    imp = ImpairBackend(inner=inner, **keys)  # type: ignore[arg-type]
+    guest = Guest()
+    await nursery.start(imp.run, NIC, guest)
+    return imp, inner, guest
+
+
+def draws(seed: int, direction: str, kind: str, p: float, n: int) -> list[int]:
+    rng = random.Random(f"{seed}/{direction}/{kind}")
+    return [i for i in range(n) if rng.random() < p]
+
+
+async def test_loss_is_seeded_exact_and_per_direction() -> None:
+    n = 1000
+    async with trio.open_nursery() as nursery:
+        imp, inner, guest = await started(nursery, seed=5, loss=0.02, to_guest={"loss": 0.1})
+        imp.transmit(0, [frame(i) for i in range(n)])
+        assert inner.deliver is not None
+        inner.deliver([frame(i) for i in range(n)])
+        await trio.testing.wait_all_tasks_blocked()
+        lost_out = draws(5, "from_guest", "lost", 0.02, n)
+        lost_in = draws(5, "to_guest", "lost", 0.1, n)
+        assert [idx(d) for _, d in inner.sent] == [i for i in range(n) if i not in lost_out]
+        assert [idx(d) for _, d in guest.got] == [i for i in range(n) if i not in lost_in]
+        assert imp.counters[("from_guest", "lost")] == len(lost_out) > 0
+        assert imp.counters[("to_guest", "lost")] == len(lost_in) > len(lost_out)
+        assert imp.tx_frames == n and imp.rx_frames == n
+        nursery.cancel_scope.cancel()
+
+
+async def test_duplicate_and_corrupt_exact() -> None:
+    n = 500
+    async with trio.open_nursery() as nursery:
+        imp, inner, _ = await started(nursery, seed=1, duplicate=0.05, corrupt=0.03)
+        imp.transmit(0, [frame(i) for i in range(n)])
+        dup = draws(1, "from_guest", "duplicated", 0.05, n)
+        bad = draws(1, "from_guest", "corrupted", 0.03, n)
+        assert len(inner.sent) == n + len(dup)
+        assert imp.counters[("from_guest", "duplicated")] == len(dup) > 0
+        assert imp.counters[("from_guest", "corrupted")] == len(bad) > 0
+        copies = [(i, 2 if i in dup else 1) for i in range(n)]
+        sent = iter(d for _, d in inner.sent)
+        for i, k in copies:
+            for _ in range(k):
+                got, want = next(sent), frame(i).data
+                bits = sum(bin(x ^ y).count("1") for x, y in zip(got, want, strict=True))
+                assert bits == (1 if i in bad else 0), i
+                assert got[:14] == want[:14]  # never in the Ethernet header
+        nursery.cancel_scope.cancel()
+
+
+async def test_delay_with_jitter_keeps_order(autojump_clock: trio.testing.MockClock) -> None:
+    async with trio.open_nursery() as nursery:
+        imp, inner, _ = await started(nursery, from_guest={"delay_ms": 20, "jitter_ms": 5})
+        t0 = trio.current_time()
+        for i in range(50):
+            imp.transmit(0, [frame(i)])
+            await trio.sleep(0.001)
+        await trio.sleep(1)
+        assert [idx(d) for _, d in inner.sent] == list(range(50))
+        rng = random.Random("0/from_guest/jitter")
+        for i, (t, _) in enumerate(inner.sent):
+            due = t0 + i * 0.001 + (20 + rng.uniform(-5, 5)) / 1000
+            assert t >= due - 1e-9
+        assert imp.counters[("from_guest", "delayed")] == 50
+        assert imp.counters[("to_guest", "delayed")] == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_reorder_holds_frames_back(autojump_clock: trio.testing.MockClock) -> None:
+    async with trio.open_nursery() as nursery:
+        imp, inner, _ = await started(nursery, seed=2, reorder=0.1, reorder_gap_ms=3)
+        for i in range(200):
+            imp.transmit(0, [frame(i)])
+            await trio.sleep(0.001)
+        await trio.sleep(1)
+        order = [idx(d) for _, d in inner.sent]
+        held = draws(2, "from_guest", "reordered", 0.1, 200)
+        assert sorted(order) == list(range(200))
+        assert [i for i in order if i not in held] == [i for i in range(200) if i not in held]
+        for h in held:  # overtaken by the frames sent within the gap
+            if h + 2 < 200 and h + 1 not in held and h + 2 not in held:
+                assert order.index(h) > order.index(h + 2)
+        assert imp.counters[("from_guest", "reordered")] == len(held) > 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_link_flaps_drop_both_ways_and_tell_the_listener(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    told: list[tuple[float, bool]] = []
+    async with trio.open_nursery() as nursery:
+        t0 = trio.current_time()
+        imp, inner, guest = await started(nursery, flap_up_s=1.0, flap_down_s=0.5)
+        imp.link_listener = lambda up: told.append((trio.current_time() - t0, up))
+        await trio.sleep(1.2)
+        assert not imp.link_up
+        imp.transmit(0, [frame(1), frame(2)])
+        assert inner.deliver is not None
+        inner.deliver([frame(3)])
+        await trio.sleep(0.5)
+        assert imp.link_up
+        imp.transmit(0, [frame(4)])
+        assert imp.counters[("from_guest", "link_down")] == 2
+        assert imp.counters[("to_guest", "link_down")] == 1
+        assert [idx(d) for _, d in inner.sent] == [4] and guest.got == []
+        assert [(round(t, 6), up) for t, up in told] == [(1.0, False), (1.5, True)]
+        imp.configure(flap_up_s=0)  # flapping off: the link stays up
+        await trio.sleep(10)
+        assert imp.link_up and imp.flaps == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_runtime_changes_per_direction() -> None:
+    async with trio.open_nursery() as nursery:
+        imp, inner, guest = await started(nursery)
+        assert imp.configure(**{"from_guest.loss": 1.0}) == ["from_guest.loss=1.0"]
+        imp.transmit(0, [frame(1)])
+        assert inner.deliver is not None
+        inner.deliver([frame(2)])
+        assert inner.sent == [] and len(guest.got) == 1
+        with pytest.raises(BackendError, match=r"sideways\.loss"):
+            imp.configure(loss=0.0, **{"sideways.loss": 0.5})
+        assert imp.settings("from_guest").loss == 1.0  # nothing applied
+        imp.configure(loss=0.0)
+        imp.transmit(0, [frame(3)])
+        assert [idx(d) for _, d in inner.sent] == [3]
+        nursery.cancel_scope.cancel()
+
+
+async def test_wraps_loopback_by_default() -> None:
+    async with trio.open_nursery() as nursery:
+        imp = ImpairBackend()
+        assert isinstance(imp.inner, LoopbackBackend)
+        guest = Guest()
+        await nursery.start(imp.run, NIC, guest)
+        imp.transmit(0, [frame(i) for i in range(5)])
+        assert [idx(d) for _, d in guest.got] == list(range(5))
+        nursery.cancel_scope.cancel()
+
+
+def test_config_errors_are_one_line_naming_the_key(tmp_path: Path) -> None:
+    base = '[[device]]\ntype = "netvsc"\nbackend = "impair"\n'
+    good = tmp_path / "good.toml"
+    good.write_text(base + 'inner = { backend = "loopback" }\nloss = 0.02\nseed = 9\n')
+    (dev,) = load_devices(str(good))
+    imp = dev.backend  # type: ignore[attr-defined]
+    assert isinstance(imp, ImpairBackend) and imp.settings("to_guest").loss == 0.02
+    bad = [
+        ("los = 0.1", "'los'"),
+        ("loss = 2", "loss must be a fraction 0..1"),
+        ("delay_ms = -1", "delay_ms must be a number >= 0"),
+        ("to_guest = { jitter = 1 }", "to_guest.jitter"),
+        ('inner = { backend = "nosuch" }', "inner"),
+        ('inner = { backend = "loopback", ifname = "x" }', "ifname"),
+        ('inner = { backend = "impair" }', "impair inside an impair"),
+        ('seed = "x"', "seed must be an integer"),
+    ]
+    for line, needle in bad:
+        cfg = tmp_path / "bad.toml"
+        cfg.write_text(base + line + "\n")
+        with pytest.raises(Exception) as exc:
+            load_devices(str(cfg))
+        msg = str(exc.value)
+        assert needle in msg and "\n" not in msg, (line, msg)
