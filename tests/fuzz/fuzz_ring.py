@@ -30,8 +30,7 @@ import harness
 with harness.instrumented():
     import ring_support as rs
 
-    from vmbus import native
-    from vmbus import ring
+    from vmbus import native, ring
 
 MAX_OPS = 6
 _TYPES = (6, 6, 7, 9, 0xB, 0xB)
