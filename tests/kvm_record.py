@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,7 +18,11 @@ from devices.netvsc.vsp import NetvscDevice
 from devices.storvsc.vsp import StorvscDevice
 from vmbus.channel import Channel, PacketBatch
 from vmbus.device import DeviceContext
+from vmbus.packet import PacketType
 from vmbus.ring import OutPacket
+
+Extra = Callable[[Any], dict[str, Any]]
+"""Per packet, more fields for its record (e.g. the RNDIS bytes it points at)."""
 
 
 def _append(path: str | None, rec: dict[str, Any]) -> None:
@@ -26,7 +31,13 @@ def _append(path: str | None, rec: dict[str, Any]) -> None:
             f.write(json.dumps(rec) + "\n")
 
 
-def tap(channel: Channel, sub: int, write: Callable[[dict[str, Any]], None]) -> None:
+def tap(
+    channel: Channel,
+    sub: int,
+    write: Callable[[dict[str, Any]], None],
+    extra_in: Extra | None = None,
+    extra_out: Extra | None = None,
+) -> None:
     """Wrap `channel`'s receive and send so each packet is passed to `write`."""
     receive, send = channel.receive, channel.send
 
@@ -44,6 +55,7 @@ def tap(channel: Channel, sub: int, write: Callable[[dict[str, Any]], None]) -> 
                     "len8": p.len8,
                     "ext": bytes(p.ext).hex(),
                     "payload": bytes(p.payload).hex(),
+                    **(extra_in(p) if extra_in else {}),
                 }
             )
         return batch
@@ -60,6 +72,7 @@ def tap(channel: Channel, sub: int, write: Callable[[dict[str, Any]], None]) -> 
                     "trans_id": p.trans_id,
                     "ext": body[: p.ext_len].hex(),
                     "payload": body[p.ext_len :].hex(),
+                    **(extra_out(body[: p.ext_len]) if extra_out and p.type == 7 else {}),
                 }
             )
         await send(packets)
@@ -73,7 +86,13 @@ class _Recording:
 
     records: list[dict[str, Any]]
 
-    def _tap(self, channel: Channel, ctx: DeviceContext) -> None:
+    def _tap(
+        self,
+        channel: Channel,
+        ctx: DeviceContext,
+        extra_in: Extra | None = None,
+        extra_out: Extra | None = None,
+    ) -> None:
         path = os.environ.get("VMBUSD_RECORD")
         if not hasattr(self, "records"):
             self.records = []
@@ -82,7 +101,7 @@ class _Recording:
             self.records.append(rec)
             _append(path, rec)
 
-        tap(channel, ctx.sub_channel_index, write)
+        tap(channel, ctx.sub_channel_index, write, extra_in, extra_out)
 
 
 class RecordingStorvsc(_Recording, StorvscDevice):
@@ -94,10 +113,51 @@ class RecordingStorvsc(_Recording, StorvscDevice):
         await super().serve(channel, ctx)
 
 
+NVSP_SEND_RNDIS_PKT = 107
+RNDIS_BYTES_KEPT = 2048  # a recorded RNDIS message (data frames are cut here)
+
+
 class RecordingNetvsc(_Recording, NetvscDevice):
-    """NetvscDevice recording its channels' packets the same way (NVSP headers and
-    range lists; RNDIS bodies are in guest memory, not in the packets)."""
+    """NetvscDevice recording its channels' packets the same way, and with each packet
+    the RNDIS bytes it carries, which live in guest memory, not in the packet: field
+    "rndis" (hex, cut at RNDIS_BYTES_KEPT), read from the GPA-direct ranges or the
+    send-buffer section of a SEND_RNDIS_PKT the guest sent, and from the receive-buffer
+    ranges of a transfer-page packet vmbusd sent (read when it is sent, so before the
+    guest can reuse the section)."""
 
     async def serve(self, channel: Channel, ctx: DeviceContext) -> None:
-        self._tap(channel, ctx)
+        def rndis_in(p: Any) -> dict[str, Any]:
+            payload = bytes(p.payload)
+            if len(payload) < 12 or struct.unpack_from("<I", payload)[0] != NVSP_SEND_RNDIS_PKT:
+                return {}
+            if p.type == PacketType.GPA_DIRECT:
+                data = b"".join(bytes(v) for v in ctx.memory.iovecs_of(ctx.memory.gpa_direct(p)))
+                return {"rndis": data[:RNDIS_BYTES_KEPT].hex()}
+            section, size = struct.unpack_from("<II", payload, 8)
+            nic = getattr(self, "_nic", None)
+            send = getattr(nic, "send", None)
+            if section == 0xFFFFFFFF or send is None:
+                return {}
+            layout = getattr(getattr(nic, "nvsp", None), "send_layout", None)
+            if layout is None or size > layout.section_size:
+                return {}
+            start = section * layout.section_size
+            if start + size > send.size:
+                return {}
+            return {"rndis": bytes(send.view[start : start + min(size, RNDIS_BYTES_KEPT)]).hex()}
+
+        def rndis_out(ext: bytes) -> dict[str, Any]:
+            nic = getattr(self, "_nic", None)
+            recv = getattr(nic, "recv", None)
+            if recv is None or len(ext) < 8:
+                return {}
+            (count,) = struct.unpack_from("<I", ext, 4)
+            parts = []
+            for i in range(min(count, (len(ext) - 8) // 8)):
+                n, off = struct.unpack_from("<II", ext, 8 + 8 * i)
+                if off + n <= recv.size:
+                    parts.append(bytes(recv.view[off : off + min(n, RNDIS_BYTES_KEPT)]).hex())
+            return {"rndis": parts}
+
+        self._tap(channel, ctx, rndis_in, rndis_out)
         await super().serve(channel, ctx)
