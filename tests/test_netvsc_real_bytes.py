@@ -18,6 +18,7 @@ import pytest
 import trio
 from kvm_record import RecordingNetvsc
 
+from devices.netvsc import rndis as rn
 from devices.netvsc.protocol import (
     AllocateSubchannels,
     Initialized,
@@ -144,3 +145,116 @@ async def test_simulated_vsc_connect_sends_the_real_nvsp_bytes(
     ours = [r for r in dev.records if r["dir"] == "in"]
     real = [p for p in _packets() if p["dir"] == "in"][:5]
     assert [_key(r) for r in ours[:5]] == [_key(p) for p in real]
+
+
+# ----------------------------------------------------------- the RNDIS bytes
+
+
+def _rndis_requests(records: list[dict[str, Any]]) -> list[bytes]:
+    """The RNDIS control messages (not data packets) the guest sent, in order."""
+    out = []
+    for r in records:
+        if r["dir"] == "in" and isinstance(r.get("rndis"), str):
+            msg = bytes.fromhex(r["rndis"])
+            if struct.unpack_from("<I", msg)[0] != rn.MsgType.PACKET:
+                out.append(msg)
+    return out
+
+
+def _rndis_replies(records: list[dict[str, Any]]) -> list[bytes]:
+    """What vmbusd put in the receive buffer for those: each transfer-page range's
+    bytes that are not a data packet."""
+    out = []
+    for r in records:
+        if r["dir"] == "out" and isinstance(r.get("rndis"), list):
+            for part in r["rndis"]:
+                msg = bytes.fromhex(part)
+                if struct.unpack_from("<I", msg)[0] != rn.MsgType.PACKET:
+                    out.append(msg)
+    return out
+
+
+def _nic_config() -> rn.NicConfig:
+    return rn.NicConfig(mac=bytes.fromhex("00155d009902"), mtu=1500, max_queues=2)
+
+
+class _RecordedAsCaptured(RecordingNetvsc):
+    """The capture's NIC (its MAC, MTU 1500, 2 queues), recording; the last one built."""
+
+    last: _RecordedAsCaptured | None = None
+
+    def __init__(self) -> None:
+        super().__init__(mac="00:15:5d:00:99:02", mtu=1500, queues=2)
+        _RecordedAsCaptured.last = self
+
+
+def test_real_rndis_control_sequence() -> None:
+    """What Linux 6.1's rndis_filter_device_add and rndis_filter_open sent: INITIALIZE
+    (RNDIS 1.0, 16 KiB max transfer), the queries, offload parameters, link state and
+    speed, RSS capabilities, (NVSP SUBCHANNEL between), RSS parameters twice (disable,
+    then enable) and the packet filter last; request ids 1, 2, 3, ..."""
+    reqs = _rndis_requests(_packets())
+    shape = []
+    for i, msg in enumerate(reqs, start=1):
+        msg_type, length, req_id = struct.unpack_from("<III", msg)
+        assert (length, req_id) == (len(msg), i)
+        oid = struct.unpack_from("<I", msg, 12)[0] if msg_type != rn.MsgType.INITIALIZE else None
+        shape.append((msg_type, oid))
+    Q, S = rn.MsgType.QUERY, rn.MsgType.SET
+    assert shape == [
+        (rn.MsgType.INITIALIZE, None),
+        (Q, rn.Oid.GEN_MAXIMUM_FRAME_SIZE),
+        (Q, rn.Oid.E802_3_PERMANENT_ADDRESS),
+        (Q, rn.Oid.GEN_FRIENDLY_NAME),
+        (Q, rn.Oid.TCP_OFFLOAD_HARDWARE_CAPABILITIES),
+        (S, rn.Oid.TCP_OFFLOAD_PARAMETERS),
+        (Q, rn.Oid.GEN_MEDIA_CONNECT_STATUS),
+        (Q, rn.Oid.GEN_LINK_SPEED),
+        (Q, rn.Oid.GEN_RECEIVE_SCALE_CAPABILITIES),
+        (S, rn.Oid.GEN_RECEIVE_SCALE_PARAMETERS),
+        (S, rn.Oid.GEN_RECEIVE_SCALE_PARAMETERS),
+        (S, rn.Oid.GEN_CURRENT_PACKET_FILTER),
+    ]
+    assert reqs[0][12:24] == struct.pack("<III", 1, 0, 0x4000)
+    assert reqs[-1][28:] == struct.pack("<I", 0x0D)  # directed, multicast, broadcast
+
+
+def test_real_rndis_requests_replayed_give_the_accepted_answers() -> None:
+    """Each RNDIS request the real driver sent, replayed into RndisDevice, gives
+    byte for byte the reply it got then (and accepted: eth0 came up)."""
+    records = _packets()
+    reqs, replies = _rndis_requests(records), _rndis_replies(records)
+    assert len(reqs) == len(replies) == 12
+    dev = rn.RndisDevice(_nic_config())
+    for req, reply in zip(reqs, replies, strict=True):
+        msg_type, _, _, oid = struct.unpack_from("<IIII", req)
+        if msg_type == rn.MsgType.SET and oid == rn.Oid.GEN_RECEIVE_SCALE_PARAMETERS:
+            dev.queues = 2  # the VSP's doing once SUBCHANNEL granted one
+        result = dev.control(req)
+        assert result.reply == reply, (hex(msg_type), hex(oid))
+    assert dev.packet_filter == 0x0D and dev.rss is not None
+
+
+@pytest.mark.devices.with_args(_RecordedAsCaptured)
+async def test_simulated_vsc_sends_the_real_rndis_requests(
+    local_vm: SimulatedVm, open_channel: Any
+) -> None:
+    """devices/netvsc/vsc.py's connect() + device_add(2 queues): the same RNDIS
+    control messages, byte for byte, in the same order as the real driver (the
+    data packet at the end of the capture aside)."""
+    gch = await open_channel(local_vm, _RecordedAsCaptured)
+    nic = NetvscGuest(local_vm, gch)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(nic.receive_loop)
+        with trio.fail_after(10):
+            await nic.connect()
+            assert await nic.device_add(2, nursery) == 2
+        nursery.cancel_scope.cancel()
+    dev = _RecordedAsCaptured.last
+    assert dev is not None
+    ours = [m.hex() for m in _rndis_requests(dev.records)]
+    real = [m.hex() for m in _rndis_requests(_packets())]
+    assert ours == real
+    assert [m.hex() for m in _rndis_replies(dev.records)] == [
+        m.hex() for m in _rndis_replies(_packets())
+    ]

@@ -157,8 +157,7 @@ async def test_vrss_steers_frames_by_toeplitz(local_vm: SimulatedVm, open_channe
         nursery.start_soon(nic.receive_loop)
         with trio.fail_after(10):
             await nic.connect()
-            await nic.device_add()
-            assert await nic.enable_multiqueue(4, nursery) == 4
+            assert await nic.device_add(4, nursery) == 4
             assert nic.send_table == [i % 4 for i in range(16)]
             flows = [("10.0.0.1", 1000 + i, "10.0.0.2", 80) for i in range(32)]
             for i, flow in enumerate(flows):

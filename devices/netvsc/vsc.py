@@ -296,10 +296,11 @@ class NetvscGuest:
 
     # -- vRSS (rndis_set_subchannel, one per queue) --
 
-    async def enable_multiqueue(self, queues: int, nursery: trio.Nursery) -> int:
+    async def enable_multiqueue(self, queues: int, nursery: trio.Nursery | None) -> int:
         """Linux's vRSS bring-up: RSS capabilities, SUBCHANNEL, open the offered
         sub-channels, then RSS parameters (disable, then table and key). Returns the
-        number of queues now open."""
+        number of queues now open. device_add runs it in Linux's place; called after
+        it, the packet filter is already set (not Linux's order)."""
         caps = await self.query(
             rn.Oid.GEN_RECEIVE_SCALE_CAPABILITIES,
             struct.pack("<BBH", 0x88, 2, 18).ljust(18, b"\0"),
@@ -309,6 +310,8 @@ class NetvscGuest:
         want = min(queues, n_queues, 64)
         if want < 2:
             return 1
+        if nursery is None:
+            raise ValueError("more than one queue needs a nursery for their receive loops")
         reply = await self.gch.channel.request(
             inband(_msg(nv.Msg.SUBCHANNEL, "II", nv.SUBCHANNEL_ALLOCATE, want - 1))
         )
@@ -379,8 +382,13 @@ class NetvscGuest:
         )
         return int(struct.unpack_from("<I", reply, 12)[0])
 
-    async def device_add(self) -> None:
-        """rndis_filter_device_add up to rndis_filter_open, one queue."""
+    async def device_add(self, queues: int = 1, nursery: trio.Nursery | None = None) -> int:
+        """rndis_filter_device_add up to rndis_filter_open, in Linux's order (the real
+        driver's bytes are in tests/data/real_linux_6.1_netvsc_init.json): INITIALIZE,
+        the queries, offload parameters, link state and speed, the vRSS bring-up
+        (RSS capabilities always; SUBCHANNEL and RSS parameters for more than one
+        queue, whose receive loops go into `nursery`), and last the packet filter.
+        Returns the number of queues open."""
         init = await self.rndis_request(rn.MsgType.INITIALIZE, struct.pack("<III", 1, 0, 0x4000))
         if struct.unpack_from("<I", init, 12)[0] != rn.Status.SUCCESS:
             raise NetvscGuestError("RNDIS INITIALIZE refused")
@@ -399,8 +407,10 @@ class NetvscGuest:
         await self.query(rn.Oid.GEN_MEDIA_CONNECT_STATUS, expect=4)
         if self.version >= nv.NVSP_PROTOCOL_VERSION_5:
             await self.query(rn.Oid.GEN_LINK_SPEED, expect=4)
+        n = await self.enable_multiqueue(queues, nursery)
         self.filter_set = True  # rndis_filter_open: frames may come from now on
         await self.set(rn.Oid.GEN_CURRENT_PACKET_FILTER, struct.pack("<I", 0x0D))
+        return n
 
     # -- transmit (netvsc_send: copied into a send-buffer section) --
 
