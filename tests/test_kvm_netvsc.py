@@ -227,14 +227,34 @@ def test_hv_netvsc_probes_and_ip_config_brings_eth0_up(guest: Guest) -> None:
         assert bad not in served, served[-3000:]
 
 
+# ICMP payload sizes: every IP packet length class up to the 1500-byte MTU (28 bytes of
+# IP + ICMP header on top), sent with DF so nothing is fragmented ...
+UNFRAGMENTED = (0, 1, 17, 18, 19, 36, 56, 63, 64, 100, 127, 128, 255, 256, 511, 512, 999)
+UNFRAGMENTED += (1000, 1024, 1200, 1400, 1450, 1470, 1471, 1472)
+# ... and above it, where the host fragments the request and the guest reassembles it
+# and fragments its reply (2 to 6 fragments each way, and the last one a small one).
+FRAGMENTED = (1473, 1480, 2000, 2952, 2953, 4000, 8000)
+
+
 @pytest.mark.kvm_linux
 @pytest.mark.timeout(400)
 def test_guest_answers_arp_and_ping_up_to_the_mtu(guest: Guest) -> None:
-    """The guest kernel answers ICMP echo itself: small, a 1000-byte and a full
-    1500-byte IP packet with DF; its ARP answer carries the configured MAC."""
-    for args in ((), ("-s", "1000"), ("-s", "1472", "-M", "do")):
-        r = guest.ping(*args)
-        assert " 0% packet loss" in r.stdout, (args, r.stdout, r.stderr)
+    """The guest kernel answers ICMP echo itself, for every size up to the MTU with DF
+    and for fragmented ones above it (each reply must come back whole: ping checks
+    its payload); its ARP answer carries the configured MAC."""
+    failed = []
+    for size in UNFRAGMENTED:
+        r = guest.ping("-s", str(size), "-M", "do", "-i", "0.2", count=2)
+        if " 0% packet loss" not in r.stdout or "wrong data" in r.stdout:
+            failed.append((size, r.stdout[-300:], r.stderr))
+    for size in FRAGMENTED:
+        r = guest.ping("-s", str(size), "-M", "dont", "-i", "0.2", count=2)
+        if " 0% packet loss" not in r.stdout or "wrong data" in r.stdout:
+            failed.append((size, r.stdout[-300:], r.stderr))
+    assert not failed, failed
+    # DF above the MTU: the host's own stack refuses it; nothing reaches the guest.
+    r = guest.ping("-s", "1473", "-M", "do", count=1)
+    assert r.returncode != 0
     r = _run("ip", "-n", guest.ns, "neigh", "show", G_ADDR)
     assert f"lladdr {NIC_MAC}" in r.stdout, r.stdout
     assert "FAILED" not in r.stdout and "INCOMPLETE" not in r.stdout
