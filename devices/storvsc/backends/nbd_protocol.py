@@ -616,14 +616,14 @@ class NbdClientConnection:
         self._target_given = False
         if n < 0:
             raise NbdLocalProtocolError("negative byte count")
-        if self._target_direct:
-            self._data_rel += n
-            self._data_left -= n
-            if self._data_left == 0:
-                self._finish_data()
-        else:
-            self._end += n
         try:
+            if self._target_direct:
+                self._data_rel += n
+                self._data_left -= n
+                if self._data_left == 0:
+                    self._finish_data()  # may find the reply bad too (fuzz_nbd finding)
+            else:
+                self._end += n
             self._parse()
         except NbdProtocolError:
             self._state = _State.BROKEN
