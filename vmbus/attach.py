@@ -75,6 +75,14 @@ it gets ``error`` ``timeout`` and a close. Read at call time, so a test may lowe
 MAX_PENDING_HANDSHAKES_PER_UID = 8
 """Accepted connections of one peer uid that have not finished their handshake; the
 next one from that uid gets ``error`` ``resource`` at once."""
+FEATURE_SAVED_STATE = "saved-state"
+"""Protocol 1.1 (docs/attach-protocol.md#restart): vmbusd hands the VMM a saved-state
+blob (``state``) and the VMM gives it back on reconnect (``resume``), so vmbusd can
+restart under a running guest. Both ends must name it in their ``hello``."""
+MAX_RESUME_CHANNELS = (MAX_FDS_PER_MESSAGE - 2) // 2
+"""Channels whose eventfds one ``resume`` can return (two fds each, after the blob
+and in-flight fds); vmbusd gives any other open channel fresh eventfds (``bind``)."""
+MAX_APPLIED = (1 << 32) - 1
 
 _U64 = (1 << 64) - 1
 _TOKEN = re.compile(r"[a-z0-9][a-z0-9._-]*")
@@ -371,7 +379,98 @@ class Error:
         return []
 
 
-Message = Hello | MemoryRegions | PostFromGuest | PostToGuest | Bind | Unbind | Reset | Error
+@dataclass(frozen=True, slots=True)
+class State:
+    """``state`` vmbusd -> VMM (feature ``saved-state``): the saved-state blob to hold.
+
+    ``blob`` is a sealed, read-only memfd holding it (docs: restart); ``inflight``,
+    the first time only, the session's in-flight region (a sealed memfd vmbusd
+    writes). The VMM keeps the newest blob and the region, and gives both back in
+    ``resume`` when it reconnects.
+    """
+
+    T = "state"
+    blob: int
+    inflight: int | None = None
+
+    def __post_init__(self) -> None:
+        _fd("blob", self.blob)
+        if self.inflight is not None:
+            _fd("inflight", self.inflight)
+            if self.inflight == self.blob:
+                raise ValueError("blob and inflight must be different fds")
+
+    def fds(self) -> list[int]:
+        return [self.blob] if self.inflight is None else [self.blob, self.inflight]
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeChannel:
+    """One bound channel whose eventfds the VMM keeps using across the restart."""
+
+    relid: int
+    kick: int
+    call: int
+
+    def __post_init__(self) -> None:
+        _int("relid", self.relid, 1, MAX_RELID)
+        _fd("kick", self.kick)
+        _fd("call", self.call)
+        if self.kick == self.call:
+            raise ValueError("kick and call must be different eventfds")
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """``resume`` VMM -> vmbusd (feature ``saved-state``): pick up where the last
+    vmbusd left off. Sent once, after ``memory`` and before any ``post``.
+
+    ``blob``/``inflight``: what the last ``state`` handed over; ``applied``: how
+    many ``post``/``bind``/``unbind`` the VMM applied after that ``state``;
+    ``posts``: how many ``post``s the VMM has sent in all (its next is number
+    ``posts``); ``channels``: the bindings the VMM kept, with their eventfds.
+    """
+
+    T = "resume"
+    blob: int
+    inflight: int
+    applied: int
+    posts: int
+    channels: tuple[ResumeChannel, ...] = ()
+
+    def __post_init__(self) -> None:
+        _fd("blob", self.blob)
+        _fd("inflight", self.inflight)
+        _int("applied", self.applied, 0, MAX_APPLIED)
+        _int("posts", self.posts, 0, _U64)
+        if isinstance(self.channels, list):
+            object.__setattr__(self, "channels", tuple(self.channels))
+        if type(self.channels) is not tuple or not all(
+            type(c) is ResumeChannel for c in self.channels
+        ):
+            raise TypeError("channels must be a list of ResumeChannel")
+        if len(self.channels) > MAX_RESUME_CHANNELS:
+            raise ValueError(f"more than {MAX_RESUME_CHANNELS} channels")
+        relids = [c.relid for c in self.channels]
+        if len(set(relids)) != len(relids):
+            raise ValueError("a relid is listed twice")
+
+    def fds(self) -> list[int]:
+        return [self.blob, self.inflight] + [fd for c in self.channels for fd in (c.kick, c.call)]
+
+
+Message = (
+    Hello
+    | MemoryRegions
+    | PostFromGuest
+    | PostToGuest
+    | Bind
+    | Unbind
+    | Reset
+    | Error
+    | State
+    | Resume
+)
 
 SENT_BY: dict[type, frozenset[str]] = {
     Hello: frozenset(ROLES),
@@ -382,6 +481,8 @@ SENT_BY: dict[type, frozenset[str]] = {
     Unbind: frozenset({"vmbusd"}),
     Reset: frozenset({"vmm"}),
     Error: frozenset(ROLES),
+    State: frozenset({"vmbusd"}),
+    Resume: frozenset({"vmm"}),
 }
 """Which role may send each message type (the DESIGN.md table)."""
 
@@ -428,6 +529,20 @@ def encode_message(msg: Message) -> tuple[bytes, list[int]]:
     elif isinstance(msg, Hello):
         body.update({f.name: getattr(msg, f.name) for f in fields(msg)})
         body["features"] = list(msg.features)
+    elif isinstance(msg, State):
+        body["blob"] = ref(msg.blob)
+        if msg.inflight is not None:
+            body["inflight"] = ref(msg.inflight)
+    elif isinstance(msg, Resume):
+        body.update(
+            blob=ref(msg.blob),
+            inflight=ref(msg.inflight),
+            applied=msg.applied,
+            posts=msg.posts,
+            channels=[
+                {"relid": c.relid, "kick": ref(c.kick), "call": ref(c.call)} for c in msg.channels
+            ],
+        )
     elif isinstance(msg, Message):
         body.update({f.name: getattr(msg, f.name) for f in fields(msg)})
     else:
@@ -545,6 +660,24 @@ def _decode(data: bytes, fds: list[int]) -> Message:
             msg = Unbind(get("relid"), get("epoch"))
         elif t == "reset":
             msg = Reset(get("epoch"))
+        elif t == "state":
+            msg = State(fd_at(obj, "blob"), fd_at(obj, "inflight") if "inflight" in obj else None)
+        elif t == "resume":
+            chans = get("channels")
+            if type(chans) is not list or len(chans) > MAX_RESUME_CHANNELS:
+                raise ValueError(f"channels must be a list of at most {MAX_RESUME_CHANNELS} maps")
+            got = []
+            for c in chans:
+                if type(c) is not dict or "relid" not in c:
+                    raise TypeError("a channel must be a map with a relid")
+                got.append(ResumeChannel(c["relid"], fd_at(c, "kick"), fd_at(c, "call")))
+            msg = Resume(
+                blob=fd_at(obj, "blob"),
+                inflight=fd_at(obj, "inflight"),
+                applied=get("applied"),
+                posts=get("posts"),
+                channels=tuple(got),
+            )
         else:
             msg = Error(get("code"), get("message"))
     except (TypeError, ValueError) as e:

@@ -70,7 +70,9 @@ Rules chosen where the sheet leaves room (spec §4, §8.1; Linux connection.c):
 from __future__ import annotations
 
 import logging
+import struct
 import uuid
+from array import array
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -110,6 +112,51 @@ DEFAULT_MAX_GPADLS = 4096
 DEFAULT_MAX_GPADL_PAGES = 1 << 21  # 8 GiB of guest pages registered at once per VM
 
 PfnValidator = Callable[[Sequence[int]], bool]
+_RANGE_HEAD = struct.Struct("<II")  # gpa_range: byte_count, byte_offset (then u64 PFNs)
+
+
+def _saved_map(v: object, what: str) -> dict[str, Any]:
+    if type(v) is not dict:
+        raise SavedStateError(f"{what} must be a map")
+    return v
+
+
+def _saved_list(d: dict[str, Any], key: str, most: int) -> list[Any]:
+    v = d.get(key)
+    if type(v) is not list or len(v) > most:
+        raise SavedStateError(f"{key} must be a list of at most {most}")
+    return v
+
+
+def _saved_int(d: dict[str, Any], key: str, lo: int, hi: int) -> int:
+    v = d.get(key)
+    if type(v) is not int or not lo <= v <= hi:
+        raise SavedStateError(f"{key} must be an int in [{lo}, {hi}], not {str(v)[:40]!r}")
+    return v
+
+
+def _saved_bool(d: dict[str, Any], key: str) -> bool:
+    v = d.get(key)
+    if type(v) is not bool:
+        raise SavedStateError(f"{key} must be a bool")
+    return v
+
+
+def _saved_bytes(d: dict[str, Any], key: str, lo: int, hi: int) -> bytes:
+    v = d.get(key)
+    if type(v) is not bytes or not lo <= len(v) <= hi:
+        raise SavedStateError(f"{key} must be {lo}..{hi} bytes")
+    return v
+
+
+class SavedStateError(ValueError):
+    """A saved bus state (``VmBusServer.restore``) that is malformed or contradicts
+    itself, the VM's RAM or the bus's limits: the VMM handed it back, so it is
+    untrusted input. The message names the first problem found."""
+
+
+SAVED_CHANNEL_STATES = ("closed", "open")
+SAVED_GPADL_STATES = ("in progress", "created", "tearing down")
 
 
 class UnknownGpadl(LookupError):
@@ -292,6 +339,8 @@ class _Channel:
     target_vp: int = 0
     reopen: p.OpenChannel | None = None  # OPENCHANNEL that arrived while CLOSING
     open_pending: bool = False  # closed while OPENING: a late open_complete is a no-op
+    downstream_offset: int = 0  # of the open ring GPADL (kept for save/restore)
+    userdata: bytes = b""  # the OPENCHANNEL's user data (kept for save/restore)
     revoked_gpadls: set[int] = field(default_factory=set)  # freed by rescind, for late teardowns
 
     @property
@@ -523,6 +572,271 @@ class VmBusServer:
     def reset(self) -> None:
         """The VMM reports a guest reboot: drop every channel's guest state and GPADL."""
         self._reset("VMM reset")
+
+    # --- save / restore (vmbusd restart under a running guest) -----------------------------
+
+    def save(self) -> dict[str, Any]:
+        """The guest-visible bus state as plain msgpack-able data.
+
+        Only between events: every channel closed or open (an open or close in
+        progress is finished inside one pump). GPADLs the host already dropped
+        (orphans) are not saved: nothing the guest can name refers to them. Pins
+        are not saved either: they belong to device tasks, which a restart ends.
+        """
+        channels = []
+        for ch in sorted(self._channels.values(), key=lambda c: c.seq):
+            if ch.state not in (ChannelState.CLOSED, ChannelState.OPEN):
+                raise LocalProtocolError(f"relid {ch.relid} is {ch.state.value}: not savable")
+            o = ch.offer
+            channels.append(
+                {
+                    "relid": ch.relid,
+                    "if_type": o.if_type.bytes,
+                    "if_instance": o.if_instance.bytes,
+                    "sub": o.sub_channel_index,
+                    "mmio": o.mmio_megabytes,
+                    "flags": o.flags,
+                    "user_def": o.user_def,
+                    "monitor_id": o.monitor_id,
+                    "dedicated": o.is_dedicated_interrupt,
+                    "sent": ch.sent,
+                    "state": ch.state.value,
+                    "rescinded": ch.rescinded,
+                    "released": ch.released,
+                    "ring": ch.ring.handle if ch.ring is not None else None,
+                    "downstream_offset": ch.downstream_offset,
+                    "openid": ch.openid,
+                    "target_vp": ch.target_vp,
+                    "userdata": ch.userdata,
+                    "revoked": sorted(ch.revoked_gpadls),
+                }
+            )
+        gpadls = []
+        for e in self._gpadls.values():
+            raw = bytes(e.buf)
+            if e.gpadl is not None:
+                raw = b"".join(
+                    _RANGE_HEAD.pack(r.byte_count, r.byte_offset) + array("Q", r.pfns).tobytes()
+                    for r in e.gpadl.ranges
+                )
+            gpadls.append(
+                {
+                    "handle": e.handle,
+                    "relid": e.relid,
+                    "state": e.state.value,
+                    "rangecount": e.rangecount,
+                    "capacity": e.capacity,
+                    "ranges": raw,
+                }
+            )
+        return {
+            "version": self.version,
+            "target_vcpu": self._target_vcpu,
+            "offers_sent": self._offers_sent,
+            "unloading": self._unloading,
+            "channels": channels,
+            "gpadls": gpadls,
+        }
+
+    def restore(self, saved: object) -> None:
+        """Take the state ``save`` produced, on a fresh server, without telling the
+        guest anything. Every field is checked (types, ranges, cross-references, RAM,
+        the limits); the first problem raises SavedStateError and leaves the server
+        as it was. Open channels come back OPEN with their ring GPADL: the driver
+        maps them and resumes their devices (no OpenRequest is emitted)."""
+        if self._channels or self._gpadls or self._events or self.version is not None:
+            raise LocalProtocolError("restore needs a fresh server")
+        try:
+            self._restore(saved)
+        except SavedStateError:
+            self._channels.clear()
+            self._gpadls.clear()
+            self._pages = 0
+            self._seq = 0
+            self.version = None
+            self._target_vcpu = 0
+            self._offers_sent = self._unloading = False
+            raise
+        try:
+            self.check_invariants()
+        except AssertionError as exc:  # pragma: no cover - the checks above cover it
+            raise SavedStateError(f"inconsistent saved bus state: {exc}") from None
+
+    def offer_of(self, relid: int) -> Offer:
+        """The offer behind a relid (for a driver matching restored channels to devices)."""
+        return self._channel(relid).offer
+
+    def is_rescinded(self, relid: int) -> bool:
+        return self._channel(relid).rescinded
+
+    def open_channels(self) -> list[OpenRequest]:
+        """Every OPEN channel as the OpenRequest that opened it: after ``restore``,
+        what the driver maps and resumes (nothing is queued for them)."""
+        return [
+            OpenRequest(
+                ch.relid,
+                ch.ring.gpadl,
+                ch.downstream_offset,
+                ch.target_vp,
+                ch.userdata,
+                channel_connection_id(ch.relid),
+            )
+            for ch in sorted(self._channels.values(), key=lambda c: c.seq)
+            if ch.state is ChannelState.OPEN and ch.ring is not None and ch.ring.gpadl is not None
+        ]
+
+    def _restore(self, saved: object) -> None:
+        d = _saved_map(saved, "bus")
+        version = d.get("version")
+        if version is not None and version not in self.versions:
+            raise SavedStateError(f"bus: version {version!r} is not one we speak")
+        self.version = version
+        self._target_vcpu = _saved_int(d, "target_vcpu", 0, self.vcpu_count - 1)
+        self._offers_sent = _saved_bool(d, "offers_sent")
+        self._unloading = _saved_bool(d, "unloading")
+        gpadls = _saved_list(d, "gpadls", self.max_gpadls)
+        chans = _saved_list(d, "channels", p.MAX_RELID)
+        for raw in gpadls:
+            g = _saved_map(raw, "gpadl")
+            handle = _saved_int(g, "handle", 1, p.U32_MAX)
+            relid = _saved_int(g, "relid", 1, p.MAX_RELID)
+            where = f"GPADL {handle:#x}"
+            if handle in self._gpadls:
+                raise SavedStateError(f"{where} listed twice")
+            state = g.get("state")
+            if state not in SAVED_GPADL_STATES:
+                raise SavedStateError(f"{where}: state {state!r}")
+            rangecount = _saved_int(g, "rangecount", 1, p.U32_MAX)
+            capacity = _saved_int(
+                g, "capacity", 8 * rangecount + 8, 8 * (self.max_gpadl_pages + 2 * rangecount)
+            )
+            buf = g.get("ranges")
+            if type(buf) is not bytes or len(buf) > capacity:
+                raise SavedStateError(f"{where}: ranges must be at most {capacity} bytes")
+            if capacity % 8:
+                raise SavedStateError(f"{where}: capacity {capacity} is not a multiple of 8")
+            entry = _GpadlEntry(
+                handle, relid, rangecount, capacity, (capacity - 8 * rangecount) // 8
+            )
+            if state == GpadlState.IN_PROGRESS.value:
+                if len(buf) % 8 or len(buf) == capacity:
+                    raise SavedStateError(
+                        f"{where}: in progress with {len(buf)} of {capacity} bytes"
+                    )
+                entry.buf = bytearray(buf)
+            else:
+                try:
+                    ranges = p.parse_gpa_ranges(rangecount, buf)
+                except ProtocolError as exc:
+                    raise SavedStateError(f"{where}: {exc.reason}") from None
+                gpadl = Gpadl(handle, relid, ranges)
+                if self._validate_pfns is not None and not self._validate_pfns(gpadl.pfns):
+                    raise SavedStateError(f"{where}: PFNs outside guest RAM")
+                entry.gpadl = gpadl
+                entry.pages = gpadl.page_count
+                entry.state = GpadlState(state)
+            if self._pages + entry.pages > self.max_gpadl_pages:
+                raise SavedStateError(f"more than {self.max_gpadl_pages} GPADL pages")
+            if (
+                entry.state is GpadlState.IN_PROGRESS
+                and self.gpadls_in_progress >= self.max_gpadls_in_progress
+            ):
+                raise SavedStateError(f"more than {self.max_gpadls_in_progress} GPADLs in progress")
+            self._gpadls[handle] = entry
+            self._pages += entry.pages
+        for raw in chans:
+            c = _saved_map(raw, "channel")
+            relid = _saved_int(c, "relid", 1, p.MAX_RELID)
+            where = f"relid {relid}"
+            if relid in self._channels:
+                raise SavedStateError(f"{where} listed twice")
+            try:
+                monitor = c.get("monitor_id")
+                offer = Offer(
+                    if_type=uuid.UUID(bytes=_saved_bytes(c, "if_type", 16, 16)),
+                    if_instance=uuid.UUID(bytes=_saved_bytes(c, "if_instance", 16, 16)),
+                    sub_channel_index=_saved_int(c, "sub", 0, 0xFFFF),
+                    mmio_megabytes=_saved_int(c, "mmio", 0, 0xFFFF),
+                    flags=_saved_int(c, "flags", 0, 0xFFFF),
+                    user_def=_saved_bytes(c, "user_def", 0, p.USER_DEF_SIZE),
+                    monitor_id=None
+                    if monitor is None
+                    else _saved_int(c, "monitor_id", 0, p.MAX_MONITOR_ID),
+                    is_dedicated_interrupt=_saved_bool(c, "dedicated"),
+                )
+            except SavedStateError as exc:
+                raise SavedStateError(f"{where}: {exc}") from None
+            self._seq += 1
+            ch = _Channel(relid, offer, self._seq)
+            ch.sent = _saved_bool(c, "sent")
+            ch.rescinded = _saved_bool(c, "rescinded")
+            ch.released = _saved_bool(c, "released")
+            state = c.get("state")
+            if state not in SAVED_CHANNEL_STATES:
+                raise SavedStateError(f"{where}: state {state!r}")
+            ch.openid = _saved_int(c, "openid", 0, p.U32_MAX)
+            ch.target_vp = _saved_int(c, "target_vp", 0, self.vcpu_count - 1)
+            ch.userdata = _saved_bytes(c, "userdata", 0, p.USER_DEF_SIZE)
+            revoked = c.get("revoked")
+            if (
+                type(revoked) is not list
+                or len(revoked) > self.max_gpadls
+                or not all(type(h) is int and 1 <= h <= p.U32_MAX for h in revoked)
+            ):
+                raise SavedStateError(f"{where}: revoked must be a list of GPADL handles")
+            ch.revoked_gpadls = set(revoked)
+            if (ch.sent or state == "open") and self.version is None:
+                raise SavedStateError(f"{where}: offered or open on a bus that is not connected")
+            if ch.released and not ch.rescinded:
+                raise SavedStateError(f"{where}: released but not rescinded")
+            ring = c.get("ring")
+            if state == "open":
+                if ch.rescinded or not ch.sent:
+                    raise SavedStateError(
+                        f"{where}: open but {'rescinded' if ch.rescinded else 'never offered'}"
+                    )
+                ring_entry = self._gpadls.get(ring) if type(ring) is int else None
+                if (
+                    ring_entry is None
+                    or ring_entry.state is not GpadlState.CREATED
+                    or ring_entry.gpadl is None
+                ):
+                    raise SavedStateError(f"{where}: ring GPADL {ring!r} is not a created GPADL")
+                if ring_entry.relid != relid:
+                    raise SavedStateError(
+                        f"{where}: ring GPADL {ring:#x} belongs to relid {ring_entry.relid}"
+                    )
+                rngs, pages = ring_entry.gpadl.ranges, ring_entry.gpadl.page_count
+                if len(rngs) != 1 or rngs[0].byte_offset or rngs[0].byte_count != pages * PAGE_SIZE:
+                    raise SavedStateError(f"{where}: ring GPADL is not one page-aligned range")
+                k = _saved_int(
+                    c,
+                    "downstream_offset",
+                    MIN_DOWNSTREAM_OFFSET,
+                    max(MIN_DOWNSTREAM_OFFSET, pages - MIN_DOWNSTREAM_PAGES),
+                )
+                if pages < k + MIN_DOWNSTREAM_PAGES:
+                    raise SavedStateError(
+                        f"{where}: downstream offset {k} does not split {pages} pages"
+                    )
+                ch.downstream_offset = k
+                ch.state = ChannelState.OPEN
+                ch.ring = ring_entry
+                ring_entry.ring_users += 1
+            elif ring is not None:
+                raise SavedStateError(f"{where}: closed but has a ring GPADL")
+            live = {x.key for x in self._channels.values() if not x.rescinded}
+            if not ch.rescinded and ch.key in live:
+                raise SavedStateError(f"{where}: the same offer twice")
+            self._channels[relid] = ch
+        for e in self._gpadls.values():
+            ch_ = self._channels.get(e.relid)
+            if ch_ is None or not ch_.sent:
+                raise SavedStateError(
+                    f"GPADL {e.handle:#x}: relid {e.relid} is not an offered channel"
+                )
+        if self._unloading and self.version is None:
+            raise SavedStateError("unloading on a bus that is not connected")
 
     # --- guest side -----------------------------------------------------------------------
 
@@ -784,6 +1098,8 @@ class VmBusServer:
         entry.ring_users += 1
         ch.openid = m.openid
         ch.target_vp = target_vp
+        ch.downstream_offset = k
+        ch.userdata = bytes(m.userdata)
         self._emit(
             OpenRequest(
                 ch.relid,

@@ -46,10 +46,12 @@ if TYPE_CHECKING:
     import trio
 
     from vmbus.channel import Channel
-    from vmbus.memory import GuestMemory, LinearMapping
+    from vmbus.memory import GuestMemory, LinearMapping, RingPairMapping
     from vmbus.ring import Packet
 
 MAX_SUBCHANNELS = 64  # what any device may declare, on top of its primary channel
+INFLIGHT_SLOT_SIZE = 16384
+"""Bytes of the in-flight region per relid (`ctx.inflight`); slot n is at n * this."""
 
 
 class GuestError(Exception):
@@ -194,6 +196,27 @@ class DeviceContext:
     log: logging.LoggerAdapter[logging.Logger]
     _gpadl: Callable[[int], AbstractAsyncContextManager[GpadlMapping]]
     _enable_subchannels: Callable[[int], Awaitable[list[int]]]
+    resumed: bool = False
+    """This channel was open under a vmbusd that went away (crash or restart): the
+    guest never saw it close. Its rings, GPADLs and `Device.restore`d state carry
+    over; do not expect the guest to negotiate again (docs/attach-protocol.md#restart)."""
+    inflight: memoryview | None = None
+    """This channel's slot (INFLIGHT_SLOT_SIZE bytes) of the session's in-flight
+    region: memory the VMM keeps across a vmbusd crash, for a device's record of
+    requests taken off the ring but not yet completed. None: no restart support.
+    Written by vmbusd only, but the VMM can write it too: validate what you read."""
+    rings: RingPairMapping | None = None
+    """The channel's ring pair as mapped, for a device whose in-flight record is
+    about ring positions (echo). Take header views with `with` and never write
+    the data areas: the Channel owns them."""
+    _save_state: Callable[[], Awaitable[None]] | None = None
+
+    async def save_state(self) -> None:
+        """Hand the VMM a fresh saved state now (with `Device.save()` in it), before
+        telling the guest something a restarted vmbusd must remember (storvsc: before
+        completing the last negotiation packet). No-op without restart support."""
+        if self._save_state is not None:
+            await self._save_state()
 
     def gpadl(self, handle: int) -> AbstractAsyncContextManager[GpadlMapping]:
         """`async with ctx.gpadl(handle) as m:` map a GPADL the guest created on this
@@ -248,6 +271,25 @@ class Device:
 
     async def close(self) -> None:
         """The VM detached: release backends. Called once, after the last reset."""
+
+    def save(self) -> object:
+        """This device's guest-session state for a vmbusd restart: plain msgpack data
+        (None, bool, int, str, bytes, lists, maps with str keys), small (it travels in
+        the saved-state blob, bounded by MAX_SAVED_STATE). Called after every control-
+        plane change and on `ctx.save_state()`. Default: nothing to save."""
+        return None
+
+    def restore(self, state: object) -> None:
+        """Take back what `save()` returned, in a new vmbusd, before any channel of the
+        device is resumed. The VMM handed it back: raise ValueError on anything
+        malformed (the resume is refused, with that reason). Default: expects None."""
+        if state is not None:
+            raise ValueError(f"{self.name} saved no state, got {type(state).__name__}")
+
+    def resume_rings(self, ctx: DeviceContext) -> None:
+        """A resumed channel, before its rings are opened: finish from `ctx.inflight`
+        what the last vmbusd left half done in `ctx.rings` (echo: a batch published
+        to the guest whose read_index store the crash cut off). Default: nothing."""
 
 
 def check_device_class(cls: object, where: str) -> type[Device]:

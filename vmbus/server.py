@@ -9,21 +9,26 @@ channel or VM from touching any other.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import logging
+import mmap
 import os
 import signal
+import stat
 import traceback
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
+import msgpack
 import trio
 
 from vmbus import __version__, attach, bus
 from vmbus import protocol as vp
 from vmbus.channel import Channel, EventFd, new_eventfd, open_ring_pair
 from vmbus.device import (
+    INFLIGHT_SLOT_SIZE,
     Device,
     DeviceContext,
     DeviceMemory,
@@ -40,6 +45,15 @@ MAX_SESSIONS = 64  # VMs attached at once: established sessions (hello done) onl
 GPADL_PAGES_SLACK = 8190  # one maximal GPADL beyond the VM's RAM
 SHUTDOWN_GRACE_S = 5.0  # how long a session's teardown may take once cancelled
 GPADL_RELEASE_GRACE_S = 5.0  # a device told to let go of a GPADL has this long
+
+# Restart under a running guest (attach feature "saved-state", docs/attach-protocol.md).
+SAVED_STATE_VERSION = 1  # the blob's "v"; a blob of another version is refused
+MAX_SAVED_STATE = 16 << 20  # bytes of one saved-state blob, either way
+MAX_OUTBOX = 4096  # messages for the VMM saved after one state (one pump's worth)
+INFLIGHT_REGION_SIZE = (attach.MAX_RELID + 1) * INFLIGHT_SLOT_SIZE  # sparse: pages on use
+STATE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE  # immutable blob
+INFLIGHT_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW  # fixed size, still writable
+ERROR_SAVED_STATE = "saved-state"  # `error` code: a resume whose state we cannot take
 
 
 @dataclass
@@ -106,9 +120,21 @@ class VmSession:
         self._runtime_subs: dict[int, list[int]] = {}  # id(device) -> relids it enabled
         self._pump_wanted = trio.Event()  # a pump from where we must not wait for one
         self._devices_reset_pending = False
+        # Restart support (feature "saved-state"), see docs/attach-protocol.md#restart.
+        self.saved_state = False  # both ends named the feature
+        self.resumed = False  # this session took over from an earlier vmbusd
+        self._inflight_fd: int | None = None  # the in-flight region (a sealed memfd)
+        self._inflight_map: mmap.mmap | None = None
+        self._inflight_sent = False
+        self._outbox: list[attach.Message] | None = None  # a pump's messages, held back
+        self._last_blob: bytes | None = None
+        self._posts_done = 0  # guest posts handled over the VM's life (VMM's numbering)
+        self._resumable = True  # a resume may come until the first post
 
     def snapshot(self) -> dict[str, object]:
         """This VM's part of `vmbusd stats`: plain data, safe to serialise."""
+        from vmbus.stats import fault_snapshot
+
         version = self.bus.version if self.bus is not None else None
         return {
             "vm": self.label,
@@ -125,6 +151,7 @@ class VmSession:
                 }
                 for oc in sorted(self.open.values(), key=lambda o: o.relid)
             ],
+            "faults": fault_snapshot(self.devices),
         }
 
     # -- lifecycle -------------------------------------------------------------
@@ -139,10 +166,14 @@ class VmSession:
                     role="vmbusd",
                     vm_id="",
                     vcpus=0,
+                    features=(attach.FEATURE_SAVED_STATE,),
                     software=f"vmbusd {__version__}",
                 ),
             )  # bounded by the connection's handshake deadline; conn.admit may refuse
             self.label = self.peer.vm_id or self.label
+            self.saved_state = attach.FEATURE_SAVED_STATE in self.peer.features
+            if self.saved_state:
+                self._new_inflight_region()
             refusal = self.pick_devices(self.label)  # serve_listener's admit did it
             if refusal is not None:
                 self._peer_gone = True
@@ -164,7 +195,8 @@ class VmSession:
                     log.info("%s: VMM disconnected", self.label)
                 except attach.AttachProtocolError as exc:
                     self._peer_gone = True
-                    if exc.code == attach.ErrorCode.RESOURCE:  # not logged by attach itself
+                    if exc.code in (attach.ErrorCode.RESOURCE, ERROR_SAVED_STATE):
+                        # not logged by attach itself
                         log.warning("%s: %s", self.label, exc)
                     await self.conn.abort(exc.code, str(exc), quiet=True)
                 finally:
@@ -249,8 +281,14 @@ class VmSession:
         await self._pump()
 
     async def _teardown(self) -> None:
+        keep = self.saved_state and not self._peer_gone and self.bus is not None
+        if keep:
+            # A planned stop (SIGTERM, upgrade): stop the device tasks, hand the VMM a
+            # last saved state, and leave the guest's channels bound -- the next
+            # vmbusd resumes them. Nothing reaches the guest.
+            await self._quiesce()
         for relid in list(self.open):
-            await self._close_channel(relid, notify_bus=False)
+            await self._close_channel(relid, notify_bus=False, unbind=not keep)
         await self._reset_devices("VM detached")
         for dev in self.devices:
             await self._device_hook(dev, dev.close, "close")
@@ -258,8 +296,12 @@ class VmSession:
             self.memory.close()
         except GuestMemoryError as exc:  # a view still held: a bug, never a crash
             log.error("%s: guest memory not fully released: %s", self.label, exc)
+        self._close_inflight_region()
         if not self._peer_gone:
-            await self.conn.abort(attach.ErrorCode.SHUTDOWN, "vmbusd is detaching from this VM")
+            why = "vmbusd is detaching from this VM"
+            if keep:
+                why = "vmbusd is stopping; channels stay bound: resume with the saved state"
+            await self.conn.abort(attach.ErrorCode.SHUTDOWN, why)
         else:
             with contextlib.suppress(Exception):
                 await self.conn.aclose()
@@ -267,15 +309,21 @@ class VmSession:
     # -- attach messages in --------------------------------------------------
 
     async def _receive_loop(self) -> None:
-        assert self.bus is not None
         while True:
+            assert self.bus is not None
             msg = await self.conn.receive()
             if isinstance(msg, attach.PostFromGuest):
+                self._resumable = False
+                self._posts_done += 1  # counted before the pump: its state says "done"
                 self.bus.receive(msg.payload, msg.connection_id)
                 await self._pump()
             elif isinstance(msg, attach.MemoryRegions):
                 self._add_memory(msg)
+            elif isinstance(msg, attach.Resume):
+                await self._resume(msg)
+                assert self.bus is not None  # a new one
             elif isinstance(msg, attach.Reset):
+                self._resumable = False
                 log.info("%s: guest reset", self.label)
                 self.epoch = msg.epoch
                 self.bus.reset()
@@ -314,9 +362,28 @@ class VmSession:
     # -- bus events out ----------------------------------------------------------
 
     async def _pump(self) -> None:
-        """Carry out everything the bus asked for, in order (from any task)."""
+        """Carry out everything the bus asked for, in order (from any task).
+
+        With restart support, the messages for the VMM are held back and go out after
+        a `state` that lists them (its outbox): a vmbusd that dies half way through
+        sending them leaves the VMM a state from which the next one sends the rest.
+        """
         async with self._pump_lock:
-            await self._pump_locked()
+            if not self.saved_state:
+                await self._pump_locked()
+                return
+            self._outbox = []
+            try:
+                await self._pump_locked()
+            except BaseException:
+                self._outbox = None
+                raise
+            out, self._outbox = self._outbox, None
+            await self._flush(out)
+
+    async def _save_state_now(self) -> None:
+        """`ctx.save_state()`: a device's own state changed; send a state now."""
+        await self._pump()
 
     def _pump_soon(self) -> None:
         """Ask the pump worker to pump: for code that must not wait for the pump lock
@@ -368,6 +435,11 @@ class VmSession:
             await self._reset_devices("guest session ended")
 
     async def _send(self, msg: attach.Message) -> None:
+        if self._outbox is not None and isinstance(
+            msg, attach.PostToGuest | attach.Bind | attach.Unbind
+        ):
+            self._outbox.append(msg)
+            return
         async with self._send_lock:
             await self.conn.send(msg)
 
@@ -401,6 +473,375 @@ class VmSession:
                 log.error("%s: %s: %s() took too long; abandoned", self.label, dev.name, what)
         except Exception as exc:  # a device bug: never take the session down
             log.error("%s: %s: device bug in %s(): %s", self.label, dev.name, what, _describe(exc))
+
+    # -- restart: saved state and the in-flight region -------------------------------
+
+    def _new_inflight_region(self) -> None:
+        """The session's in-flight region: a sparse memfd the VMM keeps for us."""
+        fd = os.memfd_create(f"vmbusd-inflight-{self.label}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, INFLIGHT_REGION_SIZE)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, INFLIGHT_SEALS)
+            self._inflight_map = mmap.mmap(fd, INFLIGHT_REGION_SIZE)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._inflight_fd = fd
+        self._inflight_sent = False
+
+    def _close_inflight_region(self) -> None:
+        if self._inflight_map is not None:
+            with contextlib.suppress(BufferError):  # a device still holds a slot view
+                self._inflight_map.close()
+            self._inflight_map = None
+        if self._inflight_fd is not None:
+            attach.close_fds([self._inflight_fd])
+            self._inflight_fd = None
+
+    def _inflight_slot(self, relid: int) -> memoryview | None:
+        if self._inflight_map is None:
+            return None
+        start = relid * INFLIGHT_SLOT_SIZE
+        return memoryview(self._inflight_map)[start : start + INFLIGHT_SLOT_SIZE]
+
+    def _clear_inflight_slot(self, relid: int) -> None:
+        slot = self._inflight_slot(relid)
+        if slot is not None:
+            with slot:
+                slot[:64] = bytes(64)  # a record's header: enough to make it invalid
+
+    def _save(self, outbox: Sequence[attach.Message]) -> dict[str, object]:
+        """Everything a new vmbusd needs to carry on with this VM (the blob's content)."""
+        assert self.bus is not None and self.peer is not None
+        index = {id(d): i for i, d in enumerate(self.devices)}
+        entries: list[object] = []
+        for m in outbox:
+            if isinstance(m, attach.PostToGuest):
+                entries.append(["post", m.vcpu, m.payload])
+            elif isinstance(m, attach.Bind):
+                entries.append(["bind", m.relid])
+            elif isinstance(m, attach.Unbind):
+                entries.append(["unbind", m.relid])
+        return {
+            "v": SAVED_STATE_VERSION,
+            "vm": self.label,
+            "vcpus": self.peer.vcpus,
+            "epoch": self.epoch,
+            "posts": self._posts_done,
+            "interrupt_page": self.interrupt_page,
+            "bus": self.bus.save(),
+            "devices": [
+                {"name": d.name, "if_type": d.if_type.bytes, "state": d.save()}
+                for d in self.devices
+            ],
+            "relids": [[r, index[id(d)], sub] for r, (d, sub) in sorted(self.device_of.items())],
+            "reoffer": [[r, index[id(d)], sub] for r, (d, sub) in sorted(self._reoffer.items())],
+            "runtime": [
+                [i, sorted(self._runtime_subs.get(id(d), []))]
+                for i, d in enumerate(self.devices)
+                if self._runtime_subs.get(id(d))
+            ],
+            "outbox": entries,
+        }
+
+    async def _flush(self, out: list[attach.Message]) -> None:
+        """Send a `state` naming `out`, then `out` itself (restart support only)."""
+        try:
+            blob = msgpack.packb(self._save(out), use_bin_type=True)
+        except Exception as exc:  # a device's save() bug: no state, but serve on
+            log.error("%s: no saved state sent: %s", self.label, _describe(exc))
+            blob = None
+        if blob is not None and len(blob) > MAX_SAVED_STATE:
+            log.error(
+                "%s: saved state of %d bytes is over %d: not sent",
+                self.label,
+                len(blob),
+                MAX_SAVED_STATE,
+            )
+            blob = None
+        if blob is not None and (out or blob != self._last_blob):
+            await self._send_state(blob)
+        for m in out:
+            async with self._send_lock:
+                await self.conn.send(m)
+
+    async def _send_state(self, blob: bytes) -> None:
+        fd = os.memfd_create(f"vmbusd-state-{self.label}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            view = memoryview(blob)
+            while view:
+                view = view[os.write(fd, view) :]
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, STATE_SEALS)
+            inflight = None if self._inflight_sent else self._inflight_fd
+            async with self._send_lock:
+                await self.conn.send(attach.State(blob=fd, inflight=inflight))
+            self._inflight_sent = True
+            self._last_blob = blob
+        finally:
+            os.close(fd)
+
+    async def _quiesce(self) -> None:
+        """A planned stop with restart support: every device task stops (its in-flight
+        record and ring indices consistent), then one last state reaches the VMM."""
+        for oc in list(self.open.values()):
+            oc.cancel.cancel()
+        for oc in list(self.open.values()):
+            await oc.done.wait()
+        with contextlib.suppress(Exception):
+            await self._pump()
+
+    async def _resume(self, msg: attach.Resume) -> None:
+        """Take over from the vmbusd that served this VM before (crash or restart).
+
+        The blob and everything else in `resume` come from the VMM: checked like any
+        input from it. On the first problem the VMM gets `error saved-state` naming
+        it (one log line) and every fd of the message is closed. Nothing reaches the
+        guest: its channels carry on where the last vmbusd left them.
+        """
+        taken: set[int] = set()
+        try:
+            if not self.saved_state:
+                raise ValueError("the saved-state feature was not negotiated")
+            if not self._resumable or self.resumed:
+                raise ValueError("resume must come once, before any post or reset")
+            if not self.memory.regions:
+                raise ValueError("resume before any memory")
+            saved = _load_blob(msg.blob)
+            _check_inflight(msg.inflight)
+            async with self._pump_lock:
+                await self._restore(saved, msg, taken)
+        except (ValueError, bus.SavedStateError, GuestMemoryError, OSError) as exc:
+            attach.close_fds([fd for fd in msg.fds() if fd not in taken])
+            log.warning("%s: resume refused: %s", self.label, exc)
+            raise attach.AttachProtocolError(f"resume refused: {exc}", ERROR_SAVED_STATE) from None
+        attach.close_fds([fd for fd in msg.fds() if fd not in taken])
+
+    async def _restore(self, saved: dict[str, object], msg: attach.Resume, taken: set[int]) -> None:
+        assert self.peer is not None
+        vcpus = self.peer.vcpus
+        if saved.get("v") != SAVED_STATE_VERSION:
+            raise ValueError(
+                f"blob version {str(saved.get('v'))[:20]!r}, we read {SAVED_STATE_VERSION}"
+            )
+        if saved.get("vm") != self.label:
+            raise ValueError(f"blob is for VM {str(saved.get('vm'))[:64]!r}, not {self.label!r}")
+        if saved.get("vcpus") != vcpus:
+            raise ValueError("blob's vCPU count differs from the hello's")
+        epoch = _blob_int(saved, "epoch", 0, attach.MAX_EPOCH)
+        posts = _blob_int(saved, "posts", 0, msg.posts)
+        interrupt_page = _blob_int(saved, "interrupt_page", 0, attach.MAX_GPA - 4096)
+        if interrupt_page % 4096 or (
+            interrupt_page and not self.memory.contains(interrupt_page, 4096)
+        ):
+            raise ValueError(f"interrupt_page {interrupt_page:#x} is not a page of guest RAM")
+        devs = saved.get("devices")
+        if type(devs) is not list or len(devs) != len(self.devices):
+            raise ValueError(
+                f"blob has {len(devs) if type(devs) is list else 'no'} devices, "
+                f"this VM {len(self.devices)}"
+            )
+        states: list[object] = []
+        for i, (d, dev) in enumerate(zip(devs, self.devices, strict=True)):
+            if (
+                type(d) is not dict
+                or d.get("name") != dev.name
+                or d.get("if_type") != dev.if_type.bytes
+            ):
+                raise ValueError(f"device {i} is not a {dev.name} as in the blob (config changed?)")
+            states.append(d.get("state"))
+        newbus = bus.VmBusServer(vcpu_count=max(1, vcpus), validate_pfns=self._pfns_in_ram)
+        ram_pages = sum(reg.size for reg in self.memory.regions) >> 12
+        newbus.max_gpadl_pages = min(bus.DEFAULT_MAX_GPADL_PAGES, ram_pages + GPADL_PAGES_SLACK)
+        newbus.restore(saved.get("bus"))
+        relids = set(newbus.relids())
+
+        def triples(key: str) -> dict[int, tuple[Device, int]]:
+            raw = saved.get(key)
+            if type(raw) is not list or len(raw) > attach.MAX_RELID:
+                raise ValueError(f"{key} must be a list")
+            out: dict[int, tuple[Device, int]] = {}
+            for t in raw:
+                if (
+                    type(t) is not list
+                    or len(t) != 3
+                    or not all(type(x) is int for x in t)
+                    or t[0] not in relids
+                    or t[0] in out
+                    or not 0 <= t[1] < len(self.devices)
+                ):
+                    raise ValueError(f"{key}: bad entry {str(t)[:60]}")
+                dev = self.devices[t[1]]
+                offer = newbus.offer_of(t[0])
+                if offer.if_type != dev.if_type or offer.sub_channel_index != t[2]:
+                    raise ValueError(f"{key}: relid {t[0]} is not {dev.name} sub-channel {t[2]}")
+                out[t[0]] = (dev, t[2])
+            return out
+
+        device_of = triples("relids")
+        if set(device_of) != relids:
+            raise ValueError("relids do not cover the bus's channels")
+        reoffer = triples("reoffer")
+        if not all(newbus.is_rescinded(r) for r in reoffer):
+            raise ValueError("reoffer names a channel that is not rescinded")
+        runtime: dict[int, list[int]] = {}
+        raw_rt = saved.get("runtime")
+        if type(raw_rt) is not list or len(raw_rt) > len(self.devices):
+            raise ValueError("runtime must be a list")
+        for t in raw_rt:
+            if (
+                type(t) is not list
+                or len(t) != 2
+                or type(t[0]) is not int
+                or not 0 <= t[0] < len(self.devices)
+                or type(t[1]) is not list
+                or not all(
+                    type(r) is int and device_of.get(r, (None, 0))[0] is self.devices[t[0]]
+                    for r in t[1]
+                )
+            ):
+                raise ValueError(f"runtime: bad entry {str(t)[:60]}")
+            runtime[id(self.devices[t[0]])] = list(t[1])
+        opened = {ev.relid: ev for ev in newbus.open_channels()}
+        outbox = _check_outbox(saved.get("outbox"), vcpus, msg.applied)
+        fds: dict[int, tuple[int, int]] = {}
+        for c in msg.channels:
+            if c.relid not in opened:
+                raise ValueError(f"eventfds for relid {c.relid}, which is not open")
+            for fd in (c.kick, c.call):
+                if not _is_eventfd(fd):
+                    raise ValueError(f"relid {c.relid}: fd is not an eventfd")
+            fds[c.relid] = (c.kick, c.call)
+        for dev, state in zip(self.devices, states, strict=True):
+            try:
+                dev.restore(state)
+            except ValueError as exc:
+                raise ValueError(f"{dev.name}: {exc}") from None
+            except Exception as exc:  # a device bug: refuse rather than serve half a device
+                raise ValueError(f"{dev.name}: device bug in restore(): {_describe(exc)}") from None
+        # Everything checked: take over.
+        self.bus = newbus
+        self.device_of = device_of
+        self._reoffer = reoffer
+        self._runtime_subs = runtime
+        self.epoch = epoch
+        self._posts_done = posts
+        self.interrupt_page = interrupt_page
+        self.resumed = True
+        self._resumable = False
+        self._close_inflight_region()
+        self._inflight_map = mmap.mmap(msg.inflight, INFLIGHT_REGION_SIZE)
+        self._inflight_fd = msg.inflight
+        self._inflight_sent = True
+        taken.add(msg.inflight)
+        broken: list[int] = []
+        need_bind: list[int] = []
+        for relid, ev in opened.items():
+            pair = fds.get(relid)
+            if pair is not None:
+                taken.update(pair)
+            if not self._resume_channel(ev, pair):
+                broken.append(relid)
+            elif pair is None:
+                need_bind.append(relid)
+        log.info(
+            "%s: resumed: %d channel(s) open, %d GPADL(s), VMBus %s",
+            self.label,
+            len(self.open),
+            newbus.gpadl_count,
+            vp.version_str(newbus.version) if newbus.version else "not connected",
+        )
+        # What the VMM had not applied of the old outbox goes out again, under a new
+        # state; channels whose eventfds did not come back get fresh ones (bind).
+        self._outbox = []
+        for entry in outbox[msg.applied :]:
+            if entry[0] == "post":
+                await self._send(
+                    attach.PostToGuest(vcpu=entry[1], payload=entry[2], epoch=self.epoch)
+                )
+            elif entry[0] == "unbind":
+                await self._send(attach.Unbind(relid=entry[1], epoch=self.epoch))
+            elif entry[1] in need_bind:
+                need_bind.remove(entry[1])
+                await self._send(self._bind_of(self.open[entry[1]]))
+        for relid in need_bind:
+            await self._send(self._bind_of(self.open[relid]))
+        out, self._outbox = self._outbox, None
+        self._last_blob = None
+        await self._flush(out)
+        for oc in self.open.values():
+            oc.call.signal()  # the last vmbusd may have published without signalling
+        for relid in broken:
+            self._pump_soon_reset(relid)
+
+    def _bind_of(self, oc: _ChannelTask) -> attach.Bind:
+        return attach.Bind(
+            relid=oc.relid,
+            connection_id=oc.connection_id,
+            vcpu=oc.vcpu,
+            kick=oc.kick.fd,
+            call=oc.call.fd,
+            epoch=self.epoch,
+            interrupt_page=self.interrupt_page,
+        )
+
+    def _pump_soon_reset(self, relid: int) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(self._reset_channel, relid)
+
+    def _resume_channel(self, ev: bus.OpenRequest, fds: tuple[int, int] | None) -> bool:
+        """Map a restored open channel's rings and start its device task again; False
+        when its rings are not usable any more (the channel is then reset)."""
+        dev, sub = self.device_of[ev.relid]
+        try:
+            mapping = self.memory.map_ring_pair(ev.gpadl, ev.downstream_offset)
+        except GuestMemoryError as exc:
+            log.warning("%s: relid %d: cannot resume: %s", self.label, ev.relid, exc)
+            return False
+        assert self.bus is not None and self.bus.version is not None
+        label = f"{self.label}/{ev.relid}"
+        ctx = DeviceContext(
+            vm_name=self.label,
+            session_id=self.session_id,
+            version=self.bus.version,
+            relid=ev.relid,
+            sub_channel_index=sub,
+            target_vp=ev.target_vp,
+            userdata=ev.userdata,
+            memory=DeviceMemory(self.memory),
+            log=LabelledLog(logging.getLogger(f"vmbus.device.{dev.name}"), {"label": label}),
+            _gpadl=functools.partial(self._device_gpadl, ev.relid),
+            _enable_subchannels=functools.partial(self.enable_subchannels, dev),
+            resumed=True,
+            inflight=self._inflight_slot(ev.relid),
+            rings=mapping,
+            _save_state=self._save_state_now,
+        )
+        problem = None
+        try:
+            dev.resume_rings(ctx)
+            reader, writer = open_ring_pair(mapping, host=True, allowed_types=dev.packet_types)
+        except RingCorrupt as exc:
+            problem = f"bad ring indices: {exc}"
+        except Exception as exc:
+            problem = f"device bug in resume_rings(): {_describe(exc)}"
+        if problem is not None:
+            log.warning("%s: relid %d: cannot resume: %s", self.label, ev.relid, problem)
+            ctx.rings = ctx.inflight = None
+            del ctx
+            mapping.close()
+            return False
+        if fds is None:
+            kick, call = EventFd(new_eventfd()), EventFd(new_eventfd())
+        else:
+            kick, call = EventFd(fds[0]), EventFd(fds[1])
+        channel = Channel(reader, writer, kick, call, name=label)
+        oc = _ChannelTask(
+            ev.relid, ev.connection_id, ev.target_vp, dev, mapping, channel, kick, call
+        )
+        self.open[ev.relid] = oc
+        assert self._nursery is not None
+        self._nursery.start_soon(self._serve_channel, oc, ctx, name=f"channel {ev.relid}")
+        return True
 
     # -- GPADLs held by devices -------------------------------------------------------
 
@@ -523,7 +964,11 @@ class VmSession:
             log=LabelledLog(logging.getLogger(f"vmbus.device.{dev.name}"), {"label": label}),
             _gpadl=functools.partial(self._device_gpadl, ev.relid),
             _enable_subchannels=functools.partial(self.enable_subchannels, dev),
+            inflight=self._inflight_slot(ev.relid),
+            rings=mapping,
+            _save_state=self._save_state_now if self.saved_state else None,
         )
+        self._clear_inflight_slot(ev.relid)  # a fresh channel: no record of an older one
         assert self._nursery is not None
         self._nursery.start_soon(self._serve_channel, oc, ctx, name=f"channel {ev.relid}")
         return 0
@@ -596,13 +1041,16 @@ class VmSession:
             )
         )
 
-    async def _close_channel(self, relid: int, *, notify_bus: bool = True) -> None:
+    async def _close_channel(
+        self, relid: int, *, notify_bus: bool = True, unbind: bool = True
+    ) -> None:
         oc = self.open.pop(relid, None)
         if oc is not None:
             oc.cancel.cancel()
             await oc.done.wait()
-            with contextlib.suppress(Exception):
-                await self._send(attach.Unbind(relid=relid, epoch=self.epoch))
+            if unbind:
+                with contextlib.suppress(Exception):
+                    await self._send(attach.Unbind(relid=relid, epoch=self.epoch))
             oc.kick.close()
             oc.call.close()
             oc.channel.release()
@@ -611,6 +1059,89 @@ class VmSession:
         if notify_bus and self.bus is not None:
             # Called from inside the pump: its loop carries out what this queues.
             self.bus.close_complete(relid)
+
+
+def _load_blob(fd: int) -> dict[str, object]:
+    """Read a saved-state blob the VMM gave back: a sealed, immutable memfd of at most
+    MAX_SAVED_STATE bytes holding one msgpack map (ValueError otherwise)."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError("blob fd is not a memfd")
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        raise ValueError("blob fd is not a sealed memfd") from None
+    if seals & STATE_SEALS != STATE_SEALS:
+        raise ValueError("blob memfd is not sealed against writes, shrinking and growing")
+    if not 0 < st.st_size <= MAX_SAVED_STATE:
+        raise ValueError(f"blob of {st.st_size} bytes (1..{MAX_SAVED_STATE})")
+    data = os.pread(fd, st.st_size, 0)
+    if len(data) != st.st_size:
+        raise ValueError("blob shorter than its size")
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+    except Exception as exc:  # msgpack raises a zoo of types for bad input
+        raise ValueError(f"blob is not msgpack: {type(exc).__name__}") from None
+    if type(obj) is not dict:
+        raise ValueError("blob is not a msgpack map")
+    return obj
+
+
+def _check_inflight(fd: int) -> None:
+    """The in-flight region given back: a memfd of exactly our size, sealed against
+    shrinking and growing (so our mapping can never fault), still writable."""
+    st = os.fstat(fd)
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS) if stat.S_ISREG(st.st_mode) else 0
+    except OSError:
+        seals = 0
+    if seals & INFLIGHT_SEALS != INFLIGHT_SEALS or seals & fcntl.F_SEAL_WRITE:
+        raise ValueError("in-flight fd is not a memfd sealed against shrinking and growing")
+    if st.st_size != INFLIGHT_REGION_SIZE:
+        raise ValueError(f"in-flight region of {st.st_size} bytes, not {INFLIGHT_REGION_SIZE}")
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    if flags & os.O_ACCMODE != os.O_RDWR:
+        raise ValueError("in-flight fd is not open read/write")
+
+
+def _is_eventfd(fd: int) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+    except OSError:
+        return False
+
+
+def _blob_int(d: dict[str, object], key: str, lo: int, hi: int) -> int:
+    v = d.get(key)
+    if type(v) is not int or not lo <= v <= hi:
+        raise ValueError(f"{key} must be an int in [{lo}, {hi}]")
+    return v
+
+
+def _check_outbox(raw: object, vcpus: int, applied: int) -> list[tuple[str, int, bytes]]:
+    """The saved outbox: messages the VMM may not have applied yet."""
+    if type(raw) is not list or len(raw) > MAX_OUTBOX:
+        raise ValueError(f"outbox must be a list of at most {MAX_OUTBOX}")
+    if applied > len(raw):
+        raise ValueError(f"applied {applied} but the outbox holds {len(raw)}")
+    out: list[tuple[str, int, bytes]] = []
+    for e in raw:
+        ok = type(e) is list and len(e) >= 2 and type(e[1]) is int
+        if ok and e[0] == "post":
+            ok = (
+                len(e) == 3
+                and 0 <= e[1] < vcpus
+                and type(e[2]) is bytes
+                and len(e[2]) <= attach.MAX_PAYLOAD
+            )
+        elif ok and e[0] in ("bind", "unbind"):
+            ok = len(e) == 2 and 1 <= e[1] <= attach.MAX_RELID
+        else:
+            ok = False
+        if not ok:
+            raise ValueError(f"outbox: bad entry {str(e)[:60]}")
+        out.append((e[0], e[1], e[2] if e[0] == "post" else b""))
+    return out
 
 
 def _describe(exc: BaseException) -> str:
