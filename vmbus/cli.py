@@ -288,6 +288,12 @@ def cmd_plugins(args: argparse.Namespace, say: _Say) -> int:
     for r in rows:
         print(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}")
     empty = [g for g in plugins.GROUPS if not any(p.group == g for p in found)]
+    if args.what == "net":
+        from vmbus.bench_net import run_bench_net
+
+        return run_bench_net(
+            quick=args.quick, json_path=args.json, seconds=args.seconds, plot_path=args.plot
+        )
     if empty:
         print(f"(nothing installed in: {', '.join(empty)})")
     return 0
@@ -561,14 +567,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = add(
         "bench",
-        "benchmarks (ring, disk)",
+        "benchmarks (ring, disk, net)",
         "ring: guest -> host -> guest echo through a real channel between two processes at "
         "64 B..64 KiB, native and pure-Python, with memcpy and AF_UNIX socketpair baselines "
         "measured in the same run. disk: storvsc 4K random / 128K sequential I/O on a memory "
         "and a file LUN through a real channel, native and pure-Python, with fio on the same "
-        "file. A progress bar on a terminal, plain lines otherwise.",
+        "file. net: netvsc frames (64/512/1500 B, 64 KiB LSO; 1 and 4 queues) through a "
+        "loopback NIC, native and pure-Python, with AF_UNIX socketpair, veth iperf3 and "
+        "vmbusd-path iperf3 baselines (root, iperf3). A progress bar on a terminal, plain "
+        "lines otherwise.",
     )
-    b.add_argument("what", choices=["ring", "disk"], help="which benchmark")
+    b.add_argument("what", choices=["ring", "disk", "net"], help="which benchmark")
     b.add_argument(
         "--quick", action="store_true", help="short run, under 30 s (default: full, 2 s a point)"
     )
