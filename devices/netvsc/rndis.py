@@ -354,7 +354,7 @@ class TxPacket:
     hash_value: int | None = None
 
 
-def _walk_ppis(area: memoryview) -> Iterator[tuple[int, memoryview]]:
+def walk_ppis(area: memoryview) -> Iterator[tuple[int, memoryview]]:
     """(type word, payload) for each PPI element; every size and offset checked."""
     pos = 0
     count = 0
@@ -406,16 +406,16 @@ def parse_packet(msg: bytes | memoryview, *, max_frame: int) -> TxPacket:
             raise RndisError("PACKET PPI area overlaps the frame")
         area = view[RNDIS_HEADER_SIZE + p_off : RNDIS_HEADER_SIZE + p_off + p_len]
         seen: set[int] = set()
-        for type_word, payload in _walk_ppis(area):
+        for type_word, payload in walk_ppis(area):
             if type_word in seen:
                 raise RndisError(f"PPI type {type_word:#x} twice")
             seen.add(type_word)
             if type_word == PpiType.TCPIP_CHKSUM:
-                checksum = _tx_checksum(_ppi_u32(payload, "checksum"), d_len)
+                checksum = tx_checksum_of(_ppi_u32(payload, "checksum"), d_len)
             elif type_word == PpiType.TCP_LARGESEND:
-                lso = _lso(_ppi_u32(payload, "LSO"), d_len)
+                lso = lso_of(_ppi_u32(payload, "LSO"), d_len)
             elif type_word == PpiType.IEEE_8021Q:
-                vlan = _vlan(_ppi_u32(payload, "VLAN"))
+                vlan = vlan_of(_ppi_u32(payload, "VLAN"))
             elif type_word == PpiType.NBL_HASH_VALUE:
                 hash_value = _ppi_u32(payload, "hash")
             # any other PPI (a Windows guest's, an internal one) carries nothing we use
@@ -427,7 +427,8 @@ def parse_packet(msg: bytes | memoryview, *, max_frame: int) -> TxPacket:
     return TxPacket(start, d_len, checksum, lso, vlan, hash_value)
 
 
-def _tx_checksum(value: int, frame_len: int) -> TxChecksum | None:
+def tx_checksum_of(value: int, frame_len: int) -> TxChecksum | None:
+    """A transmit checksum PPI's value read and checked (None: value 0, nothing asked)."""
     if value == 0:
         return None
     ipv4, ipv6 = bool(value & TXCSUM_IPV4), bool(value & TXCSUM_IPV6)
@@ -442,7 +443,8 @@ def _tx_checksum(value: int, frame_len: int) -> TxChecksum | None:
     return TxChecksum(ipv4, ipv6, tcp, udp, bool(value & TXCSUM_IP_HEADER), l4)
 
 
-def _lso(value: int, frame_len: int) -> Lso:
+def lso_of(value: int, frame_len: int) -> Lso:
+    """An LSO PPI's value read and checked: v2 only, mss, TCP offset inside the frame."""
     mss = value & LSO_MAX_MSS
     tcp_offset = (value >> 20) & 0x3FF
     lso_type = (value >> 30) & 1
@@ -453,7 +455,8 @@ def _lso(value: int, frame_len: int) -> Lso:
     return Lso(mss, tcp_offset, bool(value >> 31))
 
 
-def _vlan(value: int) -> Vlan:
+def vlan_of(value: int) -> Vlan:
+    """An 802.1Q PPI's value read and checked (id 0..4094, the upper half zero)."""
     vlan_id = (value >> 4) & 0xFFF
     if vlan_id > VLAN_ID_MAX or value >> 16:
         raise RndisError(f"VLAN PPI {value:#x}")
