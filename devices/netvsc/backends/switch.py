@@ -70,6 +70,12 @@ def _vlan_text(vlan: int) -> str:
     return "untagged" if vlan == UNTAGGED else f"vlan {vlan}"
 
 
+def _trunk_text(trunk: frozenset[int] | None, all_vlans: bool) -> str:
+    if trunk is None:
+        return ""
+    return ", trunk: every VLAN" if all_vlans else f", trunk: {', '.join(map(str, sorted(trunk)))}"
+
+
 def _ethertype(data: bytes) -> str:
     kind = int.from_bytes(data[12:14], "big") if len(data) >= ETH_HEADER else 0
     return _ETHERTYPES.get(kind, f"0x{kind:04x}")
@@ -193,7 +199,7 @@ class Switch:
                 return
         self.table[key] = _Entry(port, now)
         log.info(
-            "switch %s: learned %s (%s) on port %s from an %s frame",
+            "switch %s: learned %s (%s) on port %s (first frame: %s)",
             self.name,
             mac_text(src),
             _vlan_text(vlan),
@@ -265,7 +271,9 @@ def get_switch(name: str, ageing: float) -> Switch:
 
 def _vlan_id(value: object, what: str, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= MAX_VLAN:
-        raise BackendError(f"switch backend: {what} {value!r} out of range: {low}..{MAX_VLAN}")
+        raise BackendError(
+            f"switch backend: {what} {value!r} must be an integer in {low}..{MAX_VLAN}"
+        )
     return value
 
 
@@ -336,7 +344,7 @@ class SwitchBackend(NetBackend):
             self.switch.name,
             port.name,
             _vlan_text(self.vlan),
-            "" if self.trunk is None else ", trunk",
+            _trunk_text(self.trunk, self.all_vlans),
         )
         try:
             task_status.started()
