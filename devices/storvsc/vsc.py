@@ -654,9 +654,10 @@ class SrbSlotsError(StorvscError):
         E_SHORT: "completion too short",
     }
 
-    def __init__(self, code: int, what: str) -> None:
+    def __init__(self, code: int, what: str, at: int = 0) -> None:
         super().__init__(f"{what}: {self.NAMES.get(code, str(code))}")
         self.code = code
+        self.at = at  # parse: the index of the bad completion
 
 
 def splitmix64(state: int) -> tuple[int, int]:
@@ -797,17 +798,17 @@ class PySrbSlots:
         for k in range(n):
             off, ln = idx[2 * k], idx[2 * k + 1]
             if off + ln > len(view) or ln < DESC_SIZE:
-                raise SrbSlotsError(E_BAD_ARG, f"completion {k}")
+                raise SrbSlotsError(E_BAD_ARG, f"completion {k}", k)
             typ, off8, _len8, _flags, tid = _DESC.unpack_from(view, off)
             if off8 * 8 > ln or off8 < 2:
-                raise SrbSlotsError(E_BAD_ARG, f"completion {k}")
+                raise SrbSlotsError(E_BAD_ARG, f"completion {k}", k)
             if typ != VM_PKT_COMP:
-                raise SrbSlotsError(E_NOT_COMP, f"completion {k}")
+                raise SrbSlotsError(E_NOT_COMP, f"completion {k}", k)
             pl = off + off8 * 8
             if ln - off8 * 8 < COMP_MIN:
-                raise SrbSlotsError(E_SHORT, f"completion {k}")
+                raise SrbSlotsError(E_SHORT, f"completion {k}", k)
             if not 1 <= tid <= self.nslots:
-                raise SrbSlotsError(E_TRANS_ID, f"completion {k}")
+                raise SrbSlotsError(E_TRANS_ID, f"completion {k}", k)
             op, _fl, status = struct.unpack_from("<III", view, pl)
             srb, scsi = view[pl + 14], view[pl + 15]
             xfer = _U32.unpack_from(view, pl + 24)[0]
@@ -915,7 +916,8 @@ class NativeSrbSlots(PySrbSlots):
             self.lat_ns,
             r,
         )
-        self._raise(rc, f"completion {r.n}")
+        if rc:
+            self._raise(rc, f"completion {r.n}", int(r.n))
         return ParseResult(int(r.n), int(r.nfailed), int(r.first_failed), int(r.bytes))
 
     def add_latencies(self, samples: array.array[int], n: int) -> None:
@@ -923,9 +925,9 @@ class NativeSrbSlots(PySrbSlots):
         samples.frombytes(self._ffi.buffer(self.lat_ns, 8 * n))
 
     @staticmethod
-    def _raise(rc: int, what: str) -> None:
+    def _raise(rc: int, what: str, at: int = 0) -> None:
         if rc <= E_BAD_ARG:
-            raise SrbSlotsError(rc, what)
+            raise SrbSlotsError(rc, what, at)
         if rc:
             _ring_raise(rc, what)
 
