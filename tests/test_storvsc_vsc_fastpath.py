@@ -192,7 +192,8 @@ def test_submit_native_equals_twin_and_model(
     got = rd.read(out, index, 64)
     idx = memoryview(index).cast("I")
     assert got.error is None and got.npkts == len(expect)
-    assert [bytes(out[idx[2 * i] : idx[2 * i] + idx[2 * i + 1]]) for i in range(got.npkts)] == expect
+    got_pkts = [bytes(out[idx[2 * i] : idx[2 * i] + idx[2 * i + 1]]) for i in range(got.npkts)]
+    assert got_pkts == expect
 
 
 def _completion(
@@ -258,7 +259,7 @@ def test_parse_native_equals_twin(comps: list[bytes], t0: list[int], now: int, g
     for k in range(n):
         off = index[2 * k]
         _typ, _o8, _l8, _fl, tid = DESC.unpack_from(buf, off)
-        op, _f, status = struct.unpack_from("<III", buf, off + 16)
+        _op, _f, status = struct.unpack_from("<III", buf, off + 16)
         assert py.trans_id[k] == tid and py.vstor_status[k] == status
         assert py.srb_status[k] == buf[off + 16 + 14] and py.scsi_status[k] == buf[off + 16 + 15]
         assert py.lat_ns[k] == max(0, now - t0[tid - 1])
