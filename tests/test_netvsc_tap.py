@@ -400,7 +400,7 @@ def test_config_builds_netvsc_with_its_backend() -> None:
         ({"mtu": 67}, "mtu 67 out of range"),
         ({"mtu": "1500"}, "option 'mtu' must be an integer"),
         ({"queues": 0}, "queues 0 out of range: 1..64"),
-        ({"backend": "tapp"}, "unknown net backend 'tapp'; valid: loopback, tap"),
+        ({"backend": "tapp"}, "loopback, pcap, switch, tap, or a 'module:Class' path"),
         ({"backend": "tap"}, "missing 1 required keyword-only argument: 'ifname'"),
         ({"backend": "tap", "ifname": "v", "brige": "br0"}, "unknown option 'brige'"),
         ({"backend": "tap", "ifname": "x" * 16}, "longer than 15 bytes"),
