@@ -11,9 +11,11 @@ opens each one offered, and spreads I/O over all of them. An SRB with data is a
 GPA-direct packet with one range over scattered guest pages (`vmbus.packet.
 gpa_direct`), exactly ceil((offset + len) / 4096) PFNs as Linux >= 6.1.y sends.
 
-The scan is Linux's: INQUIRY to LUN 0 of every channel 0..7 x target 0..1, REPORT
-LUNS where a target answered, then per LUN INQUIRY, READ CAPACITY(16) (falling
-back to (10)), MODE SENSE(6) for the write-protect bit, VPD 0x80 and 0x83.
+The scan is Linux's (scsi_scan.c __scsi_scan_target, checked against the real
+driver's capture): per channel 0..7 x target 0..1, LUN 0 is probed first (INQUIRY
+36, again with the length its data gives) and, if present, added (VPD 0x00, 0x80,
+0x83, then READ CAPACITY(16) and MODE SENSE(6) for the write-protect bit); only
+then REPORT LUNS where a target answered, and every other LUN it lists likewise.
 An ENUMERATE_BUS from the host (LUNs added or removed) makes it do what Linux's
 storvsc_host_scan does: TEST UNIT READY to every LUN it knows (INVALID_LUN: gone),
 then the scan again (`hba.rescans` counts them, `hba.rescanned` is set after each).
@@ -419,23 +421,33 @@ class StorvscHba:
     # -- scan --
 
     async def scan(self) -> dict[int, Disk]:
-        """scsi_scan_host as Linux does it for storvsc (spec 9.1)."""
+        """scsi_scan_host as Linux does it for storvsc (spec 9.1), per channel x target
+        (__scsi_scan_target): probe LUN 0 and add it if present
+        (scsi_probe_and_add_lun), and only then REPORT LUNS (scsi_report_lun_scan)
+        and probe every other LUN it lists; a target whose REPORT LUNS fails has
+        LUN 0 only, as the sequential scan of a one-LUN target finds."""
         found: dict[int, Disk] = {}
         for path in range(MAX_CHANNELS):
             for target in range(MAX_TARGETS):
                 addr: dict[str, Any] = {"path_id": path, "target_id": target}
-                _reply, inq = await self.execute(
-                    _inquiry(36), lun=0, data_in=DataIn.READ, length=36, **addr
-                )
+                inq = await self._probe_lun(0, **addr)
                 if not inq:
                     continue  # no target here
-                luns = await self._report_luns(**addr)
-                if luns is None:
-                    luns = [0] if inq[0] >> 5 == 0 else []
-                for lun in luns:
-                    disk = await self._probe_lun(lun, **addr)
-                    if disk is not None and path == 0 and target == 0:
-                        found[lun] = disk
+                disks: dict[int, Disk] = {}
+                if inq[0] >> 5 == 0:
+                    disk = await self._add_lun(0, inq, **addr)
+                    if disk is not None:
+                        disks[0] = disk
+                for lun in await self._report_luns(**addr) or []:
+                    if lun in disks:
+                        continue  # scsi_probe_and_add_lun: already there, no INQUIRY
+                    inq = await self._probe_lun(lun, **addr)
+                    if len(inq) >= 36 and inq[0] >> 5 == 0:
+                        disk = await self._add_lun(lun, inq, **addr)
+                        if disk is not None:
+                            disks[lun] = disk
+                if path == 0 and target == 0:
+                    found = disks
         self.disks = found
         return found
 
@@ -452,26 +464,26 @@ class StorvscHba:
         n = int.from_bytes(data[:4], "big") // 8
         return [int.from_bytes(data[8 + 8 * i : 10 + 8 * i], "big") & 0x3FFF for i in range(n)]
 
-    async def _probe_lun(self, lun: int, **addr: Any) -> Disk | None:
+    async def _probe_lun(self, lun: int, **addr: Any) -> bytes:
+        """scsi_probe_lun: INQUIRY 36, then again with the length the data says (at
+        most 255) whatever its peripheral qualifier; the data, b"" for no target."""
         kw: dict[str, Any] = {"lun": lun, "data_in": DataIn.READ, **addr}
         _reply, inq = await self.execute(_inquiry(36), length=36, **kw)
-        if len(inq) < 36 or inq[0] >> 5 != 0:
-            return None  # PQ 3 (or 1): no LUN here
-        if inq[4] + 5 > 36:  # scsi_probe_lun: again with the length the data says
+        if len(inq) >= 5 and inq[4] + 5 > 36:
             n = min(inq[4] + 5, 255)
-            _reply, inq = await self.execute(_inquiry(n), length=n, **kw)
-            if len(inq) < 36:
-                return None
+            _reply, again = await self.execute(_inquiry(n), length=n, **kw)
+            if len(again) >= 36:
+                inq = again
+        return inq
+
+    async def _add_lun(self, lun: int, inq: bytes, **addr: Any) -> Disk | None:
+        """scsi_add_lun (tagged queueing, scsi_attach_vpd: VPD 0x00, 0x80, 0x83), then
+        what sd's probe asks (READ CAPACITY(16), MODE SENSE(6) for write protect)."""
+        if len(inq) < 36:
+            return None
+        kw: dict[str, Any] = {"lun": lun, "data_in": DataIn.READ, **addr}
         if inq[2] >= 2 and inq[7] & 2:  # scsi_add_lun: SCSI-2 or later with CmdQue
             self.tagged.add((addr.get("path_id", 0), addr.get("target_id", 0), lun))
-        rc = await self.command(
-            "READ CAPACITY(16)",
-            bytes([0x9E, 0x10]) + bytes(8) + (32).to_bytes(4, "big") + b"\0\0",
-            length=32,
-            **kw,
-        )
-        blocks, bs = int.from_bytes(rc[:8], "big") + 1, int.from_bytes(rc[8:12], "big")
-        ms = await self.command("MODE SENSE(6)", bytes([0x1A, 0, 0x3F, 0, 4, 0]), length=4, **kw)
         serial = naa = None
         pages = await self._vpd(0x00, **kw)
         if pages is not None and 0x80 in pages[4:]:
@@ -480,6 +492,14 @@ class StorvscHba:
         if pages is not None and 0x83 in pages[4:]:
             p83 = await self._vpd(0x83, **kw)
             naa = _naa_of(p83) if p83 else None
+        rc = await self.command(
+            "READ CAPACITY(16)",
+            bytes([0x9E, 0x10]) + bytes(8) + (32).to_bytes(4, "big") + b"\0\0",
+            length=32,
+            **kw,
+        )
+        blocks, bs = int.from_bytes(rc[:8], "big") + 1, int.from_bytes(rc[8:12], "big")
+        ms = await self.command("MODE SENSE(6)", bytes([0x1A, 0, 0x3F, 0, 4, 0]), length=4, **kw)
         return Disk(
             addr.get("path_id", 0),
             addr.get("target_id", 0),
