@@ -21,8 +21,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness, when imported by path
 import harness
 import msgpack
 

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import struct
 import sys
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness, when imported by path
 import harness
 
 with harness.instrumented():

@@ -24,8 +24,13 @@ from __future__ import annotations
 
 import struct
 import sys
+from pathlib import Path
 
-from devices.netvsc import protocol as nv
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness, when imported by path
+import harness
+
+with harness.instrumented():
+    from devices.netvsc import protocol as nv
 
 MAX_MESSAGES = 24
 _VERSIONS = sorted(nv.SUPPORTED_VERSIONS)
@@ -146,12 +151,7 @@ def _check_state(server: nv.NvspServer) -> None:
         assert rx is not None and server.version is not None
 
 
-def main(argv: list[str]) -> None:
-    import atheris  # type: ignore[import-untyped]
-
-    atheris.instrument_all()
-    atheris.Setup(argv, check_one)
-    atheris.Fuzz()
+main = harness.main_for(check_one)
 
 
 if __name__ == "__main__":

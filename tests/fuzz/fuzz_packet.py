@@ -27,20 +27,25 @@ import mmap
 import os
 import struct
 import sys
+from pathlib import Path
 from typing import Any
 
-from vmbus import native as native_sel
-from vmbus.memory import GuestMemory
-from vmbus.packet import (
-    GpaDirectDecoder,
-    GpaStatus,
-    PacketError,
-    PacketType,
-    parse_completion,
-    parse_gpa_direct,
-    parse_xfer_pages,
-)
-from vmbus.ring import iter_packets
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness, when imported by path
+import harness
+
+with harness.instrumented():
+    from vmbus import native as native_sel
+    from vmbus.memory import GuestMemory
+    from vmbus.packet import (
+        GpaDirectDecoder,
+        GpaStatus,
+        PacketError,
+        PacketType,
+        parse_completion,
+        parse_gpa_direct,
+        parse_xfer_pages,
+    )
+    from vmbus.ring import iter_packets
 
 PAGE = 4096
 RAM_LAYOUT = ((0, 16), (0x100000, 4))  # (gpa, pages): PFNs 0-15 and 256-259
@@ -192,12 +197,7 @@ def check_one(data: bytes) -> None:
     del batches
 
 
-def main(argv: list[str]) -> None:
-    import atheris  # type: ignore[import-untyped]
-
-    atheris.instrument_all()  # coverage of vmbus.packet, vmbus.memory, vmbus.ring
-    atheris.Setup(argv, check_one)
-    atheris.Fuzz()
+main = harness.main_for(check_one)
 
 
 if __name__ == "__main__":

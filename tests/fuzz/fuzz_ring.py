@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import sys
 from array import array
+from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness, when imported by path
 import harness
 
 with harness.instrumented():

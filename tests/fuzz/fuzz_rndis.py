@@ -16,7 +16,12 @@ Byte 0 picks the mode. Raw (0-3 mod 8): the rest is one NVSP message's RNDIS byt
 walked and each message parsed (after an INITIALIZE when bit 3 is set). Shaped
 packet (4-5): a PACKET whose header fields are consistent, with well-formed PPI
 elements and a frame from the input, and (bit 3) one word overwritten, so the PPI
-walk and the per-PPI checks are reached. Shaped request (6-7): an initialized
+walk and the per-PPI checks are reached; with bit 7 of the next byte set the frame
+is a consistent Ethernet + IPv4/IPv6 + TCP/UDP one, so what the PPIs ask for
+(checksum filling, LSO segmentation: offload.py) runs past its header checks. Every
+NVSP message's bytes also go through the batch parser of the fast path
+(devices/netvsc/fastpath.py: native/netvsc.c and its twin), which must agree with the
+twin on every verdict, PPI value, checksum and segment. Shaped request (6-7): an initialized
 device gets a QUERY or SET for an OID from `_OIDS` with the rest of the input as
 its information buffer, and perhaps a corrupted length or offset.
 """
@@ -25,8 +30,20 @@ from __future__ import annotations
 
 import struct
 import sys
+from pathlib import Path
 
-from devices.netvsc import rndis as r
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness, when imported by path
+import harness
+
+with harness.instrumented():
+    from devices.netvsc import fastpath as fp
+    from devices.netvsc import offload
+    from devices.netvsc import rndis as r
+    from vmbus import native
+
+_IMPLS: list[object] = [fp.twin_impl()]
+if native.native_available():
+    _IMPLS.append(fp.native_impl())
 
 MAX_FRAME = 1514
 _OIDS = (
@@ -82,9 +99,48 @@ def _packet(msg: memoryview) -> None:
     assert p.data_len <= MAX_FRAME or p.lso is not None
     if p.vlan is not None:
         assert p.vlan.vlan_id <= r.VLAN_ID_MAX
+    _offload(bytes(msg[p.data_start : p.data_start + p.data_len]), p)
+
+
+def _offload(frame: bytes, p: r.TxPacket) -> None:
+    """What the VSP does with the PPIs' requests (NetvscDevice._offload): segment or
+    fill checksums; a refusal is OffloadError (a GuestError), nothing else."""
+    try:
+        if p.lso is not None:
+            segs = offload.segment(frame, p.lso)
+            assert 1 <= len(segs) <= offload.MAX_SEGMENTS
+            assert all(len(s) <= 0xFFFF + 18 for s in segs)
+        elif p.checksum is not None:
+            out = bytearray(frame)
+            offload.fill_checksum(out, p.checksum)
+            assert len(out) == len(frame)
+    except offload.OffloadError:
+        pass
+
+
+def _fastpath(buf: bytes) -> None:
+    """One NVSP message's RNDIS bytes through the batch parser (native/netvsc.c and
+    its twin): the same verdicts and PPI values, frames inside the buffer, and the same
+    checksums and segments from both for every frame that asked for them."""
+    index = [(0, len(buf))]
+    got = [impl.tx_parse(buf, index, MAX_FRAME) for impl in _IMPLS]  # type: ignore[attr-defined]
+    assert all(g == got[0] for g in got), got
+    for msg in got[0]:
+        assert msg.status in (fp.OK, fp.SLOW, fp.BAD)
+        for pkt in msg.pkts:
+            assert 0 <= pkt.data_off and pkt.data_off + pkt.data_len <= len(buf)
+            frame = buf[pkt.data_off : pkt.data_off + pkt.data_len]
+            if pkt.lso:
+                segs = [impl.lso_segment(frame, pkt.lso) for impl in _IMPLS]  # type: ignore[attr-defined]
+                assert all(s == segs[0] for s in segs), "LSO: C and twin disagree"
+            elif pkt.csum:
+                frames = [bytearray(frame) for _ in _IMPLS]
+                oks = [impl.csum_fill(f, pkt.csum) for impl, f in zip(_IMPLS, frames, strict=True)]  # type: ignore[attr-defined]
+                assert all(o == oks[0] for o in oks) and all(f == frames[0] for f in frames)
 
 
 def _walk(dev: r.RndisDevice, data: bytes) -> None:
+    _fastpath(bytes(data))
     try:
         msgs = r.split_messages(data)
     except r.RndisError:
@@ -98,7 +154,32 @@ def _walk(dev: r.RndisDevice, data: bytes) -> None:
 
 
 _PPI_TYPES = (0, 2, 6, 8, 9, 0x80000001, 11, 0)
-_PPI_VALUES = (0, 0x5, 0x00220005, 0x00220009, 0x4220_05A8, 0xC220_05A8, 0x0640, 0xFFF0, 7)
+_PPI_VALUES = (0, 0x5, 0x00220005, 0x00220009, 0x4220_05A8, 0xC220_05A8, 0x0640, 0xFFF0, 7,
+               0x00220011, 0x00220012, 0x8220_0100, 0x4220_0010)  # fmt: skip
+
+
+def _shaped_frame(rest: bytes) -> bytes:
+    """An Ethernet frame with an IPv4 or IPv6 header and a TCP or UDP header whose
+    lengths agree (perhaps behind an inline 802.1Q tag), payload from the input, so
+    checksum filling and LSO get past their header checks."""
+    sel = rest[:1] or b"\0"
+    payload = rest[1:]
+    tcp = bool(sel[0] & 1)
+    l4 = (struct.pack(">HHIIBBHHH", 1234, 80, 7, 0, 0x50, 0x18, 512, 0, 0) if tcp
+          else struct.pack(">HHHH", 53, 53, 8 + len(payload), 0))  # fmt: skip
+    proto = 6 if tcp else 17
+    if sel[0] & 2:
+        ip = struct.pack(">IHBB16s16s", 0x60000000, len(l4) + len(payload), proto, 64,
+                         bytes(16), bytes(16))  # fmt: skip
+        eth = b"\xff" * 12 + b"\x86\xdd"
+    else:
+        total = 20 + len(l4) + len(payload)
+        ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, total & 0xFFFF, 1, 0, 64, proto, 0,
+                         bytes(4), bytes(4))  # fmt: skip
+        eth = b"\xff" * 12 + b"\x08\x00"
+    if sel[0] & 4:
+        eth = eth[:12] + b"\x81\x00\x00\x05" + eth[12:]
+    return eth + ip + l4 + payload
 
 
 def _shaped_packet(rest: bytes, *, corrupt: bool) -> bytes:
@@ -116,7 +197,7 @@ def _shaped_packet(rest: bytes, *, corrupt: bool) -> bytes:
             else int.from_bytes(sel[1:5], "little")
         )
         area += struct.pack("<IIII", 16, _PPI_TYPES[sel[0] % len(_PPI_TYPES)], 12, value)
-    frame = rest[pos:] or b"\0"
+    frame = _shaped_frame(rest[pos:]) if rest[:1] and rest[0] & 0x80 else rest[pos:] or b"\0"
     words = [1, 44 + len(area) + len(frame), 36 + len(area), len(frame), 0, 0, 0, 36, len(area)]
     msg = bytearray(struct.pack("<11I", *words, 0, 0) + area + frame)
     if corrupt and len(rest) >= 2:
@@ -155,12 +236,7 @@ def check_one(data: bytes) -> None:
         _control(_device(), memoryview(msg))
 
 
-def main(argv: list[str]) -> None:
-    import atheris  # type: ignore[import-untyped]
-
-    atheris.instrument_all()
-    atheris.Setup(argv, check_one)
-    atheris.Fuzz()
+main = harness.main_for(check_one)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ Seeds: the CDBs of the real Linux 6.1 storvsc capture (tests/data/..., one per f
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness, when imported by path
 import harness
 import trio
 

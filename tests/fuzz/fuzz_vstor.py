@@ -24,19 +24,24 @@ from __future__ import annotations
 
 import struct
 import sys
+from pathlib import Path
 
-from devices.storvsc.protocol import (
-    PACKET_SIZE,
-    SENSE_BUFFER_SIZE,
-    CreateSubChannels,
-    ExecuteSrb,
-    Reply,
-    VstorOp,
-    VstorProtocol,
-    build_packet,
-    decode_srb_reply,
-)
-from vmbus.device import GuestError
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness, when imported by path
+import harness
+
+with harness.instrumented():
+    from devices.storvsc.protocol import (
+        PACKET_SIZE,
+        SENSE_BUFFER_SIZE,
+        CreateSubChannels,
+        ExecuteSrb,
+        Reply,
+        VstorOp,
+        VstorProtocol,
+        build_packet,
+        decode_srb_reply,
+    )
+    from vmbus.device import GuestError
 
 _SIZES = (64, 64, 64, 48, 0, 8, 12, 56, 72)
 _DATA = (0, 0, 512, 4096, 0x40000, 0x40001, 0xFFFFFFFF)
@@ -105,12 +110,7 @@ def check_step(proto: VstorProtocol, body: bytes, primary: bool, data_bytes: int
             assert r.srb_status not in (0x00, 0x03)  # FreeBSD panics on these
 
 
-def main(argv: list[str]) -> None:
-    import atheris  # type: ignore[import-untyped]
-
-    atheris.instrument_all()
-    atheris.Setup(argv, check_one)
-    atheris.Fuzz()
+main = harness.main_for(check_one)
 
 
 if __name__ == "__main__":
