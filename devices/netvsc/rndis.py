@@ -621,6 +621,7 @@ class Counters:
     xmit_error: int = 0
     rcv_error: int = 0
     rcv_no_buffer: int = 0
+    rcv_filtered: int = 0  # frames the guest's packet filter did not pass (not an error)
 
 
 def query_cmplt(req_id: int, status: int, info: bytes = b"") -> bytes:

@@ -548,7 +548,10 @@ class NetvscVsc:
                 nursery.start_soon(nic.receive_loop)
                 await nic.connect()
                 await nic.device_add()
-                frames = [struct.pack("<I", i).ljust(size, bytes([i & 0xFF])) for i in range(count)]
+                frames = [  # to the NIC's MAC: the VSP applies the packet filter
+                    nic.mac + struct.pack("<I", i).ljust(size - 6, bytes([i & 0xFF]))
+                    for i in range(count)
+                ]
                 t0 = time.perf_counter()
                 seen = bytearray(count)
                 async with trio.open_nursery() as pump:  # sends in flight while frames return
@@ -569,7 +572,7 @@ class NetvscVsc:
                             raise NetvscGuestError(
                                 f"{count - got} of {count} frames did not come back"
                             )
-                        (i,) = struct.unpack_from("<I", rx.frame)
+                        (i,) = struct.unpack_from("<I", rx.frame, 6)
                         if i >= count or seen[i] or rx.frame != frames[i]:
                             raise NetvscGuestError(
                                 f"frame came back wrong: {rx.frame[:8].hex()}..."
