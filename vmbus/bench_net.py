@@ -30,8 +30,11 @@ from __future__ import annotations
 
 import argparse
 import array
+import ctypes
 import json
+import mmap
 import os
+import resource
 import shutil
 import socket
 import struct
@@ -77,9 +80,9 @@ IPERF_NETS = ("10.78.0.1", "10.78.0.2")  # the host-side and guest-side addresse
 _CHILD = [sys.executable, "-m", "vmbus.bench_net"]
 _VMBUSD = [sys.executable, "-m", "vmbus.cli"]
 
-# A transfer-page packet as the ring reader copies it out: descriptor, the
-# vmtransfer_page_packet_header, the first range (netvsc sends one per packet).
-_XFER = struct.Struct("<HHHHQHBBIII")
+# A transfer-page packet as the ring reader copies it out: descriptor and the
+# vmtransfer_page_packet_header; its ranges (count, offset) follow at byte 24.
+_XFER = struct.Struct("<HHHHQHBBI")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _COMP_LEN = 24  # descriptor + NVSP SEND_RNDIS_PKT_COMPLETE (type, status)
@@ -202,6 +205,7 @@ def _run_pair(
                     *(*_CHILD, "vm", "--connect", path, "--stats", stats_path),
                     *("--seconds", str(seconds), "--impl", impl),
                     *("--sockfd", str(b.fileno()), "--socketpair", "1" if socketpair else "0"),
+                    *("--host-pid", str(host.pid)),
                 ],
                 env=env,
                 pass_fds=[b.fileno()],
@@ -610,25 +614,105 @@ def run_bench_net(
 # -- child: host -------------------------------------------------------------------
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+MSG_WAITFORONE = 0x10000
+_MMSG_WORDS = 8  # struct mmsghdr on 64-bit Linux: msghdr (7 words) + msg_len, in u64s
+
+
+class _Datagrams:
+    """Up to `n` datagrams per system call (recvmmsg/sendmmsg): the socketpair
+    baseline batched as the ring path is, so that it pays per batch what a ring
+    write or read pays, not a system call per frame. Receive slots are `slot` bytes
+    of one anonymous mapping (touched only as used); a datagram to send is `per`
+    iovecs. The iovecs and mmsghdrs are plain u64 arrays, written through memoryviews."""
+
+    def __init__(self, fd: int, n: int, slot: int, per: int = 1) -> None:
+        self.fd, self.n, self.slot, self.per = fd, n, slot, per
+        self.mem = mmap.mmap(-1, max(1, n * slot))
+        self._anchor = ctypes.c_char.from_buffer(self.mem)
+        self.base = ctypes.addressof(self._anchor)
+        self._iov = (ctypes.c_uint64 * (2 * n * per))()
+        self._hdrs = (ctypes.c_uint64 * (_MMSG_WORDS * n))()
+        self.iov = memoryview(self._iov).cast("B").cast("Q")  # (base, len) pairs
+        self.hdr = memoryview(self._hdrs).cast("B").cast("Q")
+        lens = memoryview(self._hdrs).cast("B").cast("I")
+        self.lens = lens[14::16]  # msg_len of each mmsghdr
+        iov0 = ctypes.addressof(self._iov)
+        for i in range(n):
+            self.hdr[_MMSG_WORDS * i + 2] = iov0 + 16 * per * i  # msg_iov
+            self.hdr[_MMSG_WORDS * i + 3] = 1  # msg_iovlen
+            self.iov[2 * per * i] = self.base + i * slot
+            self.iov[2 * per * i + 1] = slot
+
+    def recv(self, flags: int = MSG_WAITFORONE) -> int:
+        """Every datagram waiting (at least one), into the slots; their lengths in
+        `lens`. 0: the peer closed its end."""
+        got = int(_libc.recvmmsg(self.fd, self._hdrs, self.n, flags, None))
+        if got < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        return got
+
+    def send(self, count: int) -> None:
+        """Datagrams 0..count-1 as their iovecs say, all of them (blocking)."""
+        done = 0
+        while done < count:
+            at = ctypes.byref(self._hdrs, 8 * _MMSG_WORDS * done)
+            sent = int(_libc.sendmmsg(self.fd, at, count - done, 0))
+            if sent < 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+            done += sent
+
+    def close(self) -> None:
+        self.lens.release()
+        self.iov.release()
+        self.hdr.release()
+        del self._anchor
+        self.mem.close()
+
+
 def _sockpair_echo(fd: int) -> None:
-    """Host side of the socketpair baseline: every datagram back, an LSO-sized one as
-    its MSS-sized pieces (headers + a slice each, as the segments come back), until EOF."""
-    s = socket.socket(fileno=fd)
+    """Host side of the socketpair baseline, until EOF: every datagram waiting taken
+    with one recvmmsg and sent back with sendmmsg, an LSO-sized one as its MSS-sized
+    pieces (its headers + a slice each, as the segments come back)."""
+    rx = _Datagrams(fd, 512, LSO_SIZE + 64)
+    tx = _Datagrams(fd, 1024, 0, per=2)
+    iov, hdr, lens = tx.iov, tx.hdr, rx.lens
     try:
         while True:
-            m = s.recv(LSO_SIZE + 64)
-            if not m:
+            got = rx.recv()
+            if not got:
                 return
-            if len(m) <= MTU + 14:
-                s.send(m)
-                continue
-            head = m[:54]
-            for at in range(54, len(m), MSS):
-                s.send(head + m[at : at + MSS])
+            k = 0
+            for i in range(got):
+                n, base = lens[i], rx.base + i * rx.slot
+                if n == 0:
+                    return  # EOF
+                if n <= MTU + 14:
+                    iov[4 * k], iov[4 * k + 1] = base, n
+                    hdr[_MMSG_WORDS * k + 3] = 1
+                    k += 1
+                    if k == tx.n:
+                        tx.send(k)
+                        k = 0
+                    continue
+                for at in range(54, n, MSS):
+                    iov[4 * k], iov[4 * k + 1] = base, 54
+                    iov[4 * k + 2], iov[4 * k + 3] = base + at, min(MSS, n - at)
+                    hdr[_MMSG_WORDS * k + 3] = 2
+                    k += 1
+                    if k == tx.n:
+                        tx.send(k)
+                        k = 0
+            tx.send(k)
     except OSError:
         return
     finally:
-        s.close()
+        del iov, hdr, lens
+        rx.close()
+        tx.close()
+        os.close(fd)
 
 
 def host_main(args: argparse.Namespace) -> int:
@@ -675,34 +759,40 @@ def host_main(args: argparse.Namespace) -> int:
 
 def _sockpair_client(fd: int, size: int, seconds: float) -> dict[str, Any]:
     """Guest side of the socketpair baseline: WINDOW frames (or LSO_SLOTS sends) in
-    flight, sent in bursts, every datagram waiting taken per wake-up."""
-    s = socket.socket(fileno=fd)
-    msg = make_frame(size, bytes((10, 1, 0, 1)), b"\x00\x15\x5d\x00\x00\x01")
+    flight; every free slot sent with one sendmmsg, every datagram waiting taken with
+    one recvmmsg."""
+    msg = ctypes.create_string_buffer(
+        make_frame(size, bytes((10, 1, 0, 1)), b"\x00\x15\x5d\x00\x00\x01"), size
+    )
     back = _frames_back(size)
     window = LSO_SLOTS * back if size == LSO_SIZE else WINDOW
-    expect = got = 0
+    tx = _Datagrams(fd, window // back, 0)
+    for i in range(tx.n):
+        tx.iov[2 * i], tx.iov[2 * i + 1] = ctypes.addressof(msg), size
+    rx = _Datagrams(fd, window, 2048)
+    expect = got = nbytes = 0
     t0 = time.perf_counter()
     deadline = t0 + seconds
     stopping = False
-    while not stopping or got < expect:
-        while not stopping and expect - got + back <= window:
-            s.send(msg)
-            expect += back
-        m = s.recv(LSO_SIZE + 64)
-        got += 1
-        while True:
-            try:
-                m = s.recv(LSO_SIZE + 64, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                break
-            got += 1
-        if not m:
-            raise RuntimeError("socketpair baseline: empty datagram")
-        if not stopping and time.perf_counter() >= deadline:
-            stopping = True
-    dt = time.perf_counter() - t0
-    s.detach()
+    try:
+        while not stopping or got < expect:
+            k = 0 if stopping else (window - (expect - got)) // back
+            if k:
+                tx.send(k)
+                expect += k * back
+            n = rx.recv()
+            got += n
+            nbytes += sum(rx.lens[:n])
+            if not stopping and time.perf_counter() >= deadline:
+                stopping = True
+        dt = time.perf_counter() - t0
+    finally:
+        tx.close()
+        rx.close()
     sends = got // back
+    want = sends * size + (got - sends) * 54  # an LSO send's segments each repeat its headers
+    if nbytes != want:
+        raise RuntimeError(f"socketpair baseline: {nbytes} bytes back, {want} sent")
     return {
         "size": size,
         "queues": 1,
@@ -711,10 +801,22 @@ def _sockpair_client(fd: int, size: int, seconds: float) -> dict[str, Any]:
         "frames": got,
         "packets_per_s": sends / dt,
         "bits_per_s": sends * size * 8 / dt,
+        "segments_per_s": got / dt,
         "wakeups_per_packet": None,  # not observable for a socket
+        "bytes_back": nbytes,
         "seconds": dt,
         "window": window,
     }
+
+
+def _cpu_seconds(pid: int | None) -> float:
+    """CPU time (user + system) used so far by process `pid`, or by this one."""
+    if pid is None:
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return ru.ru_utime + ru.ru_stime
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -794,20 +896,22 @@ class _Pump:
             n = 0
             for i in range(batch.n):
                 off = idx[2 * i]
-                typ, off8, _l8, _fl, tid, _set, _own, _res, _cnt, _count, at = unpack(buf, off)
+                typ, off8, len8, _fl, tid, _set, _own, _res, ranges = unpack(buf, off)
                 if typ != 7:
                     continue  # inband from the host (an indirection table): nothing to do
                 pack_tid(comp, _COMP_LEN * n + 8, tid)
                 n += 1
                 if u32(buf, off + 8 * off8 + 4)[0] != data_type:
                     continue  # a control message (a status indication)
-                at += 12  # the RNDIS PACKET's data_length
-                d_len = u32(ram, page_off[at >> 12] + (at & 0xFFF))[0]
-                nbytes += d_len
-                got += 1
-                if first:
-                    self.check(at - 12, d_len)
-                    first = False
+                # one RNDIS PACKET per range (Linux's netvsc_receive walks them all)
+                for r in range(off + 28, off + 28 + 8 * min(ranges, len8 - 3), 8):
+                    at = u32(buf, r)[0] + 12  # the RNDIS PACKET's data_length
+                    d_len = u32(ram, page_off[at >> 12] + (at & 0xFFF))[0]
+                    nbytes += d_len
+                    got += 1
+                    if first:
+                        self.check(at - 12, d_len)
+                        first = False
             start = 0
             while start < n:  # the host drains this ring: room comes back at once
                 res = ch.writer.write_raw(
@@ -844,8 +948,10 @@ class _Nic:
 
 
 async def _bring_up(vm: Any, queues: int) -> _Nic:
-    """Linux's netvsc init on the NIC with `queues` queues (vRSS when more than one);
-    the VSC's receive loops are stopped afterwards: the pumps own the channels."""
+    """Linux's netvsc init on the NIC with `queues` queues (vRSS when more than one),
+    then two queries Linux does not send (it keeps the indirection table's size and
+    the packets per message from INITIALIZE_CMPLT, which the VSC does not); the
+    VSC's receive loops are stopped afterwards: the pumps own the channels."""
     import trio
 
     from devices.netvsc import rndis as rn
@@ -863,10 +969,8 @@ async def _bring_up(vm: Any, queues: int) -> _Nic:
     async with trio.open_nursery() as init:
         init.start_soon(guest.receive_loop)
         await guest.connect()
-        await guest.device_add()
-        n = 1
-        if queues > 1:
-            n = await guest.enable_multiqueue(queues, init)
+        n = await guest.device_add(queues, init)  # vRSS (when queues > 1), then the filter
+        if n > 1:
             caps = await guest.query(
                 rn.Oid.GEN_RECEIVE_SCALE_CAPABILITIES,
                 struct.pack("<BBH", 0x88, 2, 18).ljust(18, b"\0"),
@@ -886,7 +990,7 @@ async def _bring_up(vm: Any, queues: int) -> _Nic:
 
 
 async def _drive(
-    nic: _Nic, size: int, seconds: float, impl: str, stats_path: str
+    nic: _Nic, size: int, seconds: float, impl: str, stats_path: str, host_pid: int
 ) -> dict[str, Any]:
     """One point: every queue pumped for `seconds`, then drained; the record."""
     import trio
@@ -956,12 +1060,14 @@ async def _drive(
 
     g0 = [(q.channel.stats.wakeups, q.channel.stats.signals_sent) for q in nic.queues]
     h0 = await trio.to_thread.run_sync(host_counters)
+    c0 = _cpu_seconds(host_pid), _cpu_seconds(None)
     try:
         t0 = time.perf_counter()
         async with trio.open_nursery() as nursery:
             for p in pumps:
                 nursery.start_soon(p.run, t0 + seconds, nic.ram, nic.recv_pages)
         dt = time.perf_counter() - t0
+        c1 = _cpu_seconds(host_pid), _cpu_seconds(None)
     finally:
         vm.ram.free_pages(allocated)
     h1 = await trio.to_thread.run_sync(host_counters)
@@ -984,6 +1090,9 @@ async def _drive(
         "guest_wakeups": g_wake,
         "host_signals": h1[1] - h0[1],
         "guest_signals": g_sig,
+        # CPU time per frame back: the host's (/proc, 10 ms ticks) and this guest's
+        "host_cpu_us_per_frame": (c1[0] - c0[0]) * 1e6 / max(1, frames),
+        "guest_cpu_us_per_frame": (c1[1] - c0[1]) * 1e6 / max(1, frames),
         "frames_per_vmbus_packet": per_section,
         "window": pumps[0].window,
         "bytes_back": sum(p.bytes for p in pumps),
@@ -1016,7 +1125,9 @@ def vm_main(args: argparse.Namespace) -> int:
                 for size in SIZES:
                     what = f"{args.impl} {queues}q {_size_name(size)}"
                     print(f"{PROGRESS_PREFIX}{what}", file=sys.stderr, flush=True)
-                    records.append(await _drive(nic, size, args.seconds, args.impl, args.stats))
+                    records.append(
+                        await _drive(nic, size, args.seconds, args.impl, args.stats, args.host_pid)
+                    )
                 for gch in [*nic.guest.subchannels.values(), nic.guest.gch]:
                     await vm.close_channel(gch)
             await vm.unload()
@@ -1042,6 +1153,7 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--impl", required=True)
     v.add_argument("--sockfd", type=int, required=True)
     v.add_argument("--socketpair", default="1")
+    v.add_argument("--host-pid", type=int, required=True)
     args = p.parse_args(argv)
     return host_main(args) if args.role == "host" else vm_main(args)
 
