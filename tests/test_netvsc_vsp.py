@@ -17,6 +17,8 @@ from devices.netvsc.backends.loopback import LoopbackBackend
 from devices.netvsc.vsc import NetvscGuest, NetvscVsc
 from devices.netvsc.vsp import NetvscDevice
 from vmbus.guest.vm import SimulatedVm
+from vmbus.packet import PacketType
+from vmbus.ring import Packet
 
 pytestmark = pytest.mark.devices.with_args(NetvscDevice)
 
@@ -312,3 +314,169 @@ async def test_vsc_probe_against_a_backend_that_does_not_echo(local_vm: Simulate
     with trio.fail_after(20):
         summary = await NetvscVsc(frames=50).probe(local_vm, offer)
     assert summary["frames"] == 0 and summary["mac"] == "00155d000001"
+
+
+class FilterNic(NetvscDevice):
+    """A NIC the test can reach (its RNDIS counters): the last one built."""
+
+    last: FilterNic | None = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        FilterNic.last = self
+
+
+@pytest.mark.devices.with_args(FilterNic)
+async def test_packet_filter_and_multicast_list_apply_on_receive(
+    local_vm: SimulatedVm, open_channel: object
+) -> None:
+    """With Linux's filter (directed, all-multicast, broadcast) a frame to another
+    unicast MAC is dropped and counted; directed-only plus a multicast list passes
+    only the listed group; promiscuous passes everything."""
+    gch = await open_channel(local_vm, FilterNic)  # type: ignore[operator]
+    nic = NetvscGuest(local_vm, gch)
+    dev = FilterNic.last
+    assert dev is not None
+    other = b"\x02\x00\x00\x00\x00\x09" + b"o" * 54
+    listed = b"\x01\x00\x5e\x00\x00\x01" + b"l" * 54
+    unlisted = b"\x01\x00\x5e\x00\x00\x02" + b"u" * 54
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(nic.receive_loop)
+        with trio.fail_after(10):
+            await nic.connect()
+            await nic.device_add()
+            ours = nic.mac + b"m" * 54
+            for frame in (other, ours):
+                await nic.send_frame(frame)
+            assert (await nic.frames.receive()).frame == ours
+            assert dev._nic is not None and dev._nic.rndis.counters.rcv_filtered == 1
+            filt = rn.FILTER_DIRECTED | rn.FILTER_MULTICAST
+            assert await nic.set(rn.Oid.GEN_CURRENT_PACKET_FILTER, struct.pack("<I", filt)) == 0
+            assert await nic.set(rn.Oid.E802_3_MULTICAST_LIST, listed[:6]) == 0
+            for frame in (unlisted, b"\xff" * 60, listed):
+                await nic.send_frame(frame)
+            assert (await nic.frames.receive()).frame == listed
+            assert dev._nic.rndis.counters.rcv_filtered == 3
+            promisc = struct.pack("<I", rn.FILTER_PROMISCUOUS)
+            assert await nic.set(rn.Oid.GEN_CURRENT_PACKET_FILTER, promisc) == 0
+            await nic.send_frame(other)
+            assert (await nic.frames.receive()).frame == other
+        assert nic.received_bad == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_several_rndis_messages_per_transfer_page_packet(
+    local_vm: SimulatedVm, open_channel: object
+) -> None:
+    """A batch from the backend goes to the guest as transfer-page packets of several
+    ranges, one RNDIS message per range (what Linux's netvsc_receive walks)."""
+    from vmbus.packet import parse_xfer_pages
+
+    nic = await _nic(local_vm, open_channel)
+    ranges_seen: list[int] = []
+    on_xfer = nic._on_xfer
+
+    def spy(pkt: Packet, queue: int) -> int:
+        ranges_seen.append(len(parse_xfer_pages(pkt).ranges))
+        return on_xfer(pkt, queue)
+
+    nic._on_xfer = spy  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(nic.receive_loop)
+        with trio.fail_after(10):
+            await nic.connect()
+            await nic.device_add()
+            sent = [nic.mac + struct.pack("<I", i).ljust(54, b"b") for i in range(40)]
+            for i in range(0, len(sent), 8):  # 8 PACKETs per NVSP message
+                chunk = b"".join(_rndis_packet(f) for f in sent[i : i + 8])
+                await _send_raw(nic, chunk)
+            got = [(await nic.frames.receive()).frame for _ in sent]
+        assert sorted(got) == sorted(sent)
+        assert max(ranges_seen) > 1 and nic.received_bad == 0
+        nursery.cancel_scope.cancel()
+
+
+def _rndis_packet(frame: bytes) -> bytes:
+    head = struct.pack("<II9I", 1, 44 + len(frame), 36, len(frame), 0, 0, 0, 0, 0, 0, 0)
+    return head + frame
+
+
+async def _send_raw(nic: NetvscGuest, rndis: bytes) -> None:
+    """Several RNDIS PACKETs in one send section, one SEND_RNDIS_PKT (as Linux batches
+    when the host's INIT_CMPLT allows it)."""
+    from vmbus.packet import inband
+
+    section = nic._free_sections.pop()
+    try:
+        nic._write(nic._send[1], section * nic.send_section, rndis)
+        nvsp = struct.pack(
+            "<IIII", nv.Msg.SEND_RNDIS_PKT, nv.CHANNEL_TYPE_DATA, section, len(rndis)
+        )
+        done = await nic.gch.channel.request(inband(nvsp.ljust(40, b"\0")))
+        assert struct.unpack_from("<II", done) == (108, nv.Status.SUCCESS)
+    finally:
+        nic._free_sections.append(section)
+
+
+class _WithholdingGuest(NetvscGuest):
+    """A guest whose queue 1 takes frames but never returns their sections."""
+
+    stuck_queue = 1
+
+    async def receive_loop(self, queue: int = 0) -> None:
+        if queue != self.stuck_queue:
+            await super().receive_loop(queue)
+            return
+        ch = self.subchannels[queue].channel
+        while True:
+            for pkt in await ch.receive():
+                if pkt.type == PacketType.XFER_PAGES:
+                    self._on_xfer(pkt, queue)  # read, never completed
+
+
+class TwoQueueNic(NetvscDevice):
+    def __init__(self) -> None:
+        super().__init__(queues=2)
+
+
+@pytest.mark.devices.with_args(TwoQueueNic)
+async def test_a_queue_that_keeps_its_sections_starves_only_itself(
+    local_vm: SimulatedVm, open_channel: object
+) -> None:
+    """Queue 1's guest never completes: it gets its share of the receive sections,
+    then RX_QUEUE_DEPTH frames wait, the rest are dropped and counted — and frames
+    steered to queue 0 still come back (the sections are partitioned per queue)."""
+    from devices.netvsc.vsp import CONTROL_SECTIONS, RX_QUEUE_DEPTH
+
+    gch = await open_channel(local_vm, TwoQueueNic)  # type: ignore[operator]
+    nic = _WithholdingGuest(local_vm, gch)
+    table = [i % 2 for i in range(128)]
+
+    def queue_of(frame: bytes) -> int:
+        data, _ = rn.rss_input(frame, 0x1701) or (b"", 0)
+        return rn.rss_queue(rn.toeplitz_hash(rn.DEFAULT_RSS_KEY, data), table)
+
+    flows = [tcp_frame("10.3.0.1", 1000 + i, "10.3.0.2", 80) for i in range(64)]
+    q0 = [f for f in flows if queue_of(f) == 0][:8]
+    q1 = next(f for f in flows if queue_of(f) == 1)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(nic.receive_loop)
+        with trio.fail_after(60):
+            await nic.connect()
+            assert await nic.device_add(2, nursery) == 2
+            data = nic.recv_size // nic.recv_section - CONTROL_SECTIONS
+            share = data - data // 2  # queue 1: the second run
+            extra = 20
+            for _ in range(share + RX_QUEUE_DEPTH + extra):
+                await nic.send_frame(q1)
+            for f in q0:
+                await nic.send_frame(f)
+            got: list[bytes] = []
+            while len(got) < len(q0):
+                rx = await nic.frames.receive()
+                if rx.queue == 0:
+                    got.append(rx.frame)
+            (no_buffer,) = struct.unpack("<I", await nic.query(rn.Oid.GEN_RCV_NO_BUFFER))
+        assert got == q0
+        assert no_buffer == extra
+        nursery.cancel_scope.cancel()
