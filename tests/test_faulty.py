@@ -5,20 +5,27 @@ clock, a power cut tearing in-flight writes, and one-line config errors."""
 from __future__ import annotations
 
 import random
+import sys
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
+from conftest import attached_vm
 from disk_model import CHECK_CONDITION, GOOD, read10, scsi, sense_key_asc, write10
+from prometheus_client.parser import text_string_to_metric_families
+from test_cli import running, vmbusd
 
 from devices.storvsc.backends.faulty import FaultConfigError, FaultyBackend
 from devices.storvsc.backends.memory import MemoryBackend
+from devices.storvsc.protocol import SCSI_IF_TYPE, DataIn, SrbReply
 from devices.storvsc.scsi import ScsiController
+from devices.storvsc.vsc import StorvscHba, attach_storvsc
 from devices.storvsc.vsp import ConfigError, build_lun
 from vmbus.config import load_devices
 
 BS = 512
+VMBUSD = str(Path(sys.executable).with_name("vmbusd"))
 BLOCKS = 2048
 MEDIUM_READ, MEDIUM_WRITE = (0x3, 0x11, 0x00), (0x3, 0x0C, 0x00)
 NOT_READY = (0x2, 0x04, 0x00)
@@ -252,3 +259,179 @@ def test_toml_config_builds_a_faulty_lun(tmp_path: Path) -> None:
     (backend,) = dev._backends  # type: ignore[attr-defined]  # attached when the channel opens
     assert isinstance(backend, FaultyBackend) and backend.capacity == 64 << 20
     assert backend.ops["read"].error_rate == 0.01
+
+
+# ---- the simulated guest against a real `vmbusd serve` ----------------------------
+
+E2E_CONFIG = """
+[vm.f1]
+[[vm.f1.device]]
+type = "storvsc"
+[[vm.f1.device.lun]]
+backend = "faulty"
+seed = 11
+inner = { backend = "memory", size = "4M" }
+[[vm.f1.device.lun]]
+lun = 1
+backend = "memory"
+size = "1M"
+"""
+
+
+async def _ctl(*args: str) -> tuple[int, str, str]:
+    r = await trio.run_process(
+        [VMBUSD, "ctl", *args], capture_stdout=True, capture_stderr=True, check=False
+    )
+    return r.returncode, r.stdout.decode(), r.stderr.decode()
+
+
+def _sense(reply: SrbReply) -> tuple[int, int, int]:
+    assert reply.scsi_status == CHECK_CONDITION and len(reply.sense) >= 14, reply
+    return reply.sense[2] & 0x0F, reply.sense[12], reply.sense[13]
+
+
+async def _read(hba: StorvscHba, lba: int, n: int) -> tuple[SrbReply, bytes]:
+    cdb = bytes([0x88, 0]) + lba.to_bytes(8, "big") + n.to_bytes(4, "big") + b"\0\0"
+    return await hba.execute(cdb, lun=0, data_in=DataIn.READ, length=n * BS)
+
+
+async def _write(hba: StorvscHba, lba: int, data: bytes) -> SrbReply:
+    n = len(data) // BS
+    cdb = bytes([0x8A, 0]) + lba.to_bytes(8, "big") + n.to_bytes(4, "big") + b"\0\0"
+    reply, _ = await hba.execute(cdb, lun=0, data_in=DataIn.WRITE, data=data)
+    return reply
+
+
+def _prometheus_faults(stats_sock: str) -> dict[str, float]:
+    text = vmbusd("stats", stats_sock, "--prometheus").stdout
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        if fam.name == "vmbusd_disk_faults":
+            for s in fam.samples:
+                if s.labels["vm"] == "f1" and s.labels["lun"] == "0":
+                    out[s.labels["kind"]] = s.value
+    return out
+
+
+@pytest.mark.timeout(120)
+async def test_simulated_guest_sees_exactly_the_injected_faults(tmp_path: Path) -> None:
+    cfg = tmp_path / "vmbusd.toml"
+    cfg.write_text(E2E_CONFIG)
+    sock, ctl, st = (str(tmp_path / n) for n in ("s.sock", "ctl.sock", "stats.sock"))
+    args = ["serve", "--listen", sock, "--config", str(cfg), "--control", ctl, "--stats", st]
+    with running(args, tmp_path / "serve.log") as serve:
+        serve.wait_for("control on")
+        async with attached_vm(sock, vm_id="f1") as vm:
+            (offer,) = [o for o in vm.find_offers(SCSI_IF_TYPE) if o.sub_channel_index == 0]
+            async with attach_storvsc(vm, offer) as hba:
+                assert sorted(hba.disks) == [0, 1]
+                data = bytes(range(256)) * 32  # 16 blocks
+                assert (await _write(hba, 64, data)).scsi_status == GOOD
+
+                rc, out, err = await _ctl(ctl, "disk", "fault", "--vm", "f1", "--lun", "0",
+                                          "read_fail_next=5")  # fmt: skip
+                assert rc == 0 and "read_fail_next=5" in out, err
+                statuses = []
+                for _ in range(10):
+                    reply, got = await _read(hba, 64, 16)
+                    if reply.scsi_status == GOOD:
+                        assert got == data
+                    else:  # MEDIUM ERROR, UNRECOVERED READ ERROR, the LBA in INFORMATION
+                        assert _sense(reply) == (0x3, 0x11, 0x00)
+                        assert reply.sense[0] & 0x80 and reply.sense[3:7] == (64).to_bytes(4, "big")
+                    statuses.append(reply.scsi_status)
+                assert statuses == [CHECK_CONDITION] * 5 + [GOOD] * 5
+
+                rc, out, err = await _ctl(ctl, "disk", "fault", "--vm", "f1", "--lun", "0",
+                                          "read_sense=not_ready", "read_fail_next=2")  # fmt: skip
+                assert rc == 0, err
+                senses = [_sense(r) for r, _ in [await _read(hba, 0, 1), await _read(hba, 0, 1)]]
+                assert senses == [(0x2, 0x04, 0x00)] * 2
+                assert (await _read(hba, 0, 1))[0].scsi_status == GOOD
+
+                rate, n = 0.1, 200  # seeded: the failures are the stream's draws
+                rc, out, err = await _ctl(ctl, "disk", "fault", "--vm", "f1", "--lun", "0",
+                                          "seed=4", f"write_error_rate={rate}")  # fmt: skip
+                assert rc == 0, err
+                failed = []
+                for i in range(n):
+                    reply = await _write(hba, 1000 + i, bytes([i]) * BS)
+                    if reply.scsi_status != GOOD:
+                        assert _sense(reply) == (0x3, 0x0C, 0x00)
+                        failed.append(i)
+                assert failed == _expected_failures(4, "write", rate, n)
+
+                # LUN 1 (memory) never saw a fault
+                await hba.write(1, 0, data)
+                assert await hba.read(1, 0, 16) == data
+
+                faults = _prometheus_faults(st)
+                assert faults["read_error"] == 7 and faults["write_error"] == len(failed)
+                assert faults["torn_write"] == 0
+
+                # mistakes: one line, exit 2
+                fault = [ctl, "disk", "fault", "--vm", "f1", "--lun"]
+                cases = [
+                    (["1", "read_error_rate=0.1"], "not a faulty disk"),
+                    (["0", "read_eror_rate=0.1"], "unknown fault setting 'read_eror_rate'"),
+                    (["0", "read_error_rate=2"], "read_error_rate must be a number 0..1"),
+                    (["0", "power=off"], 'power must be "cut" or "restore"'),
+                    (["0", "read_error_rate"], "KEY=VALUE"),
+                    (["7", "seed=1"], "no LUN 7"),
+                ]
+                for extra, needle in cases:
+                    rc, out, err = await _ctl(*fault, *extra)
+                    assert rc == 2 and len(err.splitlines()) == 1 and needle in err, (extra, err)
+                assert all(q.errors == [] for q in hba.queues)
+        assert serve.stop() == 0
+    assert "Traceback" not in serve.text()
+
+
+@pytest.mark.timeout(120)
+async def test_power_cut_only_acknowledged_writes_survive(tmp_path: Path) -> None:
+    cfg = tmp_path / "vmbusd.toml"
+    cfg.write_text(E2E_CONFIG)
+    sock, ctl = str(tmp_path / "s.sock"), str(tmp_path / "ctl.sock")
+    args = ["serve", "--listen", sock, "--config", str(cfg), "--control", ctl]
+    blocks = 16  # per write
+    with running(args, tmp_path / "serve.log") as serve:
+        serve.wait_for("control on")
+        async with attached_vm(sock, vm_id="f1") as vm:
+            (offer,) = [o for o in vm.find_offers(SCSI_IF_TYPE) if o.sub_channel_index == 0]
+            async with attach_storvsc(vm, offer) as hba:
+                acked: dict[int, bytes] = {}
+                for i in range(8):  # acknowledged before the cut
+                    acked[i] = pattern(0x10 + i, blocks)
+                    assert (await _write(hba, i * blocks, acked[i])).scsi_status == GOOD
+                rc, _, err = await _ctl(ctl, "disk", "fault", "--vm", "f1", "--lun", "0",
+                                        "write_latency=3000")  # fmt: skip
+                assert rc == 0, err
+                replies: dict[int, SrbReply] = {}
+
+                async def write(i: int) -> None:
+                    replies[i] = await _write(hba, i * blocks, pattern(0x80 + i, blocks))
+
+                async with trio.open_nursery() as nursery:
+                    for i in range(4, 12):  # 4..7 overwrite acknowledged blocks
+                        nursery.start_soon(write, i)
+                    await trio.sleep(0.5)  # all eight are waiting out their latency
+                    rc, out, err = await _ctl(ctl, "disk", "fault", "--vm", "f1", "--lun", "0",
+                                              "power=cut")  # fmt: skip
+                    assert rc == 0, err
+                assert sorted(replies) == list(range(4, 12))
+                assert all(_sense(r) == (0x2, 0x04, 0x00) for r in replies.values())
+                assert _sense((await _read(hba, 0, 1))[0]) == (0x2, 0x04, 0x00)  # still off
+                rc, out, err = await _ctl(ctl, "disk", "fault", "--vm", "f1", "--lun", "0",
+                                          "power=restore", "write_latency=0")  # fmt: skip
+                assert rc == 0 and "torn_write 8" in out and "power_off 1" in out, out
+                reply, disk = await _read(hba, 0, 12 * blocks)
+                assert reply.scsi_status == GOOD
+                size = blocks * BS
+                for i in range(4):  # acknowledged and untouched since: intact
+                    assert disk[i * size : (i + 1) * size] == acked[i]
+                for i in range(4, 12):  # in flight: a prefix of its sectors, seeded
+                    keep = random.Random(f"11/torn/1/{i * size}").randint(0, blocks)
+                    old = acked[i] if i in acked else bytes(size)
+                    want = pattern(0x80 + i, keep) + old[keep * BS :]
+                    assert disk[i * size : (i + 1) * size] == want, i
+        assert serve.stop() == 0

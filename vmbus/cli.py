@@ -192,6 +192,23 @@ def cmd_stats(args: argparse.Namespace, say: _Say) -> int:
     return 0
 
 
+def _key_values(pairs: Sequence[str]) -> dict[str, object]:
+    """`KEY=VALUE` words; VALUE is read as a TOML value (0.01, "x", [1, 2], { ... }),
+    else taken as a bare string (medium, cut)."""
+    import tomllib
+
+    out: dict[str, object] = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise UserError(f"{pair!r}: settings are KEY=VALUE (such as read_error_rate=0.01)")
+        try:
+            out[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = value
+    return out
+
+
 def cmd_ctl(args: argparse.Namespace, say: _Say) -> int:
     from vmbus import control
     from vmbus.cliutil import describe_connect_error
@@ -210,8 +227,12 @@ def cmd_ctl(args: argparse.Namespace, say: _Say) -> int:
                 uri=args.uri,
                 serial=args.serial,
             )
+        elif args.action == "fault":
+            req.update(cmd="disk-fault", set=_key_values(args.settings))
         else:
             req["cmd"] = "disk-remove"
+    elif args.action == "impair":
+        req.update(cmd="nic-impair", set=_key_values(args.settings))
     else:
         req.update(cmd="nic-link", up=args.state == "up")
     try:
@@ -254,6 +275,7 @@ def cmd_vm(args: argparse.Namespace, say: _Say) -> int:
             netns=args.netns,
             export_nbd=args.export_nbd,
             vm_id=args.name,
+            reconnect_timeout=args.reconnect_timeout,
         )
     )
 
@@ -267,6 +289,12 @@ def cmd_demo(args: argparse.Namespace, say: _Say) -> int:
 def cmd_bench(args: argparse.Namespace, say: _Say) -> int:
     from vmbus.bench import run_bench
 
+    if args.what == "net":
+        from vmbus.bench_net import run_bench_net
+
+        return run_bench_net(
+            quick=args.quick, json_path=args.json, seconds=args.seconds, plot_path=args.plot
+        )
     if args.what == "disk":
         from vmbus.bench_disk import run_bench_disk
 
@@ -288,12 +316,6 @@ def cmd_plugins(args: argparse.Namespace, say: _Say) -> int:
     for r in rows:
         print(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}")
     empty = [g for g in plugins.GROUPS if not any(p.group == g for p in found)]
-    if args.what == "net":
-        from vmbus.bench_net import run_bench_net
-
-        return run_bench_net(
-            quick=args.quick, json_path=args.json, seconds=args.seconds, plot_path=args.plot
-        )
     if empty:
         print(f"(nothing installed in: {', '.join(empty)})")
     return 0
@@ -484,6 +506,15 @@ def build_parser() -> argparse.ArgumentParser:
         "DIR/storvsc<N>-lun<L>.sock (tools' I/O goes through VMBus to vmbusd's backends) "
         "and stay idle; the sockets are removed on exit (default: none; implies --workload idle)",
     )
+    v.add_argument(
+        "--reconnect-timeout",
+        type=_positive_float,
+        default=10.0,
+        metavar="S",
+        help="with --connect: when vmbusd goes away (crash or restart), keep the guest "
+        "running and reconnect to the same socket, resuming the session; give up with "
+        "exit status 2 after S seconds without vmbusd (default: 10)",
+    )
     v.set_defaults(func=cmd_vm)
 
     d = add(
@@ -522,11 +553,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = add(
         "ctl",
-        "change a running service's VMs (add/remove a disk, NIC link)",
+        "change a running service's VMs (add/remove a disk, NIC link, injected faults)",
         "Ask `vmbusd serve --control SOCK` to change an attached VM: `disk add` attaches a "
         "LUN to its storvsc controller (the same keys and checks as a [[device.lun]] table) "
         "and `disk remove` detaches one, the guest told with ENUMERATE_BUS; `nic link up|down` "
-        "tells its netvsc NIC's guest the link state. One line out; exit 2 with the reason.",
+        "tells its netvsc NIC's guest the link state; `disk fault` and `nic impair` change a "
+        "faulty LUN's or impair NIC's injected faults (docs/backends.md). "
+        "One line out; exit 2 with the reason.",
     )
     c.add_argument("sock", metavar="SOCK", help="the service's --control socket")
     cw = c.add_subparsers(dest="what", required=True, metavar="WHAT", parser_class=_Parser)
@@ -558,11 +591,38 @@ def build_parser() -> argparse.ArgumentParser:
     drm = da.add_parser("remove", help="detach a LUN", formatter_class=_Formatter)
     target(drm, "storvsc")
     drm.add_argument("--lun", type=int, required=True, metavar="L", help="LUN number")
-    nic = cw.add_parser("nic", help="NIC link state", formatter_class=_Formatter)
+    dfault = da.add_parser(
+        "fault",
+        help="change a faulty LUN's injected faults (KEY=VALUE ...; none: show its counts)",
+        formatter_class=_Formatter,
+    )
+    target(dfault, "storvsc")
+    dfault.add_argument("--lun", type=int, required=True, metavar="L", help="LUN number")
+    dfault.add_argument(
+        "settings",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="read_error_rate=0.01, read_fail_next=3, read_sense=not_ready, "
+        "write_latency=5, power=cut|restore, stall=2|forever|off, ... (docs/backends.md)",
+    )
+    nic = cw.add_parser("nic", help="NIC link state, impairments", formatter_class=_Formatter)
     na = nic.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=_Parser)
     link = na.add_parser("link", help="link up or down", formatter_class=_Formatter)
     link.add_argument("state", choices=("up", "down"))
     target(link, "netvsc")
+    impair = na.add_parser(
+        "impair",
+        help="change an impair NIC's impairments (KEY=VALUE ...; none: show its counts)",
+        formatter_class=_Formatter,
+    )
+    target(impair, "netvsc")
+    impair.add_argument(
+        "settings",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="loss=0.02, delay_ms=10, jitter_ms=2, to_guest.loss=0.1, flap_up_s=5, ... "
+        "(docs/backends.md)",
+    )
     c.set_defaults(func=cmd_ctl)
 
     b = add(

@@ -10,7 +10,12 @@ newline; the answer is one JSON object, `{"ok": true, "message": ...}` or
   and a `[[device.lun]]` table's keys (lun, backend, size, path, readonly,
   create_size, uri, serial, wwn, ...), checked as the config file's;
 - `disk-remove`: vm, device, lun;
-- `nic-link`: vm, device (index among its netvsc NICs), up (true/false).
+- `nic-link`: vm, device (index among its netvsc NICs), up (true/false);
+- `disk-fault`: vm, device, lun, `set` (a faulty LUN's settings, as its table's
+  keys, plus power = "cut"/"restore" and stall = seconds/"forever"/"off"); the
+  answer names what changed and the faults injected so far;
+- `nic-impair`: vm, device, `set` (an impair NIC's settings; `to_guest.KEY` or
+  `from_guest.KEY` for one direction).
 
 A VM is named by the name its attach hello gave (or its session id from
 `vmbusd stats`, when two VMs share a name). A new command is a function in
@@ -121,11 +126,72 @@ async def nic_link(sessions: set[VmSession], req: dict[str, Any]) -> str:
     return f"VM {session.label!r}: link {state}; {tail}"
 
 
+def _settings(req: dict[str, Any]) -> dict[str, Any]:
+    settings = req.get("set") or {}
+    if not isinstance(settings, dict):
+        raise ControlError("settings must be KEY=VALUE pairs")
+    return settings
+
+
+def _applied(label: str, what: str, done: list[str], counters: dict[str, int]) -> str:
+    faults = ", ".join(f"{k} {n}" for k, n in counters.items() if n) or "none"
+    changed = ", ".join(done) if done else "nothing changed"
+    return f"VM {label!r}: {what}: {changed}; injected so far: {faults}"
+
+
+async def disk_fault(sessions: set[VmSession], req: dict[str, Any]) -> str:
+    from devices.storvsc.backends.base import BackendConfigError
+    from devices.storvsc.backends.faulty import FaultyBackend
+    from devices.storvsc.vsp import StorvscDevice
+
+    session = find_vm(sessions, req.get("vm"))
+    dev = find_device(session, "storvsc", req.get("device"))
+    assert isinstance(dev, StorvscDevice)
+    lun = req.get("lun")
+    if not isinstance(lun, int) or isinstance(lun, bool):
+        raise ControlError(f"--lun must be an integer, not {lun!r}")
+    if lun not in dev.controller:
+        raise ControlError(f"VM {session.label!r} has no LUN {lun} (yet)")
+    backend = dev.controller.disk(lun).backend
+    if not isinstance(backend, FaultyBackend):
+        raise ControlError(
+            f"VM {session.label!r}: LUN {lun} is a {type(backend).__name__}, "
+            'not a faulty disk (backend = "faulty")'
+        )
+    try:
+        done = backend.configure(**_settings(req))
+    except BackendConfigError as exc:
+        raise ControlError(f"VM {session.label!r}: LUN {lun}: {exc}") from exc
+    return _applied(session.label, f"LUN {lun}", done, backend.fault_counters())
+
+
+async def nic_impair(sessions: set[VmSession], req: dict[str, Any]) -> str:
+    from devices.netvsc.backends.impair import ImpairBackend
+    from devices.netvsc.vsp import NetvscDevice
+
+    session = find_vm(sessions, req.get("vm"))
+    dev = find_device(session, "netvsc", req.get("device"))
+    assert isinstance(dev, NetvscDevice)
+    backend = dev.backend
+    if not isinstance(backend, ImpairBackend):
+        raise ControlError(
+            f"VM {session.label!r}: its NIC's backend is {backend.name}, "
+            'not impair (backend = "impair")'
+        )
+    try:
+        done = backend.configure(**_settings(req))
+    except UserError as exc:
+        raise ControlError(f"VM {session.label!r}: {exc}") from exc
+    return _applied(session.label, "NIC", done, backend.fault_counters())
+
+
 Command = Callable[[set[VmSession], dict[str, Any]], Awaitable[str]]
 COMMANDS: dict[str, Command] = {
     "disk-add": disk_add,
     "disk-remove": disk_remove,
     "nic-link": nic_link,
+    "disk-fault": disk_fault,
+    "nic-impair": nic_impair,
 }
 
 

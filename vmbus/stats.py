@@ -101,6 +101,55 @@ class SnapshotCollector(Collector):
                         ch["stats"].get(key, 0),
                     )
             yield fam
+        yield from _fault_families(snap)
+
+
+def fault_snapshot(devices: Iterable[object]) -> list[dict[str, Any]]:
+    """The counters of a VM's fault injectors (faulty disks, impair NICs): every
+    backend with a `fault_counters()`, found as a NIC's `backend` or a storvsc
+    controller's LUN backend; `index` counts devices of one kind from 0."""
+    out: list[dict[str, Any]] = []
+    seen: dict[str, int] = {}
+    for dev in devices:
+        kind = str(getattr(dev, "name", "?"))
+        index = seen[kind] = seen.get(kind, -1) + 1
+        found: list[tuple[int | None, object]] = [(None, getattr(dev, "backend", None))]
+        controller = getattr(dev, "controller", None)
+        luns = getattr(controller, "luns", None)  # a storvsc ScsiController
+        if controller is not None and isinstance(luns, list):
+            found += [(lun, controller.disk(lun).backend) for lun in luns]
+        for lun, backend in found:
+            counters = getattr(backend, "fault_counters", None)
+            if callable(counters):
+                out.append({"device": kind, "index": index, "lun": lun, "counters": counters()})
+    return out
+
+
+def _fault_families(snap: Snapshot) -> Iterator[Metric]:
+    """vmbusd_disk_faults_total{lun,kind} and vmbusd_nic_faults_total{direction,kind}."""
+    labels = ["vm", "session", "device", "index"]
+    disk = CounterMetricFamily(
+        "vmbusd_disk_faults_total",
+        "Faults a faulty disk backend injected, by kind",
+        labels=[*labels, "lun", "kind"],
+    )
+    nic = CounterMetricFamily(
+        "vmbusd_nic_faults_total",
+        "Frames an impair network backend dropped, delayed, reordered, duplicated or "
+        "corrupted (and link flaps), by direction and kind",
+        labels=[*labels, "direction", "kind"],
+    )
+    for vm in snap["vms"]:
+        for f in vm.get("faults", []):
+            ident = [str(vm["vm"]), str(vm.get("session", "")), f["device"], str(f["index"])]
+            for key, n in f["counters"].items():
+                if f["lun"] is not None:
+                    disk.add_metric([*ident, str(f["lun"]), key], n)
+                else:
+                    direction, _, kind = key.partition(".")
+                    nic.add_metric([*ident, direction, kind], n)
+    yield disk
+    yield nic
 
 
 def _registry(snap: Callable[[], Snapshot]) -> CollectorRegistry:

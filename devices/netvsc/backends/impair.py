@@ -182,6 +182,13 @@ class ImpairBackend(NetBackend):
             "(to_guest.KEY / from_guest.KEY for one direction)"
         )
 
+    def fault_counters(self) -> dict[str, int]:
+        """Impairments as "direction.kind" (and "link.flaps"), for
+        `vmbusd_nic_faults_total`."""
+        out = {f"{d}.{k}": n for (d, k), n in self.counters.items()}
+        out["link.flaps"] = self.flaps
+        return out
+
     def settings(self, direction: str) -> Impairments:
         return dataclasses.replace(self._dirs[direction].imp)
 

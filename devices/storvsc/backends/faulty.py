@@ -293,6 +293,10 @@ class FaultyBackend:
         else:
             setattr(self, key, value)
 
+    def fault_counters(self) -> dict[str, int]:
+        """Injected faults by kind (what `vmbusd_disk_faults_total` exports)."""
+        return dict(self.counters)
+
     def power_cut(self) -> None:
         """The power goes: in-flight writes tear, everything after fails."""
         if self.powered:
