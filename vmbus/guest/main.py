@@ -28,7 +28,7 @@ from vmbus.cliutil import (
     describe_connect_error,
 )
 from vmbus.guest.drivers import GuestDriver, driver_for
-from vmbus.guest.vm import GuestChannel, HostError, SimulatedVm
+from vmbus.guest.vm import RECONNECT_TIMEOUT_S, GuestChannel, HostError, SimulatedVm
 from vmbus.guest.workloads import EchoMismatch
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,15 @@ async def _leave(vm: SimulatedVm) -> int:
     return closed
 
 
+async def _watch_lost(vm: SimulatedVm, work: trio.CancelScope, workload: str) -> None:
+    """Stop the workload when the session is over for good (vmbusd did not come
+    back, or ended it): an echo workload would otherwise wait on its rings forever.
+    The idle workload watches `closed_reason` itself, but a give-up stops it too."""
+    await vm.lost.wait()
+    if workload == "echo" or vm.gave_up:
+        work.cancel()
+
+
 async def _watch(signals: Any, work: trio.CancelScope, stopped: Stopped) -> None:
     async for signum in signals:
         stopped.signum = signum
@@ -146,9 +155,12 @@ async def run_vm(
     netns: str | None = None,
     export_nbd: str | None = None,
     vm_id: str = "sim",
+    reconnect_timeout: float = RECONNECT_TIMEOUT_S,
 ) -> int:
     """Exit status: 0 done (or idle stopped by a signal), 1 the workload failed,
-    128+signal when a signal cut the echo workload short; a bad path raises UserError."""
+    2 vmbusd went away and did not come back within `reconnect_timeout` (with
+    --connect the VM outlives its vmbusd: it reconnects and resumes), 128+signal
+    when a signal cut the echo workload short; a bad path raises UserError."""
     if say is None:
 
         def say(line: str) -> None:
@@ -161,7 +173,16 @@ async def run_vm(
 
         check_export_dir(export_nbd)
     exports: NbdExports | None = None
-    vm = SimulatedVm(vm_id=vm_id)
+
+    async def again() -> attach.AttachConnection:
+        assert connect is not None
+        return await attach.connect(connect)
+
+    vm = SimulatedVm(
+        vm_id=vm_id,
+        reconnect=again if connect else None,
+        reconnect_timeout=reconnect_timeout,
+    )
     summary: dict[str, Any] = {"ok": False}
     status = 1
     stopped = Stopped()
@@ -171,10 +192,12 @@ async def run_vm(
             async with trio.open_nursery() as nursery:
                 work = trio.CancelScope()
                 nursery.start_soon(_watch, signals, work, stopped)
+                nursery.start_soon(_watch_lost, vm, work, workload)
                 try:
                     with work:
                         conn = await _connection(listen, connect)
                         await vm.start(conn, nursery)
+                        summary["restartable"] = vm.saved_state
                         summary["version"] = version_str(vm.version)
                         summary["offers"] = len(vm.offers)
                         if workload == "echo":
@@ -211,6 +234,16 @@ async def run_vm(
                             status = 0
                             summary["ok"] = True
                             say(f"vmbusd ended the session ({vm.closed_reason})")
+                    summary["reconnects"] = vm.reconnects
+                    summary["rescinds"] = sum(o.rescinded for o in vm.offers.values())
+                    if vm.gave_up:
+                        summary["error"] = vm.closed_reason
+                        say(f"error: {vm.closed_reason}")
+                        status = 2
+                    elif work.cancelled_caught and stopped.signum is None:
+                        summary["error"] = f"vmbusd ended the session ({vm.closed_reason})"
+                        say(f"error: {summary['error']}")
+                        status = 1
                     if exports is not None:  # sockets gone, HBAs closed, before leaving
                         await exports.aclose()
                     if stopped.signum is not None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +32,9 @@ from vmbus.ring import init_ring_header
 log = logging.getLogger(__name__)
 
 CONTROL_TIMEOUT_S = 10.0
+RECONNECT_TIMEOUT_S = 10.0  # default: how long to wait for a vmbusd that went away
+RECONNECT_FIRST_DELAY_S = 0.02  # backoff between connection attempts: doubles...
+RECONNECT_MAX_DELAY_S = 0.5  # ...up to this
 
 
 class HostError(Exception):
@@ -75,8 +80,17 @@ class SimulatedVm:
         vm_id: str = "sim",
         client_options: dict[str, Any] | None = None,
         seal_ram: bool = True,
+        reconnect: Callable[[], Awaitable[attach.AttachConnection]] | None = None,
+        reconnect_timeout: float = RECONNECT_TIMEOUT_S,
+        restartable: bool = True,
     ) -> None:
-        """seal_ram=False plays a VMM that does not seal its RAM (vmbusd refuses it)."""
+        """seal_ram=False plays a VMM that does not seal its RAM (vmbusd refuses it).
+
+        `reconnect` opens a new connection to the same vmbusd socket: with it (and the
+        saved-state feature, which `restartable` announces) the VM outlives its
+        vmbusd -- guest RAM, eventfds and guest state stay, and the session resumes
+        when vmbusd is back. After `reconnect_timeout` seconds without one the VM
+        gives up: `gave_up` is set and `closed_reason` says so."""
         self.ram = GuestRam(ram_size, seal=seal_ram)
         self.vcpus = vcpus
         self.vm_id = vm_id
@@ -100,29 +114,28 @@ class SimulatedVm:
         self._reset_epoch = 0
         self.connect_failed = False
         self.closed_reason: str | None = None  # why vmbusd ended the session, once it has
+        # Restart support (attach feature saved-state): what we hold for vmbusd.
+        self._reconnect = reconnect
+        self.reconnect_timeout = reconnect_timeout
+        self.restartable = restartable
+        self.saved_state = False  # negotiated on the current connection
+        self._state_fd: int | None = None  # the newest saved-state blob
+        self._inflight_fd: int | None = None  # vmbusd's in-flight region
+        self._applied = 0  # post/bind/unbind applied since that state
+        self._posts_sent = 0  # posts sent over the VM's life (vmbusd counts them too)
+        self._unacked: deque[tuple[int, attach.PostFromGuest]] = deque()
+        self._link_up = False  # sends go out (else posts wait for the reconnect)
+        self._last_error: attach.Error | None = None
+        self.reconnects = 0
+        self.gave_up = False
+        self.lost = trio.Event()  # set when the session is over for good
 
     # -- attach side -------------------------------------------------------------
 
     async def start(self, conn: attach.AttachConnection, nursery: trio.Nursery) -> None:
         """Hello, hand over RAM, start the receive task, negotiate VMBus, get offers."""
-        self.conn = conn
-        await attach.handshake(
-            conn,
-            attach.Hello(
-                version=attach.PROTOCOL_VERSION,
-                role="vmm",
-                vm_id=self.vm_id,
-                vcpus=self.vcpus,
-            ),
-        )
-        await conn.send(
-            attach.MemoryRegions(
-                regions=tuple(
-                    attach.MemoryRegion(gpa=r.gpa, size=r.size, fd=self.ram.fd, offset=r.offset)
-                    for r in self.ram.regions
-                )
-            )
-        )
+        await self._attach(conn)
+        self._link_up = True
         nursery.start_soon(self._receive_loop, name="vmm receive")
         self.client.connect()
         await self._pump()
@@ -133,23 +146,154 @@ class SimulatedVm:
         if self.connect_failed:
             raise HostError("the host refused every VMBus version this guest proposed")
 
+    async def _attach(self, conn: attach.AttachConnection) -> None:
+        """Hello and guest RAM on a (new) connection; it becomes `self.conn`."""
+        self.conn = conn
+        peer = await attach.handshake(
+            conn,
+            attach.Hello(
+                version=attach.PROTOCOL_VERSION,
+                role="vmm",
+                vm_id=self.vm_id,
+                vcpus=self.vcpus,
+                features=(attach.FEATURE_SAVED_STATE,) if self.restartable else (),
+            ),
+        )
+        self.saved_state = attach.FEATURE_SAVED_STATE in peer.features and self.restartable
+        await conn.send(
+            attach.MemoryRegions(
+                regions=tuple(
+                    attach.MemoryRegion(gpa=r.gpa, size=r.size, fd=self.ram.fd, offset=r.offset)
+                    for r in self.ram.regions
+                )
+            )
+        )
+
     async def _receive_loop(self) -> None:
-        """Apply vmbusd's messages in order; when it ends the session, say why (and
-        wake `start`, which would otherwise wait for offers that never come)."""
+        """Apply vmbusd's messages in order. When vmbusd goes away and we hold its
+        saved state, reconnect and resume; when the session ends for good, say why
+        (and wake `start`, which would otherwise wait for offers that never come)."""
         try:
-            await self._receive_messages()
+            while True:
+                self._last_error = None
+                await self._receive_messages()
+                self._link_up = False
+                if not self._resumable() or not await self._reconnect_and_resume():
+                    break
         finally:
+            self._link_up = False
             if self.closed_reason is None:
-                self.closed_reason = "connection closed"
+                err = self._last_error
+                self.closed_reason = f"{err.code}: {err.message}" if err else "connection closed"
             self._all_offers.set()
+            self.lost.set()
+
+    def _resumable(self) -> bool:
+        """vmbusd went away, and the next one can take over from its saved state: it
+        crashed or stopped (`shutdown`), not refused us."""
+        err = self._last_error
+        return (
+            self._reconnect is not None
+            and self._state_fd is not None
+            and (err is None or err.code == attach.ErrorCode.SHUTDOWN)
+        )
+
+    async def _reconnect_and_resume(self) -> bool:
+        """Connect again (backoff) until `reconnect_timeout`; then `resume` and the
+        posts vmbusd had not handled. False when giving up (closed_reason says why)."""
+        assert self._reconnect is not None and self._state_fd is not None
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                await self.conn.aclose()
+        deadline = trio.current_time() + self.reconnect_timeout
+        delay = RECONNECT_FIRST_DELAY_S
+        last = "no attempt"
+        while True:
+            conn: attach.AttachConnection | None = None
+            try:
+                with trio.fail_after(max(0.05, deadline - trio.current_time())):
+                    conn = await self._reconnect()
+                    await self._attach(conn)
+                    if not self.saved_state:
+                        self.closed_reason = "vmbusd came back without saved-state support"
+                        await conn.abort(attach.ErrorCode.PROTOCOL, self.closed_reason)
+                        return False
+                    await self._resume(conn)
+                self.reconnects += 1
+                log.info("vmbusd is back: session resumed (reconnect %d)", self.reconnects)
+                return True
+            except attach.PeerError as exc:
+                last = str(exc)
+                if exc.code == "saved-state":  # vmbusd will not take our state: final
+                    self.closed_reason = f"vmbusd refused the resume: {exc.message}"
+                    return False
+            except (OSError, attach.AttachError, trio.TooSlowError) as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.aclose()
+            if trio.current_time() + delay > deadline:
+                self.gave_up = True
+                self.closed_reason = (
+                    f"vmbusd did not come back within {self.reconnect_timeout:g} s (last: {last})"
+                )
+                return False
+            await trio.sleep(delay)
+            delay = min(delay * 2, RECONNECT_MAX_DELAY_S)
+
+    async def _resume(self, conn: attach.AttachConnection) -> None:
+        """`resume` with the state we hold and the bindings we keep, then the posts
+        vmbusd had not handled, in order; from then on sends go out again."""
+        assert self._state_fd is not None and self._inflight_fd is not None
+        keep = sorted(self._binds)[: attach.MAX_RESUME_CHANNELS]
+        for relid in set(self._binds) - set(keep):  # vmbusd binds these afresh
+            b = self._binds.pop(relid)
+            if relid not in self.channels:
+                _close_quiet(b.kick)
+                _close_quiet(b.call)
+        async with self._send_lock:
+            await conn.send(
+                attach.Resume(
+                    blob=self._state_fd,
+                    inflight=self._inflight_fd,
+                    applied=self._applied,
+                    posts=self._posts_sent,
+                    channels=tuple(
+                        attach.ResumeChannel(r, self._binds[r].kick, self._binds[r].call)
+                        for r in keep
+                    ),
+                )
+            )
+            self._applied = 0
+            for _idx, post in self._unacked:
+                await conn.send(post)
+            self._link_up = True
+
+    def _take_state(self, msg: attach.State) -> None:
+        """Hold the newest saved state (and the in-flight region, sent once)."""
+        if self._state_fd is not None:
+            _close_quiet(self._state_fd)
+        self._state_fd = msg.blob
+        if msg.inflight is not None:
+            if self._inflight_fd is not None:
+                _close_quiet(self._inflight_fd)
+            self._inflight_fd = msg.inflight
+        self._applied = 0
+        while self._unacked and self._unacked[0][0] < msg.posts:
+            self._unacked.popleft()
 
     async def _receive_messages(self) -> None:
         assert self.conn is not None
         while True:
             try:
                 msg = await self.conn.receive()
-            except attach.ConnectionClosed:
+            except (attach.ConnectionClosed, OSError, trio.ClosedResourceError):
                 return
+            if isinstance(msg, attach.State):
+                self._take_state(msg)
+                continue
+            if isinstance(msg, attach.PostToGuest | attach.Bind | attach.Unbind):
+                self._applied += 1  # applied (or fenced off) before the next one is read
             epoch = getattr(msg, "epoch", None)
             if epoch is not None and epoch < self._reset_epoch:
                 # Sent before vmbusd saw our reset: it belongs to the old guest.
@@ -178,8 +322,9 @@ class SimulatedVm:
                     _close_quiet(b.kick)
                     _close_quiet(b.call)
             elif isinstance(msg, attach.Error):
-                log.warning("vmbusd reported error %s: %s", msg.code, msg.message)
-                self.closed_reason = f"{msg.code}: {msg.message}"
+                level = logging.INFO if msg.code == attach.ErrorCode.SHUTDOWN else logging.WARNING
+                log.log(level, "vmbusd reported error %s: %s", msg.code, msg.message)
+                self._last_error = msg
                 return
 
     async def _pump(self) -> None:
@@ -188,11 +333,9 @@ class SimulatedVm:
 
     async def _dispatch(self, ev: Any) -> None:
         if isinstance(ev, gc.PostMessage):
-            assert self.conn is not None
-            async with self._send_lock:
-                await self.conn.send(
-                    attach.PostFromGuest(connection_id=ev.connection_id, vcpu=0, payload=ev.payload)
-                )
+            await self._post(
+                attach.PostFromGuest(connection_id=ev.connection_id, vcpu=0, payload=ev.payload)
+            )
         elif isinstance(ev, gc.VersionAccepted):
             self.version = ev.version
             self._connected.set()
@@ -221,6 +364,24 @@ class SimulatedVm:
             self._wake("modify", ev.relid, ev.status)
         elif isinstance(ev, gc.UnloadComplete):
             self._wake("unload", 0, True)
+
+    async def _post(self, msg: attach.PostFromGuest) -> None:
+        """The guest's HvPostMessage. With saved state, kept until a `state` says
+        vmbusd handled it, and sent again after a reconnect if it had not; while
+        vmbusd is away it waits (the guest's hypercall already succeeded)."""
+        assert self.conn is not None
+        async with self._send_lock:
+            if self.saved_state:
+                self._unacked.append((self._posts_sent, msg))
+                self._posts_sent += 1
+                if not self._link_up:
+                    return
+                try:
+                    await self.conn.send(msg)
+                except (attach.ConnectionClosed, OSError, trio.ClosedResourceError):
+                    pass  # the receive task reconnects and sends it again
+                return
+            await self.conn.send(msg)
 
     def _wake(self, kind: str, key: int, value: Any) -> None:
         ch = self._waiters.pop((kind, key), None)
@@ -425,19 +586,17 @@ class SimulatedVm:
 
     async def post_raw(self, payload: bytes, connection_id: int = 1) -> None:
         """Post arbitrary bytes as a control message: for hostile-guest tests."""
-        assert self.conn is not None
-        async with self._send_lock:
-            await self.conn.send(
-                attach.PostFromGuest(connection_id=connection_id, vcpu=0, payload=payload)
-            )
+        await self._post(attach.PostFromGuest(connection_id=connection_id, vcpu=0, payload=payload))
 
     def close(self) -> None:
+        for fd in (self._state_fd, self._inflight_fd):
+            if fd is not None:
+                _close_quiet(fd)
+        self._state_fd = self._inflight_fd = None
         self.memory.close()
         self.ram.close()
 
 
 def _close_quiet(fd: int) -> None:
-    import os
-
     with contextlib.suppress(OSError):
         os.close(fd)
