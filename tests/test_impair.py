@@ -4,18 +4,28 @@ mock clock; one-line config errors."""
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import subprocess
+import sys
+import time
+import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
+from conftest import require_tool
+from prometheus_client.parser import text_string_to_metric_families
 
 from devices.netvsc.backends.base import BackendError, Deliver, Frame, NetBackend, NicInfo
 from devices.netvsc.backends.impair import ImpairBackend
 from devices.netvsc.backends.loopback import LoopbackBackend
 from vmbus.config import load_devices
 
+VMBUSD = [sys.executable, "-m", "vmbus.cli"]
 NIC = NicInfo(b"\x00\x15\x5d\x00\x00\x01", 1500, 1)
 
 
@@ -228,3 +238,153 @@ def test_config_errors_are_one_line_naming_the_key(tmp_path: Path) -> None:
             load_devices(str(cfg))
         msg = str(exc.value)
         assert needle in msg and "\n" not in msg, (line, msg)
+
+
+# ---- TCP through an impaired wire: real programs, the simulated VM's NIC ----------
+#
+#   namespace g: vg0 10.78.0.2 (a TAP)  -- vmbusd vm --nic-tap vg0 --netns g
+#        == VMBus rings ==  vmbusd serve: netvsc, impair backend around a tap backend
+#   namespace h: br0 10.78.0.1 `- vh0 (the TAP vmbusd creates)
+
+G_ADDR, H_ADDR = "10.78.0.2", "10.78.0.1"
+LOSS = 0.02
+
+
+def _run(*cmd: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def _must(*cmd: str) -> None:
+    r = _run(*cmd)
+    assert r.returncode == 0, f"{' '.join(cmd)} -> {r.returncode}: {r.stderr.strip()}"
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def _wait_for(proc: subprocess.Popen[bytes], log: Path, line: str) -> None:
+    deadline = time.monotonic() + 30
+    while line not in log.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"{' '.join(map(str, proc.args))}: no {line!r}:\n{log.read_text()}")
+        time.sleep(0.05)
+
+
+def _nic_faults(stats_sock: Path) -> dict[tuple[str, str], float]:
+    r = _run(*VMBUSD, "stats", str(stats_sock), "--prometheus")
+    out = {}
+    for fam in text_string_to_metric_families(r.stdout):
+        if fam.name == "vmbusd_nic_faults":
+            for s in fam.samples:
+                out[(s.labels["direction"], s.labels["kind"])] = s.value
+    return out
+
+
+def _iperf3(g: str, h: str, *args: str) -> dict[str, Any]:
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", h, "iperf3", "-s", "-1", "-B", H_ADDR],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(0.5)
+        r = _run("ip", "netns", "exec", g, "iperf3", "-c", H_ADDR, "-t", "3", "-J", *args)
+        result: dict[str, Any] = json.loads(r.stdout)
+    finally:
+        _stop(server)
+    assert "error" not in result, result["error"]
+    return result
+
+
+@pytest.mark.timeout(180)
+def test_iperf3_tcp_recovers_from_injected_loss(tmp_path: Path) -> None:
+    """2% loss both ways (seeded): iperf3 TCP completes each way, the sender
+    retransmits, and the counters show the drops; a runtime change to 100% loss
+    stops ping, and back to 0 it flows again."""
+    require_tool("ip", "iproute2")
+    require_tool("iperf3", "iperf3")
+    require_tool("ping", "iputils-ping")
+    if os.geteuid() != 0:
+        pytest.fail("the TAP tests need root (network namespaces, /dev/net/tun)", pytrace=False)
+    tag = uuid.uuid4().hex[:6]
+    g, h = f"vmbi-g-{tag}", f"vmbi-h-{tag}"
+    procs: list[subprocess.Popen[bytes]] = []
+    made: list[str] = []
+    try:
+        for ns in (g, h):
+            _must("ip", "netns", "add", ns)
+            made.append(ns)
+            _must("ip", "-n", ns, "link", "set", "lo", "up")
+        _must("ip", "-n", h, "link", "add", "br0", "type", "bridge")
+        _must("ip", "-n", h, "addr", "add", f"{H_ADDR}/24", "dev", "br0")
+        _must("ip", "-n", h, "link", "set", "br0", "up")
+        _must("ip", "-n", g, "tuntap", "add", "vg0", "mode", "tap", "multi_queue", "vnet_hdr")
+        _must("ip", "-n", g, "addr", "add", f"{G_ADDR}/24", "dev", "vg0")
+        config = tmp_path / "nic.toml"
+        config.write_text(
+            '[[device]]\ntype = "netvsc"\nmac = "00:15:5d:00:00:07"\nbackend = "impair"\n'
+            f"seed = 3\nloss = {LOSS}\n"
+            f'inner = {{ backend = "tap", ifname = "vh0", netns = "{h}", bridge = "br0" }}\n'
+        )
+        sock, ctl, stats = tmp_path / "s.sock", tmp_path / "ctl.sock", tmp_path / "st.sock"
+        serve_log, vm_log = tmp_path / "serve.log", tmp_path / "vm.log"
+        with serve_log.open("wb") as out:
+            procs.append(
+                subprocess.Popen(
+                    [*VMBUSD, "serve", "-v", "--listen", str(sock), "--config", str(config),
+                     "--control", str(ctl), "--stats", str(stats)],
+                    stdout=out, stderr=subprocess.STDOUT,
+                )
+            )  # fmt: skip
+        _wait_for(procs[0], serve_log, "listening on")
+        with vm_log.open("wb") as out:
+            procs.append(
+                subprocess.Popen(
+                    [*VMBUSD, "vm", "--connect", str(sock), "--nic-tap", "vg0", "--netns", g],
+                    stdout=out, stderr=subprocess.STDOUT,
+                )
+            )  # fmt: skip
+        _wait_for(procs[1], vm_log, "bridged to TAP vg0")
+
+        up = _iperf3(g, h)
+        down = _iperf3(g, h, "-R")
+        for result in (up, down):
+            assert result["end"]["sum_received"]["bytes"] > 0
+        assert up["end"]["sum_sent"]["retransmits"] > 0  # the guest's TCP saw the loss
+        faults = _nic_faults(stats)
+        assert faults[("from_guest", "lost")] > 0 and faults[("to_guest", "lost")] > 0
+        assert faults[("from_guest", "corrupted")] == 0 and faults[("link", "flaps")] == 0
+        print(
+            f"\niperf3 TCP with {LOSS:.0%} loss: guest->host "
+            f"{up['end']['sum_received']['bits_per_second'] / 1e6:.1f} Mbit/s "
+            f"({up['end']['sum_sent']['retransmits']} retransmits), host->guest "
+            f"{down['end']['sum_received']['bits_per_second'] / 1e6:.1f} Mbit/s; "
+            f"dropped {faults[('from_guest', 'lost')]:.0f} out, "
+            f"{faults[('to_guest', 'lost')]:.0f} in"
+        )
+
+        ping = ("ip", "netns", "exec", g, "ping", "-c", "3", "-i", "0.2", "-W", "1", H_ADDR)
+        vm_name = "sim"  # vmbusd vm's default --name
+        r = _run(*VMBUSD, "ctl", str(ctl), "nic", "impair", "--vm", vm_name, "from_guest.loss=1.0")
+        assert r.returncode == 0 and "from_guest.loss=1.0" in r.stdout, r.stderr
+        before = _nic_faults(stats)[("from_guest", "lost")]
+        assert " 0% packet loss" not in _run(*ping).stdout
+        assert _nic_faults(stats)[("from_guest", "lost")] >= before + 3
+        r = _run(*VMBUSD, "ctl", str(ctl), "nic", "impair", "--vm", vm_name, "loss=0")
+        assert r.returncode == 0, r.stderr
+        assert " 0% packet loss" in _run(*ping).stdout
+        r = _run(*VMBUSD, "ctl", str(ctl), "nic", "impair", "--vm", vm_name, "los=1")
+        assert r.returncode == 2 and "unknown setting 'los'" in r.stderr, r.stderr
+        assert len(r.stderr.splitlines()) == 1
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
+        for ns in made:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
