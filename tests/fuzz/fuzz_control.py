@@ -10,8 +10,9 @@ counts and pages stay within their limits (check_invariants after every step).
 
     python tests/fuzz/fuzz_control.py [libFuzzer options] [corpus dirs]
 
-The input is a script. Each step's head byte picks: a raw message (the next bytes,
-length from the head), a shaped guest message (a real type with fields drawn from
+The input is a script. Byte 0 is the vCPU count - 1 (mod 4). Each step's head byte
+picks: a raw message (below 0x80: a length byte, then the message, on connection id
+4 if the head is odd, else 1), a shaped guest message (a real type with fields drawn from
 small pools, so relids and GPADL handles collide with live ones), or a host action
 answering an earlier event (open_complete with a status, close_complete,
 gpadl_release, rescind, a hot-added offer, a VMM reset). Seeds: the simulated guest's
@@ -161,18 +162,19 @@ def check_one(data: bytes) -> None:
     """Run one script against a fresh bus with two offers; check after every step."""
     r = harness.Reader(data)
     vcpus = 1 + r.byte() % 4
-    server = b.VmBusServer(vcpus, max_pending_events=64, max_gpadls=16, max_gpadl_pages=512)
+    server = b.VmBusServer(vcpus, max_pending_events=64, max_gpadls=16, max_gpadl_pages=1 << 14)
     host = Host(server)
-    server.add_offer(b.Offer(_IF, uuid.UUID(int=1)))
-    server.add_offer(b.Offer(_IF, uuid.UUID(int=1), sub_channel_index=1))
+    for instance, sub in ((1, 0), (1, 1), (2, 0), (2, 1), (3, 0)):  # relids 1-5
+        server.add_offer(b.Offer(_IF, uuid.UUID(int=instance), sub_channel_index=sub))
     for _ in range(MAX_STEPS):
         if not r.more():
             break
         head = r.byte()
-        if head < 0x80:  # raw message of `head` bytes (the recorded seeds use this)
-            payload = r.data[r.pos : r.pos + head]
-            r.pos += head
-            conn = p.CONNECTION_ID_MESSAGE
+        if head < 0x80:  # a raw message: length byte, bytes (the recorded seeds use this)
+            size = r.byte()
+            payload = r.data[r.pos : r.pos + size]
+            r.pos += size
+            conn = p.CONNECTION_ID_MESSAGE_4 if head & 1 else p.CONNECTION_ID_MESSAGE
         elif head < 0xE0:
             payload = shaped(r)
             conn = _CONN[head % len(_CONN)]

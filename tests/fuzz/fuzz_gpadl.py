@@ -50,7 +50,7 @@ def range_buffer(r: harness.Reader) -> tuple[int, bytes]:
     claimed = r.pick((1, 1, 2, 3, 4, 0, 255))
     parts = []
     for _ in range(max(1, min(claimed, 4))):
-        count = r.pick((4096, 8192, 1, 4095, 4097, 0, 0xFFFFFFFF, r.u16()))
+        count = r.pick((4096, 8192, 1, 4095, 4097, 0, 0xFFFFFFFF)) if r.byte() & 1 else r.u32()
         offset = r.pick((0, 0, 1, 0xFFF, 0x1000, 100))
         n = p.range_pfn_count(count, offset) if count < 1 << 20 else 1
         n = min(n + r.pick((0, 0, 0, -1, 1)), 64)

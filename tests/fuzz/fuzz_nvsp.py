@@ -16,7 +16,8 @@ sub-channel cap, and (bit 3) whether Linux's init runs first, so that the script
 starts READY. Each message then takes a head byte. From 0x20 up the message is
 shaped: a real message type (`_TYPES`) with fields from the input, so the state
 machine is reached past INIT far more often than from raw bytes; below 0x20 the
-next `head` bytes are the raw message. A buffer-mapping event is answered with a
+next `head` bytes are the raw message (head 0: the next 40 bytes, a whole message, as
+the seeds recorded from the real guest are). A buffer-mapping event is answered with a
 size from `_SIZES` (picked by the next input byte), or the mapping fails.
 """
 
@@ -96,8 +97,9 @@ def check_one(data: bytes) -> None:
         if h >= 0x20:
             msg, pos = _shaped(data, pos)
         else:
-            msg = data[pos : pos + h]
-            pos += h
+            size = h or nv.NVSP_MESSAGE_SIZE  # 0: a whole message (the recorded seeds)
+            msg = data[pos : pos + size]
+            pos += size
         try:
             ev = server.receive(msg)
         except nv.NvspError as exc:

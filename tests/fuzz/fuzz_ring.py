@@ -13,7 +13,8 @@ a doubled mapping stays mirrored.
     python tests/fuzz/fuzz_ring.py [libFuzzer options] [corpus dirs]
 
 Input: byte 0 picks guarded/doubled memory and 1 or 2 pages; then the start index,
-a run of packets (type, flags, offset8, len8 and a fill byte each, some cut short),
+a run of packets (type, flags, offset8, len8 from pools or raw, a transaction id and
+a fill byte each, some cut short),
 the four header words (each either the consistent value or one from the input), and
 the host's operations (read/peek with an output size and packet limit, a write of
 some bytes, request_space) that both flavours then perform.
@@ -53,10 +54,13 @@ def layout(r: harness.Reader, size: int) -> tuple[int, bytes]:
     r0 = (r.u16() * 8) % size
     parts = []
     for _ in range(r.byte() % 6):
-        typ = r.pick(_TYPES) if r.byte() & 1 else r.u16()
-        flags = r.pick((0, 1, 1, 0xFFFF))
-        off8 = r.pick((2, 2, 3, 0, 1, 5, 0xFFFF))
-        len8 = r.pick((2, 3, 4, 8, 39, 0, 1, 0x1FF, 0xFFFF))
+        if r.byte() & 1:  # fields from pools of likely and edge values
+            typ = r.pick(_TYPES)
+            flags = r.pick((0, 1, 1, 0xFFFF))
+            off8 = r.pick((2, 2, 3, 0, 1, 5, 0xFFFF))
+            len8 = r.pick((2, 3, 4, 8, 39, 0, 1, 0x1FF, 0xFFFF))
+        else:  # raw descriptor fields (the recorded seeds use this)
+            typ, flags, off8, len8 = r.u16(), r.u16(), r.u16(), r.u16()
         pkt = rs.raw_packet(typ, flags, off8, len8, tid=r.u32(), fill=r.byte())
         cut = r.byte()
         if cut < 32:

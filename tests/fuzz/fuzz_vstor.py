@@ -6,7 +6,9 @@ nothing else; a refusal with a status always has a well-formed answer of the
 negotiated size; an SRB that was accepted has 1..16 CDB bytes, a sense offer within
 the buffer and a data length equal to what the ranges described and within the
 advertised maximum; and every completion built for it is the negotiated size, with
-a sense length no larger than the guest's offer.
+a sense length no larger than the guest's offer. An accepted SRB for LUN 0 with at
+most 64 KiB of data is then run as the VSP runs it (its CDB on a memory LUN through
+ScsiController, a buffer of the described length) and its real completion checked.
 
 Run it under atheris (coverage-guided, libFuzzer):
 
@@ -28,23 +30,28 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness, when imported by path
 import harness
+import trio
 
 with harness.instrumented():
+    from devices.storvsc.backends.memory import MemoryBackend
     from devices.storvsc.protocol import (
         PACKET_SIZE,
         SENSE_BUFFER_SIZE,
         CreateSubChannels,
+        DataIn,
         ExecuteSrb,
         Reply,
+        Srb,
         VstorOp,
         VstorProtocol,
         build_packet,
         decode_srb_reply,
     )
+    from devices.storvsc.scsi.disk import ScsiController
     from vmbus.device import GuestError
 
 _SIZES = (64, 64, 64, 48, 0, 8, 12, 56, 72)
-_DATA = (0, 0, 512, 4096, 0x40000, 0x40001, 0xFFFFFFFF)
+_DATA = (0, 0, 512, 4096, 0x40000, 0x40001, 0xFFFFFFFF, 4, 8, 10, 12, 32, 36, 64, 96, 255)
 _INIT = (
     build_packet(VstorOp.BEGIN_INITIALIZATION, flags=1),
     build_packet(VstorOp.QUERY_PROTOCOL_VERSION, struct.pack("<HH", 0x0602, 0), flags=1),
@@ -108,6 +115,29 @@ def check_step(proto: VstorProtocol, body: bytes, primary: bool, data_bytes: int
             assert r.sense_info_length <= srb.sense_info_length
             assert r.data_transfer_length <= srb.data_transfer_length
             assert r.srb_status not in (0x00, 0x03)  # FreeBSD panics on these
+        if srb.lun == 0 and srb.data_transfer_length <= MAX_EXECUTED:
+            check_executed(proto, srb)
+
+
+MAX_EXECUTED = 65536  # SRBs with more data are checked above but not run on the disk
+
+
+def check_executed(proto: VstorProtocol, srb: Srb) -> None:
+    """The accepted SRB as the VSP runs it: its CDB on a memory LUN with a buffer of
+    the length the guest described, the completion built from the SCSI result."""
+    buf = bytearray(srb.data_transfer_length)
+    data_in = srb.data_in == DataIn.READ
+    res = trio.run(_LUNS.execute, 0, srb.cdb, [memoryview(buf)], data_in)
+    assert res.transferred <= srb.data_transfer_length
+    done = proto.complete_srb(srb, res.status, res.sense, res.transferred)
+    assert len(done) == proto.size
+    _op, r = decode_srb_reply(done)
+    assert r.data_transfer_length == (res.transferred if res.status == 0 else 0)
+    assert r.sense_info_length <= min(srb.sense_info_length, len(res.sense))
+
+
+_LUNS = ScsiController()
+_LUNS.add_lun(0, MemoryBackend(1 << 20, chunk_size=4096))
 
 
 main = harness.main_for(check_one)
