@@ -17,11 +17,13 @@ the tap backend on a bridge in the other, as docs/netvsc.md describes).
 
 The guest's load generator is batch per call, as Linux's netvsc with xmit_more is:
 the frames are written into the send-buffer sections once per point, up to the
-host's RNDIS max-packets-per-message (8) aggregated in one section, and each ring
-write sends every free section (one SEND_RNDIS_PKT each). Every receive takes all
-the transfer-page packets waiting and completes them with one raw ring write. Its
-per-frame work is Python (a descriptor unpack, the RNDIS data length read from the
-receive buffer, a transaction id patched into the completion): about a microsecond.
+host's RNDIS max-packets-per-message (8) aggregated in one section, and one raw ring
+write sends every free section (one prebuilt SEND_RNDIS_PKT each). Every receive
+takes all the packets waiting: send completions free their sections, transfer-page
+packets (up to 64 RNDIS packets each) are counted by their ranges and completed with
+one raw ring write. Its Python runs per VMBus packet (a descriptor unpack, a
+transaction id patched into the completion), not per frame; the first frame back
+of each queue is compared with the one sent, and every frame's length is counted.
 
 `python -m vmbus.bench_net host|vm ...` are the two child roles (not a public CLI).
 """
@@ -54,7 +56,7 @@ from vmbus.cliutil import Interrupted, UserError, check_writable
 
 if TYPE_CHECKING:
     from devices.netvsc.vsc import NetvscGuest
-    from vmbus.channel import Channel, CompletedRequest
+    from vmbus.channel import Channel
     from vmbus.ring import OutPacket
 
 LSO_SIZE = 65536  # a 64 KiB LSO send: Ethernet + IPv4 + TCP + payload
@@ -828,9 +830,37 @@ class _Queue:
     relid: int
 
 
+def _raw_packet(pkt: OutPacket, trans_id: int) -> bytes:
+    """`pkt` as a ring holds it (descriptor, body padded to 8), asking for a completion
+    with `trans_id`: the load generator writes many with one write_raw call."""
+    from vmbus.ring import FLAG_COMPLETION_REQUESTED
+
+    body = b"".join(bytes(b) for b in pkt.body)
+    pkt_len = 16 + (len(body) + 7 & ~7)
+    flags = pkt.flags | FLAG_COMPLETION_REQUESTED
+    desc = struct.pack("<HHHHQ", pkt.type, (16 + pkt.ext_len) // 8, pkt_len // 8, flags, trans_id)
+    return desc + body.ljust(pkt_len - 16, b"\0")
+
+
+def _write_raw(ch: Channel, buf: memoryview, idx: memoryview, n: int) -> int:
+    """write_raw on the channel's ring, counted and signalled as Channel.send does;
+    how many packets went (a prefix)."""
+    res = ch.writer.write_raw(buf, idx, n)
+    st = ch.stats
+    st.packets_out += res.npkts
+    st.bytes_out += res.bytes
+    if res.signal:
+        ch.signal_fd.signal()
+        st.signals_sent += 1
+    return res.npkts
+
+
 class _Pump:
-    """One queue's load for one point: prebuilt sends (a send section holding `per_slot`
-    RNDIS packets, or a GPA-direct LSO send), a window of frames in flight."""
+    """One queue's load for one point: sends prebuilt as raw ring packets (a send
+    section holding `per_slot` RNDIS packets, or a GPA-direct LSO send), transaction
+    id = slot + 1; a window of frames in flight. Per batch, not per frame: the free
+    slots go out with one write_raw, every packet waiting comes in with one receive,
+    the transfer-page packets' completions go back with one write_raw."""
 
     def __init__(
         self,
@@ -838,93 +868,96 @@ class _Pump:
         pkts: list[OutPacket],
         per_slot: int,
         window: int,
-        check: Callable[[int, int], None],
+        check: Callable[[int], int],
     ) -> None:
-        from devices.netvsc import protocol as nv
-
+        raw = [_raw_packet(p, i + 1) for i, p in enumerate(pkts)]
         self.q = q
-        self.pkts = pkts
-        self.free = list(range(len(pkts) - 1, -1, -1))
+        self.buf = b"".join(raw)
+        offsets = [sum(len(r) for r in raw[:i]) for i in range(len(raw))]
+        self.idx = array.array(
+            "I", [v for o, r in zip(offsets, raw, strict=True) for v in (o, len(r))]
+        )
         self.per_slot = per_slot  # frames back per send
         self.window = window
-        self.check = check  # (byte_offset, data_length) of the first frame back
+        self.check = check  # the first frame back: (byte offset) -> its RNDIS header length
         self.got = 0
         self.bytes = 0
-        self._ok = struct.pack("<II", nv.Msg.SEND_RNDIS_PKT_COMPLETE, nv.Status.SUCCESS)
-        q.channel.track_completions(self._completed)
 
-    def _completed(self, done: list[CompletedRequest]) -> None:
-        for c in done:
-            if c.payload[:8] != self._ok:
-                raise RuntimeError(f"queue {self.q.index}: send completed {c.payload[:8].hex()}")
-            self.free.append(c.context)  # type: ignore[arg-type]
-
-    async def run(self, deadline: float, ram: memoryview, page_off: list[int]) -> None:
+    async def run(self, deadline: float) -> None:
         import trio
 
         from devices.netvsc import protocol as nv
 
         ch = self.q.channel
+        # From here on this pump takes the channel's completions itself, raw, per
+        # batch: the tracker the VSC's requests used during init is dropped (every
+        # one of them was answered), or it would take ours as unknown ids.
+        ch._tracker = None
+        ch._on_completions = None
         comp = bytearray(_COMP_LEN * ch.max_batch)
         for i in range(ch.max_batch):
             struct.pack_into("<HHHHQII", comp, _COMP_LEN * i, 0xB, 2, 3, 0, 0, 108, 1)
         comp_idx = array.array("I", [v for i in range(ch.max_batch) for v in (_COMP_LEN * i, 24)])
+        comp_v, comp_iv = memoryview(comp), memoryview(comp_idx).cast("B")
+        buf_v, idx_v = memoryview(self.buf), memoryview(self.idx).cast("B")
         unpack, u32, pack_tid = _XFER.unpack_from, _U32.unpack_from, _U64.pack_into
         data_type = nv.CHANNEL_TYPE_DATA
+        ok = struct.pack("<II", nv.Msg.SEND_RNDIS_PKT_COMPLETE, nv.Status.SUCCESS)
+        nslots = len(self.idx) // 2
+        free = [True] * nslots
+        head = 0
         expect = got = nbytes = 0
+        hdr = -1  # the RNDIS header length of this queue's frames (from the first back)
         stopping = False
-        first = True
-        free, pkts, per_slot, window = self.free, self.pkts, self.per_slot, self.window
+        per_slot, window = self.per_slot, self.window
         while True:
             if not stopping:
-                send: list[OutPacket] = []
-                ctxs: list[int] = []
-                while free and expect - got + per_slot <= window:
-                    s = free.pop()
-                    send.append(pkts[s])
-                    ctxs.append(s)
-                    expect += per_slot
-                if send:
-                    await ch.post_requests(send, ctxs)
+                k = 0
+                room = min(nslots - head, (window - (expect - got)) // per_slot)
+                while k < room and free[head + k]:
+                    k += 1
+                if k:
+                    sent = _write_raw(ch, buf_v, idx_v[8 * head : 8 * (head + k)], k)
+                    for s in range(head, head + sent):
+                        free[s] = False
+                    head = (head + sent) % nslots
+                    expect += sent * per_slot
             elif got >= expect:
                 break
             with trio.move_on_after(STALL_S) as wait:
                 batch = await ch.receive()
             if wait.cancelled_caught:
                 raise RuntimeError(f"queue {self.q.index}: {expect - got} frames not back")
-            buf, idx = batch.buffer, batch.index
+            rbuf, idx = batch.buffer, batch.index
+            view = memoryview(rbuf)
             n = 0
             for i in range(batch.n):
                 off = idx[2 * i]
-                typ, off8, len8, _fl, tid, _set, _own, _res, ranges = unpack(buf, off)
+                typ, off8, len8, _fl, tid, _set, _own, _res, ranges = unpack(rbuf, off)
+                if typ == 0xB:  # a send completed: its section is free again
+                    if view[off + 8 * off8 : off + 8 * off8 + 8] != ok:
+                        raise RuntimeError(f"queue {self.q.index}: a send failed")
+                    free[tid - 1] = True
+                    continue
                 if typ != 7:
                     continue  # inband from the host (an indirection table): nothing to do
                 pack_tid(comp, _COMP_LEN * n + 8, tid)
                 n += 1
-                if u32(buf, off + 8 * off8 + 4)[0] != data_type:
+                if u32(rbuf, off + 8 * off8 + 4)[0] != data_type:
                     continue  # a control message (a status indication)
                 # one RNDIS PACKET per range (Linux's netvsc_receive walks them all)
-                for r in range(off + 28, off + 28 + 8 * min(ranges, len8 - 3), 8):
-                    at = u32(buf, r)[0] + 12  # the RNDIS PACKET's data_length
-                    d_len = u32(ram, page_off[at >> 12] + (at & 0xFFF))[0]
-                    nbytes += d_len
-                    got += 1
-                    if first:
-                        self.check(at - 12, d_len)
-                        first = False
-            start = 0
-            while start < n:  # the host drains this ring: room comes back at once
-                res = ch.writer.write_raw(
-                    memoryview(comp)[_COMP_LEN * start :], comp_idx, n - start
-                )
-                st = ch.stats
-                st.packets_out += res.npkts
-                st.bytes_out += res.bytes
-                if res.signal:
-                    ch.signal_fd.signal()
-                    st.signals_sent += 1
-                start += res.npkts
-                if start < n:
+                ranges = min(ranges, len8 - 3)
+                if hdr < 0:
+                    hdr = self.check(u32(rbuf, off + 28)[0])
+                counts = view[off + 24 : off + 24 + 8 * ranges].cast("I")
+                nbytes += sum(counts[0::2]) - hdr * ranges
+                counts.release()
+                got += ranges
+            view.release()
+            done = 0
+            while done < n:  # the host drains this ring: room comes back at once
+                done += _write_raw(ch, comp_v[_COMP_LEN * done :], comp_iv, n - done)
+                if done < n:
                     await trio.sleep(0.0002)
             if not stopping and time.perf_counter() >= deadline:
                 stopping = True
@@ -938,9 +971,6 @@ class _Nic:
         self.guest = guest
         self.queues = queues
         self.table = table
-        ram = guest.vm.ram
-        self.ram = ram.view
-        self.recv_pages = [ram.offset_of(p << 12, 4096) for p in guest._recv[1]]
         self.max_pkt = 1
 
     def _recv_bytes(self, offset: int, length: int) -> bytes:
@@ -1036,14 +1066,15 @@ async def _drive(
                 pkts.append(inband(nvsp))
             window = min(WINDOW, sections * per_section)
 
-        def check(offset: int, d_len: int, frame: bytes = frame) -> None:
-            """The first frame back is the one sent (an LSO send's: its first segment's size)."""
-            msg = nic._recv_bytes(offset, 16)
-            d_off = _U32.unpack_from(msg, 8)[0]
+        def check(offset: int, frame: bytes = frame) -> int:
+            """The first frame back is the one sent (an LSO send's: its first segment,
+            MSS-sized); returns its RNDIS header length (data_offset + 8)."""
+            d_off, d_len = struct.unpack("<II", nic._recv_bytes(offset + 8, 8))
             got = nic._recv_bytes(offset + 8 + d_off, d_len)
             want = frame if not lso else None
             if (want is not None and got != want) or (want is None and d_len != 54 + MSS):
                 raise RuntimeError(f"{_size_name(size)}: a frame came back wrong: {got[:40].hex()}")
+            return int(8 + d_off)
 
         pumps.append(_Pump(q, pkts, per_section if not lso else _frames_back(size), window, check))
     relids = {q.relid for q in nic.queues}
@@ -1065,7 +1096,7 @@ async def _drive(
         t0 = time.perf_counter()
         async with trio.open_nursery() as nursery:
             for p in pumps:
-                nursery.start_soon(p.run, t0 + seconds, nic.ram, nic.recv_pages)
+                nursery.start_soon(p.run, t0 + seconds)
         dt = time.perf_counter() - t0
         c1 = _cpu_seconds(host_pid), _cpu_seconds(None)
     finally:
@@ -1090,7 +1121,9 @@ async def _drive(
         "guest_wakeups": g_wake,
         "host_signals": h1[1] - h0[1],
         "guest_signals": g_sig,
-        # CPU time per frame back: the host's (/proc, 10 ms ticks) and this guest's
+        # CPU time per frame back: the host's (/proc, 10 ms ticks) and this guest's;
+        # both include the channels' adaptive polling (a receiver spins up to 200 us
+        # on an empty ring before it sleeps), so the side that waits looks busier
         "host_cpu_us_per_frame": (c1[0] - c0[0]) * 1e6 / max(1, frames),
         "guest_cpu_us_per_frame": (c1[1] - c0[1]) * 1e6 / max(1, frames),
         "frames_per_vmbus_packet": per_section,
