@@ -467,10 +467,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--connect", metavar="PATH", help="connect to `vmbusd serve --listen PATH`")
     v.add_argument(
         "--workload",
-        choices=["echo", "idle"],
+        choices=["echo", "idle", "soak"],
         default="echo",
         help="echo: push mixed-size traffic through every echo channel, verify it, exit; "
-        "idle: negotiate, open every offered channel, wait for SIGTERM or Ctrl-C",
+        "idle: negotiate, open every offered channel, wait for SIGTERM or Ctrl-C; "
+        "soak: echo verified rounds on every echo channel at once until SIGTERM or Ctrl-C, "
+        "finish the round, exit 0 if every packet came back once and in order",
     )
     v.add_argument("--packets", type=_packet_count, default=20000, help="echo packets to send")
     v.add_argument(

@@ -29,11 +29,13 @@ from vmbus.cliutil import (
 )
 from vmbus.guest.drivers import GuestDriver, driver_for
 from vmbus.guest.vm import RECONNECT_TIMEOUT_S, GuestChannel, HostError, SimulatedVm
-from vmbus.guest.workloads import EchoMismatch
+from vmbus.guest.workloads import EchoMismatch, echo_mixed
 
 log = logging.getLogger(__name__)
 
 LEAVE_TIMEOUT_S = 5.0  # closing channels and unloading on a signal, at most
+SOAK_ROUND = 2000  # soak: packets per verified round on each channel
+SOAK_DRAIN_S = 10.0  # soak: after SIGTERM, the round in flight must finish within this
 IDLE_POLL_S = 0.2  # how often an idle VM looks whether vmbusd has left
 
 
@@ -123,15 +125,51 @@ async def _watch_lost(vm: SimulatedVm, work: trio.CancelScope, workload: str) ->
     back, or ended it): an echo workload would otherwise wait on its rings forever.
     The idle workload watches `closed_reason` itself, but a give-up stops it too."""
     await vm.lost.wait()
-    if workload == "echo" or vm.gave_up:
+    if workload in ("echo", "soak") or vm.gave_up:
         work.cancel()
 
 
-async def _watch(signals: Any, work: trio.CancelScope, stopped: Stopped) -> None:
+async def _watch(
+    signals: Any, work: trio.CancelScope, stopped: Stopped, drain: trio.Event | None = None
+) -> None:
+    """A stop signal cancels the work; with `drain` (soak) it first asks the work to
+    finish its round, and cancels only after SOAK_DRAIN_S."""
     async for signum in signals:
         stopped.signum = signum
+        if drain is not None:
+            drain.set()
+            await trio.sleep(SOAK_DRAIN_S)
         work.cancel()
         return
+
+
+async def soak(vm: SimulatedVm, ring_size: int, stop: trio.Event) -> dict[str, Any]:
+    """The restart tests' load: every echo channel at once, rounds of SOAK_ROUND
+    sequence-numbered (trans_id 1..n), mixed-size packets with a new byte pattern each
+    round, every echo checked for order and bytes, until `stop`; then the round in
+    flight is finished, so every packet sent came back exactly once and in order."""
+    from devices.echo.protocol import ECHO_IF_TYPE
+
+    offers = vm.find_offers(ECHO_IF_TYPE)
+    if not offers:
+        raise EchoMismatch("the host offered no echo device")
+    chans = [await vm.open_channel(o, ring_size) for o in offers]
+    out: list[dict[str, Any]] = []
+
+    async def one(gch: GuestChannel) -> None:
+        rounds = packets = 0
+        while not stop.is_set():
+            res = await echo_mixed(gch.channel, SOAK_ROUND, ring_size // 4 - 64, seed=rounds)
+            rounds += 1
+            packets += res.packets
+        out.append({"relid": gch.offer.relid, "rounds": rounds, "packets": packets})
+
+    async with trio.open_nursery() as nursery:
+        for gch in chans:
+            nursery.start_soon(one, gch)
+    for gch in chans:
+        await vm.close_channel(gch)
+    return {"channels": sorted(out, key=lambda c: c["relid"])}
 
 
 def _echo_line(summary: dict[str, Any]) -> str:
@@ -191,7 +229,8 @@ async def run_vm(
         with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
             async with trio.open_nursery() as nursery:
                 work = trio.CancelScope()
-                nursery.start_soon(_watch, signals, work, stopped)
+                drain = trio.Event() if workload == "soak" else None
+                nursery.start_soon(_watch, signals, work, stopped, drain)
                 nursery.start_soon(_watch_lost, vm, work, workload)
                 try:
                     with work:
@@ -206,6 +245,15 @@ async def run_vm(
                             summary["ok"] = True
                             status = 0
                             say(_echo_line(summary))
+                        elif workload == "soak":
+                            assert drain is not None
+                            say(f"VMBus {summary['version']}: soak until SIGTERM or Ctrl-C")
+                            summary.update(await soak(vm, ring_size, drain))
+                            await vm.unload()
+                            summary["ok"] = True
+                            status = 0
+                            total = sum(c["packets"] for c in summary["channels"])
+                            say(f"soak: {total} packets echoed, each exactly once, in order")
                         else:
                             skip: frozenset[uuid.UUID] = frozenset()
                             if nic_tap is not None:  # the NIC bridged to a TAP, then idle
@@ -246,7 +294,7 @@ async def run_vm(
                         status = 1
                     if exports is not None:  # sockets gone, HBAs closed, before leaving
                         await exports.aclose()
-                    if stopped.signum is not None:
+                    if stopped.signum is not None and not summary["ok"]:
                         closed = await _leave(vm)
                         name = signal.Signals(stopped.signum).name
                         if workload == "idle" and vm.version is not None:
