@@ -39,16 +39,21 @@ static inline uint32_t vsc_ld_le32(const uint8_t *p)
 
 int vmb_vsc_submit(struct vmb_ring *wr, uint8_t *tmpl, uint64_t tmpl_len, uint32_t pkt_len,
                    uint32_t nslots, uint32_t lba_at, const uint64_t *tids, uint32_t n,
-                   struct vmb_vsc_gen *gen, uint64_t now_ns, uint64_t *t0, uint32_t *index,
-                   struct vmb_write_result *res)
+                   struct vmb_vsc_gen *gen, uint64_t now_ns, uint64_t *t0, uint8_t *busy,
+                   uint32_t *index, struct vmb_write_result *res)
 {
     memset(res, 0, sizeof(*res));
     if ((uint64_t)nslots * pkt_len > tmpl_len || (uint64_t)lba_at + 12 > pkt_len ||
         gen->span == 0)
         return VMB_VSC_E_BAD_ARG;
-    for (uint32_t k = 0; k < n; k++)
-        if (tids[k] == 0 || tids[k] > nslots)
+    for (uint32_t k = 0; k < n; k++) {
+        if (tids[k] == 0 || tids[k] > nslots || busy[tids[k] - 1]) {
+            while (k--)  /* undo: nothing changes on an error */
+                busy[tids[k] - 1] = 0;
             return VMB_VSC_E_TRANS_ID;
+        }
+        busy[tids[k] - 1] = 1;
+    }
     const uint64_t span = gen->span;
     const uint32_t blocks = gen->blocks;
     for (uint32_t k = 0; k < n; k++) {
@@ -73,7 +78,8 @@ int vmb_vsc_submit(struct vmb_ring *wr, uint8_t *tmpl, uint64_t tmpl_len, uint32
 }
 
 int vmb_vsc_parse(const uint8_t *buf, uint64_t buflen, const uint32_t *index, uint32_t n,
-                  uint32_t nslots, const uint64_t *t0, uint64_t now_ns, uint64_t *trans_id,
+                  uint32_t nslots, const uint64_t *t0, uint8_t *busy, uint64_t now_ns,
+                  uint64_t *trans_id,
                   uint32_t *vstor_status, uint8_t *srb_status, uint8_t *scsi_status,
                   uint32_t *xfer_len, uint64_t *lat_ns, struct vmb_vsc_parse_result *res)
 {
@@ -96,8 +102,9 @@ int vmb_vsc_parse(const uint8_t *buf, uint64_t buflen, const uint32_t *index, ui
         const uint8_t *pl = p + (uint64_t)off8 * 8;
         if (len - (uint64_t)off8 * 8 < VMB_VSC_COMP_MIN)
             return VMB_VSC_E_SHORT;
-        if (tid == 0 || tid > nslots)
+        if (tid == 0 || tid > nslots || !busy[tid - 1])
             return VMB_VSC_E_TRANS_ID;
+        busy[tid - 1] = 0;
         const uint32_t op = vsc_ld_le32(pl), status = vsc_ld_le32(pl + 8);
         const uint8_t srb = pl[14];
         const uint32_t xfer = vsc_ld_le32(pl + 24);

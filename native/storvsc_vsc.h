@@ -22,8 +22,9 @@
 #include "ring.h"
 /* cffi:begin */
 #define VMB_VSC_E_BAD_ARG (-100)      /* caller error: slots outside tmpl, lba_at, span 0, ... */
-#define VMB_VSC_E_TRANS_ID (-101)     /* submit: a trans id not in 1..nslots; parse: a
-                                       * completion for no slot */
+#define VMB_VSC_E_TRANS_ID (-101)     /* submit: a trans id not in 1..nslots or of a slot
+                                       * in flight; parse: a completion for no slot in
+                                       * flight (a host completing a request twice) */
 #define VMB_VSC_E_NOT_COMP (-102)     /* parse: a packet that is not VM_PKT_COMP */
 #define VMB_VSC_E_SHORT (-103)        /* parse: payload shorter than VMB_VSC_COMP_MIN */
 #define VMB_VSC_COMP_MIN 28u          /* vstor header (12) + vmscsi_request up to and
@@ -53,28 +54,32 @@ struct vmb_vsc_parse_result {
 };
 
 /* Submit: for k in 0..n, slot s = tids[k] - 1 gets the next LBA of gen, the block
- * count gen->blocks, trans id tids[k] in its descriptor, and t0[s] = now_ns; then
+ * count gen->blocks, trans id tids[k] in its descriptor, t0[s] = now_ns and
+ * busy[s] = 1 (in flight: set here, cleared by the parse of its completion); then
  * the n packets are written with vmb_ring_write_raw (flags 0) in that order, as
  * many as fit (res->npkts; the rest stay patched: write them later from
  * index[2 * npkts ..], which holds (offset in tmpl, pkt_len) per packet). Checked
  * first, nothing patched or written on error: nslots * pkt_len <= tmpl_len,
  * lba_at + 12 <= pkt_len, gen->span > 0 (BAD_ARG); every tids[k] in 1..nslots
- * (TRANS_ID). Otherwise returns what vmb_ring_write_raw returns. */
+ * and its slot not busy, nor twice in tids (TRANS_ID). Otherwise returns what
+ * vmb_ring_write_raw returns (busy stays set for every packet patched). */
 int vmb_vsc_submit(struct vmb_ring *wr, uint8_t *tmpl, uint64_t tmpl_len, uint32_t pkt_len,
                    uint32_t nslots, uint32_t lba_at, const uint64_t *tids, uint32_t n,
-                   struct vmb_vsc_gen *gen, uint64_t now_ns, uint64_t *t0, uint32_t *index,
-                   struct vmb_write_result *res);
+                   struct vmb_vsc_gen *gen, uint64_t now_ns, uint64_t *t0, uint8_t *busy,
+                   uint32_t *index, struct vmb_write_result *res);
 
 /* Parse n completions as vmb_ring_read left them (buf, index pairs of offset and
  * length; each entry inside buf, >= 16 bytes, offset8 * 8 <= length, else BAD_ARG).
  * Per packet k, in order: type VM_PKT_COMP (NOT_COMP), payload >= VMB_VSC_COMP_MIN
- * bytes (SHORT), trans id in 1..nslots (TRANS_ID); then trans_id[k],
+ * bytes (SHORT), trans id in 1..nslots with its slot busy (TRANS_ID); then busy
+ * is cleared and trans_id[k],
  * vstor_status[k] (u32 at payload 8), srb_status[k] (u8 at 14), scsi_status[k]
  * (u8 at 15), xfer_len[k] (u32 at 24, data_transfer_length) and lat_ns[k] = now_ns -
  * t0[trans id - 1] (0 if t0[...] > now_ns). On an error res->n is the bad packet's
  * index and the arrays hold the packets before it. Returns 0 or VMB_VSC_E_*. */
 int vmb_vsc_parse(const uint8_t *buf, uint64_t buflen, const uint32_t *index, uint32_t n,
-                  uint32_t nslots, const uint64_t *t0, uint64_t now_ns, uint64_t *trans_id,
+                  uint32_t nslots, const uint64_t *t0, uint8_t *busy, uint64_t now_ns,
+                  uint64_t *trans_id,
                   uint32_t *vstor_status, uint8_t *srb_status, uint8_t *scsi_status,
                   uint32_t *xfer_len, uint64_t *lat_ns, struct vmb_vsc_parse_result *res);
 /* cffi:end */

@@ -99,7 +99,17 @@ _step = st.one_of(
     st.tuples(st.just("drain")),
     st.tuples(st.just("resume")),
     st.tuples(st.just("bad_tid"), st.sampled_from([0, 9, 2**64 - 1])),
+    st.tuples(st.just("complete"), st.permutations(range(1, 9)), st.integers(0, 8)),
+    st.tuples(st.just("busy_tid"), st.permutations(range(1, 9))),
 )
+
+
+def _completions(tids: list[int]) -> tuple[bytes, bytes]:
+    """Successful completions for tids, laid out as ring read() leaves them."""
+    buf = b"".join(_completion(0xB, t, 1, 0, 1, 0, 4096, 64) for t in tids)
+    n = len(buf) // max(1, len(tids))
+    index = [v for i in range(len(tids)) for v in (i * n, n)]
+    return buf, struct.pack(f"<{len(index)}I", *index)
 
 
 @settings(max_examples=150, deadline=None)
@@ -129,9 +139,10 @@ def test_submit_native_equals_twin_and_model(
     start8: int,
     steps: list[tuple[Any, ...]],
 ) -> None:
-    """Every submit/resume gives the same result, ring bytes, LBA state, t0 and
-    templates in both; each packet that reached the ring is its slot's template with
-    the model's next LBA and block count, in submit order."""
+    """Every submit/resume/parse gives the same result, ring bytes, LBA state, t0,
+    busy flags and templates in both; a slot in flight is refused (submitted twice)
+    until its completion is parsed; each packet that reached the ring is its slot's
+    template with the model's next LBA and block count, in submit order."""
     start = (start8 * 8) % size
     pkts = _packets(depth, npages, write)
     sides = []
@@ -145,11 +156,13 @@ def test_submit_native_equals_twin_and_model(
     pending: list[bytes] = []  # patched by the last submit, not written yet
     tmpl0 = bytes(sides[0][0].tmpl)
     pkt_len, lba_at = sides[0][0].pkt_len, sides[0][0].lba_at
+    busy: set[int] = set()  # the model's slots in flight (by trans id)
     for step in steps:
         if step[0] == "submit":
             _, perm, n, now = step
-            tids = [t for t in perm if t <= depth][:n]
+            tids = [t for t in perm if t <= depth and t not in busy][:n]
             outs = [_outcome(s.submit, w, tids, len(tids), now) for s, w, _ in sides]
+            busy |= set(tids)
             pending = []
             for tid in tids:
                 if random_lba:
@@ -161,9 +174,23 @@ def test_submit_native_equals_twin_and_model(
                 struct.pack_into(">QI", p, lba_at, (unit * blocks) % 2**64, blocks)
                 pending.append(bytes(p))
         elif step[0] == "bad_tid":
-            tids = [1, step[1]] if depth > 1 else [step[1]]
+            free = [t for t in range(1, depth + 1) if t not in busy]
+            tids = [*free[: min(1, depth - 1)], step[1]]
             outs = [_outcome(s.submit, w, tids, len(tids), 0) for s, w, _ in sides]
             assert outs[0] == ("SrbSlotsError", vsc.E_TRANS_ID)
+        elif step[0] == "busy_tid":
+            tids = [t for t in step[1] if t <= depth and t not in busy][:1]
+            tids += [t for t in step[1] if t in busy][:1] or tids  # in flight, or twice
+            if not tids or len(tids) > depth:
+                continue
+            outs = [_outcome(s.submit, w, tids, len(tids), 0) for s, w, _ in sides]
+            assert outs[0] == ("SrbSlotsError", vsc.E_TRANS_ID)
+        elif step[0] == "complete":
+            done = [t for t in step[1] if t in busy][: step[2]]
+            buf, idx = _completions(done)
+            outs = [_outcome(s.parse, buf, idx, len(done), 0) for s, _w, _h in sides]
+            assert outs[0][0] == "ok"
+            busy -= set(done)
         elif step[0] == "resume":
             outs = [_outcome(s.resume, w) for s, w, _ in sides]
         else:  # the host consumed everything: read_index = write_index
@@ -181,6 +208,8 @@ def test_submit_native_equals_twin_and_model(
         assert bytes(py.tmpl) == bytes(nat.tmpl)
         assert (py.seq.rng, py.seq.next) == (nat.seq.rng, nat.seq.next)
         assert list(py.t0) == list(nat.t0[0 : py.nslots])
+        assert list(py.busy) == list(nat.busy[0 : py.nslots])
+        assert {i + 1 for i, b in enumerate(py.busy) if b} == busy
         assert bytes(sides[0][1]._data) == bytes(sides[1][1]._data)
         assert bytes(sides[0][2]) == bytes(sides[1][2])
     # read back what the twin wrote since the last drain: the model's packets, in order
@@ -229,8 +258,9 @@ _comp = st.builds(
     gap=st.integers(0, 3),
 )
 def test_parse_native_equals_twin(comps: list[bytes], t0: list[int], now: int, gap: int) -> None:
-    """Same result or error (and where), same arrays for every completion parsed, on
-    completions laid out as ring read() leaves them (8-aligned, maybe apart)."""
+    """Same result or error (and where), same arrays and in-flight flags for every
+    completion parsed, on completions laid out as ring read() leaves them (8-aligned,
+    maybe apart); a second completion for one request is an error."""
     buf = bytearray()
     index: list[int] = []
     for c in comps:
@@ -242,6 +272,7 @@ def test_parse_native_equals_twin(comps: list[bytes], t0: list[int], now: int, g
     for s in sides:
         for i, v in enumerate(t0):
             s.t0[i] = v
+            s.busy[i] = 1  # every slot in flight: a second completion for one is refused
     outs = []
     for s in sides:
         try:
@@ -249,6 +280,7 @@ def test_parse_native_equals_twin(comps: list[bytes], t0: list[int], now: int, g
         except SrbSlotsError as exc:
             outs.append(("error", exc.code, exc.at))
     assert outs[0] == outs[1]
+    assert list(sides[0].busy) == list(sides[1].busy[0:8])
     n = outs[0][2]
     names = ("trans_id", "vstor_status", "srb_status", "scsi_status", "xfer_len", "lat_ns")
     for name in names:

@@ -669,7 +669,7 @@ class SrbSlotsError(StorvscError):
 
     NAMES: ClassVar[dict[int, str]] = {
         E_BAD_ARG: "bad argument",
-        E_TRANS_ID: "trans id of no slot",
+        E_TRANS_ID: "trans id of no slot in flight (or submitted twice)",
         E_NOT_COMP: "not a completion",
         E_SHORT: "completion too short",
     }
@@ -754,6 +754,7 @@ class PySrbSlots:
     def _init_arrays(self) -> None:
         n, b = self.nslots, self.max_batch
         self.t0: Any = array.array("Q", bytes(8 * n))
+        self.busy: Any = bytearray(n)  # slot in flight: submitted, not completed
         self.index: Any = array.array("I", bytes(8 * n))
         self.trans_id: Any = array.array("Q", bytes(8 * b))
         self.vstor_status: Any = array.array("I", bytes(4 * b))
@@ -778,8 +779,13 @@ class PySrbSlots:
         seq, tmpl, pkt_len, lba_at = self.seq, self.tmpl, self.pkt_len, self.lba_at
         if seq.span <= 0:
             raise SrbSlotsError(E_BAD_ARG, "submit")
-        if any(not 1 <= tids[k] <= self.nslots for k in range(n)):
-            raise SrbSlotsError(E_TRANS_ID, "submit")
+        busy = self.busy
+        for k in range(n):
+            if not 1 <= tids[k] <= self.nslots or busy[tids[k] - 1]:
+                for j in range(k):  # undo: nothing changes on an error
+                    busy[tids[j] - 1] = 0
+                raise SrbSlotsError(E_TRANS_ID, "submit")
+            busy[tids[k] - 1] = 1
         index, t0 = self.index, self.t0
         for k in range(n):
             tid = tids[k]
@@ -827,8 +833,9 @@ class PySrbSlots:
             pl = off + off8 * 8
             if ln - off8 * 8 < COMP_MIN:
                 raise SrbSlotsError(E_SHORT, f"completion {k}", k)
-            if not 1 <= tid <= self.nslots:
+            if not 1 <= tid <= self.nslots or not self.busy[tid - 1]:
                 raise SrbSlotsError(E_TRANS_ID, f"completion {k}", k)
+            self.busy[tid - 1] = 0
             op, _fl, status = struct.unpack_from("<III", view, pl)
             srb, scsi = view[pl + 14], view[pl + 15]
             xfer = _U32.unpack_from(view, pl + 24)[0]
@@ -861,6 +868,7 @@ class NativeSrbSlots(PySrbSlots):
         n, b = self.nslots, self.max_batch
         self._c_tmpl = ffi.from_buffer("uint8_t[]", self.tmpl, require_writable=True)
         self.t0 = ffi.new("uint64_t[]", n)
+        self.busy = ffi.new("uint8_t[]", n)
         self.index = ffi.new("uint32_t[]", 2 * n)
         self.trans_id = ffi.new("uint64_t[]", b)
         self.vstor_status = ffi.new("uint32_t[]", b)
@@ -895,6 +903,7 @@ class NativeSrbSlots(PySrbSlots):
             g,
             now_ns,
             self.t0,
+            self.busy,
             self.index,
             res,
         )
@@ -927,6 +936,7 @@ class NativeSrbSlots(PySrbSlots):
             n,
             self.nslots,
             self.t0,
+            self.busy,
             now_ns,
             self.trans_id,
             self.vstor_status,
