@@ -1151,11 +1151,16 @@ def vm_main(args: argparse.Namespace) -> int:
         conn = await attach.connect(args.connect)
         async with trio.open_nursery() as nursery:
             await vm.start(conn, nursery)
+            only = tuple(int(x) for x in args.only.split(":")) if args.only else None
             for queues in QUEUES:
+                if only is not None and only[1] != queues:
+                    continue
                 nic = await _bring_up(vm, queues)
                 if len(nic.queues) != queues:
                     raise RuntimeError(f"{len(nic.queues)} queues open, {queues} wanted")
                 for size in SIZES:
+                    if only is not None and only[0] != size:
+                        continue
                     what = f"{args.impl} {queues}q {_size_name(size)}"
                     print(f"{PROGRESS_PREFIX}{what}", file=sys.stderr, flush=True)
                     records.append(
@@ -1187,6 +1192,7 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--sockfd", type=int, required=True)
     v.add_argument("--socketpair", default="1")
     v.add_argument("--host-pid", type=int, required=True)
+    v.add_argument("--only", help="SIZE:QUEUES, one point (profiling)")
     args = p.parse_args(argv)
     return host_main(args) if args.role == "host" else vm_main(args)
 
