@@ -24,11 +24,13 @@ The device shape every kind shares (docs/devices.md):
   vRSS bring-up byte for byte, and `NetvscVsc`, its probe.
 - `backends/`: the contract (`base.NetBackend`: frames per batch and queue, link,
   which offloads it takes), `loopback`, and `tap` (IFF_VNET_HDR with checksum/LSO
-  passed to the kernel, IFF_MULTI_QUEUE, netns, bridge; pyroute2); entry-point
-  group `vmbusd.net_backends`; config `type = "netvsc"`.
+  passed to the kernel, IFF_MULTI_QUEUE, netns, bridge; pyroute2), `switch` (an L2
+  learning switch shared by the NICs of every VM of a service, VLAN-aware) and `pcap`
+  (another backend wrapped, frames to pcapng); entry-point group
+  `vmbusd.net_backends`; config `type = "netvsc"`.
 - `tap_bridge.py`: `vmbusd vm --nic-tap NAME [--netns NS]`, the simulated guest's
   NIC bridged to a TAP.
-- Not yet: switch and pcap backends, native C, several RNDIS packets per
+- Not yet: native C, several RNDIS packets per
   transfer-page packet, link indications from `vmbusd ctl`.
 
 Wire facts come from Linux 6.1's drivers/net/hyperv/ and ../shared/spec/netvsc.md.
