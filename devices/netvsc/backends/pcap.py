@@ -14,9 +14,10 @@ with its time and the epb_flags direction option — outbound for what the guest
 sent, inbound for what it is given, as a capture on the guest's own eth0 shows
 them. An 802.1Q tag (beside the frame in RNDIS) is written inline.
 
-Frames are captured as they cross, so the guest gets no offloads through this
-backend (`offloads` is empty: the VSP fills checksums and segments LSO sends
-first, so the capture holds wire frames). Writes go through a buffered file
+Frames are captured as they cross, finished: `offloads` is empty, so the VSP
+fills checksums and segments LSO sends (in Python) before the frame gets here and
+the capture holds wire frames — the wrapped backend's own offloads (tap's vnet
+header) go unused. Writes go through a buffered file
 flushed per batch, from the trio thread (a page-cache write); `tx_frames` and
 `rx_frames` count the frames written each way, logged at info when the NIC goes.
 """
