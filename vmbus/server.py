@@ -574,7 +574,9 @@ class VmSession:
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, STATE_SEALS)
             inflight = None if self._inflight_sent else self._inflight_fd
             async with self._send_lock:
-                await self.conn.send(attach.State(blob=fd, inflight=inflight))
+                await self.conn.send(
+                    attach.State(blob=fd, posts=self._posts_done, inflight=inflight)
+                )
             self._inflight_sent = True
             self._last_blob = blob
         finally:
@@ -595,7 +597,7 @@ class VmSession:
 
         The blob and everything else in `resume` come from the VMM: checked like any
         input from it. On the first problem the VMM gets `error saved-state` naming
-        it (one log line) and every fd of the message is closed. Nothing reaches the
+        it (one log line, by `run`) and every fd of the message is closed. Nothing reaches the
         guest: its channels carry on where the last vmbusd left them.
         """
         taken: set[int] = set()
@@ -612,7 +614,6 @@ class VmSession:
                 await self._restore(saved, msg, taken)
         except (ValueError, bus.SavedStateError, GuestMemoryError, OSError) as exc:
             attach.close_fds([fd for fd in msg.fds() if fd not in taken])
-            log.warning("%s: resume refused: %s", self.label, exc)
             raise attach.AttachProtocolError(f"resume refused: {exc}", ERROR_SAVED_STATE) from None
         attach.close_fds([fd for fd in msg.fds() if fd not in taken])
 
