@@ -18,6 +18,10 @@ are continued, never mistaken for success. Details that matter for data safety:
   A file system without hole punching is detected when opening (a probe past the
   end of the file, which changes nothing) or on first use: `can_unmap` turns False
   and the unmap that found out is completed by writing zeros.
+- storvsc's fast path (devices/storvsc/fastpath.py) reads and writes the fd
+  itself, inline with RWF_NOWAIT (`fast_file()`), and hands what would block to
+  `rw_batch`: one worker thread for a batch of plain reads and writes, each with
+  readv/writev's own semantics (FUA included).
 - `create_size` creates a sparse image (ftruncate) if the file does not exist;
   an existing file of another size is a configuration error, never truncated.
 """
@@ -131,6 +135,9 @@ class FileBackend:
             os.close(self._fd)
             raise
         self._rwf_dsync = hasattr(os, "RWF_DSYNC")
+        # Cleared by the fast path when this file system refuses RWF_NOWAIT writes
+        # (EOPNOTSUPP: ext4 buffered), so it stops trying them.
+        self.nowait_writes = True
         self._zero_modes = [
             FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
             FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
@@ -344,6 +351,43 @@ class FileBackend:
         views = [memoryview(b).cast("B") for b in buffers]
         self._check(offset, sum(v.nbytes for v in views), write=True)
         await self._io(self._write, offset, views, fua)
+
+    def fast_file(self) -> tuple[int, int] | None:
+        """(fd, O_DIRECT alignment or 0) for storvsc's fast path; None once closing.
+        The fd stays open until close(), which the fast path checks every batch."""
+        if self._fd < 0 or self._closing:
+            return None
+        return self._fd, self.direct_alignment if self.direct else 0
+
+    def _rw_batch(
+        self, items: Sequence[tuple[bool, int, list[memoryview], bool]]
+    ) -> list[BackendIOError | None]:
+        out: list[BackendIOError | None] = []
+        for write, offset, views, fua in items:
+            try:
+                self._check(offset, sum(v.nbytes for v in views), write=write)
+                if write:
+                    self._write(offset, views, fua)
+                else:
+                    self._read(offset, views)
+                out.append(None)
+            except BackendIOError as err:
+                out.append(err)
+            except OSError as err:
+                out.append(BackendIOError(f"{self.path}: {err}", offset=offset))
+        return out
+
+    async def rw_batch(
+        self, items: Sequence[tuple[bool, int, Sequence[memoryview], bool]]
+    ) -> list[BackendIOError | None]:
+        """(write, offset, buffers, fua) requests run one after another in ONE worker
+        thread (one hand-off for a batch, not one each); each as readv/writev would
+        run it. Each one's failure is returned in its place, not raised."""
+        batch = [
+            (w, off, [memoryview(b).cast("B") for b in bufs], fua) for w, off, bufs, fua in items
+        ]
+        result: list[BackendIOError | None] = await self._io(self._rw_batch, batch)
+        return result
 
     async def flush(self) -> None:
         if self._fd < 0:

@@ -1,12 +1,18 @@
-"""The RAM disk: sparse, so a large disk costs only the chunks the guest has written.
+"""The RAM disk: sparse, so a large disk costs only the pages the guest has written.
 
-Storage is a dict of fixed-size chunks; a chunk that was never written (or was
-wholly unmapped / zeroed) is absent and reads as zeros. Data is copied once,
-between a chunk and the caller's buffer.
+Storage is one private anonymous mapping of the whole capacity (MAP_NORESERVE):
+the kernel gives a page memory only when it is first written, and an untouched
+page reads as zeros. A bitmap of `chunk_size` chunks says which chunks were ever
+written (`allocated_bytes`); unmapping a whole chunk zeroes it (giving its pages
+back where it covers whole pages) and clears its bit. Data is copied once,
+between the mapping and the caller's buffer; storvsc's fast path
+(devices/storvsc/fastpath.py) copies straight between it and guest RAM in C,
+through `fast_storage()`.
 """
 
 from __future__ import annotations
 
+import mmap
 import re
 from collections.abc import Iterator, Sequence
 
@@ -18,6 +24,14 @@ DEFAULT_CHUNK_SIZE = 64 * 1024  # allocation unit; also the unit an unmap can fr
 DEFAULT_MAX_TRANSFER = 8 * 1024 * 1024  # per readv/writev; the SCSI layer bounds it further
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)  # Linux's value; Python < 3.12 lacks it
+_ZEROS = bytes(1 << 20)
+_NONZERO = re.compile(rb"[^\x00]")
+
+
+def _anonymous(size: int) -> mmap.mmap:
+    """Private anonymous memory of `size` bytes that costs nothing until written."""
+    return mmap.mmap(-1, max(1, size), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
 
 
 def parse_size(size: int | str) -> int:
@@ -72,13 +86,31 @@ class MemoryBackend:
         self.write_back = write_back
         self.max_transfer = max_transfer
         self.chunk_size = chunk_size
-        self._chunks: dict[int, bytearray] = {}
         self._closed = False
+        self._mm, self._map = self._allocate(capacity)
+        self.generation = 0  # bumped whenever the storage mapping is replaced
+
+    def _allocate(self, capacity: int) -> tuple[mmap.mmap, mmap.mmap]:
+        try:
+            chunks = -(-capacity // self.chunk_size)
+            return _anonymous(capacity), _anonymous(-(-chunks // 8))
+        except OSError as err:
+            raise BackendConfigError(
+                f"cannot reserve {capacity} bytes for a RAM disk: {err}"
+            ) from err
 
     @property
     def allocated_bytes(self) -> int:
-        """What the disk costs in RAM right now (tests and stats)."""
-        return len(self._chunks) * self.chunk_size
+        """What the disk's written chunks cost in RAM at most (tests and stats)."""
+        if self._closed:
+            return 0
+        return int.from_bytes(self._map, "little").bit_count() * self.chunk_size
+
+    def fast_storage(self) -> tuple[mmap.mmap, mmap.mmap] | None:
+        """(the disk's bytes, the written-chunk bitmap) for storvsc's fast path, which
+        copies in place and sets the bits of the chunks it writes; None once closed.
+        Valid until `generation` changes."""
+        return None if self._closed else (self._mm, self._map)
 
     def _check(self, offset: int, length: int, write: bool) -> None:
         if self._closed:
@@ -100,47 +132,69 @@ class MemoryBackend:
             offset += n
             length -= n
 
+    def _has(self, index: int) -> bool:
+        return bool(self._map[index >> 3] & (1 << (index & 7)))
+
+    def _mark(self, offset: int, length: int) -> None:
+        cs = self.chunk_size
+        for index in range(offset // cs, (offset + length - 1) // cs + 1):
+            self._map[index >> 3] |= 1 << (index & 7)
+
     async def readv(self, offset: int, buffers: Sequence[memoryview]) -> None:
         await trio.lowlevel.checkpoint()
         total = sum(memoryview(b).nbytes for b in buffers)
         self._check(offset, total, write=False)
+        mm = self._mm
         for buf in buffers:
             view = memoryview(buf).cast("B")
-            pos = 0
-            for index, start, n in self._spans(offset, view.nbytes):
-                chunk = self._chunks.get(index)
-                if chunk is None:
-                    view[pos : pos + n] = bytes(n)
-                else:
-                    view[pos : pos + n] = chunk[start : start + n]
-                pos += n
-            offset += view.nbytes
+            n = view.nbytes
+            view[:] = mm[offset : offset + n]
+            offset += n
 
     async def writev(self, offset: int, buffers: Sequence[memoryview], fua: bool = False) -> None:
         await trio.lowlevel.checkpoint()
         total = sum(memoryview(b).nbytes for b in buffers)
         self._check(offset, total, write=True)
+        mm = self._mm
+        if total:
+            self._mark(offset, total)
         for buf in buffers:
             view = memoryview(buf).cast("B")
-            pos = 0
-            for index, start, n in self._spans(offset, view.nbytes):
-                chunk = self._chunks.get(index)
-                if chunk is None:
-                    chunk = self._chunks[index] = bytearray(self.chunk_size)
-                chunk[start : start + n] = view[pos : pos + n]
-                pos += n
-            offset += view.nbytes
+            n = view.nbytes
+            mm[offset : offset + n] = view
+            offset += n
 
     async def flush(self) -> None:
         await trio.lowlevel.checkpoint()
 
+    def _clear(self, offset: int, length: int) -> None:
+        """Zero [offset, offset+length) of the mapping; whole pages go back to the system."""
+        page = mmap.PAGESIZE
+        start = -(-offset // page) * page
+        end = (offset + length) // page * page
+        if end > start:
+            self._mm.madvise(mmap.MADV_DONTNEED, start, end - start)  # reads zeros again
+            self._fill(offset, start - offset)
+            self._fill(end, offset + length - end)
+        else:
+            self._fill(offset, length)
+
+    def _fill(self, offset: int, length: int) -> None:
+        while length > 0:
+            n = min(length, len(_ZEROS))
+            self._mm[offset : offset + n] = _ZEROS[:n]
+            offset += n
+            length -= n
+
     def _zero(self, offset: int, length: int) -> None:
-        """Drop whole chunks, zero partial ones: either way the range reads as zeros."""
+        """Drop whole chunks, zero partial ones: either way the range reads as zeros.
+        A chunk never written is zeros already and stays absent."""
         for index, start, n in self._spans(offset, length):
+            if not self._has(index):
+                continue
+            self._clear(index * self.chunk_size + start, n)
             if n == self.chunk_size:
-                self._chunks.pop(index, None)
-            elif (chunk := self._chunks.get(index)) is not None:
-                chunk[start : start + n] = bytes(n)
+                self._map[index >> 3] &= ~(1 << (index & 7)) & 0xFF
 
     async def unmap(self, ranges: Sequence[tuple[int, int]]) -> None:
         await trio.lowlevel.checkpoint()
@@ -155,14 +209,37 @@ class MemoryBackend:
         self._zero(offset, length)
 
     async def resize(self, new_capacity: int) -> None:
-        """Grow or shrink; blocks past a shrink are forgotten, so a regrow reads zeros."""
+        """Grow or shrink; blocks past a shrink are forgotten, so a regrow reads zeros.
+        Growing past the mapping copies the written chunks into a larger one."""
         await trio.lowlevel.checkpoint()
         check_geometry(new_capacity, self.block_size, self.physical_block_exponent)
         if new_capacity < self.capacity:
             self._zero(new_capacity, self.capacity - new_capacity)
+        elif new_capacity > len(self._mm):
+            mm, bitmap = self._allocate(new_capacity)
+            bitmap[: len(self._map)] = self._map
+            cs = self.chunk_size
+            for m in _NONZERO.finditer(self._map):  # whole bytes of the bitmap: 8 chunks
+                lo = m.start() * 8 * cs
+                hi = min(lo + 8 * cs, self.capacity)
+                mm[lo:hi] = self._mm[lo:hi]
+            old, self._mm, self._map = self._mm, mm, bitmap
+            self.generation += 1
+            _close_quietly(old)
         self.capacity = new_capacity
 
     async def close(self) -> None:
         await trio.lowlevel.checkpoint()
         self._closed = True
-        self._chunks.clear()
+        self.generation += 1
+        for m in (self._mm, self._map):
+            _close_quietly(m)
+
+
+def _close_quietly(m: mmap.mmap) -> None:
+    """Unmap now, or (while storvsc's fast path still holds a view of it) when the
+    last view goes."""
+    try:
+        m.close()
+    except BufferError:
+        pass
