@@ -6,10 +6,16 @@ data buffer is the GPA-direct ranges of its packet, turned into memoryviews of
 guest RAM (zero copy) and handed to `ScsiController.execute`, so a READ lands in
 the guest's pages straight from the backend and a WRITE leaves from them.
 
-Per channel: one receive loop, one task per SRB in a nursery (completed out of
-order, as backends finish), completions batched by a sender task onto the
-channel the request came in on. At most `queue_depth` requests per channel are
-taken off the ring and not yet completed: beyond that the loop stops reading (the
+Per channel: one receive loop. The hot case, READ/WRITE to a memory or file LUN,
+takes the fast path (`fastpath.py`): per received batch one call decodes every
+such SRB, one executes them (memcpy; preadv2/pwritev2 RWF_NOWAIT), one builds
+their completions, sent with `Channel.send_raw`; file requests that would block
+go to one worker thread per batch (`FileBackend.rw_batch`). Everything else
+(and any request the fast path is not sure of) takes the general path: one task
+per SRB in a nursery (completed out of order, as backends finish), completions
+batched by a sender task onto the channel the request came in on. At most
+`queue_depth` requests per channel are taken off the ring and not yet completed
+(fast or not): beyond that the loop stops reading (the
 guest's ring fills, flow control, not memory). A guest that never reads its
 completions fills its own inbound ring: that channel's sender waits, its cap is
 reached, and only that channel stops.
@@ -36,6 +42,7 @@ Configured as `[[device]] type = "storvsc"` with `[[device.lun]]` tables (see
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import uuid
@@ -45,12 +52,17 @@ from typing import Any
 
 import trio
 
+from devices.storvsc import fastpath
 from devices.storvsc.backends.base import (
     BackendConfigError,
+    BackendIOError,
     DiskBackend,
     load_backend,
     open_backend,
 )
+from devices.storvsc.backends.file import FileBackend
+from devices.storvsc.backends.memory import MemoryBackend
+from devices.storvsc.fastpath import LunSpec, SrbFastPath
 from devices.storvsc.protocol import (
     SCSI_IF_TYPE,
     CreateSubChannels,
@@ -64,7 +76,8 @@ from devices.storvsc.protocol import (
 )
 from devices.storvsc.scsi import DiskIdentity, ScsiController
 from devices.storvsc.scsi.constants import MAX_LUN, Op
-from vmbus.channel import Channel
+from devices.storvsc.scsi.disk import ScsiDisk
+from vmbus.channel import Channel, PacketBatch
 from vmbus.cliutil import UserError
 from vmbus.device import Device, DeviceContext, DeviceOffer, GuestError, guest_error
 from vmbus.packet import (
@@ -87,6 +100,8 @@ DEFAULT_RING = 128 * 1024  # Linux's storvsc_ringbuffer_size
 MAX_LUNS = 256
 OPEN_TIMEOUT_S = 3.0  # a backend's async open, inside Linux's 5 s init step
 REFUSALS_LOGGED = 8  # per channel; later refusals are only counted
+# VMBUSD_STORVSC_FAST=0 sends every request down the general path (A/B runs, tests).
+FAST_PATH = os.environ.get("VMBUSD_STORVSC_FAST", "1") != "0"
 
 _LUN_KEYS = ("backend", "lun", "serial", "wwn")  # ours; the rest goes to the backend
 _RENAMED = {"readonly": "read_only", "uri": "address"}
@@ -333,24 +348,215 @@ class _ChannelWorker:
         self._wake = trio.Event()
         self._room = trio.Event()
         self._refusals = 0
+        self._fast = SrbFastPath()
+        self._lun_sig: object = None
+        self._fast_luns = 0
+        self.fast_completed = 0  # requests completed by the fast path (tests)
+        self.leftovers: dict[int, int] = {}  # fast requests that had to block, by errno
 
     async def run(self) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._sender)
-            if self.primary:
-                self.dev._rescan = trio.Event()
-                nursery.start_soon(self._notifier)
-            cap = self.dev.queue_depth
-            decoder = self.ctx.memory.gpa_direct_decoder()
-            while True:
-                while self.in_flight >= cap:
-                    self._room = trio.Event()
-                    await self._room.wait()
-                batch = await self.channel.receive(max_pkts=cap - self.in_flight)
-                # Every GPA-direct range list of the batch in one (native) call.
-                ranges = decoder.decode_batch(batch)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._sender)
+                if self.primary:
+                    self.dev._rescan = trio.Event()
+                    nursery.start_soon(self._notifier)
+                await self._receive_loop(nursery)
+        finally:
+            self._fast.release()  # its views of guest RAM and of memory disks
+            if self.leftovers:
+                self.ctx.log.debug(
+                    "fast path: %d completed, leftovers by errno %s",
+                    self.fast_completed,
+                    self.leftovers,
+                )
+
+    async def _receive_loop(self, nursery: trio.Nursery) -> None:
+        cap = self.dev.queue_depth
+        decoder = self.ctx.memory.gpa_direct_decoder()
+        fp = self._fast
+        while True:
+            while self.in_flight >= cap:
+                self._room = trio.Event()
+                await self._room.wait()
+            batch = await self.channel.receive(max_pkts=cap - self.in_flight)
+            # Every GPA-direct range list of the batch in one (native) call.
+            ranges = decoder.decode_batch(batch)
+            n = len(batch)
+            nfast = 0
+            if FAST_PATH and self.proto.ready and self._sync_luns():
+                nfast = fp.decode(
+                    batch.buffer,
+                    batch.index,
+                    n,
+                    ranges,
+                    ready=True,
+                    size=self.proto.size,
+                    max_transfer=self.proto.max_transfer_bytes,
+                )
+            if nfast < n:
+                kinds = fp.kinds() if nfast else None
                 for i, pkt in enumerate(batch):
-                    self._take(pkt, nursery, ranges, i)
+                    if kinds is None or kinds[i] == fastpath.SLOW:
+                        self._take(pkt, nursery, ranges, i)
+            if nfast:
+                await self._run_fast(batch, ranges, nfast, nursery)
+
+    # -- the fast path --
+
+    def _sync_luns(self) -> bool:
+        """Give the fast path the LUNs it may serve (memory and file disks with no
+        unit attention pending); rebuilt only when what it depends on changed.
+        False when no LUN qualifies."""
+        ctl = self.dev.controller
+        disks: list[tuple[int, ScsiDisk, MemoryBackend | FileBackend]] = []
+        sig: list[object] = []
+        for n in ctl.luns:
+            disk = ctl.disk(n)
+            b = disk.backend
+            state: object
+            # Exactly these classes: a subclass or a wrapper may do its I/O its own way.
+            if type(b) is MemoryBackend and isinstance(b, MemoryBackend):
+                state = (b.generation, b.fast_storage() is not None)
+            elif type(b) is FileBackend and isinstance(b, FileBackend):
+                state = (b.fast_file(), b.nowait_writes)
+            else:
+                continue
+            disks.append((n, disk, b))
+            sig.append((n, disk, b, b.capacity, disk._capacity, disk._unit_attention, state))
+        if sig == self._lun_sig:
+            return self._fast_luns > 0
+        self._lun_sig = sig
+        specs: dict[int, LunSpec] = {}
+        for n, disk, b in disks:
+            if disk._unit_attention or b.capacity != disk._capacity:
+                continue  # the general path raises the UNIT ATTENTION first
+            common = (b.read_only, b.block_size, disk.blocks, disk.max_transfer_bytes)
+            if isinstance(b, MemoryBackend):
+                st = b.fast_storage()
+                if st is None:
+                    continue
+                specs[n] = LunSpec(
+                    fastpath.LUN_MEMORY,
+                    *common,
+                    storage=memoryview(st[0]),
+                    chunk_map=memoryview(st[1]),
+                    chunk_size=b.chunk_size,
+                )
+            else:
+                ff = b.fast_file()
+                if ff is None:
+                    continue
+                specs[n] = LunSpec(
+                    fastpath.LUN_FILE,
+                    *common,
+                    direct_align=ff[1],
+                    fd=ff[0],
+                    blocking_writes=not b.nowait_writes,
+                )
+        self._fast.set_luns(specs)
+        self._fast_luns = len(specs)
+        return bool(specs)
+
+    async def _run_fast(
+        self, batch: PacketBatch, ranges: GpaDirectBatch, nfast: int, nursery: trio.Nursery
+    ) -> None:
+        """Execute the batch's FAST requests and send their completions; what would
+        block goes to one worker thread (`_leftovers`)."""
+        fp = self._fast
+        done = fp.execute(ranges)
+        if done < nfast:
+            self._take_leftovers(batch, ranges, nursery)
+        if done:
+            buf, idx, k = fp.completions()
+            self.in_flight += k
+            self.dev.max_in_flight_seen = max(self.dev.max_in_flight_seen, self.in_flight)
+            try:
+                await self.channel.send_raw(buf, idx, k)
+            finally:
+                self.in_flight -= k
+            self.fast_completed += k
+
+    def _take_leftovers(
+        self, batch: PacketBatch, ranges: GpaDirectBatch, nursery: trio.Nursery
+    ) -> None:
+        fp = self._fast
+        recs = bytearray(fp.records())
+        items: list[tuple[int, bytes, list[memoryview]]] = []
+        luns = self.dev.controller
+        for i, pkt in enumerate(batch):
+            r = fp.record(i)
+            if r.kind != fastpath.LEFTOVER:
+                fastpath.set_kind(recs, i, fastpath.SLOW)  # answered already, or not ours
+                continue
+            self.leftovers[r.reason] = self.leftovers.get(r.reason, 0) + 1
+            if r.reason == errno.EOPNOTSUPP and r.flags & fastpath.F_WRITE:
+                b = luns.disk(r.lun).backend if r.lun in luns else None
+                if isinstance(b, FileBackend):
+                    b.nowait_writes = False  # this file system never takes them
+            items.append((i, bytes(pkt.payload), ranges.iovecs(i)))
+        self.in_flight += len(items)
+        self.dev.max_in_flight_seen = max(self.dev.max_in_flight_seen, self.in_flight)
+        nursery.start_soon(self._leftovers, recs, self.proto.size, items)
+
+    async def _leftovers(
+        self, recs: bytearray, size: int, items: list[tuple[int, bytes, list[memoryview]]]
+    ) -> None:
+        """A batch's file requests that would have blocked: one thread runs them all;
+        the ones that fail take the general path (which retries and answers with the
+        sense data it always gave)."""
+        per_backend: dict[int, tuple[FileBackend, list[tuple[int, bytes, list[memoryview]]]]] = {}
+        failed: list[tuple[int, bytes, list[memoryview]]] = []
+        ctl = self.dev.controller
+        for item in items:
+            r = fastpath.SrbRec(*fastpath.REC.unpack_from(recs, fastpath.REC.size * item[0]))
+            b = ctl.disk(r.lun).backend if r.lun in ctl else None
+            if not isinstance(b, FileBackend):  # removed meanwhile
+                failed.append(item)
+                continue
+            per_backend.setdefault(id(b), (b, []))[1].append(item)
+        ok = 0
+        for b, its in per_backend.values():
+            reqs = []
+            for i, _, iov in its:
+                r = fastpath.SrbRec(*fastpath.REC.unpack_from(recs, fastpath.REC.size * i))
+                write = bool(r.flags & fastpath.F_WRITE)
+                reqs.append((write, r.offset, iov, bool(r.flags & fastpath.F_FUA)))
+            try:
+                errs: list[BackendIOError | None] = await b.rw_batch(reqs)
+            except BackendIOError:  # closed meanwhile
+                errs = [BackendIOError("closed")] * len(its)
+            for item, err in zip(its, errs, strict=True):
+                if err is None:
+                    fastpath.set_kind(recs, item[0], fastpath.DONE)
+                    ok += 1
+                else:
+                    failed.append(item)
+        if ok:
+            buf, idx, k = self._fast.complete_copy(recs, size)
+            try:
+                await self.channel.send_raw(buf, idx, k)
+            finally:
+                self.in_flight -= k
+                self._room.set()
+            self.fast_completed += k
+        for i, payload, iov in failed:
+            await self._retry(recs, i, payload, iov)
+
+    async def _retry(self, recs: bytearray, i: int, payload: bytes, iov: list[memoryview]) -> None:
+        """A fast request whose I/O failed, run again by the general path: the SCSI
+        layer retries it and answers with its sense data, exactly as it always did."""
+        tid = fastpath.SrbRec(*fastpath.REC.unpack_from(recs, fastpath.REC.size * i)).trans_id
+        data_bytes = sum(v.nbytes for v in iov)
+        try:
+            ev = self.proto.receive(payload, primary=self.primary, data_bytes=data_bytes)
+        except GuestError as exc:  # the protocol was reset meanwhile
+            self._queue(
+                completion(tid, self.proto.failure_reply(exc.status or NtStatus.UNSUCCESSFUL))
+            )
+            return
+        assert isinstance(ev, ExecuteSrb)
+        await self._execute(tid, ev.srb, iov)
 
     # -- intake (synchronous: packets are views valid until the next receive) --
 
