@@ -21,6 +21,8 @@ suite checks. All input is our own copy of guest bytes (copied once by the VSP).
 
 from __future__ import annotations
 
+import array
+import itertools
 import struct
 from collections.abc import Sequence
 from typing import Any, Final, NamedTuple
@@ -39,6 +41,7 @@ PPI_SIZE: Final = 16  # one host PPI: header + u32
 _TX_MSG = struct.Struct("<iIII")
 _TX_PKT = struct.Struct("<8I")
 _U32 = struct.Struct("<I")
+_RX_FRAME_SIZE = 32  # struct vmb_nv_rx_frame
 
 
 class TxPkt(NamedTuple):
@@ -77,6 +80,10 @@ class RxFrame(NamedTuple):
     vlan: int | None
     hash_value: int | None
     hash_info: int
+
+
+_PASS = RxIn(True, 0, None, 0)
+_DROP = RxIn(False, 0, None, 0)
 
 
 # --- pure-Python twins ------------------------------------------------------------------
@@ -228,6 +235,7 @@ class _Native:
         if (
             ffi.sizeof("struct vmb_nv_tx_pkt") != _TX_PKT.size
             or ffi.sizeof("struct vmb_nv_tx_msg") != _TX_MSG.size
+            or ffi.sizeof("struct vmb_nv_rx_frame") != _RX_FRAME_SIZE
             or lib.VMB_NV_MAX_PKT_PER_MSG != rn.MAX_PKT_PER_MSG
             or lib.VMB_NV_MAX_XFER != rn.MAX_XFER_SIZE
             or lib.VMB_NV_MAX_PPI != rn.MAX_PPI_COUNT
@@ -295,14 +303,17 @@ class _Native:
             raise ValueError(f"a {len(key)}-byte key cannot hash {len(data)} bytes")
         return int(self.lib.vmb_nv_toeplitz(key, len(key), data, len(data)))
 
-    def _frames(self, frames: Sequence[bytes]) -> tuple[bytes, Any]:
-        arr = self.ffi.new("struct vmb_nv_rx_frame[]", max(1, len(frames)))
-        pos = 0
-        for i, f in enumerate(frames):
-            arr[i].data_off = pos
-            arr[i].data_len = len(f)
-            pos += len(f)
-        return b"".join(frames), arr
+    @staticmethod
+    def _records(frames: Sequence[bytes]) -> tuple[bytes, array.array[int]]:
+        """The batch buffer and its struct vmb_nv_rx_frame records (8 u32 each) as
+        one array, filled a column at a time (no per-frame cffi attribute access)."""
+        n = len(frames)
+        lens = array.array("I", map(len, frames))
+        offs = array.array("I", itertools.accumulate(lens, initial=0))
+        recs = array.array("I", bytes(_RX_FRAME_SIZE * max(1, n)))
+        recs[0 : 8 * n : 8] = offs[:n]
+        recs[1 : 8 * n : 8] = lens
+        return b"".join(frames), recs
 
     def rx_classify(
         self,
@@ -312,59 +323,72 @@ class _Native:
         mcast: Sequence[bytes],
         rss: rn.RssParams | None,
     ) -> list[RxIn]:
-        ffi = self.ffi
-        buf, arr = self._frames(frames)
+        ffi, n = self.ffi, len(frames)
+        buf, recs = self._records(frames)
         enabled = rss is not None and rss.enabled and len(rss.key) == rn.RSS_KEY_SIZE
         hash_info = rss.hash_info if enabled and rss is not None else 0
         key = rss.key if enabled and rss is not None else bytes(rn.RSS_KEY_SIZE)
         table = list(rss.table) if enabled and rss is not None else []
         tab = ffi.new("uint32_t[]", table) if table else ffi.NULL
         m = b"".join(mcast)
+        arr = ffi.from_buffer("struct vmb_nv_rx_frame[]", recs)
         r = self.lib.vmb_nv_rx_classify(
-            buf, len(buf), arr, len(frames), packet_filter, mac, m, len(mcast), hash_info,
-            key, tab, len(table),
+            buf, len(buf), arr, n, packet_filter, mac, m, len(mcast), hash_info, key, tab,
+            len(table),
         )  # fmt: skip
+        ffi.release(arr)
         if r < 0:
             raise ValueError(f"vmb_nv_rx_classify: {r}")
+        if r == n and not hash_info:
+            return [_PASS] * n
         out = []
-        for i in range(len(frames)):
-            a = arr[i]
-            if not a.accept:
-                out.append(RxIn(False, 0, None, 0))
-            elif a.flags & HAS_HASH:
-                out.append(RxIn(True, int(a.queue), int(a.hash_value), int(a.hash_info)))
+        for accept, hashed, queue, value, info in zip(
+            recs[7 : 8 * n : 8],
+            recs[6 : 8 * n : 8],
+            recs[5 : 8 * n : 8],
+            recs[3 : 8 * n : 8],
+            recs[4 : 8 * n : 8],
+            strict=True,
+        ):
+            if not accept:
+                out.append(_DROP)
+            elif hashed & HAS_HASH:
+                out.append(RxIn(True, queue, value, info))
             else:
-                out.append(RxIn(True, 0, None, 0))
+                out.append(_PASS)
         return out
 
     def rx_build(
         self, view: memoryview, frames: Sequence[RxFrame], offsets: Sequence[int], max_len: int
     ) -> list[int]:
         ffi, n = self.ffi, len(frames)
-        buf, arr = self._frames([f.data for f in frames])
-        for i, f in enumerate(frames):
-            a = arr[i]
-            flags = 0
-            if f.vlan is not None:
-                a.vlan = f.vlan
-                flags |= HAS_VLAN
-            if f.hash_value is not None:
-                a.hash_value = f.hash_value & 0xFFFFFFFF
-                a.hash_info = f.hash_info
-                flags |= HAS_HASH
-            a.flags = flags
-        lens = ffi.new("uint32_t[]", max(1, n))
-        offs = ffi.new("uint32_t[]", list(offsets)) if n else ffi.NULL
+        buf, recs = self._records([f.data for f in frames])
+        if any(f.vlan is not None or f.hash_value is not None for f in frames):
+            for i, f in enumerate(frames):
+                flags = 0
+                if f.vlan is not None:
+                    recs[8 * i + 2] = f.vlan
+                    flags |= HAS_VLAN
+                if f.hash_value is not None:
+                    recs[8 * i + 3] = f.hash_value & 0xFFFFFFFF
+                    recs[8 * i + 4] = f.hash_info
+                    flags |= HAS_HASH
+                recs[8 * i + 6] = flags
+        lens = array.array("I", bytes(4 * max(1, n)))
+        offs = array.array("I", offsets) if n else array.array("I", [0])
         target = ffi.from_buffer(view)
+        arr = ffi.from_buffer("struct vmb_nv_rx_frame[]", recs)
         try:
             r = self.lib.vmb_nv_rx_build(
-                target, len(view), buf, len(buf), arr, n, offs, max_len, lens
-            )
+                target, len(view), buf, len(buf), arr, n,
+                ffi.from_buffer("uint32_t[]", offs), max_len, ffi.from_buffer("uint32_t[]", lens),
+            )  # fmt: skip
         finally:
             ffi.release(target)
+            ffi.release(arr)
         if r < 0:
             raise ValueError(f"vmb_nv_rx_build: {r} (a section outside the receive buffer)")
-        return list(lens)[:n]
+        return lens.tolist()[:n]
 
 
 class _Twins:
