@@ -372,7 +372,7 @@ class FaultyBackend:
         if fail:
             self.counters[f"{op}_error"] += 1
             where = offset if op != "flush" else None
-            raise _error(f"injected {op} error", f.sense, where)
+            raise _error(f"injected {op} error ({f.sense})", f.sense, where)
 
     async def readv(self, offset: int, buffers: Sequence[memoryview]) -> None:
         if not self.powered:
