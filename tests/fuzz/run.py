@@ -13,7 +13,7 @@ log is <out>/<target>.log. The summary line per target is what FUZZING.md record
 executions, cov (coverage edges of vmbus/ and devices/ Python code), ft (features),
 corpus size, exec/s, peak RSS, and the finding if any.
 
-    scripts/fuzz [--runs N | --time SECONDS] [--out DIR] [--grow] [target ...]
+    scripts/fuzz [--runs N] [--time SECONDS] [--out DIR] [--grow] [--nice] [target ...]
 
 Run long ones under `nice -n 19`. `VMBUSD_FUZZ_NATIVE` (native/sanitize.sh --fuzz
 sets it) selects an ASan+UBSan build of the extension.
@@ -143,9 +143,8 @@ def parse(target: str, rc: int, text: str, took: float, log: Path) -> Result:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="scripts/fuzz", description=__doc__.split("\n\n")[0])
-    lim = ap.add_mutually_exclusive_group()
-    lim.add_argument("--runs", type=int, help="executions per target")
-    lim.add_argument("--time", type=int, help="seconds per target")
+    ap.add_argument("--runs", type=int, help="executions per target")
+    ap.add_argument("--time", type=int, help="seconds per target (with --runs: whichever first)")
     ap.add_argument("--out", type=Path, help="work dir (default: a new one under /tmp)")
     ap.add_argument("--grow", action="store_true", help="add new inputs to the committed corpus")
     ap.add_argument("--seed", type=int, help="libFuzzer -seed (default: random)")
