@@ -281,8 +281,7 @@ class FaultyBackend:
         elif key == "seed":
             self.seed = value
             self._rng = {
-                p: random.Random(f"{value}/{p}")
-                for p in (*OPS, *(f"{o}_latency" for o in OPS))
+                p: random.Random(f"{value}/{p}") for p in (*OPS, *(f"{o}_latency" for o in OPS))
             }
         elif key == "power" and value == "cut":
             self.power_cut()
