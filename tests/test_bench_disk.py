@@ -50,6 +50,7 @@ def test_bench_disk_quick_writes_every_record(tmp_path: Path) -> None:
         assert rec["bytes_per_s"] == pytest.approx(rec["iops"] * block, rel=1e-6)
         if rec["impl"] != "fio":  # the simulated guest says what its requests cost it
             assert rec["guest_cpu_us_per_io"] > 0 and rec["ios"] > 0, rec
+            assert rec["guest_busy_us_per_io"] > 0, rec
 
 
 def test_bench_disk_refuses_bad_seconds() -> None:
