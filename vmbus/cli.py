@@ -286,6 +286,17 @@ def cmd_demo(args: argparse.Namespace, say: _Say) -> int:
     return run_demo(packets=args.packets, ring_size=args.ring_size)
 
 
+def _vm_counts(text: str) -> tuple[int, ...]:
+    """--vms: comma-separated counts from 1 to 1000."""
+    try:
+        counts = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
+    if not counts or any(not 1 <= c <= 1000 for c in counts):
+        raise argparse.ArgumentTypeError(f"counts must be 1..1000: {text!r}")
+    return counts
+
+
 def cmd_bench(args: argparse.Namespace, say: _Say) -> int:
     from vmbus.bench import run_bench
 
@@ -294,6 +305,16 @@ def cmd_bench(args: argparse.Namespace, say: _Say) -> int:
 
         return run_bench_net(
             quick=args.quick, json_path=args.json, seconds=args.seconds, plot_path=args.plot
+        )
+    if args.what == "vms":
+        from vmbus.bench_vms import run_bench_vms
+
+        return run_bench_vms(
+            quick=args.quick,
+            json_path=args.json,
+            seconds=args.seconds,
+            plot_path=args.plot,
+            counts=args.vms,
         )
     if args.what == "disk":
         from vmbus.bench_disk import run_bench_disk
@@ -636,10 +657,18 @@ def build_parser() -> argparse.ArgumentParser:
         "and a file LUN through a real channel, native and pure-Python, with fio on the same "
         "file. net: netvsc frames (64/512/1500 B, 64 KiB LSO; 1 and 4 queues) through a "
         "loopback NIC, native and pure-Python, with AF_UNIX socketpair, veth iperf3 and "
-        "vmbusd-path iperf3 baselines (root, iperf3). A progress bar on a terminal, plain "
-        "lines otherwise.",
+        "vmbusd-path iperf3 baselines (root, iperf3). vms: 1, 10, 50 and 100 simulated VMs "
+        "on one vmbusd, each reading its disk and bouncing frames off its NIC at once: "
+        "aggregate rates, Jain's fairness, p99 latency, vmbusd's memory, fds and CPU per VM. "
+        "A progress bar on a terminal, plain lines otherwise.",
     )
-    b.add_argument("what", choices=["ring", "disk", "net"], help="which benchmark")
+    b.add_argument("what", choices=["ring", "disk", "net", "vms"], help="which benchmark")
+    b.add_argument(
+        "--vms",
+        type=_vm_counts,
+        metavar="N,N,...",
+        help="vms: the VM counts to measure (default: 1,10,50,100; 1,10 with --quick)",
+    )
     b.add_argument(
         "--quick", action="store_true", help="short run, under 30 s (default: full, 2 s a point)"
     )
