@@ -51,3 +51,36 @@ def test_bench_vms_bad_counts_are_one_line() -> None:
     r = subprocess.run([VMBUSD, "bench", "vms", "--vms", "0,5"], capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "counts must be 1..1000" in r.stderr
+
+
+def test_serve_takes_the_hard_fd_limit(tmp_path: Path) -> None:
+    """A dozen descriptors per VM: with a 256 soft limit vmbusd could not hold 100
+    VMs; `vmbusd serve` raises its soft limit to the hard one."""
+    import os
+    import resource
+    import time
+
+    def low_soft_limit() -> None:
+        _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+    sock = tmp_path / "s.sock"
+    proc = subprocess.Popen(
+        [VMBUSD, "serve", "--listen", str(sock)],
+        preexec_fn=low_soft_limit,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        limits = Path(f"/proc/{proc.pid}/limits").read_text()
+        line = next(x for x in limits.splitlines() if x.startswith("Max open files"))
+        soft, hard = line.split()[3:5]
+        assert soft == hard and int(soft) > 256, line
+        assert os.path.exists(sock)
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -8,6 +8,7 @@ trio's ExceptionGroups), and SIGTERM/SIGINT into a one-line summary.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -150,12 +151,25 @@ class _Say:
 # -- commands ------------------------------------------------------------------------
 
 
+def _raise_fd_limit() -> None:
+    """A service holds a dozen descriptors per VM (socket, eventfds, RAM, backends):
+    the common 1024 soft limit would stop it near 80 VMs, so take the hard limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):  # the kernel's nr_open caps it
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 def cmd_serve(args: argparse.Namespace, say: _Say) -> int:
     from vmbus.config import devices_factory
     from vmbus.server import serve_until_signalled
 
     uids = set(args.allow_uid) if args.allow_uid else None
     factory = devices_factory(args.config)  # a bad file fails here, before any socket
+    _raise_fd_limit()
     metrics = parse_hostport(args.metrics) if args.metrics else None
     summary = trio.run(
         lambda: serve_until_signalled(
