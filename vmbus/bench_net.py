@@ -832,7 +832,7 @@ class _Queue:
 
 def _raw_packet(pkt: OutPacket, trans_id: int) -> bytes:
     """`pkt` as a ring holds it (descriptor, body padded to 8), asking for a completion
-    with `trans_id`: the load generator writes many with one write_raw call."""
+    with `trans_id`: the load generator sends many with one send_raw call."""
     from vmbus.ring import FLAG_COMPLETION_REQUESTED
 
     body = b"".join(bytes(b) for b in pkt.body)
@@ -842,25 +842,12 @@ def _raw_packet(pkt: OutPacket, trans_id: int) -> bytes:
     return desc + body.ljust(pkt_len - 16, b"\0")
 
 
-def _write_raw(ch: Channel, buf: memoryview, idx: memoryview, n: int) -> int:
-    """write_raw on the channel's ring, counted and signalled as Channel.send does;
-    how many packets went (a prefix)."""
-    res = ch.writer.write_raw(buf, idx, n)
-    st = ch.stats
-    st.packets_out += res.npkts
-    st.bytes_out += res.bytes
-    if res.signal:
-        ch.signal_fd.signal()
-        st.signals_sent += 1
-    return res.npkts
-
-
 class _Pump:
     """One queue's load for one point: sends prebuilt as raw ring packets (a send
     section holding `per_slot` RNDIS packets, or a GPA-direct LSO send), transaction
     id = slot + 1; a window of frames in flight. Per batch, not per frame: the free
-    slots go out with one write_raw, every packet waiting comes in with one receive,
-    the transfer-page packets' completions go back with one write_raw."""
+    slots go out with one send_raw, every packet waiting comes in with one receive,
+    the transfer-page packets' completions go back with one send_raw."""
 
     def __init__(
         self,
@@ -917,11 +904,11 @@ class _Pump:
                 while k < room and free[head + k]:
                     k += 1
                 if k:
-                    sent = _write_raw(ch, buf_v, idx_v[8 * head : 8 * (head + k)], k)
-                    for s in range(head, head + sent):
+                    await ch.send_raw(buf_v, idx_v[8 * head : 8 * (head + k)], k)
+                    for s in range(head, head + k):
                         free[s] = False
-                    head = (head + sent) % nslots
-                    expect += sent * per_slot
+                    head = (head + k) % nslots
+                    expect += k * per_slot
             elif got >= expect:
                 break
             with trio.move_on_after(STALL_S) as wait:
@@ -954,11 +941,8 @@ class _Pump:
                 counts.release()
                 got += ranges
             view.release()
-            done = 0
-            while done < n:  # the host drains this ring: room comes back at once
-                done += _write_raw(ch, comp_v[_COMP_LEN * done :], comp_iv, n - done)
-                if done < n:
-                    await trio.sleep(0.0002)
+            if n:
+                await ch.send_raw(comp_v, comp_iv, n)
             if not stopping and time.perf_counter() >= deadline:
                 stopping = True
         self.got, self.bytes = got, nbytes
