@@ -22,6 +22,11 @@ then the scan again (`hba.rescans` counts them, `hba.rescanned` is set after eac
 
 Use: `async with attach_storvsc(vm, offer) as hba:` then `hba.disks`,
 `await hba.read(lun, lba, n)`, `await hba.write(lun, lba, data)`, `await hba.flush()`.
+
+A load generator (`vmbusd bench disk`) uses `SrbSlots` instead of `execute()`: a
+fixed set of prebuilt requests whose per-request work (next LBA, patch, ring write;
+completion parse) is one C call per batch (native/storvsc_vsc.c), or its Python twin
+under VMBUSD_NATIVE=0, so the guest costs the benchmark little next to the host.
 """
 
 from __future__ import annotations
