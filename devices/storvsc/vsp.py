@@ -232,6 +232,7 @@ class StorvscDevice(Device):
         self._open_lock: trio.Lock | None = None
         self._rescan: trio.Event | None = None
         self.max_in_flight_seen = 0  # per channel high-water mark (tests, stats)
+        self.fast_completed = 0  # requests the fast path completed, every channel (tests)
         # `vmbusd serve` builds one device set just to check the config and drops
         # it without close(): a file backend's descriptor would leak. Whatever
         # close() did not release is released when the device is collected.
@@ -476,6 +477,7 @@ class _ChannelWorker:
             finally:
                 self.in_flight -= k
             self.fast_completed += k
+            self.dev.fast_completed += k
 
     def _take_leftovers(
         self, batch: PacketBatch, ranges: GpaDirectBatch, nursery: trio.Nursery
@@ -540,6 +542,7 @@ class _ChannelWorker:
                 self.in_flight -= k
                 self._room.set()
             self.fast_completed += k
+            self.dev.fast_completed += k
         for i, payload, iov in failed:
             await self._retry(recs, i, payload, iov)
 
