@@ -448,9 +448,11 @@ def test_many_sessions_over_time_are_not_refused(tmp_path: Path) -> None:
         server_path = str(tmp_path / "s.sock")
         async with trio.open_nursery() as n:
             await n.start(
-                lambda **kw: server.serve_listener(server_path, lambda: [EchoDevice()], **kw)
+                lambda **kw: server.serve_listener(
+                    server_path, lambda: [EchoDevice()], max_sessions=8, **kw
+                )
             )
-            for i in range(server.MAX_SESSIONS + 3):
+            for i in range(8 + 3):
                 async with guest(server_path, vm_id=f"vm{i}", ram_size=4 << 20) as vm:
                     assert vm.find_offers(ECHO_IF_TYPE)
             n.cancel_scope.cancel()

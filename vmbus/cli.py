@@ -180,6 +180,7 @@ def cmd_serve(args: argparse.Namespace, say: _Say) -> int:
             control_path=args.control,
             metrics=metrics,
             announce=say,
+            max_sessions=args.max_vms,
         )
     )
     say(summary)
@@ -449,6 +450,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="also answer `vmbusd stats PATH` on this socket (0600, same allowed uids) "
         "(default: no stats socket)",
+    )
+    s.add_argument(
+        "--max-vms",
+        type=_positive_int,
+        metavar="N",
+        help="VMs attached at once; one more is refused with `error resource` (default: 256)",
     )
     s.add_argument(
         "--control",

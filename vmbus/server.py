@@ -41,7 +41,7 @@ from vmbus.ring import RingCorrupt
 
 log = logging.getLogger(__name__)
 
-MAX_SESSIONS = 64  # VMs attached at once: established sessions (hello done) only
+MAX_SESSIONS = 256  # VMs attached at once by default (`serve --max-vms`): hello done only
 GPADL_PAGES_SLACK = 8190  # one maximal GPADL beyond the VM's RAM
 SHUTDOWN_GRACE_S = 5.0  # how long a session's teardown may take once cancelled
 GPADL_RELEASE_GRACE_S = 5.0  # a device told to let go of a GPADL has this long
@@ -1268,6 +1268,7 @@ async def serve_until_signalled(
     control_path: str | None = None,
     metrics: tuple[str, int] | None = None,
     announce: Callable[[str], None] = log.warning,
+    max_sessions: int | None = None,
 ) -> str:
     """Serve until SIGTERM or SIGINT, then shut down cleanly; returns a one-line summary.
 
@@ -1295,6 +1296,7 @@ async def serve_until_signalled(
                 devices_factory,
                 allowed_uids=allowed_uids,
                 sessions=sessions,
+                max_sessions=max_sessions,
                 task_status=task_status,
             )
         except OSError as exc:
