@@ -48,6 +48,8 @@ def test_bench_net_quick_writes_every_record(tmp_path: Path) -> None:
     for rec in recs:
         for key in ("packets_per_s", "bits_per_s", "seconds"):
             assert isinstance(rec[key], float | int) and rec[key] > 0, (rec, key)
+        if "iperf3" not in rec["impl"]:  # the host process's CPU, counted in 10 ms ticks
+            assert rec["host_cpu_us_per_frame"] > 0 and rec["guest_cpu_us_per_frame"] > 0, rec
         wake = rec["wakeups_per_packet"]
         if rec["impl"] in ("socketpair", "veth-iperf3"):
             assert wake is None, rec  # not observable there: absent, not made up

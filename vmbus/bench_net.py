@@ -464,7 +464,8 @@ def _table(records: list[dict[str, Any]]) -> str:
     by = {(r["size"], r["queues"], r["impl"]): r for r in records}
     lines = [
         f"{'size':>8} {'queues':>6} {'impl':<12} {'packets/s':>12} {'Gbit/s':>8}"
-        f" {'wakeups/pkt':>11} {'vs socketpair':>13} {'vs python':>9} {'vs veth':>8}"
+        f" {'wakeups/pkt':>11} {'host us/pkt':>11} {'vs socketpair':>13} {'vs python':>9}"
+        f" {'vs veth':>8}"
     ]
     for size in SIZES:
         for q in QUEUES:
@@ -473,9 +474,11 @@ def _table(records: list[dict[str, Any]]) -> str:
                 if r is None:
                     continue
                 w = r.get("wakeups_per_packet")
+                cpu = r["host_cpu_us_per_frame"]
                 lines.append(
                     f"{_size_name(size):>8} {q:>6} {impl:<12} {r['packets_per_s']:>12,.0f}"
                     f" {r['bits_per_s'] / 1e9:>8.3f} {'-' if w is None else f'{w:.4f}':>11}"
+                    f" {cpu:>11.2f}"
                     f" {_ratio(r, by.get((size, 1, 'socketpair'))):>13}"
                     f" {_ratio(r, by.get((size, q, 'python'))):>9} {'-':>8}"
                 )
@@ -486,7 +489,7 @@ def _table(records: list[dict[str, Any]]) -> str:
             continue
         lines.append(
             f"{'TCP':>8} {1:>6} {impl:<12} {r['packets_per_s']:>12,.0f}"
-            f" {r['bits_per_s'] / 1e9:>8.3f} {'-':>11} {'-':>13} {'-':>9}"
+            f" {r['bits_per_s'] / 1e9:>8.3f} {'-':>11} {'-':>11} {'-':>13} {'-':>9}"
             f" {_ratio(r, veth, 'bits_per_s'):>8}"
         )
     return "\n".join(lines)
@@ -600,7 +603,8 @@ def run_bench_net(
     print(
         f"\n(loopback backend, MTU {MTU}; packets/s = frames back in the guest per second "
         f"(LSO: 64 KiB sends, each back as {_lso_segments(LSO_SIZE)} segments); Gbit/s of "
-        f"frame bytes one way; {seconds} s per point, iperf3 {round(iperf_seconds)} s; "
+        f"frame bytes one way; host us/pkt = the host process's CPU time per frame back "
+        f"(LSO: per segment); {seconds} s per point, iperf3 {round(iperf_seconds)} s; "
         f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f})"
     )
     print("\ntargets (measured / target; 1.00 or more is met):")
@@ -756,7 +760,7 @@ def host_main(args: argparse.Namespace) -> int:
 # -- child: VM ---------------------------------------------------------------------
 
 
-def _sockpair_client(fd: int, size: int, seconds: float) -> dict[str, Any]:
+def _sockpair_client(fd: int, size: int, seconds: float, host_pid: int) -> dict[str, Any]:
     """Guest side of the socketpair baseline: WINDOW frames (or LSO_SLOTS sends) in
     flight; every free slot sent with one sendmmsg, every datagram waiting taken with
     one recvmmsg."""
@@ -770,6 +774,7 @@ def _sockpair_client(fd: int, size: int, seconds: float) -> dict[str, Any]:
         tx.iov[2 * i], tx.iov[2 * i + 1] = ctypes.addressof(msg), size
     rx = _Datagrams(fd, window, 2048)
     expect = got = nbytes = 0
+    c0 = _cpu_seconds(host_pid), _cpu_seconds(None)
     t0 = time.perf_counter()
     deadline = t0 + seconds
     stopping = False
@@ -785,6 +790,7 @@ def _sockpair_client(fd: int, size: int, seconds: float) -> dict[str, Any]:
             if not stopping and time.perf_counter() >= deadline:
                 stopping = True
         dt = time.perf_counter() - t0
+        c1 = _cpu_seconds(host_pid), _cpu_seconds(None)
     finally:
         tx.close()
         rx.close()
@@ -802,6 +808,8 @@ def _sockpair_client(fd: int, size: int, seconds: float) -> dict[str, Any]:
         "bits_per_s": sends * size * 8 / dt,
         "segments_per_s": got / dt,
         "wakeups_per_packet": None,  # not observable for a socket
+        "host_cpu_us_per_frame": (c1[0] - c0[0]) * 1e6 / max(1, got),
+        "guest_cpu_us_per_frame": (c1[1] - c0[1]) * 1e6 / max(1, got),
         "bytes_back": nbytes,
         "seconds": dt,
         "window": window,
@@ -1124,7 +1132,7 @@ def vm_main(args: argparse.Namespace) -> int:
     if args.socketpair == "1":
         for size in SIZES:
             print(f"{PROGRESS_PREFIX}socketpair {_size_name(size)}", file=sys.stderr, flush=True)
-            records.append(_sockpair_client(args.sockfd, size, args.seconds))
+            records.append(_sockpair_client(args.sockfd, size, args.seconds, args.host_pid))
     os.close(args.sockfd)
 
     async def run() -> None:
