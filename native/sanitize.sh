@@ -4,17 +4,50 @@
 # channels, end to end, fuzz), vmbusd subprocesses included. Slower than CI; run it
 # after changing native/.
 #   usage: native/sanitize.sh [pytest args...]
+#          native/sanitize.sh --fuzz [scripts/fuzz args...]
+# --fuzz: the same build, then scripts/fuzz runs the atheris targets against it (the
+# targets load it through VMBUSD_FUZZ_NATIVE; every Python allocation goes through
+# malloc, PYTHONMALLOC=malloc, so ASan sees the buffers C is handed). Without target
+# names it fuzzes the targets with native code: ring, packet, hyperv, rndis.
 set -euo pipefail
+fuzz=0
+if [ "${1:-}" = --fuzz ]; then
+    fuzz=1
+    shift
+fi
 top=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
 py=${PYTHON:-$top/.venv/bin/python}
 work=$(mktemp -d /tmp/vmbusd-asan.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 git -C "$top" archive HEAD | tar -x -C "$work"
 cd "$work"
-sed -i 's/extra_compile_args=\[[^]]*\]/extra_compile_args=["-O1", "-g", "-fno-omit-frame-pointer", "-std=gnu11", "-fsanitize=address,undefined"], extra_link_args=["-fsanitize=address,undefined"]/' native/build_native.py
+# (for --fuzz the extension is not linked against gcc's libasan: atheris's clang ASan
+# runtime, preloaded below, provides the __asan_* symbols, and two runtimes refuse to mix)
+link='"-fsanitize=address,undefined"'
+[ "$fuzz" = 1 ] && link='"-fsanitize=undefined"'
+sed -i 's/extra_compile_args=\[[^]]*\]/extra_compile_args=["-O1", "-g", "-fno-omit-frame-pointer", "-std=gnu11", "-fsanitize=address,undefined"], extra_link_args=['"$link"']/' native/build_native.py
 "$py" setup.py -q build_ext --inplace --force
 export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"
 export ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+if [ "$fuzz" = 1 ]; then
+    so=$(find "$work/vmbus" -maxdepth 1 -name '_native*.so' | head -n 1)
+    [ -n "$so" ] || { echo "sanitize.sh: no extension built in $work" >&2; exit 1; }
+    export VMBUSD_FUZZ_NATIVE="$so" PYTHONMALLOC=malloc
+    # atheris's own ASan runtime (clang's, with libFuzzer in it): with gcc's libasan
+    # preloaded the coverage callbacks resolve to libasan and atheris sees no coverage.
+    # gcc's UBSan runtime stays for the extension's -fsanitize=undefined checks.
+    atheris_dir=$("$py" -c 'import atheris; print(atheris.path())')
+    export LD_PRELOAD="$atheris_dir/asan_with_fuzzer.so $(gcc -print-file-name=libubsan.so)"
+    # ASan reports a fault itself; libFuzzer then writes the input as a crash file
+    export ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:allocator_may_return_null=1
+    named=0
+    for a in "$@"; do
+        [ -e "$top/tests/fuzz/fuzz_$a.py" ] && named=1
+    done
+    [ "$named" = 1 ] || set -- "$@" ring packet hyperv rndis
+    PYTHON="$py" "$top/scripts/fuzz" "$@"
+    exit $?
+fi
 export PYTHONPATH="$work"
 # test_guard_pages_catch_overruns expects a raw SIGSEGV, which ASan reports as exit 1.
 "$py" -m pytest -q -p no:cacheprovider -o addopts= \
