@@ -216,6 +216,33 @@ async def test_power_cut_tears_in_flight_writes_and_keeps_acknowledged_ones(
     assert 0 < sum(kept) < 8 * 16  # torn, not all-or-nothing, with this seed
 
 
+async def test_volatile_cache_power_cut_keeps_only_what_was_made_durable() -> None:
+    """WCE=1: after a cut the disk holds the last flush plus later FUA writes."""
+    ctrl, b = faulty(volatile_cache=True)
+    assert b.write_back
+    res, _ = await scsi(ctrl, write10(0, 8), data_out=pattern(1, 8))  # A, then flushed
+    assert res.status == GOOD
+    res, _ = await scsi(ctrl, bytes([0x35] + [0] * 9))
+    assert res.status == GOOD
+    for cdb, data in (
+        (write10(4, 8), pattern(2, 8)),  # B, over half of A
+        (write10(20, 4), pattern(3, 4)),  # C
+        (write10(30, 2, flags=0x08), pattern(4, 2)),  # D, FUA
+    ):
+        res, _ = await scsi(ctrl, cdb, data_out=data)
+        assert res.status == GOOD
+    res, data = await scsi(ctrl, read10(0, 32), data_in_len=32 * BS)
+    assert data[4 * BS : 12 * BS] == pattern(2, 8)  # the cache serves reads meanwhile
+    b.power_cut()
+    b.power_restore()
+    res, data = await scsi(ctrl, read10(0, 32), data_in_len=32 * BS)
+    assert res.status == GOOD
+    want = pattern(1, 8) + bytes(12 * BS) + bytes(4 * BS) + bytes(6 * BS) + pattern(4, 2)
+    assert data == want
+    assert b.counters["cache_lost"] == 8 + 4  # B's sectors (4 back to A, 4 to zeros), C's
+    assert b.counters["power_cut"] == 1
+
+
 def test_config_errors_are_one_line_naming_the_key() -> None:
     good = {"backend": "faulty", "inner": {"backend": "memory", "size": "1M"}}
     _lun, backend, _ = build_lun(0, good, None)

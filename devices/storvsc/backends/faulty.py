@@ -18,7 +18,12 @@ size = "64M" }`) and, per operation (read, write, flush), can
   only as a prefix of its sectors (0..all of them, drawn from the seed, the cut's
   number and the write's offset) and fails;
   every I/O after it fails (`power_off_sense`, NOT READY by default) until
-  `power_restore()`. A write the guest was told completed is never touched.
+  `power_restore()`. A write the guest was told completed is never touched...
+- ...unless the disk has a volatile cache (`volatile_cache = true`: WCE=1, so the
+  guest must flush): then a power cut also loses every write not yet made durable,
+  and after it the disk holds exactly the data of its last completed flush plus the
+  FUA writes (and unmaps, write-zeroes) since. The sectors' durable contents are
+  kept beside the inner disk until a flush (memory: up to the bytes written).
 
 Everything random comes from `seed`, one stream per purpose, so a run with the same
 seed and the same I/O order injects the same faults. Every injected fault is counted
@@ -71,6 +76,7 @@ COUNTERS = (
     "power_cut",  # power cuts
     "delayed",  # I/Os given a latency > 0
     "stalled",  # I/Os that waited for a stall to end
+    "cache_lost",  # sectors a power cut reverted (volatile_cache: written, not flushed)
 )
 _INNER_RENAMED = {"readonly": "read_only", "uri": "address"}  # as [[device.lun]] says them
 
@@ -165,13 +171,20 @@ class FaultyBackend:
         fail_after_writes: int = -1,
         stall: float | str = 0,
         power_off_sense: str = "not_ready",
+        volatile_cache: bool = False,
     ) -> None:
         self.inner = _build_inner(inner)
         self.block_size = self.inner.block_size
         self.physical_block_exponent = self.inner.physical_block_exponent
         self.max_transfer = self.inner.max_transfer
         self.read_only = self.inner.read_only
-        self.write_back = self.inner.write_back
+        if not isinstance(volatile_cache, bool):
+            raise FaultConfigError(f"volatile_cache must be true or false, not {volatile_cache!r}")
+        self.volatile_cache = volatile_cache
+        self.write_back = self.inner.write_back or volatile_cache
+        self._durable: dict[int, bytes] = {}  # LBA -> its durable bytes (volatile_cache)
+        self._revert_pending = False
+        self._revert_lock = trio.Lock()
         self.can_unmap = self.inner.can_unmap
         self.can_write_zeroes = self.inner.can_write_zeroes
         self.unmap_zeroes = bool(getattr(self.inner, "unmap_zeroes", False))
@@ -301,6 +314,7 @@ class FaultyBackend:
         if self.powered:
             self.powered = False
             self.counters["power_cut"] += 1
+            self._revert_pending = self.volatile_cache
             self._poke()
 
     def power_restore(self) -> None:
@@ -373,9 +387,46 @@ class FaultyBackend:
             where = offset if op != "flush" else None
             raise _error(f"injected {op} error ({f.sense})", f.sense, where)
 
+    async def _revert(self) -> None:
+        """After a power cut, the volatile cache's unflushed sectors go back to their
+        durable bytes (before any I/O sees the disk again)."""
+        async with self._revert_lock:
+            if not self._revert_pending:
+                return
+            for lba, data in sorted(self._durable.items()):
+                await self.inner.writev(lba * self.block_size, [memoryview(data)])
+            self.counters["cache_lost"] += len(self._durable)
+            self._durable.clear()
+            self._revert_pending = False
+
+    async def _write_inner(
+        self, offset: int, buffers: Sequence[memoryview], fua: bool = False
+    ) -> None:
+        """The inner write; with a volatile cache, the sectors' durable bytes are kept
+        first (a FUA write makes its own sectors durable)."""
+        bs = self.block_size
+        first, count = offset // bs, _nbytes(buffers) // bs
+        if self.volatile_cache and fua:
+            for lba in range(first, first + count):
+                self._durable.pop(lba, None)
+        elif self.volatile_cache and any(
+            lba not in self._durable for lba in range(first, first + count)
+        ):
+            old = bytearray(count * bs)
+            await self.inner.readv(offset, [memoryview(old)])
+            for i in range(count):
+                self._durable.setdefault(first + i, bytes(old[i * bs : (i + 1) * bs]))
+        await self.inner.writev(offset, buffers, fua)
+
+    def _made_durable(self, offset: int, length: int) -> None:
+        bs = self.block_size
+        for lba in range(offset // bs, (offset + length + bs - 1) // bs):
+            self._durable.pop(lba, None)
+
     async def readv(self, offset: int, buffers: Sequence[memoryview]) -> None:
         if not self.powered:
             raise self._power_error()
+        await self._revert()
         if not await self._wait("read"):
             raise self._power_error()
         self._inject("read", offset, _nbytes(buffers))
@@ -384,13 +435,14 @@ class FaultyBackend:
     async def writev(self, offset: int, buffers: Sequence[memoryview], fua: bool = False) -> None:
         if not self.powered:
             raise self._power_error()
+        await self._revert()
         if not await self._wait("write"):
             await self._tear(offset, buffers)
         if 0 <= self.fail_after_writes <= self.writes_done:
             self.counters["write_limit"] += 1
             raise _error("injected: the disk is worn out", self.ops["write"].sense, offset)
         self._inject("write", offset, _nbytes(buffers))
-        await self.inner.writev(offset, buffers, fua)
+        await self._write_inner(offset, buffers, fua)
         self.writes_done += 1
 
     async def _tear(self, offset: int, buffers: Sequence[memoryview]) -> None:
@@ -409,26 +461,35 @@ class FaultyBackend:
             prefix.append(mv[:keep])
             keep -= len(prefix[-1])
         if prefix:
-            await self.inner.writev(offset, prefix)
+            await self._write_inner(offset, prefix)
         raise _error("power cut during the write (injected)", self.power_off_sense, offset)
 
     async def flush(self) -> None:
         if not self.powered:
             raise self._power_error()
+        await self._revert()
         if not await self._wait("flush"):
             raise self._power_error()
         self._inject("flush", 0, 0)
+        flushed = list(self._durable)  # what is in the cache as the flush starts
         await self.inner.flush()
+        for lba in flushed:
+            self._durable.pop(lba, None)
 
     async def unmap(self, ranges: Sequence[tuple[int, int]]) -> None:
         if not self.powered:
             raise self._power_error()
+        await self._revert()
         await self.inner.unmap(ranges)
+        for offset, length in ranges:
+            self._made_durable(offset, length)
 
     async def write_zeroes(self, offset: int, length: int) -> None:
         if not self.powered:
             raise self._power_error()
+        await self._revert()
         await self.inner.write_zeroes(offset, length)
+        self._made_durable(offset, length)
 
     async def open(self) -> None:
         await open_backend(self.inner)
