@@ -5,13 +5,14 @@ clock, a power cut tearing in-flight writes, and one-line config errors."""
 from __future__ import annotations
 
 import random
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
-from conftest import attached_vm
+from conftest import attached_vm, require_tool
 from disk_model import CHECK_CONDITION, GOOD, read10, scsi, sense_key_asc, write10
 from prometheus_client.parser import text_string_to_metric_families
 from test_cli import running, vmbusd
@@ -329,13 +330,13 @@ async def _write(hba: StorvscHba, lba: int, data: bytes) -> SrbReply:
     return reply
 
 
-def _prometheus_faults(stats_sock: str) -> dict[str, float]:
+def _prometheus_faults(stats_sock: str, vm_name: str = "f1") -> dict[str, float]:
     text = vmbusd("stats", stats_sock, "--prometheus").stdout
     out = {}
     for fam in text_string_to_metric_families(text):
         if fam.name == "vmbusd_disk_faults":
             for s in fam.samples:
-                if s.labels["vm"] == "f1" and s.labels["lun"] == "0":
+                if s.labels["vm"] == vm_name and s.labels["lun"] == "0":
                     out[s.labels["kind"]] = s.value
     return out
 
@@ -462,3 +463,49 @@ async def test_power_cut_only_acknowledged_writes_survive(tmp_path: Path) -> Non
                     want = pattern(0x80 + i, keep) + old[keep * BS :]
                     assert disk[i * size : (i + 1) * size] == want, i
         assert serve.stop() == 0
+
+
+@pytest.mark.timeout(120)
+def test_qemu_io_through_vmbusd_vm_sees_exactly_the_injected_errors(tmp_path: Path) -> None:
+    """`vmbusd serve` and `vmbusd vm --export-nbd` as real processes: qemu-io reads and
+    writes the guest's view of a faulty LUN over NBD; after `disk fault
+    read_fail_next=3 write_fail_next=2` (on LBAs 800..807 only) exactly three reads
+    and two writes fail with EIO (the guest's CHECK CONDITION, as the export maps it),
+    the rest pass their pattern checks, and the metrics count 3 and 2."""
+    qemu_io = require_tool("qemu-io", "qemu-utils")
+    cfg = tmp_path / "vmbusd.toml"
+    cfg.write_text(
+        '[[device]]\ntype = "storvsc"\n[[device.lun]]\nbackend = "faulty"\n'
+        'inner = { backend = "memory", size = "4M" }\n'
+    )
+    sock, ctl, st = tmp_path / "s.sock", tmp_path / "ctl.sock", tmp_path / "st.sock"
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    uri = f"nbd+unix:///?socket={exports}/storvsc0-lun0.sock"
+    off = 800 * BS
+    serve_args = ["serve", "--listen", str(sock), "--config", str(cfg)]
+    serve_args += ["--control", str(ctl), "--stats", str(st)]
+    with running(serve_args, tmp_path / "serve.log") as serve:
+        serve.wait_for("control on")
+        vm_args = ["vm", "--connect", str(sock), "--export-nbd", str(exports)]
+        with running(vm_args, tmp_path / "vm.log") as vm:
+            vm.wait_for("NBD exports in")
+            r = vmbusd("ctl", str(ctl), "disk", "fault", "--vm", "sim", "--lun", "0",
+                       "lba_range=[800, 808]", "read_fail_next=3", "write_fail_next=2")  # fmt: skip
+            assert r.returncode == 0, r.stderr
+            cmds = ["-c", f"write -P 0 {off} 4096"] * 2 + ["-c", f"write -P 0x5a {off} 4096"]
+            cmds += ["-c", f"read -P 0x5a {off} 4096"] * 5 + ["-c", "read -P 0 0 4096"]
+            out = subprocess.run(
+                [qemu_io, "-f", "raw", *cmds, uri], capture_output=True, text=True, timeout=60
+            )
+            text = out.stdout + out.stderr
+            assert text.count("write failed: Input/output error") == 2, text
+            assert text.count("read failed: Input/output error") == 3, text
+            assert text.count("wrote 4096/4096 bytes") == 1, text
+            assert text.count("read 4096/4096 bytes") == 3, text  # 2 at 800, 1 at 0
+            assert "Pattern verification failed" not in text, text
+            faults = _prometheus_faults(str(st), vm_name="sim")
+            assert faults["read_error"] == 3 and faults["write_error"] == 2, faults
+            assert vm.stop() == 0, vm.text()
+        assert serve.stop() == 0
+    assert "Traceback" not in serve.text() + vm.text()
