@@ -108,20 +108,23 @@ class _Nic:
         for q in self.queues:
             q.wakeup.set()
 
+    run: int = 1  # data sections per queue (partition sets it)
+    runs: int = 1  # queues the data sections are cut between
+
     def owner(self, section: int) -> _Queue:
         """The queue a data section belongs to: the data sections cut into one run
         per channel the guest has (1 + sub-channels granted), the last run taking
         the remainder."""
-        layout = self.nvsp.receive_layout
-        count = max(1, min(self.rndis.queues, len(self.queues)))
-        data = (layout.count if layout is not None else CONTROL_SECTIONS) - CONTROL_SECTIONS
-        run = max(1, data // count)
-        return self.queues[min(count - 1, (section - CONTROL_SECTIONS) // run)]
+        return self.queues[min(self.runs - 1, (section - CONTROL_SECTIONS) // self.run)]
 
     def partition(self) -> None:
         """Hand the free data sections to their queues (after the receive buffer is
         mapped, and again when sub-channels are granted); sections in flight go to
         their owner when the guest returns them."""
+        layout = self.nvsp.receive_layout
+        self.runs = max(1, min(self.rndis.queues, len(self.queues)))
+        data = (layout.count if layout is not None else CONTROL_SECTIONS) - CONTROL_SECTIONS
+        self.run = max(1, data // self.runs)
         free = [s for q in self.queues for s in q.free]
         for q in self.queues:
             q.free = []
