@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -334,6 +335,7 @@ def _wait_for(proc: subprocess.Popen[bytes], log: Path, line: str) -> None:
 class Lan:
     ns: dict[str, str]  # VM name -> its namespace
     serve_log: Path
+    vms: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)  # VM -> vmbusd vm
 
     def run_in(self, vm: str, *cmd: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
         return _run("ip", "netns", "exec", self.ns[vm], *cmd, timeout=timeout, check=False)
@@ -403,6 +405,7 @@ def lan(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lan]:
                     )
                 )
             _wait_for(procs[-1], vm_log, f"bridged to TAP vg{vm}")
+            lan.vms[vm] = procs[-1]
         yield lan
     finally:
         for proc in reversed(procs):
@@ -537,3 +540,39 @@ def test_vlan_tagged_frames_reach_only_their_vlan(lan: Lan) -> None:
     log = lan.serve_log.read_text()
     assert f"learned 02:00:00:00:0a:{ord('a'):02x} (vlan 10) on port {A}" in log, log
     assert f"learned 02:00:00:00:00:{ord('c'):02x} (vlan 10) on port {C}" in log, log
+
+
+FLOOD = r"""
+import socket, struct, sys, time
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind((sys.argv[1], 0))
+frame = b"\xff" * 6 + bytes.fromhex("020000000aff") + struct.pack(">HHH", 0x8100, 10, 0x88B5)
+for i in range(int(sys.argv[2])):
+    s.send(frame + i.to_bytes(4, "big").ljust(46, b"."))
+    if i % 20 == 19:
+        time.sleep(0.02)  # paced (1000/s): a's own simulated guest must keep up
+"""
+
+
+def test_a_stopped_guest_does_not_hold_up_the_others(lan: Lan) -> None:
+    """VM c's process is stopped (its guest returns no receive sections) while a
+    sends 3000 broadcasts onto VLAN 10, all towards c (more than c's rings and the
+    VSP's queue hold): a and b still ping each other; once c runs again it gets a's
+    frames again. Where c's frames were dropped is not visible from here (the VSP
+    counts them as OID_GEN_RCV_NO_BUFFER); that the others carry on is."""
+    c = lan.vms["c"]
+    c.send_signal(signal.SIGSTOP)
+    try:
+        r = lan.run_in("a", sys.executable, "-c", FLOOD, "vga", "3000", timeout=60)
+        assert r.returncode == 0, r.stderr
+        r = _ping(lan, "a", "b", count=3)
+        assert r.returncode == 0 and "3 received" in r.stdout, r.stdout + r.stderr
+    finally:
+        c.send_signal(signal.SIGCONT)
+    deadline = time.monotonic() + 20
+    while True:  # c drains what was queued for it, then takes new frames
+        seen = _broadcast_seen(lan, "a", VLAN, ("c",))
+        if seen == {"c": "untagged"} or time.monotonic() > deadline:
+            break
+    assert seen == {"c": "untagged"}
+    assert c.poll() is None, "vmbusd vm c exited"
