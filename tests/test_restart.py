@@ -176,7 +176,7 @@ def test_gives_up_after_reconnect_timeout(tmp_path: Path) -> None:
         waited = time.monotonic() - t0
         text = err.read_text()
         assert rc == 2, text[-2000:]
-        assert 1.4 <= waited <= 10, waited
+        assert 1.0 <= waited <= 10, waited  # the VM starts counting as vmbusd dies
         lines = [ln for ln in text.splitlines() if ln.startswith("vmbusd vm: error:")]
         assert len(lines) == 1, text[-2000:]
         assert "vmbusd did not come back within 1.5 s" in lines[0]

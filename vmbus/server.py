@@ -298,10 +298,9 @@ class VmSession:
             log.error("%s: guest memory not fully released: %s", self.label, exc)
         self._close_inflight_region()
         if not self._peer_gone:
-            why = "vmbusd is detaching from this VM"
-            if keep:
-                why = "vmbusd is stopping; channels stay bound: resume with the saved state"
-            await self.conn.abort(attach.ErrorCode.SHUTDOWN, why)
+            # With saved-state the VMM keeps the bindings and may resume (the docs'
+            # restart section): the code says so, the words stay the same.
+            await self.conn.abort(attach.ErrorCode.SHUTDOWN, "vmbusd is detaching from this VM")
         else:
             with contextlib.suppress(Exception):
                 await self.conn.aclose()

@@ -103,16 +103,17 @@ def _drop_channels(vm: SimulatedVm) -> None:
 
 async def _leave(vm: SimulatedVm) -> int:
     """A guest shutting down: close what is open, unload VMBus. Bounded; returns how
-    many channels were closed. With vmbusd gone, only our side is released."""
+    many channels were closed. With vmbusd gone (or away, while we would reconnect),
+    only our side is released."""
     closed = 0
     try:
         with trio.move_on_after(LEAVE_TIMEOUT_S):
             for gch in list(vm.channels.values()):
-                if vm.closed_reason is not None:
+                if vm.closed_reason is not None or not vm.link_up:
                     break
                 await vm.close_channel(gch)
                 closed += 1
-            if vm.version is not None and vm.closed_reason is None:
+            if vm.version is not None and vm.closed_reason is None and vm.link_up:
                 await vm.unload()
     except (attach.AttachError, HostError, OSError) as exc:
         log.info("leaving: vmbusd went away first: %s", exc)

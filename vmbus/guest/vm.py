@@ -232,13 +232,14 @@ class SimulatedVm:
             if conn is not None:
                 with contextlib.suppress(Exception):
                     await conn.aclose()
-            if trio.current_time() + delay > deadline:
+            left = deadline - trio.current_time()
+            if left <= 0:
                 self.gave_up = True
                 self.closed_reason = (
                     f"vmbusd did not come back within {self.reconnect_timeout:g} s (last: {last})"
                 )
                 return False
-            await trio.sleep(delay)
+            await trio.sleep(min(delay, left))
             delay = min(delay * 2, RECONNECT_MAX_DELAY_S)
 
     async def _resume(self, conn: attach.AttachConnection) -> None:
@@ -364,6 +365,11 @@ class SimulatedVm:
             self._wake("modify", ev.relid, ev.status)
         elif isinstance(ev, gc.UnloadComplete):
             self._wake("unload", 0, True)
+
+    @property
+    def link_up(self) -> bool:
+        """vmbusd is there: not gone for good, not away while we reconnect."""
+        return self._link_up
 
     async def _post(self, msg: attach.PostFromGuest) -> None:
         """The guest's HvPostMessage. With saved state, kept until a `state` says
