@@ -379,6 +379,7 @@ class VmBusServer:
         self._overflowing = False
         self.dropped_messages = 0
         self.violations = 0
+        self.gpadl_pages_refused = 0  # GPADL_HEADERs refused over max_gpadl_pages
 
         self.version: int | None = None  # negotiated version, None = not connected
         self._target_vcpu = 0
@@ -661,6 +662,13 @@ class VmBusServer:
             self.check_invariants()
         except AssertionError as exc:  # pragma: no cover - the checks above cover it
             raise SavedStateError(f"inconsistent saved bus state: {exc}") from None
+
+    @property
+    def savable(self) -> bool:
+        """``save`` would succeed: no channel is half way through an open or close."""
+        return all(
+            ch.state in (ChannelState.CLOSED, ChannelState.OPEN) for ch in self._channels.values()
+        )
 
     def offer_of(self, relid: int) -> Offer:
         """The offer behind a relid (for a driver matching restored channels to devices)."""
@@ -993,7 +1001,8 @@ class VmBusServer:
         capacity = m.range_buflen // 8 * 8
         pages = (capacity - 8 * m.rangecount) // 8  # at most this many PFNs fit
         if self._pages + pages > self.max_gpadl_pages:
-            fail(f"more than {self.max_gpadl_pages} GPADL pages")
+            self.gpadl_pages_refused += 1  # vmbus.limits counts it (limits.gpadl_bytes)
+            fail(f"more than {self.max_gpadl_pages} GPADL pages (limits.gpadl_bytes or RAM)")
         entry = _GpadlEntry(m.gpadl, m.child_relid, m.rangecount, capacity, pages)
         self._gpadls[m.gpadl] = entry
         self._pages += pages

@@ -36,6 +36,7 @@ from vmbus.device import (
     GuestError,
     LabelledLog,
 )
+from vmbus.limits import VmLimiter, VmLimits
 from vmbus.memory import GuestMemory, GuestMemoryError, LinearMapping, RingPairMapping
 from vmbus.ring import RingCorrupt
 
@@ -54,6 +55,7 @@ INFLIGHT_REGION_SIZE = (attach.MAX_RELID + 1) * INFLIGHT_SLOT_SIZE  # sparse: pa
 STATE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE  # immutable blob
 INFLIGHT_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW  # fixed size, still writable
 ERROR_SAVED_STATE = "saved-state"  # `error` code: a resume whose state we cannot take
+SETTLE_PUMPS = 8  # extra pump rounds to reach a savable state before a `state` goes out
 
 
 @dataclass
@@ -93,9 +95,12 @@ class VmSession:
         vm_label: str = "vm",
         on_channel_event: Callable[[str, int, str], None] | None = None,
         devices_for: Callable[[str], Sequence[Device]] | None = None,
+        limits_for: Callable[[str], VmLimits] | None = None,
     ) -> None:
         """`devices_for`, when given, picks the devices by the VM's name once the
-        hello has named it (added to `devices`)."""
+        hello has named it (added to `devices`); `limits_for` its limits likewise."""
+        self._limits_for = limits_for
+        self.limits = VmLimiter(VmLimits(), vm_label)  # vmbus.limits; the VM's once named
         self.conn = conn
         self.devices = list(devices)
         self._devices_for = devices_for
@@ -152,6 +157,7 @@ class VmSession:
                 for oc in sorted(self.open.values(), key=lambda o: o.relid)
             ],
             "faults": fault_snapshot(self.devices),
+            "limits": self.limits.snapshot(self.bus.gpadl_pages_refused if self.bus else 0),
         }
 
     # -- lifecycle -------------------------------------------------------------
@@ -171,6 +177,8 @@ class VmSession:
                 ),
             )  # bounded by the connection's handshake deadline; conn.admit may refuse
             self.label = self.peer.vm_id or self.label
+            if self._limits_for is not None:
+                self.limits = VmLimiter(self._limits_for(self.label), self.label)
             self.saved_state = attach.FEATURE_SAVED_STATE in self.peer.features
             if self.saved_state:
                 self._new_inflight_region()
@@ -266,6 +274,8 @@ class VmSession:
         want = max(0, min(count, offer.subchannel_cap))
         added = self._runtime_subs.setdefault(id(dev), [])
         have = offer.sub_channels + len(added)
+        if want > have:  # the VM's channel limit may cut it (one log line)
+            want = self.limits.subchannels_allowed(dev.name, len(self.device_of), have, want)
         for sub in range(have + 1, want + 1):
             added.append(self._offer_one(dev, sub))
         if want > have:
@@ -312,6 +322,7 @@ class VmSession:
             assert self.bus is not None
             msg = await self.conn.receive()
             if isinstance(msg, attach.PostFromGuest):
+                await self.limits.control_message()  # over its rate: its posts wait unread
                 self._resumable = False
                 self._posts_done += 1  # counted before the pump: its state says "done"
                 self.bus.receive(msg.payload, msg.connection_id)
@@ -351,9 +362,7 @@ class VmSession:
             # A guest registers its own pages: more GPADL pages than it has RAM (with
             # room for one more maximal GPADL) is a guest trying to make us hoard.
             ram_pages = sum(reg.size for reg in self.memory.regions) >> 12
-            self.bus.max_gpadl_pages = min(
-                bus.DEFAULT_MAX_GPADL_PAGES, ram_pages + GPADL_PAGES_SLACK
-            )
+            self.bus.max_gpadl_pages = self.limits.gpadl_pages(ram_pages, GPADL_PAGES_SLACK)
 
     def _pfns_in_ram(self, pfns: Sequence[int]) -> bool:
         return all(self.memory.contains(p << 12, 4096) for p in pfns)
@@ -374,6 +383,12 @@ class VmSession:
             self._outbox = []
             try:
                 await self._pump_locked()
+                for _ in range(SETTLE_PUMPS):
+                    # A channel closing (a rescind from a device task or the control
+                    # socket, outside this lock) is not savable: pump until settled.
+                    if self._settled():
+                        break
+                    await self._pump_locked()
             except BaseException:
                 self._outbox = None
                 raise
@@ -543,6 +558,11 @@ class VmSession:
             "outbox": entries,
         }
 
+    def _settled(self) -> bool:
+        """No bus work is queued and every channel is closed or open: savable."""
+        assert self.bus is not None
+        return self.bus.pending_events == 0 and self.bus.savable
+
     async def _flush(self, out: list[attach.Message]) -> None:
         """Send a `state` naming `out`, then `out` itself (restart support only)."""
         try:
@@ -550,6 +570,7 @@ class VmSession:
         except Exception as exc:  # a device's save() bug: no state, but serve on
             log.error("%s: no saved state sent: %s", self.label, _describe(exc))
             blob = None
+            self._last_blob = None
         if blob is not None and len(blob) > MAX_SAVED_STATE:
             log.error(
                 "%s: saved state of %d bytes is over %d: not sent",
@@ -651,7 +672,7 @@ class VmSession:
             states.append(d.get("state"))
         newbus = bus.VmBusServer(vcpu_count=max(1, vcpus), validate_pfns=self._pfns_in_ram)
         ram_pages = sum(reg.size for reg in self.memory.regions) >> 12
-        newbus.max_gpadl_pages = min(bus.DEFAULT_MAX_GPADL_PAGES, ram_pages + GPADL_PAGES_SLACK)
+        newbus.max_gpadl_pages = self.limits.gpadl_pages(ram_pages, GPADL_PAGES_SLACK)
         newbus.restore(saved.get("bus"))
         relids = set(newbus.relids())
 
@@ -916,6 +937,8 @@ class VmSession:
     async def _open_channel(self, ev: bus.OpenRequest) -> int:
         """Map the rings, validate their indices, bind eventfds, start the device task."""
         dev, sub = self.device_of[ev.relid]
+        if not self.limits.may_open(len(self.open), ev.relid):  # logs its one line
+            return vp.STATUS_UNSUCCESSFUL
         try:
             mapping = self.memory.map_ring_pair(ev.gpadl, ev.downstream_offset)
         except GuestMemoryError as exc:
@@ -1235,6 +1258,7 @@ async def serve_listener(
                     [],
                     vm_label=f"vm{count}",
                     devices_for=for_vm or (lambda _name, f=devices_factory: f()),
+                    limits_for=getattr(devices_factory, "limits_for", None),
                 )
                 conn.admit = lambda hello, s=session: admit(s, hello)
                 live.add(session)

@@ -317,6 +317,7 @@ async def run_vm(
                     print(f"vmbusd vm: error: {summary['error']}", file=sys.stderr)
                 nursery.cancel_scope.cancel()
     finally:
+        _drop_channels(vm)  # a workload cut short (vmbusd gone for good) left some open
         vm.close()
     if json_out:
         text = json.dumps(summary)
