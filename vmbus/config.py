@@ -48,10 +48,11 @@ from typing import Any
 from vmbus import plugins
 from vmbus.cliutil import UserError
 from vmbus.device import Device
+from vmbus.limits import VmLimits, limits_from_config
 
 MAX_DEVICES = 64
-TOP_LEVEL_KEYS = ("device", "vm")
-VM_KEYS = ("device",)
+TOP_LEVEL_KEYS = ("device", "vm", "limits")  # [limits]: vmbus.limits, every VM's
+VM_KEYS = ("device", "limits")  # [vm.NAME.limits]: that VM's, over [limits]
 DEFAULT_CONFIG: dict[str, Any] = {"device": [{"type": "echo"}]}
 
 
@@ -200,7 +201,8 @@ def _check_keys(cfg: dict[str, Any], source: str) -> dict[str, list[Any]]:
                     f"{where}: unknown key {key!r}{_did_you_mean(key, VM_KEYS)}; "
                     f"a VM's device is declared as [[vm.{name}.device]] with a type = ... key"
                 )
-        lists[str(name)] = _entry_list(section.get("device"), where, f"vm.{name}.device")
+        if "device" in section or "limits" not in section:  # limits alone: default devices
+            lists[str(name)] = _entry_list(section.get("device"), where, f"vm.{name}.device")
     if "device" not in cfg and not lists:
         raise ConfigError(f"{source}: no devices: declare at least one [[device]] table")
     return lists
@@ -307,12 +309,18 @@ class VmDevices:
             devices_from_config(cfg, source)
         for name in self.vm_names:
             devices_from_config(cfg, source, name)
+        for name in [None, *(cfg.get("vm") or {})]:
+            limits_from_config(cfg, source, name)  # a bad [limits] fails at load too
 
     def __call__(self) -> list[Device]:
         return devices_from_config(self.cfg, self.source)
 
     def for_vm(self, name: str) -> list[Device]:
         return devices_from_config(self.cfg, self.source, name)
+
+    def limits_for(self, name: str) -> VmLimits:
+        """The VM's limits: [vm.NAME.limits] over [limits] over vmbus.limits' defaults."""
+        return limits_from_config(self.cfg, self.source, name)
 
 
 def devices_factory(path: str | None) -> VmDevices:

@@ -85,6 +85,15 @@ class SnapshotCollector(Collector):
             resets.add_metric(ident, vm["resets"])
         yield open_
         yield resets
+        hits = CounterMetricFamily(
+            "vmbusd_limit_hits_total",
+            "Times a VM hit one of its limits (vmbus.limits): refusals and back-pressure waits",
+            labels=[*vm_labels, "limit"],
+        )
+        for vm in snap["vms"]:
+            for limit, n in vm.get("limits", {}).get("hits", {}).items():
+                hits.add_metric([str(vm["vm"]), str(vm.get("session", "")), limit], n)
+        yield hits
         ch_labels = [*vm_labels, "relid", "device", "sub"]
         for key, name, help_ in CHANNEL_COUNTERS:
             fam = CounterMetricFamily(name, help_, labels=ch_labels)
