@@ -150,9 +150,9 @@ def test_sigkill_at_random_moments(tmp_path: Path, seed: int) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("seed", [12, 13])
+@pytest.mark.parametrize("seed", [12])
 def test_sigkill_at_random_moments_long(tmp_path: Path, seed: int) -> None:
-    restart_loop(tmp_path, kills=60, seed=seed, sig=signal.SIGKILL)
+    restart_loop(tmp_path, kills=100, seed=seed, sig=signal.SIGKILL)
 
 
 def test_sigterm_restart(tmp_path: Path) -> None:
