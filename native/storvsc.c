@@ -218,16 +218,48 @@ static void mark_chunks(const struct vmb_srb_lun *L, uint64_t off, uint64_t len)
         L->chunk_map[c >> 3] |= (uint8_t)(1u << (c & 7));
 }
 
+/* A blocking transfer of the whole request: short transfers continued, EINTR
+ * retried; 0 or -errno. A FUA write is RWF_DSYNC (durable on return). */
+static int blocking_rw(int fd, int write, uint32_t fua, struct iovec *iov, uint32_t cnt,
+                       uint64_t off, uint64_t len)
+{
+    uint64_t done = 0;
+    while (done < len) {
+        ssize_t got = write ? pwritev2(fd, iov, (int)cnt, (off_t)(off + done), fua ? RWF_DSYNC : 0)
+                            : preadv2(fd, iov, (int)cnt, (off_t)(off + done), 0);
+        if (got < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (got == 0)
+            return -EIO;                /* end of file, or a write that made no progress */
+        done += (uint64_t)got;
+        uint64_t skip = (uint64_t)got;  /* advance the iovecs past what moved */
+        while (cnt && skip >= iov->iov_len) {
+            skip -= iov->iov_len;
+            iov++;
+            cnt--;
+        }
+        if (cnt) {
+            iov->iov_base = (uint8_t *)iov->iov_base + skip;
+            iov->iov_len -= skip;
+        }
+    }
+    return 0;
+}
+
 int vmb_srb_execute(struct vmb_srb_rec *recs, uint32_t n,
                     const struct vmb_srb_lun *luns, uint32_t nluns,
                     const struct vmb_iov_seg *segs, uint32_t nsegs,
-                    const struct vmb_srb_region *regions, uint32_t nregions)
+                    const struct vmb_srb_region *regions, uint32_t nregions, uint32_t flags)
 {
     struct iovec iov[VMB_SRB_MAX_SEGS];
     int done = 0;
+    int blocking = (flags & VMB_SRB_X_BLOCKING) != 0;
     for (uint32_t i = 0; i < n; i++) {
         struct vmb_srb_rec *r = &recs[i];
-        if (r->kind != VMB_SRB_FAST)
+        if (r->kind != (blocking ? VMB_SRB_LEFTOVER : VMB_SRB_FAST))
             continue;
         uint64_t total = 0;
         const struct vmb_srb_lun *L = r->lun < nluns ? &luns[r->lun] : NULL;
@@ -236,6 +268,27 @@ int vmb_srb_execute(struct vmb_srb_rec *recs, uint32_t n,
             seg_iov(r, segs, nsegs, regions, nregions, iov, &total) < 0 || total != r->length) {
             r->kind = VMB_SRB_LEFTOVER;
             r->reason = EINVAL;
+            continue;
+        }
+        if (blocking) {
+            /* A file LUN's leftover, in a worker thread: O_DIRECT alignment is
+             * checked as below; everything else fails to the general path. */
+            int bad = L->kind != VMB_LUN_FILE;
+            if (!bad && L->direct_align) {
+                uint64_t a = L->direct_align;
+                bad = (r->offset % a) != 0;
+                for (uint32_t k = 0; k < r->seg_count && !bad; k++)
+                    bad = ((uintptr_t)iov[k].iov_base % a) || (iov[k].iov_len % a);
+            }
+            int rc = bad ? -EINVAL
+                         : blocking_rw((int)L->fd, write, r->flags & VMB_SRB_F_FUA, iov,
+                                       r->seg_count, r->offset, r->length);
+            if (rc == 0) {
+                r->kind = VMB_SRB_DONE;
+                done++;
+            } else {
+                r->reason = (uint32_t)-rc;
+            }
             continue;
         }
         if (L->kind == VMB_LUN_MEMORY) {

@@ -38,7 +38,14 @@
  * chunk_map); DONE. A file LUN: one preadv2/pwritev2(fd, ..., RWF_NOWAIT): all
  * bytes moved -> DONE; anything else (EAGAIN, a short transfer, an error, a FUA
  * write, a write to a VMB_LUN_BLOCKING_WRITES LUN, an O_DIRECT misalignment) ->
- * LEFTOVER with reason = errno (0 if none), for the caller's blocking path. Returns how many records became DONE.
+ * LEFTOVER with reason = errno (0 if none), for the caller's blocking path.
+ * With flags VMB_SRB_X_BLOCKING (in a worker thread, on a private copy of the
+ * records and segments) the LEFTOVER records instead: each file request as one
+ * blocking preadv2/pwritev2 (RWF_DSYNC for a FUA write), short transfers
+ * continued, EINTR retried -> DONE; a failure (an errno, end of file, an
+ * O_DIRECT misalignment, a memory LUN) stays LEFTOVER with reason = errno, for
+ * the general path, which retries it and answers with its sense data.
+ * Returns how many records became DONE.
  *
  * vmb_srb_complete: for every record whose kind == want, one completion packet
  * (descriptor type 0xb, flags 0, the request's trans_id; a COMPLETE_IO vstor
@@ -85,6 +92,7 @@
 #define VMB_LUN_BLOCKING_WRITES 2u /* file: writes never try RWF_NOWAIT (EOPNOTSUPP) */
 
 #define VMB_SRB_MAX_SEGS 1024     /* IOV_MAX */
+#define VMB_SRB_X_BLOCKING 1u     /* execute flag: the LEFTOVER records, blocking */
 #define VMB_SRB_E_BAD_ARG (-100)
 
 struct vmb_srb_lun {
@@ -131,7 +139,7 @@ int vmb_srb_decode(const uint8_t *buf, uint64_t buflen, const uint32_t *index, u
 int vmb_srb_execute(struct vmb_srb_rec *recs, uint32_t n,
                     const struct vmb_srb_lun *luns, uint32_t nluns,
                     const struct vmb_iov_seg *segs, uint32_t nsegs,
-                    const struct vmb_srb_region *regions, uint32_t nregions);
+                    const struct vmb_srb_region *regions, uint32_t nregions, uint32_t flags);
 
 int vmb_srb_complete(const struct vmb_srb_rec *recs, uint32_t n, int32_t want, uint32_t size,
                      uint8_t *out, uint64_t out_cap, uint32_t *index);

@@ -17,7 +17,8 @@ from __future__ import annotations
 import errno
 import os
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any, NamedTuple
 
 from vmbus import native as _native_sel
@@ -34,6 +35,7 @@ LUN_NONE, LUN_MEMORY, LUN_FILE = 0, 1, 2
 LUN_READ_ONLY = 1
 LUN_BLOCKING_WRITES = 2
 MAX_SEGS = 1024
+X_BLOCKING = 1
 MAX_LUNS = 256
 E_BAD_ARG = -100
 
@@ -257,7 +259,10 @@ class _PyImpl:
             fast += 1
         return fast
 
-    def _iov(self, r: SrbRec, segs: memoryview) -> list[memoryview] | None:
+    def _iov(
+        self, r: SrbRec, segs: memoryview, regions: tuple[memoryview, ...] | None = None
+    ) -> list[memoryview] | None:
+        regions = self.regions if regions is None else regions
         nsegs = segs.nbytes // SEG_REC.size
         if not 0 < r.seg_count <= MAX_SEGS or r.first_seg > nsegs:
             return None
@@ -266,9 +271,9 @@ class _PyImpl:
         out = []
         for k in range(r.first_seg, r.first_seg + r.seg_count):
             region, _, offset, ln = SEG_REC.unpack_from(segs, SEG_REC.size * k)
-            if region >= len(self.regions):
+            if region >= len(regions):
                 return None
-            view = self.regions[region]
+            view = regions[region]
             if offset > view.nbytes or ln > view.nbytes - offset or ln == 0:
                 return None
             out.append(view[offset : offset + ln])
@@ -337,8 +342,49 @@ class _PyImpl:
                 self._set(i, LEFTOVER, 0)
         return done
 
-    def _set(self, i: int, kind: int, reason: int) -> None:
-        struct.pack_into("=iI", self.recs, REC.size * i, kind, reason)
+    def _set(self, i: int, kind: int, reason: int, recs: bytearray | None = None) -> None:
+        struct.pack_into("=iI", self.recs if recs is None else recs, REC.size * i, kind, reason)
+
+    def job(self, recs: bytearray, segs: bytes) -> Callable[[], int]:
+        return partial(self._blocking, recs, memoryview(segs), list(self.luns), self.regions)
+
+    def finish(self) -> None:
+        pass
+
+    def _blocking(
+        self,
+        recs: bytearray,
+        segs: memoryview,
+        luns: list[LunSpec | None],
+        regions: tuple[memoryview, ...],
+    ) -> int:
+        done = 0
+        for i in range(len(recs) // REC.size):
+            r = SrbRec(*REC.unpack_from(recs, REC.size * i))
+            if r.kind != LEFTOVER:
+                continue
+            spec = luns[r.lun] if r.lun < len(luns) else None
+            iov = self._iov(r, segs, regions)
+            if (
+                spec is None
+                or spec.kind != LUN_FILE
+                or iov is None
+                or sum(v.nbytes for v in iov) != r.length
+            ):
+                self._set(i, LEFTOVER, errno.EINVAL, recs)
+                continue
+            a = spec.direct_align
+            if a and (r.offset % a or any(v.nbytes % a or _address(v) % a for v in iov)):
+                self._set(i, LEFTOVER, errno.EINVAL, recs)  # pragma: no cover - O_DIRECT
+                continue
+            try:
+                _blocking_rw(spec.fd, r, iov)
+            except OSError as err:
+                self._set(i, LEFTOVER, err.errno or errno.EIO, recs)
+                continue
+            self._set(i, DONE, 0, recs)
+            done += 1
+        return done
 
     def complete(
         self, n: int, want: int, size: int, recs: Any = None
@@ -382,6 +428,29 @@ class _PyImpl:
         return memoryview(self.recs)[: REC.size * n]
 
 
+def _blocking_rw(fd: int, r: SrbRec, iov: list[memoryview]) -> None:
+    """The twin of storvsc.c blocking_rw(): the whole request or OSError."""
+    write = bool(r.flags & F_WRITE)
+    flags = os.RWF_DSYNC if write and r.flags & F_FUA else 0
+    done = 0
+    while done < r.length:
+        try:
+            if write:
+                got = os.pwritev(fd, iov, r.offset + done, flags)
+            else:
+                got = os.preadv(fd, iov, r.offset + done, 0)
+        except InterruptedError:  # pragma: no cover - Python retries EINTR itself
+            continue
+        if got == 0:
+            raise OSError(errno.EIO, "no progress")
+        done += got
+        while iov and got >= iov[0].nbytes:
+            got -= iov[0].nbytes
+            iov = iov[1:]
+        if iov and got:
+            iov = [iov[0][got:], *iov[1:]]
+
+
 def _address(view: memoryview) -> int:
     import cffi
 
@@ -409,6 +478,8 @@ class _NativeImpl:
         self.nregions = 0
         self._keep_luns: list[Any] = []
         self._keep_regions: list[Any] = []
+        self._busy = 0  # jobs running in worker threads
+        self._deferred: list[Any] = []  # views to release once they are done
         self.out: Any = ffi.new("uint8_t[]", 1)
         self.out_cap = 0
         self.index: Any = ffi.new("uint32_t[]", 2)
@@ -448,9 +519,35 @@ class _NativeImpl:
         self.regions, self.nregions = arr, len(views)
 
     def _release(self, keep: list[Any]) -> None:
-        for c in keep:
-            self.ffi.release(c)
+        if self._busy:  # a worker thread still runs on them: later, in finish()
+            self._deferred.extend(keep)
+        else:
+            for c in keep:
+                self.ffi.release(c)
         keep.clear()
+
+    def job(self, recs: bytearray, segs: bytes) -> Callable[[], int]:
+        ffi = self.ffi
+        self._busy += 1
+        return partial(
+            self.lib.vmb_srb_execute,
+            ffi.from_buffer("struct vmb_srb_rec[]", recs, require_writable=True),
+            len(recs) // REC.size,
+            self.luns,  # the arrays stay alive with the partial
+            self.nluns,
+            ffi.from_buffer("struct vmb_iov_seg[]", segs),
+            len(segs) // SEG_REC.size,
+            self.regions,
+            self.nregions,
+            X_BLOCKING,
+        )
+
+    def finish(self) -> None:
+        self._busy -= 1
+        if not self._busy:
+            deferred, self._deferred = self._deferred, []
+            for c in deferred:
+                self.ffi.release(c)
 
     def release(self) -> None:
         """Give back every view of guest RAM and disk storage (GuestMemory.close and a
@@ -503,6 +600,7 @@ class _NativeImpl:
                 segs.nbytes // SEG_REC.size,
                 self.regions,
                 self.nregions,
+                0,
             )
         )
 
@@ -608,6 +706,22 @@ class SrbFastPath:
         """Run every FAST request's I/O; returns how many are DONE (the others are
         LEFTOVER, for the blocking path)."""
         return self._impl.execute(self.n, gpa)
+
+    def leftover_job(self, recs: bytearray, segs: bytes) -> Callable[[], int]:
+        """A job for ONE worker thread: every LEFTOVER record of `recs` (a copy made
+        with `records()`) run with blocking I/O on the segments `segs` (a copy of
+        the batch's, `segments()`); each becomes DONE or stays LEFTOVER with its
+        errno. Returns the DONE count. Call `finish_job()` in the trio thread when
+        it returned: until then the views it uses are kept."""
+        return self._impl.job(recs, segs)
+
+    def finish_job(self) -> None:
+        self._impl.finish()
+
+    @staticmethod
+    def segments(gpa: GpaDirectBatch) -> bytes:
+        """A copy of a decoded batch's segment records (they are reused per batch)."""
+        return bytes(gpa._segs)
 
     def completions(self, want: int = DONE) -> tuple[memoryview, memoryview, int]:
         """(buffer, index, count): the completions of every record of kind `want`,

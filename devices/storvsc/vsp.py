@@ -10,7 +10,7 @@ Per channel: one receive loop. The hot case, READ/WRITE to a memory or file LUN,
 takes the fast path (`fastpath.py`): per received batch one call decodes every
 such SRB, one executes them (memcpy; preadv2/pwritev2 RWF_NOWAIT), one builds
 their completions, sent with `Channel.send_raw`; file requests that would block
-go to one worker thread per batch (`FileBackend.rw_batch`). Everything else
+go to one worker thread per batch (C again, on private copies). Everything else
 (and any request the fast path is not sure of) takes the general path: one task
 per SRB in a nursery (completed out of order, as backends finish), completions
 batched by a sender task onto the channel the request came in on. At most
@@ -41,13 +41,15 @@ Configured as `[[device]] type = "storvsc"` with `[[device.lun]]` tables (see
 
 from __future__ import annotations
 
+import array
 import contextlib
 import errno
 import logging
 import os
+import struct
 import uuid
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import trio
@@ -55,7 +57,6 @@ import trio
 from devices.storvsc import fastpath
 from devices.storvsc.backends.base import (
     BackendConfigError,
-    BackendIOError,
     DiskBackend,
     load_backend,
     open_backend,
@@ -89,7 +90,7 @@ from vmbus.packet import (
     packet_types_mask,
     wants_completion,
 )
-from vmbus.ring import OutPacket, Packet
+from vmbus.ring import OutPacket, Packet, iter_packets
 
 log = logging.getLogger(__name__)
 
@@ -352,6 +353,7 @@ class _ChannelWorker:
         self._fast = SrbFastPath()
         self._lun_sig: object = None
         self._fast_luns = 0
+        self._file_backends: dict[int, FileBackend] = {}  # the fast path's file LUNs
         self.fast_completed = 0  # requests completed by the fast path (tests)
         self.leftovers: dict[int, int] = {}  # fast requests that had to block, by errno
 
@@ -457,6 +459,9 @@ class _ChannelWorker:
                 )
         self._fast.set_luns(specs)
         self._fast_luns = len(specs)
+        self._file_backends = {
+            n: b for n, _, b in disks if n in specs and isinstance(b, FileBackend)
+        }
         return bool(specs)
 
     async def _run_fast(
@@ -482,60 +487,61 @@ class _ChannelWorker:
     def _take_leftovers(
         self, batch: PacketBatch, ranges: GpaDirectBatch, nursery: trio.Nursery
     ) -> None:
+        """Hand the batch's LEFTOVER requests (file I/O that would block) to one
+        worker thread: private copies of their records, the batch's segments and
+        packets (for a retry), the file backends held open meanwhile."""
         fp = self._fast
         recs = bytearray(fp.records())
-        items: list[tuple[int, bytes, list[memoryview]]] = []
-        luns = self.dev.controller
-        for i, pkt in enumerate(batch):
-            r = fp.record(i)
-            if r.kind != fastpath.LEFTOVER:
+        held: dict[int, FileBackend] = {}
+        count = 0
+        for i, kind in enumerate(fp.kinds()):
+            if kind != fastpath.LEFTOVER:
                 fastpath.set_kind(recs, i, fastpath.SLOW)  # answered already, or not ours
                 continue
+            r = fp.record(i)
+            count += 1
             self.leftovers[r.reason] = self.leftovers.get(r.reason, 0) + 1
+            b = self._file_backends.get(r.lun)
+            if b is None:
+                continue  # not a file: the job leaves it to the retry
             if r.reason == errno.EOPNOTSUPP and r.flags & fastpath.F_WRITE:
-                b = luns.disk(r.lun).backend if r.lun in luns else None
-                if isinstance(b, FileBackend):
-                    b.nowait_writes = False  # this file system never takes them
-            items.append((i, bytes(pkt.payload), ranges.iovecs(i)))
-        self.in_flight += len(items)
+                b.nowait_writes = False  # this file system never takes them
+            if id(b) not in held:
+                b.hold()  # close() waits for the job as for its own I/O
+                held[id(b)] = b
+        n = len(batch)
+        index = array.array("I", batch.index[: 2 * n])
+        end = max(index[2 * i] + index[2 * i + 1] for i in range(n))
+        packets = bytes(memoryview(batch.buffer)[:end])
+        job = fp.leftover_job(recs, fp.segments(ranges))
+        self.in_flight += count
         self.dev.max_in_flight_seen = max(self.dev.max_in_flight_seen, self.in_flight)
-        nursery.start_soon(self._leftovers, recs, self.proto.size, items)
+        nursery.start_soon(
+            self._leftovers, job, recs, self.proto.size, packets, index, list(held.values())
+        )
 
     async def _leftovers(
-        self, recs: bytearray, size: int, items: list[tuple[int, bytes, list[memoryview]]]
+        self,
+        job: Callable[[], int],
+        recs: bytearray,
+        size: int,
+        packets: bytes,
+        index: array.array[int],
+        held: list[FileBackend],
     ) -> None:
-        """A batch's file requests that would have blocked: one thread runs them all;
-        the ones that fail take the general path (which retries and answers with the
+        """One worker thread runs the batch's blocking file I/O (in C); the requests
+        that fail take the general path (which retries them and answers with the
         sense data it always gave)."""
-        per_backend: dict[int, tuple[FileBackend, list[tuple[int, bytes, list[memoryview]]]]] = {}
-        failed: list[tuple[int, bytes, list[memoryview]]] = []
-        ctl = self.dev.controller
-        for item in items:
-            r = fastpath.SrbRec(*fastpath.REC.unpack_from(recs, fastpath.REC.size * item[0]))
-            b = ctl.disk(r.lun).backend if r.lun in ctl else None
-            if not isinstance(b, FileBackend):  # removed meanwhile
-                failed.append(item)
-                continue
-            per_backend.setdefault(id(b), (b, []))[1].append(item)
-        ok = 0
-        for b, its in per_backend.values():
-            reqs = []
-            for i, _, iov in its:
-                r = fastpath.SrbRec(*fastpath.REC.unpack_from(recs, fastpath.REC.size * i))
-                write = bool(r.flags & fastpath.F_WRITE)
-                reqs.append((write, r.offset, iov, bool(r.flags & fastpath.F_FUA)))
+        try:
             try:
-                errs: list[BackendIOError | None] = await b.rw_batch(reqs)
-            except BackendIOError:  # closed meanwhile
-                errs = [BackendIOError("closed")] * len(its)
-            for item, err in zip(its, errs, strict=True):
-                if err is None:
-                    fastpath.set_kind(recs, item[0], fastpath.DONE)
-                    ok += 1
-                else:
-                    failed.append(item)
-        if ok:
-            buf, idx, k = self._fast.complete_copy(recs, size)
+                await trio.to_thread.run_sync(job)
+            finally:
+                self._fast.finish_job()
+        finally:
+            for b in held:
+                b.unhold()
+        buf, idx, k = self._fast.complete_copy(recs, size)
+        if k:
             try:
                 await self.channel.send_raw(buf, idx, k)
             finally:
@@ -543,20 +549,30 @@ class _ChannelWorker:
                 self._room.set()
             self.fast_completed += k
             self.dev.fast_completed += k
-        for i, payload, iov in failed:
-            await self._retry(recs, i, payload, iov)
+        failed = [
+            i
+            for i, (kind,) in enumerate(struct.iter_unpack("=i52x", recs))
+            if kind == fastpath.LEFTOVER
+        ]
+        if not failed:
+            return
+        n = len(index) // 2
+        gpa = self.ctx.memory.gpa_direct_decoder().decode(packets, index, n)
+        pkts = list(iter_packets(packets, index, n))
+        for i in failed:
+            await self._retry(pkts[i], gpa.iovecs(i))
 
-    async def _retry(self, recs: bytearray, i: int, payload: bytes, iov: list[memoryview]) -> None:
+    async def _retry(self, pkt: Packet, iov: list[memoryview]) -> None:
         """A fast request whose I/O failed, run again by the general path: the SCSI
         layer retries it and answers with its sense data, exactly as it always did."""
-        tid = fastpath.SrbRec(*fastpath.REC.unpack_from(recs, fastpath.REC.size * i)).trans_id
-        data_bytes = sum(v.nbytes for v in iov)
+        tid = pkt.trans_id
         try:
-            ev = self.proto.receive(payload, primary=self.primary, data_bytes=data_bytes)
-        except GuestError as exc:  # the protocol was reset meanwhile
-            self._queue(
-                completion(tid, self.proto.failure_reply(exc.status or NtStatus.UNSUCCESSFUL))
+            ev = self.proto.receive(
+                pkt.payload, primary=self.primary, data_bytes=sum(v.nbytes for v in iov)
             )
+        except GuestError as exc:  # the protocol was reset meanwhile
+            status = exc.status if exc.status is not None else NtStatus.UNSUCCESSFUL
+            self._queue(completion(tid, self.proto.failure_reply(status)))
             return
         assert isinstance(ev, ExecuteSrb)
         await self._execute(tid, ev.srb, iov)

@@ -19,9 +19,10 @@ are continued, never mistaken for success. Details that matter for data safety:
   end of the file, which changes nothing) or on first use: `can_unmap` turns False
   and the unmap that found out is completed by writing zeros.
 - storvsc's fast path (devices/storvsc/fastpath.py) reads and writes the fd
-  itself, inline with RWF_NOWAIT (`fast_file()`), and hands what would block to
-  `rw_batch`: one worker thread for a batch of plain reads and writes, each with
-  readv/writev's own semantics (FUA included).
+  itself (`fast_file()`): inline with RWF_NOWAIT, and what would block in one
+  worker thread per batch (`hold()`/`unhold()` so close() waits for it), with
+  readv/writev's semantics (a FUA write is RWF_DSYNC; where the kernel refuses
+  that, the general path's writev does its fdatasync fallback).
 - `create_size` creates a sparse image (ftruncate) if the file does not exist;
   an existing file of another size is a configuration error, never truncated.
 """
@@ -359,35 +360,15 @@ class FileBackend:
             return None
         return self._fd, self.direct_alignment if self.direct else 0
 
-    def _rw_batch(
-        self, items: Sequence[tuple[bool, int, list[memoryview], bool]]
-    ) -> list[BackendIOError | None]:
-        out: list[BackendIOError | None] = []
-        for write, offset, views, fua in items:
-            try:
-                self._check(offset, sum(v.nbytes for v in views), write=write)
-                if write:
-                    self._write(offset, views, fua)
-                else:
-                    self._read(offset, views)
-                out.append(None)
-            except BackendIOError as err:
-                out.append(err)
-            except OSError as err:
-                out.append(BackendIOError(f"{self.path}: {err}", offset=offset))
-        return out
+    def hold(self) -> None:
+        """Count I/O that a caller runs on the fd itself (storvsc's fast path, in a
+        worker thread): close() waits for it as for readv/writev. Pair with unhold()."""
+        self._inflight += 1
 
-    async def rw_batch(
-        self, items: Sequence[tuple[bool, int, Sequence[memoryview], bool]]
-    ) -> list[BackendIOError | None]:
-        """(write, offset, buffers, fua) requests run one after another in ONE worker
-        thread (one hand-off for a batch, not one each); each as readv/writev would
-        run it. Each one's failure is returned in its place, not raised."""
-        batch = [
-            (w, off, [memoryview(b).cast("B") for b in bufs], fua) for w, off, bufs, fua in items
-        ]
-        result: list[BackendIOError | None] = await self._io(self._rw_batch, batch)
-        return result
+    def unhold(self) -> None:
+        self._inflight -= 1
+        if not self._inflight:
+            self._idle.set()
 
     async def flush(self) -> None:
         if self._fd < 0:
