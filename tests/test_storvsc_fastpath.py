@@ -473,19 +473,79 @@ def test_file_reads_inline_and_writes_that_would_block_are_leftovers(
         trio.run(backend.close)
 
 
-async def test_rw_batch_one_thread_and_errors_in_place(tmp_path: Path) -> None:
-    img = tmp_path / "disk.img"
-    img.write_bytes(bytes(BLOCKS * BS))
+@pytest.mark.parametrize("native", [pytest.param(True, marks=NATIVE), False], ids=["native", "py"])
+def test_leftover_job_blocks_in_a_thread_and_keeps_failures(
+    tmp_path: Path, seeds: tuple[bytes, bytes], native: bool
+) -> None:
+    """The worker thread's job: a read, a FUA write (RWF_DSYNC) and a write on a
+    descriptor that refuses it (EBADF: stays LEFTOVER for the general path)."""
+    img, ro_img = tmp_path / "disk.img", tmp_path / "ro.img"
+    content = random.Random(5).randbytes(BLOCKS * BS)
+    img.write_bytes(content)
+    ro_img.write_bytes(content)
     backend = FileBackend(img)
-    data = memoryview(bytearray(b"\x5a" * BS))
-    out = memoryview(bytearray(BS))
-    errs = await backend.rw_batch(
-        [(True, BS, [data], True), (False, BS, [out], False), (False, BLOCKS * BS, [out], False)]
-    )
-    assert errs[0] is None and errs[1] is None and errs[2] is not None
-    assert bytes(out) == bytes(data)
-    await backend.close()
-    assert backend.fast_file() is None
+    ro = os.open(ro_img, os.O_RDONLY)
+    side = Side(native, *seeds)
+    try:
+        ff = backend.fast_file()
+        assert ff is not None
+        side.fp.set_luns(
+            {
+                0: LunSpec(
+                    fastpath.LUN_FILE, False, BS, BLOCKS, 8 * BS, fd=ff[0], blocking_writes=True
+                ),
+                1: LunSpec(
+                    fastpath.LUN_FILE, False, BS, BLOCKS, 8 * BS, fd=ro, blocking_writes=True
+                ),
+            }
+        )
+        fua = encode_srb(
+            cdb=cdb_for(0x2A, 4, 2, byte1=0x08), data_in=DataIn.WRITE, data_transfer_length=1024
+        )
+        bad = encode_srb(
+            lun=1, cdb=cdb_for(0x2A, 0, 1), data_in=DataIn.WRITE, data_transfer_length=512
+        )
+        read = encode_srb(
+            lun=1, cdb=cdb_for(0x28, 8, 1), data_in=DataIn.READ, data_transfer_length=512
+        )
+        raws = [
+            raw_packet(9, gpa_ext([(1024, 512, [RAM_PFNS[3]])]), srb_request(fua), 1, 1),
+            raw_packet(9, gpa_ext([(512, 0, [RAM_PFNS[4]])]), srb_request(bad), 1, 2),
+            raw_packet(9, gpa_ext([(512, 0, [RAM_PFNS[5]])]), srb_request(read), 1, 3),
+        ]
+        buf, index, n = batch_of(raws)
+        gpa = side.decoder.decode(buf, index, n)
+        assert side.fp.decode(buf, index, n, gpa, ready=True, size=64, max_transfer=4096) == 3
+        side.fp.execute(gpa)  # the read may be a page-cache hit, done inline
+        kinds = side.fp.kinds()
+        assert kinds[:2] == [fastpath.LEFTOVER, fastpath.LEFTOVER]
+        recs = bytearray(side.fp.records())
+        job = side.fp.leftover_job(recs, side.fp.segments(gpa))
+        del gpa
+        try:
+            done = trio.run(trio.to_thread.run_sync, job)
+        finally:
+            side.fp.finish_job()
+        after = [
+            fastpath.SrbRec(*fastpath.REC.unpack_from(recs, fastpath.REC.size * i))
+            for i in range(3)
+        ]
+        assert (after[0].kind, after[1].kind, after[1].reason) == (
+            fastpath.DONE,
+            fastpath.LEFTOVER,
+            errno.EBADF,
+        )
+        assert after[2].kind == fastpath.DONE
+        assert done == (2 if kinds[2] == fastpath.LEFTOVER else 1)
+        assert img.read_bytes()[4 * BS : 6 * BS] == seeds[0][3 * PAGE + 512 : 3 * PAGE + 1536]
+        assert ro_img.read_bytes() == content
+        assert side.ram.bytes()[5 * PAGE : 5 * PAGE + 512] == content[8 * BS : 9 * BS]
+        _, _, k = side.fp.complete_copy(recs, 64)
+        assert k == 2
+    finally:
+        side.close()
+        os.close(ro)
+        trio.run(backend.close)
 
 
 # --- end to end ------------------------------------------------------------------------------
@@ -526,3 +586,41 @@ async def test_guest_io_through_the_fast_path(
         assert dev.fast_completed >= 16
     else:
         assert dev.fast_completed == 0
+
+
+async def test_a_failed_leftover_gets_the_general_paths_sense(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """A file write that fails in the fast path's thread is retried by the general
+    path, which answers MEDIUM ERROR / WRITE ERROR as it always did; reads go on."""
+    from conftest import attached_vm
+
+    from devices.storvsc.protocol import SCSI_IF_TYPE
+    from devices.storvsc.vsc import attach_storvsc
+    from vmbus.config import devices_from_config
+    from vmbus.server import serve_listener
+
+    img = tmp_path / "disk.img"
+    data = random.Random(6).randbytes(1 << 20)
+    img.write_bytes(data)
+    cfg = {"device": [{"type": "storvsc", "lun": [{"backend": "file", "path": str(img)}]}]}
+    sock = str(tmp_path / "s.sock")
+    await nursery.start(lambda **kw: serve_listener(sock, lambda: devices_from_config(cfg), **kw))
+    async with attached_vm(sock) as vm:
+        (offer,) = [o for o in vm.find_offers(SCSI_IF_TYPE) if o.sub_channel_index == 0]
+        async with attach_storvsc(vm, offer) as hba:
+            assert await hba.read(0, 8, 8) == data[8 * BS : 16 * BS]
+            # The backend's descriptor now names a read-only file: every write fails.
+            (fd,) = [
+                int(f)
+                for f in os.listdir("/proc/self/fd")
+                if os.path.realpath(f"/proc/self/fd/{f}") == str(img)
+            ]
+            ro = os.open(img, os.O_RDONLY)
+            os.dup2(ro, fd)
+            os.close(ro)
+            with pytest.raises(Exception, match="scsi 0x2 sense [7f]00003"):  # MEDIUM ERROR
+                await hba.write(0, 3, bytes(BS))
+            assert await hba.read(0, 3, 1) == data[3 * BS : 4 * BS]
+    assert img.read_bytes() == data
+    nursery.cancel_scope.cancel()
