@@ -110,6 +110,7 @@ def check_one(data: bytes) -> None:
     first = min(len(buf), head_room, r.pick((head_room, head_room, 8, 16, 0, 24)))
     first -= first % 8 if r.byte() & 1 else 0
     header = p.GpadlHeader(relid, HANDLE, buflen, rangecount, buf[:first])
+    sent = bytearray(buf[: first // 8 * 8])  # the bus keeps whole u64s only
     s.receive(header.encode(), 1)
     answers = created(s)
     pos, msgnumber, clean = first, 1, True
@@ -126,6 +127,7 @@ def check_one(data: bytes) -> None:
         elif twist % 16 == 5:
             s.receive(header.encode(), 1)  # the same handle again while in progress
         s.receive(p.GpadlBody(msgnumber, handle, pfns).encode(), 1)
+        sent += b"".join(x.to_bytes(8, "little") for x in pfns)
         msgnumber += 1
         answers += created(s)
         s.check_invariants()
@@ -135,10 +137,13 @@ def check_one(data: bytes) -> None:
     if ok:
         assert ok[0].gpadl == HANDLE and ok[0].child_relid == relid
         gp = s.gpadl(HANDLE, relid)
-        assert gp.ranges == p.parse_gpa_ranges(rangecount, buf[:capacity])
+        if clean:  # only this GPADL's bytes went to its handle, in order
+            assert gp.ranges == p.parse_gpa_ranges(rangecount, bytes(sent[:capacity]))
+        for rg in gp.ranges:
+            assert len(rg.pfns) == p.range_pfn_count(rg.byte_count, rg.byte_offset)
         assert _in_ram(gp.pfns)
         assert gp.page_count <= (capacity - 8 * rangecount) // 8
-    elif clean and pos >= capacity and buflen >= 8 * rangecount + 8 and rangecount:
+    elif clean and len(sent) >= capacity and buflen >= 8 * rangecount + 8 and rangecount:
         # the guest sent the whole buffer, so it must have been answered one way or the other
         assert answers, (answers, pos, capacity)
 
