@@ -10,9 +10,16 @@ checks them, and completed on the channel they came in on.
 Multi-queue as Linux does it (`enable_multiqueue`: RSS capabilities, SUBCHANNEL,
 open the sub-channels, RSS parameters); each queue's receives are completed on
 their own channel and the hash PPI is read. Frames too big for a section go GPA
-direct (header page + the frame as one multi-page range). Not yet: batching
-several packets per section, the Linux buffer sizes (the tests
-use small buffers to keep the simulated VM's RAM small).
+direct (header page + the frame as one multi-page range).
+
+`send_frames` is netvsc_send with xmit_more: a batch of frames packed several
+RNDIS packets to a section (up to max_pkt_per_msg from INITIALIZE_CMPLT, each
+padded to its packet alignment), large ones GPA direct from a pool of page
+buffers, all of it posted with one ring write; completions come back
+asynchronously (the receive loop matches them) and free the sections. Offloads
+are negotiated as rndis_netdev_set_hwcaps does: OID_TCP_OFFLOAD_PARAMETERS from
+the host's hardware capabilities, kept in `offloads`. Not yet: the Linux buffer
+sizes (the tests use small buffers to keep the simulated VM's RAM small).
 """
 
 from __future__ import annotations
@@ -20,9 +27,9 @@ from __future__ import annotations
 import logging
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import trio
 
@@ -40,8 +47,9 @@ from vmbus.packet import (
 )
 
 if TYPE_CHECKING:
+    from vmbus.channel import Channel, CompletedRequest
     from vmbus.guest.vm import GuestChannel, GuestOffer, SimulatedVm
-    from vmbus.ring import Packet
+    from vmbus.ring import OutPacket, Packet
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +62,18 @@ LINUX_VERSIONS = (
     nv.NVSP_PROTOCOL_VERSION_1,
 )
 RNDIS_TIMEOUT_S = 5.0  # Linux's RNDIS control timeout
+GSO_LEGACY_MAX_SIZE = 65536  # Linux's gso_max_size before the host's LSO limit
+MAX_PKT_ALIGN = 4096  # a bound on the host's packet alignment (1 << factor)
+DIRECT_BUFFERS = 32  # GPA-direct sends in flight at once (each a pool buffer)
+DIRECT_MAX_PAGES = 17  # a 64 KiB LSO frame plus headers, in pages
+NVSP_COMPLETE_OK = struct.pack("<II", nv.Msg.SEND_RNDIS_PKT_COMPLETE, nv.Status.SUCCESS)
+# NDIS offload capability bits Linux tests (hyperv_net.h)
+TXCSUM_ALL_TCP4 = rn.CSUM_TCP | rn.CSUM_TCP_OPTIONS
+TXCSUM_ALL_TCP6 = rn.CSUM_TCP | rn.CSUM_TCP_OPTIONS | rn.CSUM_IP6_EXT_HEADERS
+LSOV2_CAP_IP6 = rn.LSO_IP6_EXT_HEADERS | rn.LSO_TCP_OPTIONS
+OFFLOAD_TX_RX_DISABLED = 1
+OFFLOAD_TX_RX_ENABLED = 4
+OFFLOAD_LSOV2_ENABLED = 2
 
 
 class NetvscGuestError(Exception):
@@ -69,6 +89,79 @@ class RxFrame:
     hash_value: int | None = None
     checksum: int | None = None  # the receive checksum PPI
     vlan: int | None = None  # the 802.1Q PPI's value
+
+
+@dataclass(frozen=True)
+class TxFrame:
+    """A frame to send and the PPIs netvsc_xmit puts before it ((type, u32 value))."""
+
+    data: bytes | bytearray
+    ppis: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class NicOffloads:
+    """What rndis_netdev_set_hwcaps turns on from the host's NDIS_OFFLOAD: transmit
+    checksums Linux asks the host for, LSO v2 per IP version and its size limit
+    (netif_set_tso_max_size). Linux always checksums IPv4 headers itself."""
+
+    tcp4_csum: bool = False
+    udp4_csum: bool = False
+    tcp6_csum: bool = False
+    udp6_csum: bool = False
+    lso4: bool = False
+    lso6: bool = False
+    gso_max_size: int = GSO_LEGACY_MAX_SIZE
+
+    @classmethod
+    def from_capabilities(cls, caps: bytes) -> NicOffloads:
+        """rndis_netdev_set_hwcaps's decisions over the queried capabilities."""
+        tx4, tx6 = struct.unpack_from("<I12xI", caps, 8)
+        enc4, max4, _min4, enc6, max6, _min6, opts6 = struct.unpack_from("<7I", caps, 80)
+        tcp4 = tx4 & TXCSUM_ALL_TCP4 == TXCSUM_ALL_TCP4
+        tcp6 = tx6 & TXCSUM_ALL_TCP6 == TXCSUM_ALL_TCP6
+        lso4 = tcp4 and bool(enc4 & rn.ENCAP_802_3)
+        lso6 = tcp6 and bool(enc6 & rn.ENCAP_802_3) and opts6 & LSOV2_CAP_IP6 == LSOV2_CAP_IP6
+        gso = GSO_LEGACY_MAX_SIZE
+        if lso4:
+            gso = min(gso, max4)
+        if lso6:
+            gso = min(gso, max6)
+        udp4, udp6 = tcp4 and bool(tx4 & rn.CSUM_UDP), tcp6 and bool(tx6 & rn.CSUM_UDP)
+        return cls(tcp4, udp4, tcp6, udp6, lso4, lso6, gso)
+
+    def parameters(self) -> bytes:
+        """The NDIS_OFFLOAD_PARAMETERS (revision 3) that turn them on."""
+
+        def on(flag: bool, value: int) -> int:
+            return value if flag else 0
+
+        return struct.pack(
+            "<BBH9B",
+            0x80,
+            3,
+            28,
+            OFFLOAD_TX_RX_DISABLED,
+            on(self.tcp4_csum, OFFLOAD_TX_RX_ENABLED),
+            on(self.udp4_csum, OFFLOAD_TX_RX_ENABLED),
+            on(self.tcp6_csum, OFFLOAD_TX_RX_ENABLED),
+            on(self.udp6_csum, OFFLOAD_TX_RX_ENABLED),
+            0,
+            0,
+            on(self.lso4, OFFLOAD_LSOV2_ENABLED),
+            on(self.lso6, OFFLOAD_LSOV2_ENABLED),
+        ).ljust(28, b"\0")
+
+
+def rndis_header(frame_len: int, ppis: tuple[tuple[int, int], ...] = ()) -> bytes:
+    """netvsc_xmit's RNDIS PACKET header with the PPIs as init_ppi_data lays them;
+    the frame follows it."""
+    area = b"".join(struct.pack("<IIII", 16, t, 12, v) for t, v in ppis)
+    head = struct.pack(
+        "<II9I", 1, 44 + len(area) + frame_len, 36 + len(area), frame_len, 0, 0, 0, 36,
+        len(area), 0, 0,
+    )  # fmt: skip
+    return head + area
 
 
 def _msg(msg_type: int, fmt: str = "", *fields: int) -> bytes:
@@ -105,6 +198,21 @@ class NetvscGuest:
     _recv: tuple[int, list[int]] = (0, [])
     _send: tuple[int, list[int]] = (0, [])
     _free_sections: list[int] = field(default_factory=list)
+    # from INITIALIZE_CMPLT (rndis_filter_init_device): packets per send section
+    max_pkt: int = 1
+    pkt_align: int = 1
+    offloads: NicOffloads = field(default_factory=NicOffloads)
+    # send_frames' counters: RNDIS packets, NVSP messages (sections or GPA direct),
+    # LSO packets among them, and completions that came back other than SUCCESS
+    tx_packets: int = 0
+    tx_messages: int = 0
+    tx_direct: int = 0
+    tx_lso: int = 0
+    tx_failed: int = 0
+    _direct_free: list[tuple[list[int], list[int]]] = field(default_factory=list)
+    _direct_made: int = 0
+    _tx_space: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
+    _tracked: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self._frames_in, self.frames = trio.open_memory_channel[RxFrame](4096)
@@ -392,6 +500,10 @@ class NetvscGuest:
         init = await self.rndis_request(rn.MsgType.INITIALIZE, struct.pack("<III", 1, 0, 0x4000))
         if struct.unpack_from("<I", init, 12)[0] != rn.Status.SUCCESS:
             raise NetvscGuestError("RNDIS INITIALIZE refused")
+        if len(init) >= 44:  # max_pkt_per_msg and pkt_alignment_factor, as Linux keeps them
+            max_pkt, _max_xfer, factor = struct.unpack_from("<3I", init, 32)
+            self.max_pkt = max(1, max_pkt)
+            self.pkt_align = min(1 << min(factor, 31), MAX_PKT_ALIGN)
         (mtu,) = struct.unpack("<I", await self.query(rn.Oid.GEN_MAXIMUM_FRAME_SIZE, expect=4))
         self.mtu = min(self.mtu, mtu)
         self.mac = await self.query(rn.Oid.E802_3_PERMANENT_ADDRESS, expect=6)
@@ -401,7 +513,8 @@ class NetvscGuest:
         caps = await self.query(rn.Oid.TCP_OFFLOAD_HARDWARE_CAPABILITIES, hdr, expect=156)
         if caps[0] != 0xA7 or not 112 <= struct.unpack_from("<H", caps, 2)[0] <= len(caps):
             raise NetvscGuestError("invalid NDIS offload object")
-        params = struct.pack("<BBH9B", 0x80, 3, 28, 1, 4, 4, 4, 4, 0, 0, 2, 2).ljust(28, b"\0")
+        self.offloads = NicOffloads.from_capabilities(caps)
+        params = self.offloads.parameters()
         if await self.set(rn.Oid.TCP_OFFLOAD_PARAMETERS, params) != rn.Status.SUCCESS:
             raise NetvscGuestError("offload parameters refused")
         await self.query(rn.Oid.GEN_MEDIA_CONNECT_STATUS, expect=4)
@@ -420,24 +533,10 @@ class NetvscGuest:
         """netvsc_xmit's RNDIS packet (PPIs as init_ppi_data lays them) copied into a
         free send section, SEND_RNDIS_PKT on the queue's channel, wait for the
         completion."""
-        area = b"".join(struct.pack("<IIII", 16, t, 12, v) for t, v in ppis)
-        head = struct.pack(
-            "<II9I",
-            1,
-            44 + len(area) + len(frame),
-            36 + len(area),
-            len(frame),
-            0,
-            0,
-            0,
-            36,
-            len(area),
-            0,
-            0,
-        )
-        msg = head + area + frame
+        head = rndis_header(len(frame), ppis)
+        msg = head + frame
         if len(msg) + 8 >= self.send_section:  # netvsc_send: too big to copy, go direct
-            await self._send_direct(head + area, frame, queue)
+            await self._send_direct(head, frame, queue)
             return
         while not self._free_sections:
             await trio.sleep(0.001)
@@ -451,6 +550,119 @@ class NetvscGuest:
                 raise NetvscGuestError(f"send completed with {done[:8].hex()}")
         finally:
             self._free_sections.append(section)
+            self._tx_space.unpark_all()
+
+    # -- batched transmit (netvsc_send with xmit_more) --
+
+    def _channel(self, queue: int) -> Channel:
+        return (self.gch if queue == 0 else self.subchannels[queue]).channel
+
+    def _sent(self, done: list[CompletedRequest]) -> None:
+        """send_frames' completions (matched in the receive loop): each gives its
+        section or page buffer back; a status other than SUCCESS is counted."""
+        for c in done:
+            if c.payload[:8] != NVSP_COMPLETE_OK:
+                self.tx_failed += 1
+            if isinstance(c.context, int):
+                self._free_sections.append(c.context)
+            else:
+                self._direct_free.append(cast(tuple[list[int], list[int]], c.context))
+        self._tx_space.unpark_all()
+
+    def _grow_direct(self) -> bool:
+        """One more GPA-direct page buffer (header page + frame pages), up to
+        DIRECT_BUFFERS; False when there may be no more (wait for a completion)."""
+        if self._direct_made >= DIRECT_BUFFERS:
+            return False
+        try:
+            pages = self.vm.ram.alloc_pages(1 + DIRECT_MAX_PAGES)
+        except MemoryError:
+            if not self._direct_made:
+                raise
+            return False
+        self._direct_made += 1
+        self._direct_free.append((pages[:1], pages[1:]))
+        return True
+
+    async def send_frames(self, frames: Sequence[TxFrame], queue: int = 0) -> None:
+        """netvsc_send over a batch (xmit_more until its last frame): frames packed
+        into send sections, up to max_pkt RNDIS packets a section, each packet padded
+        to pkt_align before the next; a frame too big for a section goes GPA direct
+        from a page buffer. Everything is posted with one ring write (earlier only
+        when sections or buffers run out: what is built goes out, then we wait for
+        completions). Returns once posted: the completions, taken by the receive loop,
+        free the sections (a failed one is counted in tx_failed)."""
+        ch = self._channel(queue)
+        if id(ch) not in self._tracked:
+            ch.track_completions(self._sent)
+            self._tracked.add(id(ch))
+        pkts: list[OutPacket] = []
+        ctxs: list[object] = []
+        section = -1
+        buf = bytearray()
+        count = last = 0
+
+        def close() -> None:
+            nonlocal section
+            if section >= 0:
+                self._write(self._send[1], section * self.send_section, bytes(buf))
+                nvsp = _msg(nv.Msg.SEND_RNDIS_PKT, "III", nv.CHANNEL_TYPE_DATA, section, len(buf))
+                pkts.append(inband(nvsp))
+                ctxs.append(section)
+                section = -1
+
+        async def post() -> None:
+            close()
+            if pkts:
+                self.tx_messages += len(pkts)
+                await ch.post_requests(pkts, ctxs)
+                pkts.clear()
+                ctxs.clear()
+
+        for f in frames:
+            head = rndis_header(len(f.data), f.ppis)
+            size = len(head) + len(f.data)
+            self.tx_packets += 1
+            if any(t == rn.PpiType.TCP_LARGESEND for t, _ in f.ppis):
+                self.tx_lso += 1
+            if size + self.pkt_align >= self.send_section:  # too big to copy: direct
+                if len(head) > PAGE_SIZE or len(f.data) > DIRECT_MAX_PAGES * PAGE_SIZE:
+                    raise ValueError("frame too large for one GPA-direct packet")
+                while not self._direct_free and not self._grow_direct():
+                    await post()
+                    await self._tx_space.park()
+                hpfn, fpfns = bufs = self._direct_free.pop()
+                pages = (len(f.data) + PAGE_SIZE - 1) // PAGE_SIZE
+                self._write(hpfn, 0, head)
+                self._write(fpfns, 0, bytes(f.data))
+                ranges = [
+                    GpaRange(len(head), 0, tuple(hpfn)),
+                    GpaRange(len(f.data), 0, tuple(fpfns[:pages])),
+                ]
+                nvsp = _msg(nv.Msg.SEND_RNDIS_PKT, "III", nv.CHANNEL_TYPE_DATA, nv.NO_SECTION, 0)
+                pkts.append(gpa_direct(ranges, nvsp))
+                ctxs.append(bufs)
+                self.tx_direct += 1
+                continue
+            pad = -len(buf) % self.pkt_align
+            if section >= 0 and count < self.max_pkt and len(buf) + pad + size <= self.send_section:
+                if pad:  # the previous packet's msg_len covers the padding (Linux's way)
+                    struct.pack_into("<I", buf, last + 4, len(buf) - last + pad)
+                    buf += bytes(pad)
+                last = len(buf)
+                buf += head
+                buf += f.data
+                count += 1
+                continue
+            close()
+            while not self._free_sections:
+                await post()
+                await self._tx_space.park()
+            section = self._free_sections.pop()
+            buf = bytearray(head)
+            buf += f.data
+            count, last = 1, 0
+        await post()
 
     async def _send_direct(self, head: bytes, frame: bytes, queue: int) -> None:
         """A GPA-direct send: the RNDIS header (with PPIs) in one page, the frame in
