@@ -247,3 +247,45 @@ def test_control_plane_churn_across_kills(tmp_path: Path) -> None:
     assert "violation" not in log, log[-3000:]
     assert "resume refused" not in log
     assert "Traceback" not in log
+
+
+def test_vm_with_a_device_that_cannot_restart_gets_no_state(tmp_path: Path) -> None:
+    """storvsc cannot save its state yet: vmbusd says so once and sends no saved
+    state, so a crash ends that VM's session at once, as before restart support
+    (not a resume into a controller that forgot the guest's negotiation)."""
+    svc = Service(tmp_path)
+    svc.cfg.write_text(
+        '[[device]]\ntype = "echo"\n[[device]]\ntype = "storvsc"\n'
+        'lun = [{backend = "memory", size = 1048576}]\n'
+    )
+    svc.start()
+    err = tmp_path / "vm.log"
+    with open(err, "wb") as errf:
+        vm = subprocess.Popen(
+            [
+                *VMBUSD,
+                "vm",
+                "--connect",
+                svc.path,
+                "--workload",
+                "idle",
+                "--reconnect-timeout",
+                "30",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=errf,
+        )
+    try:
+        wait_for(lambda: "idle until" in err.read_text(), "the VM's channels")
+        assert "no restart support for this VM: storvsc cannot save its state yet" in svc.log()
+        svc.stop(signal.SIGKILL)
+        assert vm.wait(timeout=10) == 0  # long before the 30 s reconnect timeout
+        text = err.read_text()
+        assert "vmbusd ended the session (connection closed)" in text
+        assert "session resumed" not in text
+    finally:
+        if vm.poll() is None:
+            vm.kill()
+            vm.wait()
+        if svc.proc is not None:
+            svc.stop(signal.SIGKILL)

@@ -252,6 +252,11 @@ class Device:
     packet_types: ClassVar[int] = packet_types_mask(
         PacketType.INBAND, PacketType.GPA_DIRECT, PacketType.COMPLETION
     )
+    # The device survives a vmbusd restart under a running guest: its `save`,
+    # `restore` and `resume_rings` carry everything the guest negotiated with it and
+    # every request in flight (docs/attach-protocol.md#restart). A VM with any device
+    # that is not gets no saved state: a vmbusd restart ends its session, as before.
+    restartable: ClassVar[bool] = False
 
     def __init__(self, instance: uuid.UUID | None = None, *, ring_size_hint: int = 64 * 1024):
         self.instance = instance or uuid.uuid4()

@@ -180,6 +180,14 @@ class VmSession:
             if self._limits_for is not None:
                 self.limits = VmLimiter(self._limits_for(self.label), self.label)
             self.saved_state = attach.FEATURE_SAVED_STATE in self.peer.features
+            stuck = [d.name for d in self.devices if not d.restartable]
+            if self.saved_state and stuck:
+                self.saved_state = False
+                log.info(
+                    "%s: no restart support for this VM: %s cannot save its state yet",
+                    self.label,
+                    ", ".join(sorted(set(stuck))),
+                )
             if self.saved_state:
                 self._new_inflight_region()
             refusal = self.pick_devices(self.label)  # serve_listener's admit did it
@@ -261,6 +269,14 @@ class VmSession:
     async def add_device(self, dev: Device) -> None:
         """Hot-add: offer a new device to a running guest."""
         self.devices.append(dev)
+        if self.saved_state and not dev.restartable:
+            # The VMM's saved state stops being usable: a restart now ends the session.
+            self.saved_state = False
+            log.info(
+                "%s: no restart support from now on: %s cannot save its state yet",
+                self.label,
+                dev.name,
+            )
         self._offer(dev)
         await self._pump()
 

@@ -36,6 +36,7 @@ class EchoDevice(Device):
     if_type = ECHO_IF_TYPE
     name = "echo"
     packet_types = ECHO_PACKET_TYPES
+    restartable = True
 
     async def serve(self, channel: Channel, ctx: DeviceContext) -> None:
         rec, rings = ctx.inflight, ctx.rings

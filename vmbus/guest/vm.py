@@ -35,6 +35,7 @@ CONTROL_TIMEOUT_S = 10.0
 RECONNECT_TIMEOUT_S = 10.0  # default: how long to wait for a vmbusd that went away
 RECONNECT_FIRST_DELAY_S = 0.02  # backoff between connection attempts: doubles...
 RECONNECT_MAX_DELAY_S = 0.5  # ...up to this
+MAX_UNACKED_POSTS = 4096  # posts kept for a resume; beyond, vmbusd sends no states
 
 
 class HostError(Exception):
@@ -124,6 +125,8 @@ class SimulatedVm:
         self._applied = 0  # post/bind/unbind applied since that state
         self._posts_sent = 0  # posts sent over the VM's life (vmbusd counts them too)
         self._unacked: deque[tuple[int, attach.PostFromGuest]] = deque()
+        self._dropped_posts = 0  # posts below this number were forgotten unacknowledged
+        self._acked_posts = 0  # the newest state's `posts`
         self._link_up = False  # sends go out (else posts wait for the reconnect)
         self._last_error: attach.Error | None = None
         self.reconnects = 0
@@ -195,6 +198,7 @@ class SimulatedVm:
         return (
             self._reconnect is not None
             and self._state_fd is not None
+            and self._acked_posts >= self._dropped_posts
             and (err is None or err.code == attach.ErrorCode.SHUTDOWN)
         )
 
@@ -280,6 +284,7 @@ class SimulatedVm:
                 _close_quiet(self._inflight_fd)
             self._inflight_fd = msg.inflight
         self._applied = 0
+        self._acked_posts = msg.posts
         while self._unacked and self._unacked[0][0] < msg.posts:
             self._unacked.popleft()
 
@@ -378,6 +383,11 @@ class SimulatedVm:
         assert self.conn is not None
         async with self._send_lock:
             if self.saved_state:
+                if len(self._unacked) >= MAX_UNACKED_POSTS:
+                    # vmbusd sends no states (a device of this VM cannot restart):
+                    # what we keep could never be replayed. Resume needs a newer state.
+                    self._dropped_posts = self._posts_sent
+                    self._unacked.clear()
                 self._unacked.append((self._posts_sent, msg))
                 self._posts_sent += 1
                 if not self._link_up:
