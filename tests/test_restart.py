@@ -186,7 +186,8 @@ def test_gives_up_after_reconnect_timeout(tmp_path: Path) -> None:
 def test_control_plane_churn_across_kills(tmp_path: Path) -> None:
     """SIGKILLs while the guest opens and closes channels (GPADLs built and torn
     down, OPENCHANNEL, CLOSECHANNEL): a guest message the dead vmbusd had not handled
-    is posted again, a reply it had not sent comes from the next one, none twice --
+    (or the VMM's `reset` of a rebooting guest) is posted again, a reply it had not
+    sent comes from the next one, none twice --
     every request of the guest is answered, no violation is logged, no rescind."""
     import trio
 
@@ -205,7 +206,7 @@ def test_control_plane_churn_across_kills(tmp_path: Path) -> None:
             return await attach.connect(svc.path)
 
         vm = SimulatedVm(vm_id="churn", reconnect=again, reconnect_timeout=60)
-        cycles = 0
+        cycles = reboots = 0
         try:
             async with trio.open_nursery() as nursery:
                 await vm.start(await again(), nursery)
@@ -226,7 +227,12 @@ def test_control_plane_churn_across_kills(tmp_path: Path) -> None:
                         await echo_mixed(gch.channel, 50, 1024, seed=cycles)
                         await vm.close_channel(gch)
                         cycles += 1
+                    if cycles % 10 == 0:  # now and then the guest reboots (VMM `reset`)
+                        await vm.reboot()
+                        offers = vm.find_offers(ECHO_IF_TYPE)
+                        reboots += 1
                 assert vm.reconnects >= kills // 2
+                assert reboots >= 1
                 assert not any(o.rescinded for o in vm.offers.values())
                 await vm.unload()
                 nursery.cancel_scope.cancel()

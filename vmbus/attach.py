@@ -383,7 +383,8 @@ class Error:
 class State:
     """``state`` vmbusd -> VMM (feature ``saved-state``): the saved-state blob to hold.
 
-    ``blob`` is a sealed, read-only memfd holding it (docs: restart); ``inflight``,
+    ``blob`` is a sealed, read-only memfd holding it (docs: restart); ``posts``, how
+    many of the VMM's ``post``s vmbusd has handled (the VMM may forget those); ``inflight``,
     the first time only, the session's in-flight region (a sealed memfd vmbusd
     writes). The VMM keeps the newest blob and the region, and gives both back in
     ``resume`` when it reconnects.
@@ -391,10 +392,12 @@ class State:
 
     T = "state"
     blob: int
+    posts: int = 0
     inflight: int | None = None
 
     def __post_init__(self) -> None:
         _fd("blob", self.blob)
+        _int("posts", self.posts, 0, _U64)
         if self.inflight is not None:
             _fd("inflight", self.inflight)
             if self.inflight == self.blob:
@@ -427,8 +430,9 @@ class Resume:
 
     ``blob``/``inflight``: what the last ``state`` handed over; ``applied``: how
     many ``post``/``bind``/``unbind`` the VMM applied after that ``state``;
-    ``posts``: how many ``post``s the VMM has sent in all (its next is number
-    ``posts``); ``channels``: the bindings the VMM kept, with their eventfds.
+    ``posts``: how many ``post``s and ``reset``s the VMM has sent in all (its next
+    is number ``posts``); ``channels``: the bindings the VMM kept, with their
+    eventfds.
     """
 
     T = "resume"
@@ -531,6 +535,7 @@ def encode_message(msg: Message) -> tuple[bytes, list[int]]:
         body["features"] = list(msg.features)
     elif isinstance(msg, State):
         body["blob"] = ref(msg.blob)
+        body["posts"] = msg.posts
         if msg.inflight is not None:
             body["inflight"] = ref(msg.inflight)
     elif isinstance(msg, Resume):
@@ -661,7 +666,11 @@ def _decode(data: bytes, fds: list[int]) -> Message:
         elif t == "reset":
             msg = Reset(get("epoch"))
         elif t == "state":
-            msg = State(fd_at(obj, "blob"), fd_at(obj, "inflight") if "inflight" in obj else None)
+            msg = State(
+                fd_at(obj, "blob"),
+                get("posts"),
+                fd_at(obj, "inflight") if "inflight" in obj else None,
+            )
         elif t == "resume":
             chans = get("channels")
             if type(chans) is not list or len(chans) > MAX_RESUME_CHANNELS:

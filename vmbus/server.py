@@ -350,6 +350,7 @@ class VmSession:
                 assert self.bus is not None  # a new one
             elif isinstance(msg, attach.Reset):
                 self._resumable = False
+                self._posts_done += 1  # resets are numbered with the posts
                 log.info("%s: guest reset", self.label)
                 self.epoch = msg.epoch
                 self.bus.reset()

@@ -124,7 +124,7 @@ class SimulatedVm:
         self._inflight_fd: int | None = None  # vmbusd's in-flight region
         self._applied = 0  # post/bind/unbind applied since that state
         self._posts_sent = 0  # posts sent over the VM's life (vmbusd counts them too)
-        self._unacked: deque[tuple[int, attach.PostFromGuest]] = deque()
+        self._unacked: deque[tuple[int, attach.PostFromGuest | attach.Reset]] = deque()
         self._dropped_posts = 0  # posts below this number were forgotten unacknowledged
         self._acked_posts = 0  # the newest state's `posts`
         self._link_up = False  # sends go out (else posts wait for the reconnect)
@@ -198,6 +198,7 @@ class SimulatedVm:
         return (
             self._reconnect is not None
             and self._state_fd is not None
+            and self._inflight_fd is not None
             and self._acked_posts >= self._dropped_posts
             and (err is None or err.code == attach.ErrorCode.SHUTDOWN)
         )
@@ -269,7 +270,8 @@ class SimulatedVm:
                     ),
                 )
             )
-            self._applied = 0
+            # `applied` stays: it counts against the state we still hold, until the
+            # new vmbusd's first `state` replaces it.
             for _idx, post in self._unacked:
                 await conn.send(post)
             self._link_up = True
@@ -376,10 +378,11 @@ class SimulatedVm:
         """vmbusd is there: not gone for good, not away while we reconnect."""
         return self._link_up
 
-    async def _post(self, msg: attach.PostFromGuest) -> None:
-        """The guest's HvPostMessage. With saved state, kept until a `state` says
-        vmbusd handled it, and sent again after a reconnect if it had not; while
-        vmbusd is away it waits (the guest's hypercall already succeeded)."""
+    async def _post(self, msg: attach.PostFromGuest | attach.Reset) -> None:
+        """The guest's HvPostMessage (or our `reset`: both are numbered as `posts`).
+        With saved state, kept until a `state` says vmbusd handled it, and sent again
+        after a reconnect if it had not; while vmbusd is away it waits (the guest's
+        hypercall already succeeded)."""
         assert self.conn is not None
         async with self._send_lock:
             if self.saved_state:
@@ -568,7 +571,7 @@ class SimulatedVm:
         assert self.conn is not None
         self._reset_epoch = self._reset_epoch + 1
         self._new_kernel()
-        await self.conn.send(attach.Reset(epoch=self._reset_epoch))
+        await self._post(attach.Reset(epoch=self._reset_epoch))
         self.client.connect()
         await self._pump()
         with trio.fail_after(CONTROL_TIMEOUT_S):
