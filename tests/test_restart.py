@@ -295,3 +295,21 @@ def test_vm_with_a_device_that_cannot_restart_gets_no_state(tmp_path: Path) -> N
             vm.wait()
         if svc.proc is not None:
             svc.stop(signal.SIGKILL)
+
+
+def test_resume_refused_after_a_config_change(tmp_path: Path) -> None:
+    """A vmbusd that comes back with other devices cannot take the state: it refuses
+    the resume with one line, and the VM ends with one line (status 1), not a hang
+    and not a guest resumed into the wrong devices."""
+    with service_and_vm(tmp_path, "--workload", "soak") as (svc, vm, _out, err):
+        wait_for(lambda: "soak until" in err.read_text(), "the VM's soak")
+        svc.stop(signal.SIGKILL)
+        svc.cfg.write_text(CONFIG + '[[device]]\ntype = "echo"\n')
+        svc.start()
+        assert vm.wait(timeout=30) == 1
+        text = err.read_text()
+        lines = [ln for ln in text.splitlines() if ln.startswith("vmbusd vm: error:")]
+        assert len(lines) == 1, text[-2000:]
+        assert "resume refused: blob has 2 devices, this VM 3" in lines[0]
+        assert svc.log().count("resume refused") == 1
+        assert svc.proc is not None and svc.proc.poll() is None

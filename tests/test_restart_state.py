@@ -360,3 +360,72 @@ def test_hostile_blobs_refused_service_and_other_vm_carry_on(tmp_path: Path) -> 
             good.wait()
         if svc.proc is not None:
             svc.stop(signal.SIGTERM)
+
+
+# --------------------------------------------------------------------------- codec
+
+
+def _fds(n: int) -> list[int]:
+    return [os.eventfd(0) for _ in range(n)]
+
+
+def test_state_and_resume_codec() -> None:
+    """`state` and `resume` round-trip with their fds; malformed ones are refused
+    with every fd closed; each goes one way only."""
+    for msg in [
+        attach.State(blob=0, posts=7),
+        attach.State(blob=0, posts=0, inflight=1),
+        attach.Resume(
+            blob=0,
+            inflight=1,
+            applied=3,
+            posts=9,
+            channels=(attach.ResumeChannel(1, 2, 3), attach.ResumeChannel(5, 4, 5)),
+        ),
+    ]:
+        data, order = attach.encode_message(msg)
+        fds = _fds(len(order))
+        try:
+            got = attach.decode_message(data, fds, sender="vmbusd" if msg.T == "state" else "vmm")
+            assert got.fds() == fds
+            assert type(got) is type(msg)
+        finally:
+            attach.close_fds(fds)
+    good = msgpack.packb(
+        {
+            "t": "resume",
+            "blob": 0,
+            "inflight": 1,
+            "applied": 0,
+            "posts": 0,
+            "channels": [{"relid": 1, "kick": 2, "call": 3}],
+        }
+    )
+    bad: list[tuple[dict[str, Any], int]] = [
+        ({"channels": [{"relid": 1, "kick": 2, "call": 2}]}, 4),  # one fd used twice
+        ({"channels": [{"relid": 1, "kick": 2, "call": 9}]}, 4),  # no such fd
+        ({"channels": [{"relid": 0, "kick": 2, "call": 3}]}, 4),  # relid 0
+        ({"channels": [{"relid": 1, "kick": 2, "call": 3}] * 2}, 4),  # relid twice
+        ({"channels": [{"kick": 2, "call": 3}]}, 4),  # no relid
+        ({"applied": -1}, 4),
+        ({"posts": True}, 4),
+        ({"channels": "x"}, 4),
+        ({}, 5),  # an fd nothing refers to
+        ({"channels": [{"relid": r, "kick": 2, "call": 3} for r in range(1, 40)]}, 4),
+    ]
+    base = msgpack.unpackb(good)
+    for change, nfds in bad:
+        fds = _fds(nfds)
+        with pytest.raises(attach.AttachProtocolError):
+            attach.decode_message(msgpack.packb({**base, **change}), fds, sender="vmm")
+        for fd in fds:
+            with pytest.raises(OSError):
+                os.fstat(fd)  # closed by the refusal
+    fds = _fds(4)
+    with pytest.raises(attach.AttachProtocolError, match="may not be sent by vmbusd"):
+        attach.decode_message(good, fds, sender="vmbusd")
+    fds = _fds(1)
+    with pytest.raises(attach.AttachProtocolError, match="may not be sent by vmm"):
+        attach.decode_message(
+            msgpack.packb({"t": "state", "blob": 0, "posts": 1}), fds, sender="vmm"
+        )
