@@ -71,6 +71,7 @@ DATA_VALID_HDR = bytes([VIRTIO_NET_HDR_F_DATA_VALID]) + bytes(VNET_HDR_LEN - 1)
 PLAIN_HDR = bytes(VNET_HDR_LEN)
 _VNET = struct.Struct("<BBHHHH")
 _U16 = struct.Struct(">H")
+TPID_8021Q = _U16.pack(rn.ETH_P_8021Q)
 
 
 class Dropped(Exception):
@@ -113,7 +114,7 @@ def open_guest_tap(ifname: str, netns: str | None, mtu: int, mac: bytes, nic: Ni
     return fd
 
 
-def _l3(frame: bytes | bytearray) -> tuple[int, int]:
+def _l3(frame: bytes | bytearray | memoryview) -> tuple[int, int]:
     """(IP version, L4 protocol) of an untagged Ethernet frame; (0, 0) if neither."""
     if len(frame) < 14:
         return 0, 0
@@ -141,7 +142,10 @@ def tx_frame(data: bytes, nic: NicOffloads) -> TxFrame:
     if len(data) <= VNET_HDR_LEN:
         raise Dropped(f"{len(data)}-byte read")
     flags, gso_type, _hdr_len, gso_size, csum_start, csum_offset = _VNET.unpack_from(data)
-    frame, vlan = vlan_strip(data[VNET_HDR_LEN:])
+    frame: bytes | bytearray | memoryview = memoryview(data)[VNET_HDR_LEN:]  # no copy
+    vlan = None
+    if data[VNET_HDR_LEN + 12 : VNET_HDR_LEN + 14] == TPID_8021Q:
+        frame, vlan = vlan_strip(data[VNET_HDR_LEN:])
     ppis: list[tuple[int, int]] = []
     if vlan is not None:
         ppis.append((rn.PpiType.IEEE_8021Q, vlan.value()))
@@ -273,6 +277,7 @@ async def bridge_nic_to_tap(
             await vm.close_channel(gch)
         raise
     finally:
+        nic.release_views()
         for fd in fds:
             os.close(fd)
         if dropped["tx"] or dropped["rx"] or nic.tx_failed:
