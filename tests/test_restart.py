@@ -199,7 +199,7 @@ def test_control_plane_churn_across_kills(tmp_path: Path) -> None:
     svc = Service(tmp_path)
     svc.start()
     rng = random.Random(3)
-    kills = 10
+    kills = 15
 
     async def main() -> int:
         async def again() -> attach.AttachConnection:
@@ -215,7 +215,7 @@ def test_control_plane_churn_across_kills(tmp_path: Path) -> None:
 
                 async def killer() -> None:
                     for _ in range(kills):
-                        await trio.sleep(rng.uniform(0.1, 0.7))
+                        await trio.sleep(rng.uniform(0.05, 0.5))
                         await trio.to_thread.run_sync(svc.stop, signal.SIGKILL)
                         await trio.to_thread.run_sync(svc.start)
                     done.set()
