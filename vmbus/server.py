@@ -179,6 +179,11 @@ class VmSession:
             self.label = self.peer.vm_id or self.label
             if self._limits_for is not None:
                 self.limits = VmLimiter(self._limits_for(self.label), self.label)
+            refusal = self.pick_devices(self.label)  # serve_listener's admit did it
+            if refusal is not None:
+                self._peer_gone = True
+                await self.conn.abort(attach.ErrorCode.RESOURCE, refusal)
+                return
             self.saved_state = attach.FEATURE_SAVED_STATE in self.peer.features
             stuck = [d.name for d in self.devices if not d.restartable]
             if self.saved_state and stuck:
@@ -190,11 +195,6 @@ class VmSession:
                 )
             if self.saved_state:
                 self._new_inflight_region()
-            refusal = self.pick_devices(self.label)  # serve_listener's admit did it
-            if refusal is not None:
-                self._peer_gone = True
-                await self.conn.abort(attach.ErrorCode.RESOURCE, refusal)
-                return
             self.bus = bus.VmBusServer(
                 vcpu_count=max(1, self.peer.vcpus), validate_pfns=self._pfns_in_ram
             )
