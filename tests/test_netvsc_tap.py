@@ -536,3 +536,164 @@ async def test_tap_lso_and_checksum_go_to_the_kernel(offload_ns: str, vlan: int 
             nursery.cancel_scope.cancel()
     finally:
         os.close(tb)
+
+
+# -- the --nic-tap bridge's offloads: the guest's TAP hands over GSO, sent as LSO --
+
+
+def _kernel_gso_read(payload: int, *, vlan: int | None = None) -> tuple[bytes, bytes]:
+    """What a TAP with TSO4 offered gives its reader for a large TCP send: a
+    virtio_net_hdr (NEEDS_CSUM, GSO_TCPV4, mss 1448, TCP header at 34) and the frame
+    with its real IPv4 length and header checksum, the TCP field the pseudo-header sum
+    over the real length; and the frame as hv_netvsc would hand it to the host."""
+    import struct as st
+
+    from devices.netvsc import offload
+    from devices.netvsc.backends import tap as tapmod
+
+    linux = _tcp_lso_frame(payload)
+    frame = bytearray(linux)
+    st.pack_into(">H", frame, 16, len(frame) - 14)
+    offload.ipv4_header_checksum(frame, 14)
+    st.pack_into(">H", frame, 50, offload._pseudo(frame, 14, 4, 6, len(frame) - 34))
+    shift = 0
+    if vlan is not None:
+        frame[12:12] = st.pack(">HH", 0x8100, vlan | 3 << 13)
+        shift = 4
+    hdr = st.pack(
+        "<BBHHHH",
+        tapmod.VIRTIO_NET_HDR_F_NEEDS_CSUM,
+        tapmod.VIRTIO_NET_HDR_GSO_TCPV4,
+        54 + shift,
+        1448,
+        34 + shift,
+        16,
+    )
+    return hdr + bytes(frame), linux
+
+
+@pytest.mark.parametrize("vlan", [None, VLAN])
+def test_nic_tap_sends_a_gso_read_as_one_lso_packet(vlan: int | None) -> None:
+    """A 64 KiB TCP segment from the guest's TAP becomes one RNDIS PACKET with the
+    LSO v2 PPI (mss, TCP offset, IPv4) and the headers as netvsc_xmit leaves them;
+    the VSP's parser reads it back as one LSO send the tap backend passes on whole,
+    and cut up it is the segments offload.py makes of hv_netvsc's own frame."""
+    from devices.netvsc import offload
+    from devices.netvsc import rndis as rn
+    from devices.netvsc.backends.base import partial_frame
+    from devices.netvsc.tap_bridge import tx_frame
+    from devices.netvsc.vsc import NicOffloads, rndis_header
+
+    read, linux = _kernel_gso_read(65000, vlan=vlan)
+    nic = NicOffloads(True, True, True, True, True, True, rn.LSO_MAX_SIZE)
+    tx = tx_frame(read, nic)
+    lso = rn.LSO_V2_TYPE << 30 | 34 << 20 | 1448
+    want_ppis = ((rn.PpiType.TCP_LARGESEND, lso),)
+    if vlan is not None:
+        want_ppis = ((rn.PpiType.IEEE_8021Q, rn.Vlan(vlan, 3, False).value()), *want_ppis)
+    assert tx.ppis == want_ppis
+    assert bytes(tx.data) == linux  # tot_len, IP checksum 0; TCP: pseudo sum, length 0
+    msg = rndis_header(len(tx.data), tx.ppis) + bytes(tx.data)
+    p = rn.parse_packet(msg, max_frame=1514)
+    assert p.lso == rn.Lso(1448, 34, False) and p.data_len == len(linux)
+    passed = partial_frame(msg[p.data_start :], p, TapBackend.offloads)
+    assert passed is not None and len(passed) == 1 and passed[0].gso is not None
+    assert passed[0].gso.mss == 1448
+    segs = offload.segment(bytes(tx.data), p.lso)
+    assert segs == offload.segment(linux, rn.Lso(1448, 34, False)) and len(segs) == 45
+    ok = rn.RXCSUM_IP_SUCCEEDED | rn.RXCSUM_TCP_SUCCEEDED
+    assert all(offload.rx_checksum_info(s) == ok for s in segs)
+
+
+def test_nic_tap_partial_checksums() -> None:
+    """A partial UDP checksum goes as the checksum PPI when the NIC negotiated UDP
+    checksums, and is finished by the bridge when it did not (skb_checksum_help);
+    a GSO read of a kind never offered is refused, not sent."""
+    import struct as st
+
+    from devices.netvsc import offload
+    from devices.netvsc import rndis as rn
+    from devices.netvsc.backends import tap as tapmod
+    from devices.netvsc.tap_bridge import Dropped, tx_frame
+    from devices.netvsc.vsc import NicOffloads
+
+    udp = bytearray(_tcp_lso_frame(0)[:34]) + st.pack(">HHHH", 5353, 53, 8 + 300, 0)
+    udp += bytes(range(256)) + bytes(44)
+    st.pack_into(">BH", udp, 14 + 9, 17, 0)
+    st.pack_into(">H", udp, 14 + 2, len(udp) - 14)
+    offload.ipv4_header_checksum(udp, 14)
+    st.pack_into(">H", udp, 34 + 6, offload._pseudo(udp, 14, 4, 17, 308))
+    hdr = st.pack("<BBHHHH", tapmod.VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, 34, 6)
+    full = NicOffloads(True, True, True, True, True, True)
+    tx = tx_frame(hdr + bytes(udp), full)
+    assert tx.ppis == ((rn.PpiType.TCPIP_CHKSUM, rn.TXCSUM_IPV4 | rn.TXCSUM_UDP | 34 << 16),)
+    assert bytes(tx.data) == bytes(udp)  # the host fills it
+    tx = tx_frame(hdr + bytes(udp), NicOffloads(tcp4_csum=True))
+    assert tx.ppis == ()
+    ok = rn.RXCSUM_IP_SUCCEEDED | rn.RXCSUM_UDP_SUCCEEDED
+    assert offload.rx_checksum_info(bytes(tx.data)) == ok
+    ufo = st.pack("<BBHHHH", tapmod.VIRTIO_NET_HDR_F_NEEDS_CSUM, 3, 42, 1400, 34, 6)
+    with pytest.raises(Dropped):
+        tx_frame(ufo + bytes(udp), full)
+
+
+def test_nic_tap_offloads_are_negotiated_as_linux_does() -> None:
+    """Our VSP's NDIS_OFFLOAD gives what hv_netvsc turns on: the offload parameters
+    the real driver sent (tests/data), the TAP offered csum/TSO4/TSO6, GSO capped at
+    the host's LSO size; without LSO the TAP is offered checksums only."""
+    from devices.netvsc import rndis as rn
+    from devices.netvsc.tap_bridge import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, tun_offloads
+    from devices.netvsc.vsc import NicOffloads
+
+    caps = rn.RndisDevice(
+        rn.NicConfig(mac=bytes.fromhex(NIC_MAC.replace(":", "")))
+    ).offload_capabilities(3)
+    nic = NicOffloads.from_capabilities(caps)
+    assert nic == NicOffloads(True, True, True, True, True, True, rn.LSO_MAX_SIZE)
+    real = json.loads(
+        (Path(__file__).parent / "data" / "real_linux_6.1_netvsc_init.json").read_text()
+    )
+    assert nic.parameters().hex() in json.dumps(real)
+    assert tun_offloads(nic) == TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
+    no_lso = bytearray(caps)
+    no_lso[80:108] = bytes(28)
+    nic = NicOffloads.from_capabilities(bytes(no_lso))
+    assert not (nic.lso4 or nic.lso6) and tun_offloads(nic) == TUN_F_CSUM
+
+
+def _link_counts(net: Net, ns: str, dev: str) -> tuple[int, int, int, int]:
+    """(rx packets, rx bytes, tx packets, tx bytes) of dev in ns."""
+    base = f"/sys/class/net/{dev}/statistics/"
+    names = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes")
+    run = net.in_g if ns == net.g else net.in_h
+    out = run("cat", *(base + n for n in names)).stdout.split()
+    return int(out[0]), int(out[1]), int(out[2]), int(out[3])
+
+
+def test_tcp_from_the_guest_crosses_as_lso_sends(net: Net) -> None:
+    """32 MiB of TCP from g (iperf3 -n): the kernel hands vg0's reader segments larger than the
+    MTU (TSO was offered), and vh0 takes them still larger than the MTU: the guest
+    sent each as one LSO RNDIS packet and the VSP passed it on with a vnet header
+    (a frame segmented anywhere on the way would arrive MTU-sized)."""
+    require_tool("iperf3", "iperf3")
+    g0, h0 = _link_counts(net, net.g, "vg0"), _link_counts(net, net.h, "vh0")
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", net.h, "iperf3", "-s", "-1", "-B", H_ADDR],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(0.5)
+        r = net.in_g("iperf3", "-c", H_ADDR, "-n", "32M", "-J", timeout=120)
+        result = json.loads(r.stdout)
+        assert "error" not in result, result["error"]
+    finally:
+        _stop(server)
+    g1, h1 = _link_counts(net, net.g, "vg0"), _link_counts(net, net.h, "vh0")
+    tx_packets, tx_bytes = g1[2] - g0[2], g1[3] - g0[3]
+    rx_packets, rx_bytes = h1[0] - h0[0], h1[1] - h0[1]
+    # iperf3 ends when its bytes are written, so the tail may still be on its way
+    assert tx_bytes > 16 << 20 and rx_bytes > 16 << 20, (tx_bytes, rx_bytes)
+    assert tx_bytes / tx_packets > 2 * MTU, (tx_bytes, tx_packets)
+    assert rx_bytes / rx_packets > 2 * MTU, (rx_bytes, rx_packets)
+    print(f"\nLSO: vg0 {tx_bytes / tx_packets:.0f}, vh0 {rx_bytes / rx_packets:.0f} bytes a packet")
