@@ -9,7 +9,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import trio
@@ -67,6 +67,45 @@ class SubEcho(Device):
                     body = b"got:%d" % len(await ctx.enable_subchannels(int(body[4:])))
                 out.append(OutPacket(6, 0, pkt.trans_id, [body]))
             await channel.send(out)
+
+
+HELD_IF = uuid.UUID("9a7f3e21-6c4d-4b0a-8e15-3d2c1b0a9f84")
+HOLD_S = 0.05  # how long HeldEcho's "backend" takes per request
+
+
+class HeldEcho(Device):
+    """A device that holds requests across an await, as storvsc does while its
+    backend works: a slot of `ctx.requests` per request taken off the ring, given
+    back when the echo goes out HOLD_S later. `peak` is the most the VM had out."""
+
+    if_type = HELD_IF
+    name = "heldecho"
+    packet_types = 1 << 6
+    peak: ClassVar[dict[str, int]] = {}
+
+    def __init__(self, instance: uuid.UUID | None = None, sub_channels: int = 0) -> None:
+        super().__init__(instance)
+        self._static = sub_channels
+
+    @property
+    def offer(self) -> DeviceOffer:
+        return DeviceOffer(self.if_type, self.instance, sub_channels=self._static)
+
+    async def serve(self, channel: Channel, ctx: DeviceContext) -> None:
+        budget = ctx.requests
+        assert budget is not None
+
+        async def complete(trans_id: int, body: bytes) -> None:
+            await trio.sleep(HOLD_S)
+            await channel.send([OutPacket(6, 0, trans_id, [body])])
+            budget.release(1)
+
+        async with trio.open_nursery() as n:
+            while True:
+                await budget.acquire(1)  # before the request leaves the ring
+                (pkt,) = await channel.receive(1)
+                HeldEcho.peak[ctx.vm_name] = max(HeldEcho.peak.get(ctx.vm_name, 0), budget.in_use)
+                n.start_soon(complete, pkt.trans_id, bytes(pkt.payload))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -272,6 +311,54 @@ async def test_limit_hits_are_exported_per_vm(tmp_path: Path) -> None:
             text = render_prometheus(server.service_snapshot(sessions))
     assert 'vmbusd_limit_hits_total{limit="gpadl_bytes",session="",vm="hoard"} 1.0' in text
     assert 'vmbusd_limit_hits_total{limit="control_rate",session="",vm="hoard"} 0.0' in text
+
+
+async def test_outstanding_requests_past_the_budget_wait_unread_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """outstanding_requests = 8 over two channels: a VM flooding 60 requests on each
+    never has more than 8 out at once (its rings wait unread: back-pressure, one log
+    line) and takes >= 120 / 8 * HOLD_S; the other VM's 120 go at once."""
+    caplog.set_level(logging.INFO, logger="vmbus")
+    cfg = {
+        "device": [{"type": "test_limits:HeldEcho", "sub_channels": 1}],
+        "vm": {"flood": {"limits": {"outstanding_requests": 8}}},
+    }
+    HeldEcho.peak.clear()
+    took: dict[str, float] = {}
+
+    async def flood(vm: SimulatedVm) -> None:
+        chans = [await vm.open_channel(o, RING) for o in vm.find_offers(HELD_IF)]
+        t = trio.current_time()
+
+        async def one(ch: Channel) -> None:
+            await ch.send([OutPacket(6, 0, i, [b"r%d" % i]) for i in range(60)])
+            got = 0
+            while got < 60:
+                got += len(await ch.receive())
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as n:
+                for gch in chans:
+                    n.start_soon(one, gch.channel)
+        took[vm.vm_id] = trio.current_time() - t
+        for gch in chans:
+            await vm.close_channel(gch)
+
+    async with _service(tmp_path, cfg) as (path, sessions):
+        async with _vm(path, "good") as good, _vm(path, "flood") as bad:
+            async with trio.open_nursery() as n:
+                n.start_soon(flood, bad)
+                n.start_soon(flood, good)
+            snap = _session(sessions, "flood").snapshot()
+    assert HeldEcho.peak["flood"] == 8
+    assert HeldEcho.peak["good"] >= 120  # all at once (and the idle channel's slot)
+    assert took["flood"] >= 120 / 8 * HOLD_S * 0.9, took
+    assert took["good"] < 10 * HOLD_S, took
+    assert len(_warnings(caplog, "flood", "limits.outstanding_requests")) == 1
+    assert not _warnings(caplog, "good", "limits.")
+    assert snap["limits"]["hits"]["outstanding_requests"] > 0  # type: ignore[index]
+    assert snap["limits"]["requests_in_use"] == 2  # type: ignore[index]  # idle: one a channel
 
 
 # --------------------------------------------------------------------------- the parts

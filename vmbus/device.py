@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     import trio
 
     from vmbus.channel import Channel
+    from vmbus.limits import RequestBudget
     from vmbus.memory import GuestMemory, LinearMapping, RingPairMapping
     from vmbus.ring import Packet
 
@@ -210,6 +211,12 @@ class DeviceContext:
     about ring positions (echo). Take header views with `with` and never write
     the data areas: the Channel owns them."""
     _save_state: Callable[[], Awaitable[None]] | None = None
+    requests: RequestBudget | None = None
+    """The VM's outstanding-request budget (vmbus.limits), shared by all its channels:
+    `n = await ctx.requests.acquire(want)` before taking up to n requests off the ring,
+    `ctx.requests.release(k)` as k of them complete. Out of slots, acquire waits (the
+    ring stays unread: back-pressure). For devices that hold requests across an await
+    (a backend's I/O); None outside a session."""
 
     async def save_state(self) -> None:
         """Hand the VMM a fresh saved state now (with `Device.save()` in it), before

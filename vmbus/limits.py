@@ -32,6 +32,7 @@ leaves one log line: one per refusal, one per back-pressure episode.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -50,6 +51,7 @@ DEFAULT_GPADL_BYTES = 8 << 30  # and never more than the VM's RAM + one maximal 
 DEFAULT_OUTSTANDING_REQUESTS = 4096  # 16 channels at storvsc's queue depth of 256
 DEFAULT_CONTROL_RATE = 2000  # messages/s: a Linux boot with 64 channels posts ~1,000
 DEFAULT_CONTROL_BURST = 4096  # a whole boot's GPADLs and opens without waiting
+EPISODE_QUIET_S = 1.0  # a request-budget episode (one log line) ends after this without a wait
 
 # What a configured value may be (anything outside is a typo or an attack on us).
 BOUNDS: dict[str, tuple[int, int]] = {
@@ -151,15 +153,17 @@ class RequestBudget:
     A device takes slots for requests it takes off a ring (`acquire`) and gives them
     back when they complete (`release`). Out of slots, `acquire` waits: the device
     stops reading its ring, so the guest sees a full ring, not an error. An
-    episode of waiting starts at the first wait and ends once half the budget is
-    free again; `on_wait(first_of_episode)` hears of every wait."""
+    episode of waiting ends after EPISODE_QUIET_S without one (requests completing
+    in bursts empty the budget for an instant, so "free again" would be many
+    episodes); `on_wait(first_of_episode)` hears of every wait."""
 
     def __init__(self, size: int, on_wait: Callable[[bool], None] = lambda _first: None) -> None:
         self.size = size
         self.in_use = 0
         self._on_wait = on_wait
         self._freed = trio.Event()
-        self._exhausted = False
+        self._last_wait = -math.inf  # trio time the last wait ended
+        self._waiting = 0  # acquirers waiting now
 
     @property
     def available(self) -> int:
@@ -170,10 +174,15 @@ class RequestBudget:
         if want < 1:
             raise ValueError("acquire at least one slot")
         if self.available <= 0:
-            self._on_wait(not self._exhausted)
-            self._exhausted = True
-            while self.available <= 0:
-                await self._freed.wait()
+            quiet = trio.current_time() - self._last_wait > EPISODE_QUIET_S
+            self._on_wait(quiet and not self._waiting)
+            self._waiting += 1
+            try:
+                while self.available <= 0:
+                    await self._freed.wait()
+            finally:
+                self._waiting -= 1
+                self._last_wait = trio.current_time()
         n = min(want, self.available)
         self.in_use += n
         return n
@@ -182,8 +191,6 @@ class RequestBudget:
         if not 0 < n <= self.in_use:
             raise ValueError(f"release of {n} slots, {self.in_use} in use")
         self.in_use -= n
-        if self._exhausted and self.in_use <= self.size // 2:
-            self._exhausted = False
         self._freed.set()
         self._freed = trio.Event()
 

@@ -852,6 +852,7 @@ class VmSession:
             resumed=True,
             inflight=self._inflight_slot(ev.relid),
             rings=mapping,
+            requests=self.limits.requests,  # the VM-wide budget (vmbus.limits)
             _save_state=self._save_state_now,
         )
         problem = None
@@ -1006,6 +1007,7 @@ class VmSession:
             _enable_subchannels=functools.partial(self.enable_subchannels, dev),
             inflight=self._inflight_slot(ev.relid),
             rings=mapping,
+            requests=self.limits.requests,  # the VM-wide budget (vmbus.limits)
             _save_state=self._save_state_now if self.saved_state else None,
         )
         self._clear_inflight_slot(ev.relid)  # a fresh channel: no record of an older one
