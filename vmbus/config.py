@@ -20,7 +20,12 @@
 
     [vm.db1]                 # the VM whose attach hello names it "db1" gets this list
     [[vm.db1.device]]        # instead of the top-level one (the default for every
-    type = "storvsc"         # other VM); each [vm.NAME] holds only its device list
+    type = "storvsc"         # other VM); each [vm.NAME] holds its device list and limits
+
+    [limits]                 # what each VM may take (vmbus.limits): channels, gpadl_bytes,
+    channels = 128           # outstanding_requests, control_rate, control_burst
+    [vm.db1.limits]          # one VM's, over [limits]; alone, the VM keeps the default
+    control_rate = 500       # devices
 
 Everything is checked when the file is loaded, before anything listens: an unknown key
 anywhere (`[[devices]]` would otherwise serve nothing), an unknown device type, a class
