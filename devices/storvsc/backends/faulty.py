@@ -390,6 +390,8 @@ class FaultyBackend:
     async def _revert(self) -> None:
         """After a power cut, the volatile cache's unflushed sectors go back to their
         durable bytes (before any I/O sees the disk again)."""
+        if not self._revert_pending:
+            return
         async with self._revert_lock:
             if not self._revert_pending:
                 return
