@@ -697,3 +697,63 @@ def test_tcp_from_the_guest_crosses_as_lso_sends(net: Net) -> None:
     assert tx_bytes / tx_packets > 2 * MTU, (tx_bytes, tx_packets)
     assert rx_bytes / rx_packets > 2 * MTU, (rx_bytes, rx_packets)
     print(f"\nLSO: vg0 {tx_bytes / tx_packets:.0f}, vh0 {rx_bytes / rx_packets:.0f} bytes a packet")
+
+
+# -- send_frames, the bridge's transmit: batched as netvsc_send batches --
+
+
+@pytest.mark.devices.with_args(NetvscDevice)
+async def test_send_frames_packs_sections_and_keeps_a_window(
+    local_vm: object, open_channel: object
+) -> None:
+    """64 small frames are 8 NVSP messages (max_pkt_per_msg 8 from INITIALIZE_CMPLT,
+    each packet padded to 8 bytes); then 1000 full-size frames in one call, twice
+    what the send sections hold, go out as completions free sections (nothing waits
+    frame by frame), and an LSO send goes GPA direct: every frame comes back from the
+    loopback backend whole, every completion is SUCCESS, every section is free after."""
+    import trio
+
+    from devices.netvsc import rndis as rn
+    from devices.netvsc.vsc import NetvscGuest, TxFrame
+
+    gch = await open_channel(local_vm, NetvscDevice)  # type: ignore[operator]
+    nic = NetvscGuest(local_vm, gch)  # type: ignore[arg-type]
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(nic.receive_loop)
+            with trio.fail_after(30):
+                await nic.connect()
+                await nic.device_add()
+                assert (nic.max_pkt, nic.pkt_align) == (rn.MAX_PKT_PER_MSG, 8)
+                small = [nic.mac + bytes([i]) * 55 for i in range(64)]  # 61 bytes: padded
+                await nic.send_frames([TxFrame(f) for f in small])
+                assert (nic.tx_packets, nic.tx_messages) == (64, 8)
+                got = [(await nic.frames.receive()).frame for _ in small]
+                assert got == small
+                big = [nic.mac + i.to_bytes(4, "big") * 377 for i in range(1000)]  # 1514
+                assert len(big) // 3 > nic.send_sections  # three a section (6144 bytes)
+                received: list[bytes] = []
+
+                async def take() -> None:
+                    for _ in big:
+                        received.append((await nic.frames.receive()).frame)
+
+                nursery.start_soon(take)
+                await nic.send_frames([TxFrame(f) for f in big])
+                while len(received) < len(big):
+                    await trio.sleep(0.01)
+                assert received == big
+                payload = bytes(range(256)) * 80
+                lso = (1 << 30) | (34 << 20) | 1448
+                frame = bytearray(nic.mac + bytes(6) + b"\x08\x00" + bytes(20 + 20) + payload)
+                frame[14], frame[23], frame[46] = 0x45, 6, 0x50  # IPv4, TCP, 20-byte header
+                direct = nic.tx_direct
+                await nic.send_frames([TxFrame(frame, ((rn.PpiType.TCP_LARGESEND, lso),))])
+                segs = [(await nic.frames.receive()).frame for _ in range(15)]
+                assert b"".join(s[54:] for s in segs) == payload and nic.tx_direct == direct + 1
+                while len(nic._free_sections) < nic.send_sections:
+                    await trio.sleep(0.01)
+                assert nic.tx_failed == 0 and nic.tx_lso == 1
+            nursery.cancel_scope.cancel()
+    finally:
+        nic.release_views()
