@@ -480,3 +480,51 @@ async def test_a_queue_that_keeps_its_sections_starves_only_itself(
         assert got == q0
         assert no_buffer == extra
         nursery.cancel_scope.cancel()
+
+
+async def test_bad_packets_in_a_batch_fail_alone(
+    local_vm: SimulatedVm, open_channel: object
+) -> None:
+    """SEND_RNDIS_PKTs written to the ring in one go (one batch for the host): each
+    hostile one is completed with FAIL by the slow path, the good ones around it
+    succeed and their frames come back, the NIC carries on."""
+    from vmbus.channel import _Waiter
+    from vmbus.packet import inband
+
+    nic = await _nic(local_vm, open_channel)
+    good = [nic_frame(i) for i in range(4)]
+    bad = [
+        struct.pack("<II9I", 1, 44 + 60, 36, 61, 0, 0, 0, 0, 0, 0, 0) + bytes(60),  # data past
+        struct.pack("<II9I", 1, 44 + 60 + 12, 36 + 12, 60, 0, 0, 0, 36, 12, 0, 0)
+        + struct.pack("<III", 0, 0, 12)  # a PPI of size 0: a loop for a naive walker
+        + bytes(60),
+    ]
+    msgs = [_rndis_packet(good[0]), bad[0], _rndis_packet(good[1]), bad[1]]
+    msgs += [_rndis_packet(good[2]) + _rndis_packet(good[3])]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(nic.receive_loop)
+        with trio.fail_after(10):
+            await nic.connect()
+            await nic.device_add()
+            sections = [nic._free_sections.pop() for _ in msgs]
+            pkts = []
+            for section, rndis in zip(sections, msgs, strict=True):
+                nic._write(nic._send[1], section * nic.send_section, rndis)
+                msg = struct.pack(
+                    "<IIII", nv.Msg.SEND_RNDIS_PKT, nv.CHANNEL_TYPE_DATA, section, len(rndis)
+                )
+                pkts.append(inband(msg.ljust(40, b"\0")))
+            waiters = [_Waiter() for _ in msgs]
+            await nic.gch.channel.post_requests(pkts, waiters)  # one ring write
+            for w in waiters:
+                await w.done.wait()
+            got = sorted([(await nic.frames.receive()).frame for _ in good])
+        statuses = [struct.unpack_from("<II", w.payload)[1] for w in waiters]
+        ok, fail = nv.Status.SUCCESS, nv.Status.FAIL
+        assert statuses == [ok, fail, ok, fail, ok]
+        assert got == sorted(good) and nic.received_bad == 0
+        nursery.cancel_scope.cancel()
+
+
+def nic_frame(i: int) -> bytes:
+    return bytes.fromhex("00155d000001") + struct.pack("<I", i).ljust(54, b"g")
