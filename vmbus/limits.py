@@ -31,6 +31,7 @@ leaves one log line: one per refusal, one per back-pressure episode.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 from collections.abc import Callable, Mapping
@@ -101,7 +102,9 @@ def parse_limits(table: object, where: str, base: VmLimits | None = None) -> VmL
     changes: dict[str, Any] = {}
     for key, value in table.items():
         if key not in BOUNDS:
-            raise LimitsError(f"{where}: unknown limit {key!r}; known: {', '.join(BOUNDS)}")
+            close = difflib.get_close_matches(str(key), list(BOUNDS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise LimitsError(f"{where}: unknown limit {key!r}{hint}; known: {', '.join(BOUNDS)}")
         lo, hi = BOUNDS[key]
         if type(value) is not int or not lo <= value <= hi:
             raise LimitsError(f"{where}: {key} must be an integer in {lo}..{hi}, not {value!r}")
@@ -129,7 +132,7 @@ class TokenBucket:
         self.burst = burst
         self._clock = clock
         self._tokens = float(burst)
-        self._at = clock()
+        self._at: float | None = None  # read the clock at first use (trio's needs a run)
 
     def full_before_take(self) -> bool:
         """Whether the bucket is full now (the sender was quiet long enough)."""
@@ -138,6 +141,8 @@ class TokenBucket:
 
     def _refill(self) -> None:
         now = self._clock()
+        if self._at is None:
+            self._at = now
         self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
         self._at = now
 
