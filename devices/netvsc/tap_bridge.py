@@ -20,7 +20,8 @@ become netvsc_xmit's PPIs: GSO -> LSO v2 (IPv4 total length and header checksum
 zeroed, the TCP field the pseudo-header sum over length 0, as Linux leaves
 them), NEEDS_CSUM on TCP/UDP -> the checksum PPI, any other partial checksum
 finished here (skb_checksum_help). An inline 802.1Q tag goes as the VLAN PPI.
-Receive: every frame the receive loop has is written to the TAP, its tag put
+Receive: each ring batch's frames are written to the TAP from the receive loop
+itself (`NetvscGuest.on_frames`: no task switch a frame), each tag put
 back inline, with VIRTIO_NET_HDR_F_DATA_VALID when the host's checksum PPI says
 TCP or UDP was validated (netvsc_recv's CHECKSUM_UNNECESSARY).
 """
@@ -240,21 +241,18 @@ async def bridge_nic_to_tap(
             if batch:
                 await nic.send_frames(batch)
 
-    async def to_tap(fd: int) -> None:
-        """NIC -> TAP: every frame the receive loop has, written in one go."""
-        while True:
-            batch = [await nic.frames.receive()]
-            while True:
-                try:
-                    batch.append(nic.frames.receive_nowait())
-                except trio.WouldBlock:
-                    break
-            for rx in batch:
-                try:
-                    os.write(fd, rx_bytes(rx))
-                except OSError:  # the TAP is down or its queue full: the frame is lost
-                    dropped["rx"] += 1
+    def to_tap(batch: list[RxFrame]) -> None:
+        """NIC -> TAP: a ring batch's frames, written from the receive loop itself."""
+        if not fds:
+            dropped["rx"] += len(batch)
+            return
+        for rx in batch:
+            try:
+                os.write(fds[0], rx_bytes(rx))
+            except OSError:  # the TAP is down or its queue full: the frame is lost
+                dropped["rx"] += 1
 
+    nic.on_frames = to_tap  # frames before the TAP is open are dropped (counted)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(nic.receive_loop)
@@ -267,7 +265,6 @@ async def bridge_nic_to_tap(
                 )
             )
             nursery.start_soon(to_host, fds[0])
-            nursery.start_soon(to_tap, fds[0])
             where = f" in namespace {netns}" if netns else ""
             text = ":".join(f"{b:02x}" for b in nic.mac)
             say(f"netvsc NIC {text} (MTU {nic.mtu}) bridged to TAP {ifname}{where}")
@@ -280,6 +277,7 @@ async def bridge_nic_to_tap(
         nic.release_views()
         for fd in fds:
             os.close(fd)
+        fds.clear()
         if dropped["tx"] or dropped["rx"] or nic.tx_failed:
             log.info(
                 "--nic-tap: %s: %d frames from the TAP dropped, %d to it lost, %d sends failed",

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import struct
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
@@ -246,6 +246,10 @@ class NetvscGuest:
     _tx_space: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
     _tracked: set[int] = field(default_factory=set)
     _views: dict[int, memoryview] = field(default_factory=dict)
+    # set: each ring batch's received frames go to it in one call, from the receive
+    # loop (no task switch a frame), instead of to `frames`
+    on_frames: Callable[[list[RxFrame]], None] | None = None
+    _rx_batch: list[RxFrame] = field(default_factory=list)
     _direct_all: list[_PageBuffer] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -366,6 +370,9 @@ class NetvscGuest:
                         out.append(completion_for(pkt, struct.pack("<II", 108, status)))
                 elif pkt.type == PacketType.INBAND:
                     self._on_inband(bytes(pkt.payload))
+            if self._rx_batch and self.on_frames is not None:
+                batch, self._rx_batch = self._rx_batch, []
+                self.on_frames(batch)
             await ch.send(out)
 
     def _on_inband(self, msg: bytes) -> None:
@@ -428,6 +435,9 @@ class NetvscGuest:
                 self._ppi(msg, rn.PpiType.TCPIP_CHKSUM),
                 self._ppi(msg, rn.PpiType.IEEE_8021Q),
             )
+            if self.on_frames is not None:
+                self._rx_batch.append(frame)
+                return
             try:
                 self._frames_in.send_nowait(frame)
             except trio.WouldBlock:
