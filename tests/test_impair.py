@@ -20,10 +20,14 @@ import trio.testing
 from conftest import require_tool
 from prometheus_client.parser import text_string_to_metric_families
 
+from devices.netvsc import rndis as rn
 from devices.netvsc.backends.base import BackendError, Deliver, Frame, NetBackend, NicInfo
 from devices.netvsc.backends.impair import ImpairBackend
 from devices.netvsc.backends.loopback import LoopbackBackend
+from devices.netvsc.vsc import NetvscGuest
+from devices.netvsc.vsp import NetvscDevice
 from vmbus.config import load_devices
+from vmbus.guest.vm import SimulatedVm
 
 VMBUSD = [sys.executable, "-m", "vmbus.cli"]
 NIC = NicInfo(b"\x00\x15\x5d\x00\x00\x01", 1500, 1)
@@ -388,3 +392,34 @@ def test_iperf3_tcp_recovers_from_injected_loss(tmp_path: Path) -> None:
             _stop(proc)
         for ns in made:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+class ImpairNic(NetvscDevice):
+    """A NIC on impair(loopback) the test can reach (the last one built)."""
+
+    last: ImpairNic | None = None
+
+    def __init__(self) -> None:
+        super().__init__(backend=ImpairBackend(inner=LoopbackBackend()))
+        ImpairNic.last = self
+
+
+@pytest.mark.devices.with_args(ImpairNic)
+async def test_link_flaps_reach_the_guest(local_vm: SimulatedVm, open_channel: Any) -> None:
+    """A flap is not only dropped frames: the VSP listens to the backend's link, so the
+    guest gets RNDIS MEDIA_DISCONNECT, then MEDIA_CONNECT, as a real cable pull."""
+    gch = await open_channel(local_vm, ImpairNic)
+    nic = NetvscGuest(local_vm, gch)
+    dev = ImpairNic.last
+    assert dev is not None and isinstance(dev.backend, ImpairBackend)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(nic.receive_loop)
+        with trio.fail_after(20):
+            await nic.connect()
+            await nic.device_add()
+            dev.backend.configure(flap_up_s=0.3, flap_down_s=0.3)
+            while len(nic.indications) < 2:
+                await trio.sleep(0.01)
+            dev.backend.configure(flap_up_s=0)
+        assert nic.indications[:2] == [rn.Status.MEDIA_DISCONNECT, rn.Status.MEDIA_CONNECT]
+        nursery.cancel_scope.cancel()

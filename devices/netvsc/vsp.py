@@ -25,6 +25,9 @@ recv_section_size bytes). The data sections are partitioned between the queues, 
 Hyper-V does, so a queue whose guest stops returning sections drops its own frames
 beyond RX_QUEUE_DEPTH (counted, OID_GEN_RCV_NO_BUFFER) and the others carry on.
 
+The backend's own link changes (the impair backend's flaps) reach the guest as RNDIS
+media status indications, as `vmbusd ctl ... nic link` does (`NetBackend.link_listener`).
+
 Not yet (issue 10): receive segment coalescing (RSC), link indications from
 `vmbusd ctl` in the same transfer-page packets as data.
 """
@@ -229,6 +232,7 @@ class NetvscDevice(Device):
                 self.backend = make_backend(cls, backend, backend_options)
             except BackendError as exc:
                 raise ConfigError(str(exc)) from None
+        self.backend.link_listener = self.set_link
         self._nic: _Nic | None = None
 
     @property

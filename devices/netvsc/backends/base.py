@@ -89,6 +89,9 @@ class NetBackend(ABC):
 
     name: str = "?"
     offloads: Offloads = Offloads()
+    link_listener: Callable[[bool], object] | None = None
+    """Set by the VSP: a backend whose link goes down or up on its own (impair's
+    flaps) calls it, and the guest gets the RNDIS media status indication."""
 
     def __init__(self) -> None:
         self.tx_frames = 0
