@@ -757,3 +757,43 @@ async def test_send_frames_packs_sections_and_keeps_a_window(
             nursery.cancel_scope.cancel()
     finally:
         nic.release_views()
+
+
+def test_nic_tap_sends_an_ipv6_gso_read_as_one_lso_packet() -> None:
+    """IPv6: the LSO PPI says IPv6, the payload length is zeroed and the TCP field
+    holds the pseudo-header sum over length 0 (tcp_v6_gso_csum_prep); the segments
+    made of it carry valid TCP checksums."""
+    import struct as st
+
+    from devices.netvsc import offload
+    from devices.netvsc import rndis as rn
+    from devices.netvsc.backends import tap as tapmod
+    from devices.netvsc.tap_bridge import tx_frame
+    from devices.netvsc.vsc import NicOffloads, rndis_header
+
+    payload = bytes(i % 253 for i in range(30000))
+    src, dst = bytes.fromhex("fd77" + "00" * 13 + "02"), bytes.fromhex("fd77" + "00" * 13 + "01")
+    tcp = st.pack(">HHIIBBHHH", 40000, 5201, 1000, 7, 0x50, 0x18, 512, 0, 0)
+    ip6 = st.pack(">IHBB", 6 << 28, len(tcp) + len(payload), 6, 64) + src + dst
+    frame = bytearray(bytes.fromhex("020000000002020000000001") + b"\x86\xdd" + ip6 + tcp + payload)
+    st.pack_into(">H", frame, 54 + 16, offload._pseudo(frame, 14, 6, 6, len(tcp) + len(payload)))
+    hdr = st.pack(
+        "<BBHHHH",
+        tapmod.VIRTIO_NET_HDR_F_NEEDS_CSUM,
+        tapmod.VIRTIO_NET_HDR_GSO_TCPV6,
+        74,
+        1428,
+        54,
+        16,
+    )
+    tx = tx_frame(hdr + bytes(frame), NicOffloads(True, True, True, True, True, True))
+    lso = rn.LSO_IPV6 << 31 | rn.LSO_V2_TYPE << 30 | 54 << 20 | 1428
+    assert tx.ppis == ((rn.PpiType.TCP_LARGESEND, lso),)
+    data = bytes(tx.data)
+    assert data[18:20] == b"\0\0"
+    assert st.unpack_from(">H", data, 70)[0] == offload._pseudo(data, 14, 6, 6, 0)
+    p = rn.parse_packet(rndis_header(len(data), tx.ppis) + data, max_frame=1514)
+    assert p.lso == rn.Lso(1428, 54, True)
+    segs = offload.segment(data, p.lso)
+    assert len(segs) == 22 and b"".join(s[74:] for s in segs) == payload
+    assert all(offload.rx_checksum_info(s) == rn.RXCSUM_TCP_SUCCEEDED for s in segs)
