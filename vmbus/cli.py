@@ -387,6 +387,7 @@ def cmd_kvm(args: argparse.Namespace, say: _Say) -> int:
             say=say,
             snapshot_path=args.snapshot,
             restore_path=args.restore,
+            reconnect_timeout=args.reconnect_timeout,
         )
     )
 
@@ -788,6 +789,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="resume a --snapshot instead of booting (its RAM, vCPUs and command line; "
         "--kernel, --mem, --cpus, --append are not used) (default: boot)",
+    )
+    k.add_argument(
+        "--reconnect-timeout",
+        type=_positive_float,
+        default=10.0,
+        metavar="S",
+        help="when vmbusd goes away (crash or restart), keep the guest running and "
+        "reconnect to the same socket, resuming the session; give up with exit status 2 "
+        "after S seconds without vmbusd (default: 10)",
     )
     k.set_defaults(func=cmd_kvm)
     return p

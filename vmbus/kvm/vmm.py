@@ -13,18 +13,26 @@ What is wired to what (docs/kvm.md, docs/attach-protocol.md "Mapping onto KVM"):
   attach `bind` -> the ioeventfd plus a trio task per call eventfd that turns a readable
   call (however many signals it counted) into one SIEFP bit + one MSI (`signal_event`);
   `unbind` -> deassign, stop watching, close; `error` -> the VM stops, saying why;
+- restart (feature saved-state, docs/attach-protocol.md "Restart"): when vmbusd goes away
+  (EOF, or `error shutdown`) the guest runs on with every binding, its kick/call eventfds
+  and ioeventfds as they are (signals count up in the kick eventfds meanwhile); guest posts
+  queue up to POST_QUEUE, then HV_STATUS_INSUFFICIENT_BUFFERS (the guest retries); the VMM
+  reconnects with backoff, sends `resume` with the newest `state` and the bindings, replays
+  the posts vmbusd had not handled, or gives up after `reconnect_timeout`;
 - ACPI with the VMBus device, the 16550 console on COM1, vmlinux loaded at its 64-bit
   entry with the command line of `kernel_cmdline`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import signal
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -49,6 +57,12 @@ LOG_LIMIT = 256  # control messages kept each way (KvmVm.guest_log / host_log) f
 POST_QUEUE = 16  # unsent guest posts before HV_STATUS_INSUFFICIENT_BUFFERS (Hyper-V: 16)
 PYTHON_SLOTS_RETRY_S = 0.01  # the twin slot path's retry() period (see hyperv._PySlots)
 QUEUE_FULL_WAIT_S = 0.01
+# Restart (as the simulated VM, vmbus/guest/vm.py): how long to wait for a vmbusd that went
+# away, the backoff between connection attempts (doubling), and the posts kept for a resume.
+RECONNECT_TIMEOUT_S = 10.0
+RECONNECT_FIRST_DELAY_S = 0.02
+RECONNECT_MAX_DELAY_S = 0.5
+MAX_UNACKED_POSTS = 4096  # beyond, vmbusd sends no states (a device that cannot restart)
 
 # the SynIC registers hv_synic_enable_regs writes (SIMP first), before INITIATE_CONTACT
 SYNIC_MSRS = frozenset(
@@ -149,6 +163,9 @@ class Counters:
     unbinds: int = 0
     calls: int = 0  # call-eventfd wake-ups (each one SIEFP set + at most one MSI)
     unmatched_signals: int = 0
+    reconnects: int = 0  # sessions resumed with a new vmbusd
+    replayed_posts: int = 0  # guest posts sent again to a new vmbusd after a resume
+    refused_posts: int = 0  # HV_STATUS_INSUFFICIENT_BUFFERS answers (queue full)
 
 
 class KvmVm:
@@ -164,11 +181,18 @@ class KvmVm:
         console_sink: Callable[[bytes], None] | None = None,
         vm_id: str | None = None,
         snapshot_at_synic: bool = False,
+        reconnect: Callable[[], Awaitable[attach.AttachConnection]] | None = None,
+        reconnect_timeout: float = RECONNECT_TIMEOUT_S,
     ) -> None:
         """vmlinux None: nothing is loaded (a snapshot is restored into it next).
         snapshot_at_synic: stop at the guest's first SynIC register write (run()
-        returns outcome 'snapshot'; then `save_snapshot`)."""
+        returns outcome 'snapshot'; then `save_snapshot`).
+        reconnect: opens a new connection to the same vmbusd socket; with it the VMM
+        names feature saved-state and the guest outlives its vmbusd (restart), giving
+        up after `reconnect_timeout` seconds without one (`gave_up`)."""
         self.snapshot_at_synic = snapshot_at_synic
+        self.reconnect = reconnect
+        self.reconnect_timeout = reconnect_timeout
         self.vcpus = vcpus
         self.vm_id = vm_id or f"kvm-{os.getpid()}"
         self.on_pvm = pvm.is_pvm()
@@ -239,6 +263,20 @@ class KvmVm:
         )
         self._nursery: trio.Nursery | None = None
         self.ended: str | None = None  # why the attach session ended, once it has
+        # Restart support (feature saved-state): what we hold for the next vmbusd.
+        self.saved_state = False  # negotiated on the current connection
+        self._state_fd: int | None = None  # the newest `state`'s blob
+        self._inflight_fd: int | None = None  # the session's in-flight region
+        self._applied = 0  # post/bind/unbind applied since that state
+        self._posts_sent = 0  # posts numbered over the VM's life (vmbusd counts them too)
+        self._unacked: deque[tuple[int, attach.PostFromGuest]] = deque()
+        self._acked_posts = 0  # the newest state's `posts`
+        self._dropped_posts = 0  # posts below this number were forgotten unacknowledged
+        self._send_lock = trio.Lock()  # the post sender vs a resume's replay
+        self._link_up = False  # posts go out; else they wait (and the queue fills)
+        self._link_event = trio.Event()  # set while the link is up
+        self._resumed = False  # resumed once: a bind replacing a kept binding is expected
+        self.gave_up = False  # vmbusd did not come back within reconnect_timeout
 
     # ---------------------------------------------------------------- vCPU side
 
@@ -262,7 +300,9 @@ class KvmVm:
         try:
             trio.from_thread.run_sync(self._post_send.send_nowait, msg, trio_token=token)
         except (trio.WouldBlock, trio.RunFinishedError, trio.BrokenResourceError):
-            return hv.HV_STATUS_INSUFFICIENT_BUFFERS  # full, or the VMM is shutting down
+            # full (vmbusd slow, or away while we reconnect), or the VMM is shutting down
+            self.counters.refused_posts += 1
+            return hv.HV_STATUS_INSUFFICIENT_BUFFERS
         self.counters.guest_posts += 1
         if len(self.guest_log) < LOG_LIMIT:
             self.guest_log.append((connection_id, payload))
@@ -283,16 +323,25 @@ class KvmVm:
 
     async def start_session(self, conn: attach.AttachConnection) -> None:
         """hello (role vmm), then the guest RAM regions with the memfd."""
+        await self._attach(conn)
+        self._set_link(True)
+
+    async def _attach(self, conn: attach.AttachConnection) -> None:
+        """hello and guest RAM on a (new) connection; it becomes `self.conn`."""
         self.conn = conn
-        await attach.handshake(
+        peer = await attach.handshake(
             conn,
             attach.Hello(
                 version=attach.PROTOCOL_VERSION,
                 role="vmm",
                 vm_id=self.vm_id,
                 vcpus=self.vcpus,
+                features=(attach.FEATURE_SAVED_STATE,) if self.reconnect else (),
                 software="vmbusd kvm",
             ),
+        )
+        self.saved_state = self.reconnect is not None and (
+            attach.FEATURE_SAVED_STATE in peer.features
         )
         ram = self.machine.ram
         await conn.send(
@@ -304,10 +353,28 @@ class KvmVm:
             )
         )
 
+    def _set_link(self, up: bool) -> None:
+        self._link_up = up
+        if up:
+            self._link_event.set()
+        elif self._link_event.is_set():
+            self._link_event = trio.Event()
+
+    @property
+    def holds_state(self) -> bool:
+        """A `state` from vmbusd is held: a crash from now on can be resumed."""
+        return self._state_fd is not None and self._inflight_fd is not None
+
+    @property
+    def link_up(self) -> bool:
+        """vmbusd is there: not gone for good, not away while we reconnect."""
+        return self._link_up
+
     def start_attach_tasks(self, nursery: trio.Nursery, on_end: Callable[[str], None]) -> None:
         """The attach session's tasks (run() starts them): the post sender, the receive
-        loop (which starts a call watcher per bind in `nursery`), and on the twin slot
-        path the retry timer. on_end(why) when vmbusd ends the session."""
+        loop (which starts a call watcher per bind in `nursery`, and reconnects when
+        vmbusd goes away), and on the twin slot path the retry timer. on_end(why) when
+        the session ends for good."""
         self._nursery = nursery
         nursery.start_soon(self._send_posts, name="vmm posts")
         nursery.start_soon(self._receive, on_end, name="vmm receive")
@@ -315,24 +382,66 @@ class KvmVm:
             nursery.start_soon(self._retry_slots)
 
     async def _send_posts(self) -> None:
-        assert self.conn is not None
-        async for msg in self._post_recv:
-            await self.conn.send(msg)
+        """The guest's posts, in order. With saved state each is numbered and kept until
+        a `state` says vmbusd handled it. While vmbusd is away nothing is taken off the
+        queue, so it fills and the guest gets HV_STATUS_INSUFFICIENT_BUFFERS."""
+        while True:
+            await self._link_event.wait()
+            msg = await self._post_recv.receive()
+            async with self._send_lock:
+                assert self.conn is not None
+                if not self.saved_state:
+                    if self._link_up:
+                        try:
+                            await self.conn.send(msg)
+                        except (attach.ConnectionClosed, OSError, trio.ClosedResourceError):
+                            pass  # the receive task sees the end and says why
+                    continue
+                if len(self._unacked) >= MAX_UNACKED_POSTS:
+                    # vmbusd sends no states (a device of this VM cannot restart): what
+                    # we keep could never be replayed. A resume needs a newer state.
+                    self._dropped_posts = self._posts_sent
+                    self._unacked.clear()
+                self._unacked.append((self._posts_sent, msg))
+                self._posts_sent += 1
+                if not self._link_up:
+                    continue  # replayed by the resume
+                try:
+                    await self.conn.send(msg)
+                except (attach.ConnectionClosed, OSError, trio.ClosedResourceError):
+                    pass  # the receive task reconnects; the resume sends it again
 
     async def _receive(self, stop: Callable[[str], None]) -> None:
-        """Apply vmbusd's messages in order until it ends the session."""
+        """Apply vmbusd's messages in order. When vmbusd goes away and we hold its saved
+        state, reconnect and resume; when the session ends for good, stop(why)."""
+        while True:
+            why, final = await self._receive_messages()
+            self._set_link(False)
+            if not final and self._resumable():
+                log.warning("%s: the guest runs on; reconnecting", why)
+                gave_up = await self._reconnect_and_resume()
+                if gave_up is None:
+                    continue
+                why = gave_up
+            self.ended = why
+            log.info("%s", why)  # `vmbusd kvm` says it once, in its last line
+            stop(why)
+            return
+
+    async def _receive_messages(self) -> tuple[str, bool]:
+        """Until the connection ends: (why, final). Final: vmbusd refused us on purpose
+        (an `error` other than `shutdown`) or broke the protocol, so no resume."""
         assert self.conn is not None and self._nursery is not None
         while True:
             try:
                 msg = await self.conn.receive()
-            except attach.ConnectionClosed as exc:
-                self.ended = f"vmbusd closed the connection ({exc})"
-                stop(self.ended)
-                return
+            except (attach.ConnectionClosed, OSError, trio.ClosedResourceError) as exc:
+                return f"vmbusd closed the connection ({exc})", False
             except attach.AttachProtocolError as exc:
-                self.ended = f"vmbusd sent a bad message: {exc}"
-                stop(self.ended)
-                return
+                return f"vmbusd sent a bad message: {exc}", True
+            if isinstance(msg, attach.State):
+                self._take_state(msg)
+                continue
             if isinstance(msg, attach.PostToGuest):
                 await self._deliver(msg)
             elif isinstance(msg, attach.Bind):
@@ -340,10 +449,110 @@ class KvmVm:
             elif isinstance(msg, attach.Unbind):
                 self._unbind(msg.relid)
             elif isinstance(msg, attach.Error):
-                self.ended = f"vmbusd reported error {msg.code}: {msg.message}"
-                log.error("%s", self.ended)
-                stop(self.ended)
-                return
+                why = f"vmbusd reported error {msg.code}: {msg.message}"
+                return why, msg.code != attach.ErrorCode.SHUTDOWN
+            else:
+                continue
+            self._applied += 1  # applied before the next one is read
+
+    def _take_state(self, msg: attach.State) -> None:
+        """Hold the newest saved state (and the in-flight region, sent once); forget
+        the posts it says vmbusd handled."""
+        if self._state_fd is not None:
+            _close_quiet(self._state_fd)
+        self._state_fd = msg.blob
+        if msg.inflight is not None:
+            if self._inflight_fd is not None:
+                _close_quiet(self._inflight_fd)
+            self._inflight_fd = msg.inflight
+        self._applied = 0
+        self._acked_posts = msg.posts
+        while self._unacked and self._unacked[0][0] < msg.posts:
+            self._unacked.popleft()
+
+    def _resumable(self) -> bool:
+        """A new vmbusd can take over from the state we hold."""
+        return (
+            self.reconnect is not None
+            and self.saved_state
+            and self._state_fd is not None
+            and self._inflight_fd is not None
+            and self._acked_posts >= self._dropped_posts
+        )
+
+    async def _reconnect_and_resume(self) -> str | None:
+        """Connect again (backoff) until `reconnect_timeout`, then resume. None when
+        resumed; else why we gave up (`gave_up` set when vmbusd did not come back)."""
+        assert self.reconnect is not None
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                await self.conn.aclose()
+        deadline = trio.current_time() + self.reconnect_timeout
+        delay = RECONNECT_FIRST_DELAY_S
+        last = "no attempt"
+        while True:
+            conn: attach.AttachConnection | None = None
+            try:
+                with trio.fail_after(max(0.05, deadline - trio.current_time())):
+                    conn = await self.reconnect()
+                    await self._attach(conn)
+                    if not self.saved_state:
+                        why = "vmbusd came back without saved-state support"
+                        await conn.abort(attach.ErrorCode.PROTOCOL, why)
+                        return why
+                    await self._resume(conn)
+                self.counters.reconnects += 1
+                log.warning(
+                    "vmbusd is back: session resumed (reconnect %d)", self.counters.reconnects
+                )
+                return None
+            except attach.PeerError as exc:
+                last = str(exc)
+                if exc.code == "saved-state":  # vmbusd will not take our state: final
+                    return f"vmbusd refused the resume: {exc.message}"
+            except (OSError, attach.AttachError, trio.TooSlowError) as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.aclose()
+            left = deadline - trio.current_time()
+            if left <= 0:
+                self.gave_up = True
+                return (
+                    f"vmbusd did not come back within {self.reconnect_timeout:g} s (last: {last})"
+                )
+            await trio.sleep(min(delay, left))
+            delay = min(delay * 2, RECONNECT_MAX_DELAY_S)
+
+    async def _resume(self, conn: attach.AttachConnection) -> None:
+        """`resume` with the state we hold and the bindings we keep (their eventfds and
+        ioeventfds stay wired in KVM), then the posts vmbusd had not handled, in order;
+        from then on posts go out again. A binding past MAX_RESUME_CHANNELS gets a fresh
+        `bind` from vmbusd, which replaces it."""
+        assert self._state_fd is not None and self._inflight_fd is not None
+        keep = sorted(self._bindings)[: attach.MAX_RESUME_CHANNELS]
+        async with self._send_lock:
+            await conn.send(
+                attach.Resume(
+                    blob=self._state_fd,
+                    inflight=self._inflight_fd,
+                    applied=self._applied,
+                    posts=self._posts_sent,
+                    channels=tuple(
+                        attach.ResumeChannel(
+                            r, self._bindings[r].bind.kick, self._bindings[r].bind.call
+                        )
+                        for r in keep
+                    ),
+                )
+            )
+            # `applied` stays: it counts against the state we still hold, until the new
+            # vmbusd's first `state` replaces it.
+            for _idx, post in self._unacked:
+                await conn.send(post)
+                self.counters.replayed_posts += 1
+            self._resumed = True
+            self._set_link(True)
 
     async def _deliver(self, msg: attach.PostToGuest) -> None:
         """Into the SIMP slot; while the guest leaves MESSAGE_QUEUE_LIMIT messages
@@ -361,9 +570,10 @@ class KvmVm:
 
     def _bind(self, b: attach.Bind) -> None:
         old = self._bindings.get(b.relid)
-        if old is not None:  # not sent by vmbusd (it unbinds first); be tidy anyway
-            log.warning("bind of relid %d that is bound already: replacing it", b.relid)
-            self._unbind(b.relid)
+        if old is not None:  # after a resume: a channel we did not list; else not sent
+            if not self._resumed:
+                log.warning("bind of relid %d that is bound already: replacing it", b.relid)
+            self._unbind(b.relid, count=False)
         binding = _Binding(b)
         if b.interrupt_page:
             # Linux 6.1 negotiates 5.3; a pre-2.4 interrupt page is not emulated here.
@@ -401,7 +611,7 @@ class KvmVm:
                 self.counters.calls += 1
                 self.part.signal_event(b.vcpu, VMBUS_SINT, b.relid)
 
-    def _unbind(self, relid: int) -> None:
+    def _unbind(self, relid: int, *, count: bool = True) -> None:
         binding = self._bindings.pop(relid, None)
         if binding is None:
             return  # the protocol: ignored
@@ -426,7 +636,8 @@ class KvmVm:
                 os.close(fd)
             except OSError:
                 pass
-        self.counters.unbinds += 1
+        if count:
+            self.counters.unbinds += 1
 
     async def _retry_slots(self) -> None:
         """The pure-Python slot path can lose an EOM race; retry() heals it."""
@@ -496,6 +707,8 @@ class KvmVm:
         *,
         console_sink: Callable[[bytes], None] | None = None,
         vm_id: str | None = None,
+        reconnect: Callable[[], Awaitable[attach.AttachConnection]] | None = None,
+        reconnect_timeout: float = RECONNECT_TIMEOUT_S,
     ) -> tuple[KvmVm, snapshot.Timing]:
         """A fresh VM with the snapshot's RAM size and vCPUs, its state restored: run()
         it (after start_session) and the guest goes on from its first SynIC write."""
@@ -507,6 +720,8 @@ class KvmVm:
             vcpus=int(state["vcpus"]),
             console_sink=console_sink,
             vm_id=vm_id,
+            reconnect=reconnect,
+            reconnect_timeout=reconnect_timeout,
         )
         try:
             timing = snapshot.restore(vm, path)
@@ -518,14 +733,25 @@ class KvmVm:
     def close(self) -> None:
         for relid in list(self._bindings):
             self._unbind(relid)
+        for fd in (self._state_fd, self._inflight_fd):
+            if fd is not None:
+                _close_quiet(fd)
+        self._state_fd = self._inflight_fd = None
         self.machine.close()
+
+
+def _close_quiet(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
 
 # -------------------------------------------------------------------- `vmbusd kvm`
 
 KVM_DEVICE = "/dev/kvm"
 TAIL_LINES = 40  # printed at the end when the console went to --console FILE
-EXIT_MATCHED, EXIT_NOT_MATCHED = 0, 1
+EXIT_MATCHED, EXIT_NOT_MATCHED, EXIT_GAVE_UP = 0, 1, 2
 
 
 def parse_size(text: str) -> int:
@@ -574,12 +800,15 @@ async def run_kvm(
     say: Callable[[str], None],
     snapshot_path: str | None = None,
     restore_path: str | None = None,
+    reconnect_timeout: float = RECONNECT_TIMEOUT_S,
 ) -> int:
     """`vmbusd kvm`: 0 when the console matched --until (or, with --snapshot, the
     snapshot was written), 1 otherwise (the timeout, vmbusd ending the session, a guest
-    fault), 128+signal when SIGTERM/SIGINT stopped it; a user's mistake raises
-    UserError. Prints the console as it comes (or, with --console FILE, writes it there
-    and prints its last lines at the end)."""
+    fault), 2 when vmbusd went away and did not come back within `reconnect_timeout`
+    (until then the guest runs on and the VMM reconnects to resume the session),
+    128+signal when SIGTERM/SIGINT stopped it; a user's mistake raises UserError.
+    Prints the console as it comes (or, with --console FILE, writes it there and prints
+    its last lines at the end)."""
     import sys
 
     from vmbus.cliutil import STOP_SIGNALS, UserError, check_writable, describe_connect_error
@@ -623,6 +852,13 @@ async def run_kvm(
 
     stopped_by: list[int] = []
     conn: attach.AttachConnection | None = None
+    again: Callable[[], Awaitable[attach.AttachConnection]] | None = None
+    if connect is not None:
+        sock_path = connect
+
+        async def again() -> attach.AttachConnection:
+            return await attach.connect(sock_path)
+
     vm: KvmVm | None = None
     try:
         if connect is not None:
@@ -632,7 +868,12 @@ async def run_kvm(
                 raise UserError(describe_connect_error(connect, exc)) from exc
         if restore_path is not None:
             try:
-                vm, timing = KvmVm.from_snapshot(restore_path, console_sink=sink)
+                vm, timing = KvmVm.from_snapshot(
+                    restore_path,
+                    console_sink=sink,
+                    reconnect=again,
+                    reconnect_timeout=reconnect_timeout,
+                )
             except snapshot.SnapshotError as exc:
                 raise UserError(f"--restore {exc}") from None
             say(f"restored {restore_path} in {timing.seconds:.2f} s")
@@ -646,6 +887,8 @@ async def run_kvm(
                     append=append,
                     console_sink=sink,
                     snapshot_at_synic=snapshot_path is not None,
+                    reconnect=again,
+                    reconnect_timeout=reconnect_timeout,
                 )
             except KvmVmError as exc:
                 raise UserError(f"--kernel {path}: {exc}") from None
@@ -681,6 +924,8 @@ async def run_kvm(
     finally:
         if vm is not None:
             vm.close()
+            if vm.conn is not None and vm.conn is not conn:  # a reconnect's
+                await vm.conn.aclose()
         if conn is not None:
             await conn.aclose()
         if console_file is not None:
@@ -695,6 +940,8 @@ async def run_kvm(
         f"{c.guest_posts} guest post(s), {c.host_posts} host post(s), {c.binds} bind(s), "
         f"{c.calls} interrupt(s)"
     )
+    if c.reconnects:
+        traffic += f", {c.reconnects} reconnect(s)"
     if stopped_by:
         name = signal.Signals(stopped_by[0]).name
         say(f"{name}: stopped after {result.elapsed:.1f} s; {traffic}")
@@ -707,6 +954,9 @@ async def run_kvm(
         if until:
             what = f"no match for --until {until!r}"
         say(f"{what} after {result.elapsed:.1f} s; {traffic}")
+    elif result.outcome == "vmbusd" and vm.gave_up:
+        say(f"gave up: {result.detail}; {traffic}")
+        return EXIT_GAVE_UP
     elif result.outcome == "vmbusd":
         say(f"stopped: {result.detail}; {traffic}")
     else:
