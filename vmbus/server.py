@@ -56,6 +56,7 @@ STATE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE  # im
 INFLIGHT_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW  # fixed size, still writable
 ERROR_SAVED_STATE = "saved-state"  # `error` code: a resume whose state we cannot take
 SETTLE_PUMPS = 8  # extra pump rounds to reach a savable state before a `state` goes out
+STATE_EVERY_POSTS = 64  # a `state` at least this often, so the VMM can forget its posts
 
 
 @dataclass
@@ -133,6 +134,8 @@ class VmSession:
         self._inflight_sent = False
         self._outbox: list[attach.Message] | None = None  # a pump's messages, held back
         self._last_blob: bytes | None = None
+        self._state_posts = 0  # `posts` of the last state sent
+        self._state_wanted = False  # a device (or a planned stop) asked for a state
         self._posts_done = 0  # guest posts handled over the VM's life (VMM's numbering)
         self._resumable = True  # a resume may come until the first post
 
@@ -414,6 +417,7 @@ class VmSession:
 
     async def _save_state_now(self) -> None:
         """`ctx.save_state()`: a device's own state changed; send a state now."""
+        self._state_wanted = True
         await self._pump()
 
     def _pump_soon(self) -> None:
@@ -581,7 +585,20 @@ class VmSession:
         return self.bus.pending_events == 0 and self.bus.savable
 
     async def _flush(self, out: list[attach.Message]) -> None:
-        """Send a `state` naming `out`, then `out` itself (restart support only)."""
+        """Send a `state` naming `out`, then `out` itself (restart support only).
+
+        A state is needed before anything reaches the VMM (and so the guest): the
+        next vmbusd must know what the guest was told. Guest messages that made no
+        message go out (a GPADL_BODY, say) need none: the VMM keeps them and posts
+        them again after a crash, and the bus, a state machine, does the same with
+        them again. So a state goes out with every outbox, when asked, and every
+        STATE_EVERY_POSTS posts (to let the VMM forget them) -- not per post, which
+        for a large GPADL's bodies would copy its growing page list hundreds of times.
+        """
+        behind = self._posts_done - self._state_posts >= STATE_EVERY_POSTS
+        if not (out or self._state_wanted or behind):
+            return
+        self._state_wanted = False
         try:
             blob = msgpack.packb(self._save(out), use_bin_type=True)
         except Exception as exc:  # a device's save() bug: no state, but serve on
@@ -616,6 +633,7 @@ class VmSession:
                 )
             self._inflight_sent = True
             self._last_blob = blob
+            self._state_posts = self._posts_done
         finally:
             os.close(fd)
 
@@ -626,6 +644,7 @@ class VmSession:
             oc.cancel.cancel()
         for oc in list(self.open.values()):
             await oc.done.wait()
+        self._state_wanted = True
         with contextlib.suppress(Exception):
             await self._pump()
 
@@ -805,6 +824,7 @@ class VmSession:
             await self._send(self._bind_of(self.open[relid]))
         out, self._outbox = self._outbox, None
         self._last_blob = None
+        self._state_wanted = True
         await self._flush(out)
         for oc in self.open.values():
             oc.call.signal()  # the last vmbusd may have published without signalling
