@@ -16,20 +16,23 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import test_kvm_fast_tier as ft
 import trio
+from test_kvm_fast_tier import g
 from test_kvm_linux import BOOT_TIMEOUT_S, HAS_KVM, Snapshot, guest_kernel, guest_snapshot
 
-from vmbus import attach
+from vmbus import attach, eventfd
 from vmbus import protocol as p
 from vmbus.kvm import vmm
 
-__all__ = ["guest_kernel", "guest_snapshot"]  # the session fixtures, used by name
+__all__ = ["g", "guest_kernel", "guest_snapshot"]  # the fixtures, used by name
 
 VMBUSD = str(Path(sys.executable).with_name("vmbusd"))
 needs_kvm = pytest.mark.skipif(not HAS_KVM, reason="/dev/kvm is absent")
@@ -236,3 +239,90 @@ def test_kvm_reconnect_timeout_must_be_positive() -> None:
         env={**os.environ},
     )
     assert r.returncode == 2 and "--reconnect-timeout" in r.stderr, r
+
+
+# ------------------------------------------------------------------------ fast tier
+
+
+class _FinishedPort:
+    """Port 0xf4 of tests/kvm_fast_guest.S: record its last word without stopping the
+    VM; after 0x31 the guest sleeps in `hlt` with its relid's SIEFP bit still set, so a
+    further call signal costs no interrupt and it stays asleep while the test goes on."""
+
+    def __init__(self) -> None:
+        self.codes: list[int] = []
+
+    def io_read(self, port: int, size: int) -> int:
+        return 0xFF
+
+    def io_write(self, port: int, size: int, value: int) -> None:
+        self.codes.append(value)
+
+
+@needs_kvm
+async def test_open_channel_survives_vmbusd_sigkill(g: ft.Guest, tmp_path: Path) -> None:
+    """The fast tier's tiny guest opens an echo channel (bind: ioeventfd, call watcher)
+    and echoes through it; vmbusd is SIGKILLed; while it is away a request goes into the
+    ring and the kick eventfd counts it (what the ioeventfd does for the guest's
+    HvSignalEvent); a new vmbusd resumes with the VMM's kept eventfds and echoes it: the
+    same binding (no new bind or unbind), the call watcher signals again."""
+    d = Vmbusd(tmp_path)
+    d.start()
+    sock = str(d.sock)
+
+    async def again() -> attach.AttachConnection:
+        return await attach.connect(sock)
+
+    vm = vmm.KvmVm(
+        g.image, mem_size=ft.MEM, vcpus=1, vm_id="kvm-fast", reconnect=again, reconnect_timeout=30
+    )
+    port = _FinishedPort()
+    vm.machine.add_port_device(0xF4, 1, port)
+    ram, ring = vm.machine.ram, g.sym["ring"]
+    try:
+        ft.prepare(vm, g)
+        conn = await attach.connect(sock)
+        await vm.start_session(conn)
+
+        async def scenario() -> None:
+            await _until(lambda: port.codes and vm.holds_state, "the guest's echoes", 30)
+            assert port.codes == [ft.FINISHED]
+            ((relid, bind),) = vm.bindings().items()
+            w = struct.unpack("<I", ram.read(ring + 2 * ft.PAGE, 4))[0]
+            binds, calls = vm.counters.binds, vm.counters.calls
+            await trio.to_thread.run_sync(d.stop, signal.SIGKILL)
+            # the guest's third request, while vmbusd is away
+            start = struct.unpack("<I", ram.read(ring, 4))[0]
+            pkt = ft.echo_packet(b"again!!!", start)
+            ram.write(ring + ft.PAGE + start, pkt)
+            ram.write(ring, struct.pack("<I", start + len(pkt)))
+            eventfd.signal(bind.kick)
+            await trio.sleep(0.2)
+            assert vm.counters.reconnects == 0 and vm.bindings() == {relid: bind}
+            await trio.to_thread.run_sync(d.start)
+            await _until(lambda: vm.counters.reconnects == 1, "the resume", 30)
+            want = w + len(pkt)
+            await _until(
+                lambda: struct.unpack("<I", ram.read(ring + 2 * ft.PAGE, 4))[0] == want,
+                "the echo",
+                30,
+            )
+            back = ram.read(ring + 3 * ft.PAGE + w, len(pkt))
+            assert back[16:24] == b"again!!!", back.hex()
+            assert struct.unpack("<I", ram.read(ring + 4, 4))[0] == start + len(pkt)
+            await _until(lambda: vm.counters.calls > calls, "a call signal", 10)
+            assert vm.bindings() == {relid: bind}  # the same eventfds, still wired
+            assert (vm.counters.binds, vm.counters.unbinds) == (binds, 0)
+            vm.machine.request_stop()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(scenario)
+            result = await vm.run(timeout=60)
+            nursery.cancel_scope.cancel()
+        assert result.outcome == "stopped", (result, port.codes, d.log(0)[-2000:])
+        assert "kvm-fast: resumed: 1 channel(s) open" in d.log(1), d.log(1)
+    finally:
+        vm.close()
+        if vm.conn is not None:
+            await vm.conn.aclose()
+        d.close()

@@ -360,6 +360,10 @@ class KvmVm:
         elif self._link_event.is_set():
             self._link_event = trio.Event()
 
+    def bindings(self) -> dict[int, attach.Bind]:
+        """The channels bound now, by relid (their eventfds are the VMM's until unbind)."""
+        return {relid: b.bind for relid, b in self._bindings.items()}
+
     @property
     def holds_state(self) -> bool:
         """A `state` from vmbusd is held: a crash from now on can be resumed."""
