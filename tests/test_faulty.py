@@ -4,6 +4,7 @@ clock, a power cut tearing in-flight writes, and one-line config errors."""
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import sys
@@ -509,3 +510,23 @@ def test_qemu_io_through_vmbusd_vm_sees_exactly_the_injected_errors(tmp_path: Pa
             assert vm.stop() == 0, vm.text()
         assert serve.stop() == 0
     assert "Traceback" not in serve.text() + vm.text()
+
+
+def test_a_dropped_device_releases_the_file_inside_a_faulty_lun(tmp_path: Path) -> None:
+    """`vmbusd serve` builds a device set only to check the config and drops it: the
+    file descriptor of a file LUN wrapped by `faulty` is released with it, as a bare
+    file LUN's is (the VSP's finalizer looks inside wrappers)."""
+    import gc
+
+    from devices.storvsc.vsp import StorvscDevice
+
+    image = tmp_path / "d.img"
+    image.write_bytes(bytes(1 << 20))
+    before = len(os.listdir("/proc/self/fd"))
+    dev = StorvscDevice(
+        lun=[{"backend": "faulty", "inner": {"backend": "file", "path": str(image)}}]
+    )
+    assert len(os.listdir("/proc/self/fd")) == before + 1  # the file is open
+    del dev
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == before

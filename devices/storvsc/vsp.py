@@ -680,13 +680,18 @@ class _ChannelWorker:
 
 def _release_fds(backends: list[DiskBackend]) -> None:
     """Close the descriptor of a backend that was never closed (a file backend's
-    `_fd`; -1 once its close() ran)."""
-    for b in backends:
-        fd = getattr(b, "_fd", None)
-        if isinstance(fd, int) and fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-            b._fd = -1  # type: ignore[attr-defined]
+    `_fd`; -1 once its close() ran), looking inside wrappers (`inner`: faulty)."""
+    for outer in backends:
+        b: object = outer
+        for _ in range(8):  # a wrapper of a wrapper ..., never a loop forever
+            fd = getattr(b, "_fd", None)
+            if isinstance(fd, int) and fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                b._fd = -1  # type: ignore[attr-defined]
+            b = getattr(b, "inner", None)
+            if b is None:
+                break
 
 
 def _declared_bytes(pkt: Packet) -> int:
