@@ -314,18 +314,7 @@ def run_bench(
     SIGTERM/Ctrl-C stops the children and writes nothing."""
     if what != "ring":
         raise UserError(f"unknown benchmark {what!r}; there is: ring")
-    if seconds is None:
-        seconds = QUICK_SECONDS if quick else FULL_SECONDS
-    if not seconds > 0:
-        raise UserError(f"--seconds must be more than 0, got {seconds}")
-    if json_path:
-        check_writable(json_path, "--json")
-    if plot_path:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError as exc:
-            raise UserError("--plot needs matplotlib: pip install -e '.[bench]'") from exc
-        check_writable(plot_path, "--plot")
+    seconds = check_options(seconds, QUICK_SECONDS if quick else FULL_SECONDS, json_path, plot_path)
     records: list[dict[str, Any]] = []
     # memcpy per size; native: socketpair + ring per size; python: ring per size
     progress = _Progress(4 * len(SIZES))
@@ -493,6 +482,27 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def check_options(
+    seconds: float | None, default_seconds: float, json_path: str | None, plot_path: str | None
+) -> float:
+    """Every benchmark's options, refused before the run (UserError, one line):
+    seconds per point (the default when None), --json and --plot writable, and
+    matplotlib there for --plot. Returns the seconds."""
+    if seconds is None:
+        seconds = default_seconds
+    if not seconds > 0:
+        raise UserError(f"--seconds must be more than 0, got {seconds}")
+    if json_path:
+        check_writable(json_path, "--json")
+    if plot_path:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError as exc:
+            raise UserError("--plot needs matplotlib: pip install -e '.[bench]'") from exc
+        check_writable(plot_path, "--plot")
+    return seconds
 
 
 def stopped(exc: BaseException, progress: _Progress) -> Interrupted:

@@ -40,8 +40,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from vmbus.bench import PROGRESS_PREFIX, _Progress, stopped, write_outputs
-from vmbus.cliutil import Interrupted, UserError, check_writable
+from vmbus.bench import PROGRESS_PREFIX, _Progress, check_options, stopped, write_outputs
+from vmbus.cliutil import Interrupted, UserError
 
 
 @dataclass(frozen=True)
@@ -248,18 +248,7 @@ def run_bench_disk(
 ) -> int:
     """The disk benchmark. Bad options are refused before the run (UserError);
     SIGTERM/Ctrl-C stops the children and writes nothing."""
-    if seconds is None:
-        seconds = QUICK_SECONDS if quick else FULL_SECONDS
-    if not seconds > 0:
-        raise UserError(f"--seconds must be more than 0, got {seconds}")
-    if json_path:
-        check_writable(json_path, "--json")
-    if plot_path:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError as exc:
-            raise UserError("--plot needs matplotlib: pip install -e '.[bench]'") from exc
-        check_writable(plot_path, "--plot")
+    seconds = check_options(seconds, QUICK_SECONDS if quick else FULL_SECONDS, json_path, plot_path)
     try:
         subprocess.run(["fio", "--version"], capture_output=True, check=True)
     except (OSError, subprocess.CalledProcessError) as exc:

@@ -51,8 +51,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from vmbus.bench import PROGRESS_PREFIX, _big_buffers, _Progress, stopped, write_outputs
-from vmbus.cliutil import Interrupted, UserError, check_writable
+from vmbus.bench import (
+    PROGRESS_PREFIX,
+    _big_buffers,
+    _Progress,
+    check_options,
+    stopped,
+    write_outputs,
+)
+from vmbus.cliutil import Interrupted, UserError
 
 if TYPE_CHECKING:
     from devices.netvsc.vsc import NetvscGuest
@@ -564,18 +571,7 @@ def run_bench_net(
 ) -> int:
     """The network benchmark. Bad options and missing tools are refused before the
     run (UserError); SIGTERM/Ctrl-C stops the children and writes nothing."""
-    if seconds is None:
-        seconds = QUICK_SECONDS if quick else FULL_SECONDS
-    if not seconds > 0:
-        raise UserError(f"--seconds must be more than 0, got {seconds}")
-    if json_path:
-        check_writable(json_path, "--json")
-    if plot_path:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError as exc:
-            raise UserError("--plot needs matplotlib: pip install -e '.[bench]'") from exc
-        check_writable(plot_path, "--plot")
+    seconds = check_options(seconds, QUICK_SECONDS if quick else FULL_SECONDS, json_path, plot_path)
     if shutil.which("iperf3") is None:
         raise UserError(
             "bench net needs iperf3 on PATH (the veth-iperf3 and vmbus-iperf3 baselines): "

@@ -34,8 +34,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vmbus.bench import _Progress, stopped, write_outputs
-from vmbus.cliutil import Interrupted, UserError, check_writable
+from vmbus.bench import _Progress, check_options, stopped, write_outputs
+from vmbus.cliutil import Interrupted, UserError
 
 COUNTS = (1, 10, 50, 100)
 QUICK_COUNTS = (1, 10)
@@ -315,22 +315,11 @@ def run_bench_vms(
     depth: int = DEPTH,
 ) -> int:
     """`vmbusd bench vms`. Bad options are refused before the run (UserError)."""
-    if seconds is None:
-        seconds = QUICK_SECONDS if quick else FULL_SECONDS
-    if not seconds > 0:
-        raise UserError(f"--seconds must be more than 0, got {seconds}")
+    seconds = check_options(seconds, QUICK_SECONDS if quick else FULL_SECONDS, json_path, plot_path)
     if counts is None:
         counts = QUICK_COUNTS if quick else COUNTS
     if not counts or any(c < 1 or c > 1000 for c in counts):
         raise UserError(f"--vms takes counts from 1 to 1000, got {counts}")
-    if json_path:
-        check_writable(json_path, "--json")
-    if plot_path:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError as exc:
-            raise UserError("--plot needs matplotlib: pip install -e '.[bench]'") from exc
-        check_writable(plot_path, "--plot")
     _enough_mappings(max(counts))
     records: list[dict[str, Any]] = []
     progress = _Progress(len(counts), "bench vms")
