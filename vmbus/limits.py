@@ -207,10 +207,10 @@ class VmLimiter:
         self.limits = limits
         self.label = label
         self.hits: dict[str, int] = dict.fromkeys(LIMIT_NAMES, 0)
-        self._bucket = TokenBucket(
-            limits.control_rate, limits.control_burst, clock or trio.current_time
-        )
+        self._clock = clock or trio.current_time
+        self._bucket = TokenBucket(limits.control_rate, limits.control_burst, self._clock)
         self._throttling = False
+        self._last_throttle = 0.0
         self.requests = RequestBudget(limits.outstanding_requests, self._requests_wait)
 
     def _hit(self, name: str) -> None:
@@ -263,12 +263,19 @@ class VmLimiter:
     async def control_message(self) -> None:
         """Before handling one of the guest's posts: wait while the VM is over its rate
         (its later posts stay unread meanwhile). One log line per episode: from the
-        first wait until the bucket is full again."""
-        if self._throttling and self._bucket.full_before_take():
+        first wait until the bucket is full again and EPISODE_QUIET_S passed without a
+        wait (a flooding sender that is itself descheduled for a moment is still one
+        episode)."""
+        if (
+            self._throttling
+            and self._bucket.full_before_take()
+            and self._clock() - self._last_throttle > EPISODE_QUIET_S
+        ):
             self._throttling = False
         delay = self._bucket.take()
         if delay <= 0:
             return
+        self._last_throttle = self._clock()
         self._hit("control_rate")
         if not self._throttling:
             self._throttling = True
