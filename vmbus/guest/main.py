@@ -33,7 +33,7 @@ from vmbus.guest.workloads import EchoMismatch, echo_mixed
 
 log = logging.getLogger(__name__)
 
-LEAVE_TIMEOUT_S = 5.0  # closing channels and unloading on a signal, at most
+LEAVE_TIMEOUT_S = 2.0  # closing channels and unloading on a signal, at most
 SOAK_ROUND = 2000  # soak: packets per verified round on each channel
 SOAK_DRAIN_S = 10.0  # soak: after SIGTERM, the round in flight must finish within this
 IDLE_POLL_S = 0.2  # how often an idle VM looks whether vmbusd has left
