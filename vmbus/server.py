@@ -761,9 +761,16 @@ class VmSession:
         opened = {ev.relid: ev for ev in newbus.open_channels()}
         outbox = _check_outbox(saved.get("outbox"), vcpus, msg.applied)
         fds: dict[int, tuple[int, int]] = {}
+        stale: list[int] = []
         for c in msg.channels:
             if c.relid not in opened:
-                raise ValueError(f"eventfds for relid {c.relid}, which is not open")
+                if c.relid not in device_of:
+                    raise ValueError(f"eventfds for relid {c.relid}, which is not open")
+                # An offered channel the state has closed: the old vmbusd died between
+                # that state and its unbind. Its fds are closed below (not taken) and
+                # the VMM is told to unbind it again.
+                stale.append(c.relid)
+                continue
             for fd in (c.kick, c.call):
                 if not _is_eventfd(fd):
                     raise ValueError(f"relid {c.relid}: fd is not an eventfd")
@@ -822,6 +829,10 @@ class VmSession:
                 await self._send(self._bind_of(self.open[entry[1]]))
         for relid in need_bind:
             await self._send(self._bind_of(self.open[relid]))
+        resent = {e[1] for e in outbox[msg.applied :] if e[0] == "unbind"}
+        for relid in stale:
+            if relid not in resent:
+                await self._send(attach.Unbind(relid=relid, epoch=self.epoch))
         out, self._outbox = self._outbox, None
         self._last_blob = None
         self._state_wanted = True
