@@ -619,7 +619,7 @@ async def test_a_failed_leftover_gets_the_general_paths_sense(
             ro = os.open(img, os.O_RDONLY)
             os.dup2(ro, fd)
             os.close(ro)
-            with pytest.raises(Exception, match="scsi 0x2 sense [7f]00003"):  # MEDIUM ERROR
+            with pytest.raises(Exception, match=r"scsi 0x2 sense [7f]00003"):  # MEDIUM ERROR
                 await hba.write(0, 3, bytes(BS))
             assert await hba.read(0, 3, 1) == data[3 * BS : 4 * BS]
     assert img.read_bytes() == data
