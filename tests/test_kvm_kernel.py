@@ -162,7 +162,7 @@ def libelf_installed() -> None:
     """scripts/test installs libelf-dev: its absence is a failure naming it, not a skip."""
     if not kernel.LIBELF_HEADER.is_file():
         pytest.fail(
-            f"libelf-dev is not installed ({kernel.LIBELF_HEADER} missing): apt-get install libelf-dev"
+            f"libelf-dev is not installed ({kernel.LIBELF_HEADER}): apt-get install it"
         )
 
 
