@@ -161,9 +161,7 @@ def _path_without(tmp_path: Path, *left_out: str) -> str:
 def libelf_installed() -> None:
     """scripts/test installs libelf-dev: its absence is a failure naming it, not a skip."""
     if not kernel.LIBELF_HEADER.is_file():
-        pytest.fail(
-            f"libelf-dev is not installed ({kernel.LIBELF_HEADER}): apt-get install it"
-        )
+        pytest.fail(f"libelf-dev is not installed ({kernel.LIBELF_HEADER}): apt-get install it")
 
 
 @pytest.mark.usefixtures("libelf_installed")
