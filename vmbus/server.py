@@ -857,18 +857,13 @@ class VmSession:
         assert self._nursery is not None
         self._nursery.start_soon(self._reset_channel, relid)
 
-    def _resume_channel(self, ev: bus.OpenRequest, fds: tuple[int, int] | None) -> bool:
-        """Map a restored open channel's rings and start its device task again; False
-        when its rings are not usable any more (the channel is then reset)."""
-        dev, sub = self.device_of[ev.relid]
-        try:
-            mapping = self.memory.map_ring_pair(ev.gpadl, ev.downstream_offset)
-        except GuestMemoryError as exc:
-            log.warning("%s: relid %d: cannot resume: %s", self.label, ev.relid, exc)
-            return False
+    def _device_context(
+        self, dev: Device, sub: int, ev: bus.OpenRequest, mapping: RingPairMapping, *, resumed: bool
+    ) -> DeviceContext:
+        """The DeviceContext of an open channel, fresh or resumed (one builder for both)."""
         assert self.bus is not None and self.bus.version is not None
         label = f"{self.label}/{ev.relid}"
-        ctx = DeviceContext(
+        return DeviceContext(
             vm_name=self.label,
             session_id=self.session_id,
             version=self.bus.version,
@@ -880,12 +875,23 @@ class VmSession:
             log=LabelledLog(logging.getLogger(f"vmbus.device.{dev.name}"), {"label": label}),
             _gpadl=functools.partial(self._device_gpadl, ev.relid),
             _enable_subchannels=functools.partial(self.enable_subchannels, dev),
-            resumed=True,
+            resumed=resumed,
             inflight=self._inflight_slot(ev.relid),
             rings=mapping,
             requests=self.limits.requests,  # the VM-wide budget (vmbus.limits)
-            _save_state=self._save_state_now,
+            _save_state=self._save_state_now if resumed or self.saved_state else None,
         )
+
+    def _resume_channel(self, ev: bus.OpenRequest, fds: tuple[int, int] | None) -> bool:
+        """Map a restored open channel's rings and start its device task again; False
+        when its rings are not usable any more (the channel is then reset)."""
+        dev, sub = self.device_of[ev.relid]
+        try:
+            mapping = self.memory.map_ring_pair(ev.gpadl, ev.downstream_offset)
+        except GuestMemoryError as exc:
+            log.warning("%s: relid %d: cannot resume: %s", self.label, ev.relid, exc)
+            return False
+        ctx = self._device_context(dev, sub, ev, mapping, resumed=True)
         problem = None
         try:
             dev.resume_rings(ctx)
@@ -904,7 +910,7 @@ class VmSession:
             kick, call = EventFd(new_eventfd()), EventFd(new_eventfd())
         else:
             kick, call = EventFd(fds[0]), EventFd(fds[1])
-        channel = Channel(reader, writer, kick, call, name=label)
+        channel = Channel(reader, writer, kick, call, name=f"{self.label}/{ev.relid}")
         oc = _ChannelTask(
             ev.relid, ev.connection_id, ev.target_vp, dev, mapping, channel, kick, call
         )
@@ -1022,25 +1028,7 @@ class VmSession:
             )
         )
         self.open[ev.relid] = oc
-        assert self.bus is not None and self.bus.version is not None
-        label = f"{self.label}/{ev.relid}"
-        ctx = DeviceContext(
-            vm_name=self.label,
-            session_id=self.session_id,
-            version=self.bus.version,
-            relid=ev.relid,
-            sub_channel_index=sub,
-            target_vp=ev.target_vp,
-            userdata=ev.userdata,
-            memory=DeviceMemory(self.memory),
-            log=LabelledLog(logging.getLogger(f"vmbus.device.{dev.name}"), {"label": label}),
-            _gpadl=functools.partial(self._device_gpadl, ev.relid),
-            _enable_subchannels=functools.partial(self.enable_subchannels, dev),
-            inflight=self._inflight_slot(ev.relid),
-            rings=mapping,
-            requests=self.limits.requests,  # the VM-wide budget (vmbus.limits)
-            _save_state=self._save_state_now if self.saved_state else None,
-        )
+        ctx = self._device_context(dev, sub, ev, mapping, resumed=False)
         self._clear_inflight_slot(ev.relid)  # a fresh channel: no record of an older one
         assert self._nursery is not None
         self._nursery.start_soon(self._serve_channel, oc, ctx, name=f"channel {ev.relid}")
