@@ -16,6 +16,7 @@ The session logic (what to do with a ``bind`` or a ``post``) lives elsewhere.
 from __future__ import annotations
 
 import array
+import contextlib
 import itertools
 import logging
 import os
@@ -23,7 +24,7 @@ import re
 import socket as _stdsocket
 import stat
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields
 from typing import Any, Literal, Self
 
@@ -1093,3 +1094,45 @@ async def _handshake(conn: AttachConnection, hello: Hello, timeout: float) -> He
 def negotiated_features(ours: Hello, theirs: Hello) -> frozenset[str]:
     """The features both ends named: the only ones either may use."""
     return frozenset(ours.features) & frozenset(theirs.features)
+
+
+RECONNECT_FIRST_DELAY_S = 0.02  # a VMM's backoff between connection attempts: doubles...
+RECONNECT_MAX_DELAY_S = 0.5  # ...up to this
+NO_SAVED_STATE = "vmbusd came back without saved-state support"
+
+
+async def reconnect_with_backoff(
+    connect: Callable[[], Awaitable[AttachConnection]],
+    take_over: Callable[[AttachConnection], Awaitable[bool]],
+    timeout: float,
+) -> tuple[str | None, bool]:
+    """A VMM whose vmbusd went away: connect again (backoff) until `timeout`, and let
+    `take_over` say hello and resume (False: vmbusd came back without saved-state
+    support; it has aborted the connection). Returns (None, False) when resumed, else
+    (why, whether vmbusd simply did not come back). The simulated VM and the KVM VMM
+    share it."""
+    deadline = trio.current_time() + timeout
+    delay = RECONNECT_FIRST_DELAY_S
+    last = "no attempt"
+    while True:
+        conn: AttachConnection | None = None
+        try:
+            with trio.fail_after(max(0.05, deadline - trio.current_time())):
+                conn = await connect()
+                if not await take_over(conn):
+                    return NO_SAVED_STATE, False
+            return None, False
+        except PeerError as exc:
+            last = str(exc)
+            if exc.code == "saved-state":  # vmbusd will not take our state: final
+                return f"vmbusd refused the resume: {exc.message}", False
+        except (OSError, AttachError, trio.TooSlowError) as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.aclose()
+        left = deadline - trio.current_time()
+        if left <= 0:
+            return f"vmbusd did not come back within {timeout:g} s (last: {last})", True
+        await trio.sleep(min(delay, left))
+        delay = min(delay * 2, RECONNECT_MAX_DELAY_S)

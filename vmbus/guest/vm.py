@@ -33,8 +33,6 @@ log = logging.getLogger(__name__)
 
 CONTROL_TIMEOUT_S = 10.0
 RECONNECT_TIMEOUT_S = 10.0  # default: how long to wait for a vmbusd that went away
-RECONNECT_FIRST_DELAY_S = 0.02  # backoff between connection attempts: doubles...
-RECONNECT_MAX_DELAY_S = 0.5  # ...up to this
 MAX_UNACKED_POSTS = 4096  # posts kept for a resume; beyond, vmbusd sends no states
 
 
@@ -210,42 +208,25 @@ class SimulatedVm:
         if self.conn is not None:
             with contextlib.suppress(Exception):
                 await self.conn.aclose()
-        deadline = trio.current_time() + self.reconnect_timeout
-        delay = RECONNECT_FIRST_DELAY_S
-        last = "no attempt"
-        while True:
-            conn: attach.AttachConnection | None = None
-            try:
-                with trio.fail_after(max(0.05, deadline - trio.current_time())):
-                    conn = await self._reconnect()
-                    await self._attach(conn)
-                    if not self.saved_state:
-                        self.closed_reason = "vmbusd came back without saved-state support"
-                        await conn.abort(attach.ErrorCode.PROTOCOL, self.closed_reason)
-                        return False
-                    await self._resume(conn)
-                self.reconnects += 1
-                log.info("vmbusd is back: session resumed (reconnect %d)", self.reconnects)
-                return True
-            except attach.PeerError as exc:
-                last = str(exc)
-                if exc.code == "saved-state":  # vmbusd will not take our state: final
-                    self.closed_reason = f"vmbusd refused the resume: {exc.message}"
-                    return False
-            except (OSError, attach.AttachError, trio.TooSlowError) as exc:
-                last = f"{type(exc).__name__}: {exc}"
-            if conn is not None:
-                with contextlib.suppress(Exception):
-                    await conn.aclose()
-            left = deadline - trio.current_time()
-            if left <= 0:
-                self.gave_up = True
-                self.closed_reason = (
-                    f"vmbusd did not come back within {self.reconnect_timeout:g} s (last: {last})"
-                )
+
+        async def take_over(conn: attach.AttachConnection) -> bool:
+            await self._attach(conn)
+            if not self.saved_state:
+                await conn.abort(attach.ErrorCode.PROTOCOL, attach.NO_SAVED_STATE)
                 return False
-            await trio.sleep(min(delay, left))
-            delay = min(delay * 2, RECONNECT_MAX_DELAY_S)
+            await self._resume(conn)
+            return True
+
+        why, gave_up = await attach.reconnect_with_backoff(
+            self._reconnect, take_over, self.reconnect_timeout
+        )
+        if why is not None:
+            self.gave_up = gave_up
+            self.closed_reason = why
+            return False
+        self.reconnects += 1
+        log.info("vmbusd is back: session resumed (reconnect %d)", self.reconnects)
+        return True
 
     async def _resume(self, conn: attach.AttachConnection) -> None:
         """`resume` with the state we hold and the bindings we keep, then the posts

@@ -60,8 +60,6 @@ QUEUE_FULL_WAIT_S = 0.01
 # Restart (as the simulated VM, vmbus/guest/vm.py): how long to wait for a vmbusd that went
 # away, the backoff between connection attempts (doubling), and the posts kept for a resume.
 RECONNECT_TIMEOUT_S = 10.0
-RECONNECT_FIRST_DELAY_S = 0.02
-RECONNECT_MAX_DELAY_S = 0.5
 MAX_UNACKED_POSTS = 4096  # beyond, vmbusd sends no states (a device that cannot restart)
 
 # the SynIC registers hv_synic_enable_regs writes (SIMP first), before INITIATE_CONTACT
@@ -491,42 +489,24 @@ class KvmVm:
         if self.conn is not None:
             with contextlib.suppress(Exception):
                 await self.conn.aclose()
-        deadline = trio.current_time() + self.reconnect_timeout
-        delay = RECONNECT_FIRST_DELAY_S
-        last = "no attempt"
-        while True:
-            conn: attach.AttachConnection | None = None
-            try:
-                with trio.fail_after(max(0.05, deadline - trio.current_time())):
-                    conn = await self.reconnect()
-                    await self._attach(conn)
-                    if not self.saved_state:
-                        why = "vmbusd came back without saved-state support"
-                        await conn.abort(attach.ErrorCode.PROTOCOL, why)
-                        return why
-                    await self._resume(conn)
-                self.counters.reconnects += 1
-                log.warning(
-                    "vmbusd is back: session resumed (reconnect %d)", self.counters.reconnects
-                )
-                return None
-            except attach.PeerError as exc:
-                last = str(exc)
-                if exc.code == "saved-state":  # vmbusd will not take our state: final
-                    return f"vmbusd refused the resume: {exc.message}"
-            except (OSError, attach.AttachError, trio.TooSlowError) as exc:
-                last = f"{type(exc).__name__}: {exc}"
-            if conn is not None:
-                with contextlib.suppress(Exception):
-                    await conn.aclose()
-            left = deadline - trio.current_time()
-            if left <= 0:
-                self.gave_up = True
-                return (
-                    f"vmbusd did not come back within {self.reconnect_timeout:g} s (last: {last})"
-                )
-            await trio.sleep(min(delay, left))
-            delay = min(delay * 2, RECONNECT_MAX_DELAY_S)
+
+        async def take_over(conn: attach.AttachConnection) -> bool:
+            await self._attach(conn)
+            if not self.saved_state:
+                await conn.abort(attach.ErrorCode.PROTOCOL, attach.NO_SAVED_STATE)
+                return False
+            await self._resume(conn)
+            return True
+
+        why, gave_up = await attach.reconnect_with_backoff(
+            self.reconnect, take_over, self.reconnect_timeout
+        )
+        if why is not None:
+            self.gave_up = gave_up
+            return why
+        self.counters.reconnects += 1
+        log.warning("vmbusd is back: session resumed (reconnect %d)", self.counters.reconnects)
+        return None
 
     async def _resume(self, conn: attach.AttachConnection) -> None:
         """`resume` with the state we hold and the bindings we keep (their eventfds and
