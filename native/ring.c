@@ -266,6 +266,28 @@ int vmb_ring_read(struct vmb_ring *r, uint8_t *out, uint32_t out_cap, uint32_t *
     return rc;
 }
 
+int vmb_ring_consume(struct vmb_ring *r, uint32_t nbytes, uint32_t *signal)
+{
+    uint32_t size = r->size, pos = r->priv;
+    uint32_t w = vmb_ld32_acquire(r->hdr + VMB_RING_OFF_WINDEX);  /* [B1'], untrusted */
+    int rc = check_index(w, size, VMB_E_WINDEX_RANGE, VMB_E_WINDEX_ALIGN);
+
+    *signal = 0;
+    if (rc)
+        return rc;
+    if (nbytes % 8 || nbytes > vmb_ring_avail(w, pos, size))
+        return VMB_E_BAD_ARG;
+    if (!nbytes)
+        return 0;
+    pos = (uint32_t)(((uint64_t)pos + nbytes) % size);
+    vmb_mb();  /* [B2] every packet read is done before the guest may reuse the space */
+    vmb_st32_release(r->hdr + VMB_RING_OFF_RINDEX, pos);
+    r->priv = pos;
+    vmb_mb();  /* [B4'] read_index is visible before we look at pending_send_sz */
+    *signal = pending_signal(r, nbytes);
+    return 0;
+}
+
 int64_t vmb_ring_bytes_to_read(struct vmb_ring *r)
 {
     uint32_t w = vmb_ld32_acquire(r->hdr + VMB_RING_OFF_WINDEX);  /* [B1'], untrusted */

@@ -114,6 +114,12 @@ int vmb_ring_reader_open(struct vmb_ring *r);
  * before the bad one are still returned and consumed; the return value is the error. */
 int vmb_ring_read(struct vmb_ring *r, uint8_t *out, uint32_t out_cap, uint32_t *index,
                   uint32_t max_pkts, uint32_t flags, struct vmb_read_result *res);
+/* Commit nbytes that a PEEK read returned as `consumed` (a device that records the
+ * batch elsewhere first, so a crash never loses it: vmbus/journal.py). nbytes must be
+ * 8-aligned and at most what is available now (write_index re-loaded and validated:
+ * WINDEX_*; else BAD_ARG and nothing moves); then the read_index store and the
+ * pending_send_sz decision exactly as a non-PEEK read, *signal set. */
+int vmb_ring_consume(struct vmb_ring *r, uint32_t nbytes, uint32_t *signal);
 /* Bytes available to read (validated); negative VMB_E_* on a corrupt write_index. */
 int64_t vmb_ring_bytes_to_read(struct vmb_ring *r);
 void vmb_ring_mask(struct vmb_ring *r);                  /* interrupt_mask = 1, full barrier */

@@ -260,6 +260,7 @@ class Channel:
         self._out = mmap.mmap(-1, size)
         self._index = array.array("I", bytes(8 * max_batch))
         self._pending_error: RingError | None = None
+        self._unconsumed = 0  # bytes of a receive(consume=False) batch still in the ring
         self._masked = False
         self._send_lock = trio.Lock()
         # Requests we sent that want a completion (None until the first request):
@@ -276,8 +277,17 @@ class Channel:
 
     # -- receive ---------------------------------------------------------------
 
-    async def receive(self, max_pkts: int | None = None) -> PacketBatch:
-        """Wait for at least one packet and return every packet available (up to a cap)."""
+    async def receive(self, max_pkts: int | None = None, *, consume: bool = True) -> PacketBatch:
+        """Wait for at least one packet and return every packet available (up to a cap).
+
+        consume=False leaves the batch in the ring (read_index unmoved) until
+        `consume()`: a device records it elsewhere first (vmbus/journal.py), so a
+        crash in between leaves it in the ring for the next vmbusd. Not with
+        tracked completions (they would be matched twice)."""
+        if not consume and self._tracker is not None:
+            raise ValueError("receive(consume=False) on a channel that tracks completions")
+        if self._unconsumed:
+            raise RuntimeError("receive() before the previous batch was consumed")
         if self._pending_error is not None:
             err, self._pending_error = self._pending_error, None
             raise RingCorrupt(err)
@@ -286,10 +296,12 @@ class Channel:
             self.reader.mask()
             self._masked = True
         while True:
-            res = self.reader.read(self._out, self._index, n_max)
+            res = self.reader.read(self._out, self._index, n_max, peek=not consume)
             if res.signal:
                 self._signal()
             if res.npkts:
+                if not consume:
+                    self._unconsumed = res.consumed
                 self._took(res.npkts, res.out_bytes, res.error)
                 n = res.npkts if self._tracker is None else self._take_completions(res.npkts)
                 await trio.lowlevel.checkpoint()
@@ -303,6 +315,22 @@ class Channel:
                 self.stats.errors += 1
                 raise RingCorrupt(res.error)
             await self._idle()
+
+    @property
+    def read_position(self) -> int:
+        """The upstream ring offset our next receive starts at."""
+        return self.reader.position
+
+    @property
+    def unconsumed(self) -> int:
+        """Ring bytes of the batch received with consume=False and not yet consumed."""
+        return self._unconsumed
+
+    def consume(self) -> None:
+        """Move the read_index past the batch received with consume=False."""
+        n, self._unconsumed = self._unconsumed, 0
+        if n and self.reader.consume(n):
+            self._signal()
 
     def _took(self, npkts: int, nbytes: int, error: RingError | None) -> None:
         """Count a batch taken off the ring; an error behind it is raised next time."""
@@ -484,14 +512,22 @@ class Channel:
         self.signal_fd.signal()
         self.stats.signals_sent += 1
 
-    async def send(self, packets: Sequence[OutPacket]) -> None:
+    async def send(
+        self, packets: Sequence[OutPacket], *, before: Callable[[], None] | None = None
+    ) -> None:
         """Send packets built in Python (control traffic, completions)."""
         if packets:
-            await self.send_batch(SendBatch(list(packets)))
+            await self.send_batch(SendBatch(list(packets)), before=before)
 
-    async def send_batch(self, batch: SendBatch) -> None:
-        """Send a prebuilt batch; blocks (this channel only) while the peer's ring is full."""
+    async def send_batch(
+        self, batch: SendBatch, *, before: Callable[[], None] | None = None
+    ) -> None:
+        """Send a prebuilt batch; blocks (this channel only) while the peer's ring is full.
+        `before` runs once with the send lock held, right before the first write (the
+        journal notes where the batch starts)."""
         async with self._send_lock:
+            if before is not None:
+                before()
             start = 0
             total = len(batch)
             while start < total:
@@ -501,12 +537,16 @@ class Channel:
                 if start < total:
                     await self._wait_space(batch.packet_ring_bytes(start))
 
-    async def send_raw(self, buf: Buffer, index: Buffer, n: int) -> None:
+    async def send_raw(
+        self, buf: Buffer, index: Buffer, n: int, *, before: Callable[[], None] | None = None
+    ) -> None:
         """Send n packets preformed in buf (descriptors included; index pairs of u32
         offset, length as ring read() makes them): a batch built in C goes out with no
         Python per packet (storvsc's completions). Blocks like send_batch."""
         idx = memoryview(index).cast("B")
         async with self._send_lock:
+            if before is not None:
+                before()
             start = 0
             while start < n:
                 res = self.writer.write_raw(buf, idx[8 * start :], n - start)

@@ -625,6 +625,31 @@ class PyRingReader(_PyRing):
             signal = self._pending_signal(consumed)
         return ReadResult(npkts, used, consumed, signal, err)
 
+    def consume(self, nbytes: int) -> bool:
+        """Commit nbytes a peek read returned as `consumed`; True: signal the producer.
+        ValueError (nothing moves) when nbytes is not 8-aligned or more than is there."""
+        size, pos = self.size, self._priv
+        w = self._ld(OFF_WRITE_INDEX)
+        _rmb()  # [B1']
+        err = _check_index(w, size, RingError.WINDEX_RANGE, RingError.WINDEX_ALIGN)
+        if err is not None:
+            raise RingCorrupt(err, f"write_index {w:#x}")
+        if nbytes % 8 or not 0 <= nbytes <= _avail(w, pos, size):
+            raise ValueError(f"consume({nbytes}): not 8-aligned or more than is available")
+        if not nbytes:
+            return False
+        pos = (pos + nbytes) % size
+        _mb()  # [B2]
+        self._st(OFF_READ_INDEX, pos)
+        self._priv = pos
+        _mb()  # [B4']
+        return self._pending_signal(nbytes)
+
+    @property
+    def position(self) -> int:
+        """Our read position (the read_index as we last stored it)."""
+        return self._priv
+
     def _pending_signal(self, consumed: int) -> bool:
         """Spec §3.4: wake the producer only on its blocked -> unblocked edge."""
         if not self._ld(OFF_FEATURE_BITS) & FEAT_PENDING_SEND_SZ:
@@ -692,6 +717,23 @@ class NativeRingReader(_NativeRing):
         return ReadResult(
             res.npkts, res.out_bytes, res.consumed, bool(res.signal), RingError(rc) if rc else None
         )
+
+    def consume(self, nbytes: int) -> bool:
+        """Commit nbytes a peek read returned as `consumed`; True: signal the producer.
+        ValueError (nothing moves) when nbytes is not 8-aligned or more than is there."""
+        _check_u32(nbytes, "nbytes")
+        sig = self._ffi.new("uint32_t *")
+        rc = self._lib.vmb_ring_consume(self._r, nbytes, sig)
+        if rc == RingError.BAD_ARG:
+            raise ValueError(f"consume({nbytes}): not 8-aligned or more than is available")
+        if rc:
+            _raise(rc, "write_index")
+        return bool(sig[0])
+
+    @property
+    def position(self) -> int:
+        """Our read position (the read_index as we last stored it)."""
+        return self._priv
 
     def bytes_to_read(self) -> int:
         """Bytes the peer has published and we have not consumed."""
