@@ -291,6 +291,8 @@ def cmd_vm(args: argparse.Namespace, say: _Say) -> int:
             export_nbd=args.export_nbd,
             vm_id=args.name,
             reconnect_timeout=args.reconnect_timeout,
+            ack_log=args.ack_log,
+            seconds=args.seconds,
         )
     )
 
@@ -510,12 +512,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--connect", metavar="PATH", help="connect to `vmbusd serve --listen PATH`")
     v.add_argument(
         "--workload",
-        choices=["echo", "idle", "soak"],
+        choices=["echo", "idle", "soak", "disk-soak"],
         default="echo",
         help="echo: push mixed-size traffic through every echo channel, verify it, exit; "
         "idle: negotiate, open every offered channel, wait for SIGTERM or Ctrl-C; "
         "soak: echo verified rounds on every echo channel at once until SIGTERM or Ctrl-C, "
-        "finish the round, exit 0 if every packet came back once and in order",
+        "finish the round, exit 0 if every packet came back once and in order; "
+        "disk-soak: write sequence-numbered, checksummed 4 KiB blocks (QD 8, FUA and "
+        "SYNCHRONIZE CACHE among them) to the first storvsc disk and read some back, until "
+        "SIGTERM, Ctrl-C or --seconds; exit 1 on any error status, bad read, rescind or "
+        "rescan (vmbus/guest/disk_soak.py)",
+    )
+    v.add_argument(
+        "--ack-log",
+        metavar="FILE",
+        help="disk-soak: append 'seq block count' for every acknowledged write to FILE "
+        "(for vmbus.guest.disk_soak.check_image; default: none)",
+    )
+    v.add_argument(
+        "--seconds",
+        type=_positive_float,
+        metavar="S",
+        help="disk-soak: stop after S seconds (default: at SIGTERM or Ctrl-C)",
     )
     v.add_argument("--packets", type=_packet_count, default=20000, help="echo packets to send")
     v.add_argument(

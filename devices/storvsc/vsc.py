@@ -148,6 +148,9 @@ class _Queue:
         self.channel = gch.channel
         self.waiters: dict[int, _Waiter] = {}
         self.free_tags = list(range(TAGS_PER_QUEUE - 1, -1, -1))
+        # Hand out the longest-free tag (blk-mq's sbitmap hint moves on) rather than the
+        # newest: a duplicate completion then finds no waiter instead of a new request.
+        self.round_robin_tags = False
         self.tag_free = trio.Event()
         self.errors: list[str] = []
         self.enumerate_bus = 0
@@ -197,7 +200,7 @@ class _Queue:
         while not self.free_tags:
             self.tag_free = trio.Event()
             await self.tag_free.wait()
-        return self.free_tags.pop()
+        return self.free_tags.pop(0 if self.round_robin_tags else -1)
 
     def give_tag(self, tag: int) -> None:
         self.free_tags.append(tag)

@@ -126,7 +126,7 @@ async def _watch_lost(vm: SimulatedVm, work: trio.CancelScope, workload: str) ->
     back, or ended it): an echo workload would otherwise wait on its rings forever.
     The idle workload watches `closed_reason` itself, but a give-up stops it too."""
     await vm.lost.wait()
-    if workload in ("echo", "soak") or vm.gave_up:
+    if workload in ("echo", "soak", "disk-soak") or vm.gave_up:
         work.cancel()
 
 
@@ -195,6 +195,8 @@ async def run_vm(
     export_nbd: str | None = None,
     vm_id: str = "sim",
     reconnect_timeout: float = RECONNECT_TIMEOUT_S,
+    ack_log: str | None = None,
+    seconds: float | None = None,
 ) -> int:
     """Exit status: 0 done (or idle stopped by a signal), 1 the workload failed,
     2 vmbusd went away and did not come back within `reconnect_timeout` (with
@@ -207,6 +209,8 @@ async def run_vm(
 
     if json_out and json_out != "-":
         check_writable(json_out, "--json")  # before the run, not after it
+    if ack_log is not None:
+        check_writable(ack_log, "--ack-log")
     if export_nbd is not None:
         from devices.storvsc.nbd_export import NbdExports, check_export_dir
 
@@ -230,7 +234,7 @@ async def run_vm(
         with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
             async with trio.open_nursery() as nursery:
                 work = trio.CancelScope()
-                drain = trio.Event() if workload == "soak" else None
+                drain = trio.Event() if workload in ("soak", "disk-soak") else None
                 nursery.start_soon(_watch, signals, work, stopped, drain)
                 nursery.start_soon(_watch_lost, vm, work, workload)
                 try:
@@ -255,6 +259,21 @@ async def run_vm(
                             status = 0
                             total = sum(c["packets"] for c in summary["channels"])
                             say(f"soak: {total} packets echoed, each exactly once, in order")
+                        elif workload == "disk-soak":
+                            from vmbus.guest.disk_soak import disk_soak
+
+                            assert drain is not None
+                            say(f"VMBus {summary['version']}: disk-soak until SIGTERM or Ctrl-C")
+                            summary.update(
+                                await disk_soak(vm, drain, ack_log=ack_log, seconds=seconds)
+                            )
+                            await vm.unload()
+                            summary["ok"] = True
+                            status = 0
+                            say(
+                                f"disk-soak: {summary['writes']} writes acknowledged, "
+                                f"{summary['reads_verified']} read back, all verified"
+                            )
                         else:
                             skip: frozenset[uuid.UUID] = frozenset()
                             if nic_tap is not None:  # the NIC bridged to a TAP, then idle
