@@ -183,8 +183,8 @@ class RequestJournal:
             if state == STAGED and not keep_staged:
                 j._set_state(e, FREE)
                 continue
-            if state == COMPLETING and published is not None and tid in published:
-                j._set_state(e, FREE)
+            if state == COMPLETING and completing and (published is None or tid in published):
+                j._set_state(e, FREE)  # published, or the span is unreadable: never twice
                 continue
             if state not in (STAGED, TAKEN, REPLY, COMPLETING) or not body_ok:
                 bad += 1

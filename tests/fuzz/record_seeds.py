@@ -410,6 +410,98 @@ def nbdkit_seeds() -> int:
     return written
 
 
+# ------------------------------------------------------------------ request journal
+
+
+def journal_seeds() -> int:
+    """Journals the real code wrote (vmbus/journal.py on a real ring pair, the
+    simulated guest's requests), at the crash points tests/test_journal.py takes:
+    fresh, requests taken, a batch staged before and after the ring consume, a group
+    half completed (also across the ring's wrap), a reply kept, a truncated request,
+    entries without the packet (copy=False). Encoded as fuzz_journal's input."""
+    import trio
+    from test_channel import channel_pair
+
+    from vmbus import journal as jn
+    from vmbus.packet import completion, inband
+    from vmbus.ring import FLAG_COMPLETION_REQUESTED, OFF_READ_INDEX, OFF_WRITE_INDEX
+
+    clear("journal")
+    esize, nent = 128, 8
+    slot_len = jn.HEADER_SIZE + nent * esize
+
+    def requests(first: int, n: int, size: int = 24) -> list[Any]:
+        return [
+            inband(struct.pack("<Q", tid) * (size // 8))._replace(
+                trans_id=tid, flags=FLAG_COMPLETION_REQUESTED
+            )
+            for tid in range(first, first + n)
+        ]
+
+    def encode(slot: memoryview, rings: Any, copy: bool) -> bytes:
+        sel = int(copy) | 2 | ((esize - 48) // 8) << 3  # doubled, 1 downstream page
+        head = bytes([sel, nent - 1, 0])
+        head += bytes(rings.upstream_hdr[OFF_READ_INDEX : OFF_READ_INDEX + 4])
+        head += bytes(rings.downstream_hdr[OFF_WRITE_INDEX : OFF_WRITE_INDEX + 4])
+        ring = bytes(rings.downstream_data[: rings.downstream_size]).rstrip(b"\0")
+        return head + bytes(slot) + ring
+
+    seeds: dict[str, bytes] = {}
+
+    async def scenario(name: str, copy: bool = True) -> None:
+        slot = memoryview(bytearray(slot_len))
+        with channel_pair(ring_pages=2) as (host, guest, rings):
+            j = jn.RequestJournal.attach(slot, rings, entry_size=esize, copy=copy)
+            if name == "wrap":  # move our ring's write_index near its end first
+                tid = 100
+                while rings.downstream_hdr[OFF_WRITE_INDEX + 1] < 0x0E:  # ~3.5 KiB of 4
+                    await guest.send(requests(tid, 4))
+                    batch, entries = await j.receive(host, 8)
+                    await j.send_completions(
+                        host, entries, [completion(p.trans_id, bytes(64)) for p in batch]
+                    )
+                    await guest.receive()
+                    tid += 4
+            if name != "fresh":
+                size = 200 if name == "truncated" else 24
+                await guest.send(requests(1, 6, size))
+            if name in ("staged-before-consume", "staged-after-consume"):
+                batch = await host.receive(64, consume=False)
+                entries = j.stage(batch, host.read_position, host.unconsumed, None)
+                if name == "staged-after-consume":
+                    host.consume()
+                struct.pack_into("<I", slot, 16, 1)  # the crash left the batch staged
+                for e in entries:
+                    struct.pack_into("<I", slot, jn.HEADER_SIZE + e * esize, jn.STAGED)
+            elif name in ("taken", "truncated"):
+                batch, entries = await j.receive(host, 64)
+                await j.send_completions(
+                    host, entries[:2], [completion(p.trans_id, b"") for p in list(batch)[:2]]
+                )
+            elif name in ("completing", "wrap"):
+                batch, entries = await j.receive(host, 64)
+                j._mark(entries)  # the group starts, half of it is published
+                pad = bytes(120 if name == "wrap" else 40)  # (wrap: the group crosses the end)
+                await host.send([completion(p.trans_id, pad) for p in list(batch)[:3]])
+            elif name == "reply":
+                batch, entries = await j.receive(host, 64)
+                j.record_reply(entries[0], b"answer")
+                j.record_reply(entries[1], b"another answer")
+                j._mark(entries[:1])
+            seeds[f"sim-journal-{name}{'' if copy else '-nocopy'}"] = encode(slot, rings, copy)
+
+    async def all_scenarios() -> None:
+        for name in ("fresh", "taken", "staged-before-consume", "staged-after-consume",
+                     "completing", "wrap", "reply", "truncated"):  # fmt: skip
+            await scenario(name)
+        await scenario("taken", copy=False)
+
+    trio.run(all_scenarios)
+    for name, data in seeds.items():
+        harness.write_seed("journal", name, data)
+    return len(seeds)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--no-demo", action="store_true", help="skip the simulated-guest run")
@@ -420,6 +512,7 @@ def main() -> None:
         "rings": ring_seeds(),
         "hyperv": linux_hyperv_seeds(),
         "nbdkit": nbdkit_seeds(),
+        "journal": journal_seeds(),
     }
     if not args.no_demo:
         counts["simulated guest"] = sim_seeds()
