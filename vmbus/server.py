@@ -18,7 +18,7 @@ import signal
 import stat
 import traceback
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import msgpack
@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 MAX_SESSIONS = 256  # VMs attached at once by default (`serve --max-vms`): hello done only
 GPADL_PAGES_SLACK = 8190  # one maximal GPADL beyond the VM's RAM
 SHUTDOWN_GRACE_S = 5.0  # how long a session's teardown may take once cancelled
+PREDECESSOR_WAIT_S = 5.0  # a VM's new session waits this long for its old one to end
 GPADL_RELEASE_GRACE_S = 5.0  # a device told to let go of a GPADL has this long
 
 # Restart under a running guest (attach feature "saved-state", docs/attach-protocol.md).
@@ -97,9 +98,16 @@ class VmSession:
         on_channel_event: Callable[[str, int, str], None] | None = None,
         devices_for: Callable[[str], Sequence[Device]] | None = None,
         limits_for: Callable[[str], VmLimits] | None = None,
+        others: Callable[[], Iterable[VmSession]] | None = None,
     ) -> None:
         """`devices_for`, when given, picks the devices by the VM's name once the
-        hello has named it (added to `devices`); `limits_for` its limits likewise."""
+        hello has named it (added to `devices`); `limits_for` its limits likewise;
+        `others` gives the service's sessions, for the one-session-per-VM guard."""
+        self._others = others
+        self.ending = False  # left its receive loop: tearing down
+        self.ended = trio.Event()  # torn down: nothing of it touches the VM any more
+        self.superseded = False  # ended by a new session on its RAM: its socket is dead
+        self._ram_ids: set[tuple[int, int]] = set()  # (st_dev, st_ino) of its RAM's files
         self._limits_for = limits_for
         self.limits = VmLimiter(VmLimits(), vm_label)  # vmbus.limits; the VM's once named
         self.conn = conn
@@ -180,6 +188,12 @@ class VmSession:
                 ),
             )  # bounded by the connection's handshake deadline; conn.admit may refuse
             self.label = self.peer.vm_id or self.label
+            refusal = await self._after_predecessors(self._ending_namesakes())
+            if refusal is not None:
+                log.warning("%s: %s", self.label, refusal)
+                self._peer_gone = True
+                await self.conn.abort(attach.ErrorCode.RESOURCE, refusal, quiet=True)
+                return
             if self._limits_for is not None:
                 self.limits = VmLimiter(self._limits_for(self.label), self.label)
             refusal = self.pick_devices(self.label)  # serve_listener's admit did it
@@ -219,6 +233,7 @@ class VmSession:
                         log.warning("%s: %s", self.label, exc)
                     await self.conn.abort(exc.code, str(exc), quiet=True)
                 finally:
+                    self.ending = True
                     for oc in list(self.open.values()):
                         oc.cancel.cancel()
                     nursery.cancel_scope.cancel()  # the pump worker and GPADL watchdogs
@@ -230,9 +245,11 @@ class VmSession:
             log.warning("%s: attach handshake failed: %s", self.label, exc)
         finally:
             # Runs even when the service is shutting down (cancelled): shielded, bounded.
+            self.ending = True
             with trio.move_on_after(SHUTDOWN_GRACE_S) as cs:
                 cs.shield = True
                 await self._teardown()
+            self.ended.set()
 
     def pick_devices(self, name: str) -> str | None:
         """Build the devices `devices_for` gives the VM called `name` (once); the
@@ -248,6 +265,62 @@ class VmSession:
             log.error("%s: no devices for this VM: %s", name, exc)
             return f"no devices: {exc}"
         return None
+
+    # -- one session per VM: the guard against two on the same rings --------------
+
+    def _ending_namesakes(self) -> list[VmSession]:
+        """The service's other sessions of this VM's name that are tearing down."""
+        others = self._others() if self._others is not None else ()
+        return [
+            s
+            for s in others
+            if s is not self and s.label == self.label and s.ending and not s.ended.is_set()
+        ]
+
+    def waits_for_predecessor(self, name: str) -> bool:
+        """A session of VM `name` is still tearing down: build our devices only after
+        it has closed its own (serve_listener's admit leaves them to `run`)."""
+        others = self._others() if self._others is not None else ()
+        return any(s is not self and s.label == name and s.ending for s in others)
+
+    async def _after_predecessors(self, olds: list[VmSession]) -> str | None:
+        """Wait (PREDECESSOR_WAIT_S at most) until `olds` have ended, so no two
+        sessions ever serve one VM's rings; the refusal for the VMM if they did not."""
+        if not olds:
+            return None
+        log.info(
+            "%s: waiting for its previous session(s) %s to end",
+            self.label,
+            ", ".join(s.session_id for s in olds),
+        )
+        with trio.move_on_after(PREDECESSOR_WAIT_S):
+            for s in olds:
+                await s.ended.wait()
+            return None
+        return "this VM's previous session is still ending; try again later"
+
+    async def _supersede_same_ram(self) -> None:
+        """A session on the same guest RAM (the same memfd) is this VM's old one: its
+        VMM has connected again, so its connection is dead even if we saw no EOF
+        (another process holds the VMM's end). End it, and wait for the end."""
+        others = self._others() if self._others is not None else ()
+        olds = [
+            s
+            for s in others
+            if s is not self and s._ram_ids & self._ram_ids and not s.ended.is_set()
+        ]
+        for s in olds:
+            if not s.ending and s._nursery is not None:
+                log.warning(
+                    "%s: its VMM connected again: ending its old session %s",
+                    self.label,
+                    s.session_id,
+                )
+                s.superseded = s._peer_gone = True
+                s._nursery.cancel_scope.cancel()
+        refusal = await self._after_predecessors(olds)
+        if refusal is not None:
+            raise attach.AttachProtocolError(refusal, attach.ErrorCode.RESOURCE)
 
     def _offer(self, dev: Device) -> None:
         for sub in range(dev.offer.sub_channels + 1):
@@ -317,7 +390,7 @@ class VmSession:
             # vmbusd resumes them. Nothing reaches the guest.
             await self._quiesce()
         for relid in list(self.open):
-            await self._close_channel(relid, notify_bus=False, unbind=not keep)
+            await self._close_channel(relid, notify_bus=False, unbind=not (keep or self.superseded))
         await self._reset_devices("VM detached")
         for dev in self.devices:
             await self._device_hook(dev, dev.close, "close")
@@ -348,6 +421,7 @@ class VmSession:
                 await self._pump()
             elif isinstance(msg, attach.MemoryRegions):
                 self._add_memory(msg)
+                await self._supersede_same_ram()
             elif isinstance(msg, attach.Resume):
                 await self._resume(msg)
                 assert self.bus is not None  # a new one
@@ -372,6 +446,8 @@ class VmSession:
         try:
             for r in msg.regions:
                 self.memory.add_region(r.gpa, r.size, r.fd, r.offset)
+                st = os.fstat(r.fd)
+                self._ram_ids.add((st.st_dev, st.st_ino))
         except GuestMemoryError as exc:
             raise attach.AttachProtocolError(
                 f"bad memory region: {exc}", code=attach.ErrorCode.RESOURCE
@@ -1275,9 +1351,11 @@ async def serve_listener(
             # counted, so concurrent handshakes cannot overshoot the limit.
             if len(established) >= limit:
                 return f"{limit} VMs already attached"
-            refusal = session.pick_devices(hello.vm_id or session.label)
-            if refusal is not None:
-                return refusal
+            name = hello.vm_id or session.label
+            if not session.waits_for_predecessor(name):  # else `run` picks them later
+                refusal = session.pick_devices(name)
+                if refusal is not None:
+                    return refusal
             established.add(session)
             return None
 
@@ -1297,6 +1375,7 @@ async def serve_listener(
                     vm_label=f"vm{count}",
                     devices_for=for_vm or (lambda _name, f=devices_factory: f()),
                     limits_for=getattr(devices_factory, "limits_for", None),
+                    others=lambda: live,
                 )
                 conn.admit = lambda hello, s=session: admit(s, hello)
                 live.add(session)
