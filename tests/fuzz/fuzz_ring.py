@@ -16,8 +16,10 @@ Input: byte 0 picks guarded/doubled memory and 1 or 2 pages; then the start inde
 a run of packets (type, flags, offset8, len8 from pools or raw, a transaction id and
 a fill byte each, some cut short),
 the four header words (each either the consistent value or one from the input), and
-the host's operations (read/peek with an output size and packet limit, a write of
-some bytes, request_space) that both flavours then perform.
+the host's operations (read/peek with an output size and packet limit, a peek then
+committed with `consume` of what it read or of a wrong count, a write of some bytes,
+request_space) that both flavours then perform. `consume` commits or refuses
+(ValueError, RingCorrupt) without moving anything.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ def _outcome(fn: Any, *args: Any, **kw: Any) -> Any:
         return ("RingCorrupt", exc.code)
     except ring.RingArgumentError as exc:
         return ("RingArgumentError", exc.code)
+    except ValueError:  # consume's refusal of a count it was not given by a peek
+        return ("ValueError",)
 
 
 def layout(r: harness.Reader, size: int) -> tuple[int, bytes]:
@@ -108,6 +112,13 @@ def check_one(data: bytes) -> None:
                 got = rd.read(out, idx, max_pkts, peek=bool(op[0] & 4))
                 res += [got, bytes(out), bytes(idx)]
                 check_read(got, out, idx)
+                if op[0] & 4 and op[5] & 1:  # commit the peek (Channel.receive(consume=False))
+                    n = got.consumed + (4 * (op[5] >> 2) if op[5] & 2 else 0)  # or a wrong count
+                    before = m.snapshot()
+                    done = _outcome(rd.consume, n)
+                    res.append(done)
+                    if done[0] != "ok":  # refused: nothing moved
+                        assert m.snapshot() == before, "a refused consume moved the ring"
             elif op[0] % 3 == 1:
                 body = bytes([op[5]]) * ((op[2] | op[3] << 8) % size)
                 res.append(_outcome(wr.write, batch_cls([ring.OutPacket(6, 0, 1, [body])])))
