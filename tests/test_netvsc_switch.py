@@ -16,6 +16,7 @@ IPv6 is off in the namespaces so the first frame each TAP sends is ARP.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -29,14 +30,17 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import require_tool
+from conftest import attached_vm, open_channel_of, require_tool
+from prometheus_client.parser import text_string_to_metric_families
 
 from devices.netvsc.backends import switch as sw
 from devices.netvsc.backends.base import Frame, NicInfo
 from devices.netvsc.backends.switch import Port, Switch, SwitchBackend
 from devices.netvsc.rndis import Vlan
+from devices.netvsc.vsc import NetvscGuest
 from devices.netvsc.vsp import NetvscDevice
-from vmbus.config import ConfigError, devices_from_config
+from vmbus import server, stats
+from vmbus.config import ConfigError, VmDevices, devices_from_config
 
 VMBUSD = [sys.executable, "-m", "vmbus.cli"]
 START_TIMEOUT_S = 30
@@ -246,8 +250,114 @@ async def test_two_backends_on_one_named_switch_carry_frames_and_count() -> None
         assert [f.data for f in got2] == [eth(BCAST, A, b"hello")]
         assert [f.data for f in got1] == [eth(A, B, b"back")]
         assert (one.tx_frames, one.rx_frames, two.tx_frames, two.rx_frames) == (1, 1, 1, 1)
+        assert one.switch_counters() == {
+            "switch": name,
+            "port": A,
+            "counters": dict(vars(sw.PortCounters(rx_frames=1, tx_frames=1, flooded=1, learned=1))),
+            "macs": 1,
+        }
         nursery.cancel_scope.cancel()
     assert one.switch.ports == [] and one.switch.table == {}
+    # The counters outlast the port (a NIC reset runs the backend again): the metrics
+    # are counters that only go up.
+    left = one.switch_counters()
+    assert left is not None and left["macs"] == 0, left
+    assert left["counters"] == {
+        **vars(sw.PortCounters()),
+        "rx_frames": 1,
+        "tx_frames": 1,
+        "flooded": 1,
+        "learned": 1,
+    }
+
+
+async def test_port_counters_reach_the_metrics_after_real_traffic(tmp_path: Path) -> None:
+    """Two simulated VMs' netvsc NICs on one switch (b's behind an `impair` that
+    does nothing, so the port is found inside a wrapper), frames through the real
+    rings, NVSP and RNDIS: every port counter in the Prometheus exposition,
+    labelled with VM, switch and port, is exactly what that traffic makes it."""
+    name = f"t-{uuid.uuid4().hex[:6]}"
+    cfg = {
+        "vm": {
+            "a": {"device": [{"type": "netvsc", "mac": A, "backend": "switch", "switch": name}]},
+            "b": {
+                "device": [
+                    {
+                        "type": "netvsc",
+                        "mac": B,
+                        "backend": "impair",
+                        "inner": {"backend": "switch", "switch": name},
+                    }
+                ]
+            },
+        }
+    }
+    path = str(tmp_path / "vmbusd.sock")
+    sessions: set[server.VmSession] = set()
+    async with trio.open_nursery() as svc:
+        await svc.start(
+            lambda **kw: server.serve_listener(
+                path, VmDevices(cfg, "switch.toml"), sessions=sessions, **kw
+            )
+        )
+        async with attached_vm(path, "a") as vm_a, attached_vm(path, "b") as vm_b:
+            nics = []
+            async with trio.open_nursery() as n:
+                for vm in (vm_a, vm_b):
+                    nic = NetvscGuest(vm, await open_channel_of(vm, NetvscDevice))
+                    n.start_soon(nic.receive_loop)
+                    with trio.fail_after(30):
+                        await nic.connect()
+                        await nic.device_add()
+                    nics.append(nic)
+                nic_a, nic_b = nics
+                for i in range(5):  # flooded to b; a learned
+                    await nic_a.send_frame(eth(BCAST, A, b"hello %d" % i))
+                await nic_b.send_frame(eth(A, B, b"back"))  # unicast to a; b learned
+                for i in range(3):  # unicast to b
+                    await nic_a.send_frame(eth(B, A, b"to b %d" % i))
+                await nic_a.send_frame(eth(A, A, b"self"))  # to its own port: dropped
+                await nic_a.send_frame(eth(B, A, b"v7"), ppis=((6, Vlan(7, 0, False).value()),))
+                got: dict[str, list[bytes]] = {"a": [], "b": []}
+                with trio.fail_after(10):
+                    while len(got["b"]) < 8 or not got["a"]:
+                        for key, nic in (("a", nic_a), ("b", nic_b)):
+                            with contextlib.suppress(trio.WouldBlock):
+                                got[key].append(nic.frames.receive_nowait().frame)
+                        await trio.sleep(0.01)
+                await trio.sleep(0.2)  # nothing more comes
+                for key, nic in (("a", nic_a), ("b", nic_b)):
+                    with contextlib.suppress(trio.WouldBlock):
+                        got[key].append(nic.frames.receive_nowait().frame)
+                assert len(got["a"]) == 1 and len(got["b"]) == 8, got
+                snap = server.service_snapshot(sessions)
+                n.cancel_scope.cancel()
+        svc.cancel_scope.cancel()
+    text = stats.render_prometheus(snap)
+    series: dict[tuple[str, ...], float] = {}
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            if smp.name.startswith("vmbusd_switch_port_") and not smp.name.endswith("_created"):
+                lab = smp.labels
+                assert (lab["switch"], lab["device"], lab["index"]) == (name, "netvsc", "0")
+                assert lab["port"] == {"a": A, "b": B}[lab["vm"]]
+                key = (smp.name, lab["vm"], lab.get("reason", ""))
+                series[key] = smp.value
+    expect = {
+        "frames_in_total": (5 + 3 + 1, 1),  # a: the VLAN 7 frame is not taken in
+        "frames_out_total": (1, 5 + 3),
+        "flooded_total": (5, 0),
+        "learned_total": (1, 1),
+        "macs": (1, 1),
+    }
+    for metric, (on_a, on_b) in expect.items():
+        assert series[(f"vmbusd_switch_port_{metric}", "a", "")] == on_a, metric
+        assert series[(f"vmbusd_switch_port_{metric}", "b", "")] == on_b, metric
+    drops = {"queue": (0, 0), "mtu": (0, 0), "vlan": (1, 0), "local": (1, 0), "runt": (0, 0)}
+    for reason, (on_a, on_b) in drops.items():
+        assert series[("vmbusd_switch_port_dropped_total", "a", reason)] == on_a, reason
+        assert series[("vmbusd_switch_port_dropped_total", "b", reason)] == on_b, reason
+    assert len(series) == 2 * (len(expect) + len(drops)), sorted(series)
 
 
 def _nic(**options: object) -> NetvscDevice:

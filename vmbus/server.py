@@ -149,7 +149,7 @@ class VmSession:
 
     def snapshot(self) -> dict[str, object]:
         """This VM's part of `vmbusd stats`: plain data, safe to serialise."""
-        from vmbus.stats import fault_snapshot
+        from vmbus.stats import fault_snapshot, switch_snapshot
 
         version = self.bus.version if self.bus is not None else None
         return {
@@ -168,6 +168,7 @@ class VmSession:
                 for oc in sorted(self.open.values(), key=lambda o: o.relid)
             ],
             "faults": fault_snapshot(self.devices),
+            "switch_ports": switch_snapshot(self.devices),
             "limits": self.limits.snapshot(self.bus.gpadl_pages_refused if self.bus else 0),
         }
 

@@ -111,6 +111,7 @@ class SnapshotCollector(Collector):
                     )
             yield fam
         yield from _fault_families(snap)
+        yield from _switch_families(snap)
 
 
 def fault_snapshot(devices: Iterable[object]) -> list[dict[str, Any]]:
@@ -132,6 +133,92 @@ def fault_snapshot(devices: Iterable[object]) -> list[dict[str, Any]]:
             if callable(counters):
                 out.append({"device": kind, "index": index, "lun": lun, "counters": counters()})
     return out
+
+
+def switch_snapshot(devices: Iterable[object]) -> list[dict[str, Any]]:
+    """The switch ports of a VM's NICs: every backend with a `switch_counters()` (the
+    switch backend), found as a NIC's `backend` or inside it (`inner`: an impair NIC
+    in front of a switch); `index` counts devices of one kind from 0, as in
+    fault_snapshot. A NIC that has not joined its switch yet gives nothing."""
+    out: list[dict[str, Any]] = []
+    seen: dict[str, int] = {}
+    for dev in devices:
+        kind = str(getattr(dev, "name", "?"))
+        index = seen[kind] = seen.get(kind, -1) + 1
+        backend = getattr(dev, "backend", None)
+        for _ in range(8):  # wrappers in front of wrappers, but never a cycle
+            if backend is None:
+                break
+            counters = getattr(backend, "switch_counters", None)
+            port = counters() if callable(counters) else None
+            if port is not None:
+                out.append({"device": kind, "index": index, **port})
+            backend = getattr(backend, "inner", None)
+    return out
+
+
+# (PortCounters field, Prometheus name, help) of the switch ports' counters
+SWITCH_PORT_COUNTERS = (
+    ("rx_frames", "vmbusd_switch_port_frames_in_total", "Frames from the guest into the switch"),
+    (
+        "tx_frames",
+        "vmbusd_switch_port_frames_out_total",
+        "Frames the switch delivered to the guest",
+    ),
+    (
+        "flooded",
+        "vmbusd_switch_port_flooded_total",
+        "Frames from the guest flooded to every other port of their VLAN",
+    ),
+    (
+        "learned",
+        "vmbusd_switch_port_learned_total",
+        "Source MACs learned on the port (new, or moved to it)",
+    ),
+)
+# (PortCounters field, `reason` label) of vmbusd_switch_port_dropped_total
+SWITCH_PORT_DROPS = (
+    ("dropped_queue", "queue"),  # towards the guest: its queue was full (or not running)
+    ("dropped_mtu", "mtu"),  # towards the guest: bigger than its MTU
+    ("dropped_vlan", "vlan"),  # from the guest: a VLAN the port does not carry
+    ("dropped_local", "local"),  # from the guest: to a MAC learned on its own port
+    ("dropped_runt", "runt"),  # from the guest: shorter than an Ethernet header
+)
+
+
+def _switch_families(snap: Snapshot) -> Iterator[Metric]:
+    """vmbusd_switch_port_*{switch,port}: each NIC's port on its switch backend."""
+    labels = ["vm", "session", "device", "index", "switch", "port"]
+    counters = {
+        key: CounterMetricFamily(name, help_, labels=labels)
+        for key, name, help_ in SWITCH_PORT_COUNTERS
+    }
+    drops = CounterMetricFamily(
+        "vmbusd_switch_port_dropped_total",
+        "Frames the switch dropped at the port, by reason",
+        labels=[*labels, "reason"],
+    )
+    macs = GaugeMetricFamily(
+        "vmbusd_switch_port_macs", "MACs the switch's table has on the port now", labels=labels
+    )
+    for vm in snap["vms"]:
+        for p in vm.get("switch_ports", []):
+            ident = [
+                str(vm["vm"]),
+                str(vm.get("session", "")),
+                p["device"],
+                str(p["index"]),
+                p["switch"],
+                p["port"],
+            ]
+            for key, fam in counters.items():
+                fam.add_metric(ident, p["counters"].get(key, 0))
+            for key, reason in SWITCH_PORT_DROPS:
+                drops.add_metric([*ident, reason], p["counters"].get(key, 0))
+            macs.add_metric(ident, p["macs"])
+    yield from counters.values()
+    yield drops
+    yield macs
 
 
 def _fault_families(snap: Snapshot) -> Iterator[Metric]:

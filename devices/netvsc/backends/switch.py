@@ -24,8 +24,9 @@ OID_GEN_RCV_NO_BUFFER) then covers a guest that stops returning receive sections
 The table is bounded too (MAX_TABLE entries per switch): a guest spraying source
 MACs makes the switch flood, not grow. Learning a new MAC, or a MAC moving port,
 is logged at info (`vmbusd serve -v`); a port's counters when it leaves.
-The netvsc backend contract has no hook into `vmbusd stats`, so the counters are
-the backend's (tx/rx frames and drops) plus the per-port `PortCounters`.
+Each NIC's `PortCounters` last as long as its backend (across the guest's resets)
+and reach the metrics through `switch_counters()` (vmbus.stats.switch_snapshot:
+vmbusd_switch_port_*{switch,port}), next to the backend's own tx/rx frames and drops.
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ class PortCounters:
     dropped_mtu: int = 0  # bigger than the port's MTU
     dropped_local: int = 0  # unicast to a MAC learned on the port it came in on
     dropped_runt: int = 0  # shorter than an Ethernet header
+    learned: int = 0  # source MACs learned on the port (new, or moved to it)
 
     def text(self) -> str:
         return ", ".join(f"{k} {v}" for k, v in self.__dict__.items())
@@ -168,6 +170,10 @@ class Switch:
         for key in [k for k, e in self.table.items() if e.port is port]:
             del self.table[key]
 
+    def learned_on(self, port: Port, now: float) -> int:
+        """How many live (not aged) table entries point at `port`."""
+        return sum(1 for e in self.table.values() if e.port is port and now - e.seen <= self.ageing)
+
     def entries(self, now: float) -> list[tuple[int, str, str, float]]:
         """(VLAN, MAC, port, age in seconds) of every live entry, for a reader."""
         return sorted(
@@ -190,6 +196,7 @@ class Switch:
                     port.name,
                 )
                 entry.port = port
+                port.counters.learned += 1
             entry.seen = now
             return
         if len(self.table) >= MAX_TABLE:
@@ -198,6 +205,7 @@ class Switch:
                 self.table_full += 1
                 return
         self.table[key] = _Entry(port, now)
+        port.counters.learned += 1
         log.info(
             "switch %s: learned %s (%s) on port %s (first frame: %s)",
             self.name,
@@ -291,6 +299,8 @@ class SwitchBackend(NetBackend):
         trunk: bool | list[int] = False,
         ageing: float = DEFAULT_AGEING_S,
     ) -> None:
+        self.counters = PortCounters()  # this NIC's port, over the backend's life
+        self._rx_dropped_base = 0
         super().__init__()
         if not isinstance(switch, str) or not switch:
             raise BackendError("switch backend: switch must be a non-empty string (its name)")
@@ -315,19 +325,32 @@ class SwitchBackend(NetBackend):
             raise BackendError(f"switch backend: ageing {ageing!r} must be a positive number")
         self.switch = get_switch(switch, float(ageing))
         self.port: Port | None = None
-        self._dropped_before = 0  # frames dropped towards this NIC in earlier runs
+        self.port_name = ""  # the port's name (the NIC's MAC) once it has run
 
     @property
     def rx_dropped(self) -> int:
         """Frames dropped on the way to this NIC (its queue full, or over its MTU),
         which happens in other ports' transmits."""
-        port = self.port
-        now = 0 if port is None else port.counters.dropped_queue + port.counters.dropped_mtu
-        return self._dropped_before + now
+        return self._rx_dropped_base + self.counters.dropped_queue + self.counters.dropped_mtu
 
     @rx_dropped.setter
     def rx_dropped(self, value: int) -> None:
-        self._dropped_before = value
+        self._rx_dropped_base = value - self.counters.dropped_queue - self.counters.dropped_mtu
+
+    def switch_counters(self) -> dict[str, object] | None:
+        """This NIC's port for the metrics (vmbus.stats.switch_snapshot): the switch,
+        the port (the NIC's MAC), its counters and the MACs the table has on it now;
+        None before the NIC first joined the switch."""
+        if not self.port_name:
+            return None
+        port = self.port
+        macs = 0 if port is None else self.switch.learned_on(port, trio.current_time())
+        return {
+            "switch": self.switch.name,
+            "port": self.port_name,
+            "counters": dict(self.counters.__dict__),
+            "macs": macs,
+        }
 
     async def run(
         self,
@@ -336,9 +359,17 @@ class SwitchBackend(NetBackend):
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        port = Port(mac_text(nic.mac), nic.mtu, self.vlan, self.trunk, self.all_vlans)
+        port = Port(
+            mac_text(nic.mac),
+            nic.mtu,
+            self.vlan,
+            self.trunk,
+            self.all_vlans,
+            counters=self.counters,
+        )
         self.switch.attach(port)
         self.port = port
+        self.port_name = port.name
         log.info(
             "switch %s: port %s joined (%s%s)",
             self.switch.name,
@@ -361,7 +392,6 @@ class SwitchBackend(NetBackend):
         finally:
             self.port = None
             self.switch.detach(port)
-            self._dropped_before += port.counters.dropped_queue + port.counters.dropped_mtu
             log.info(
                 "switch %s: port %s left: %s", self.switch.name, port.name, port.counters.text()
             )
