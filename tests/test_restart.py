@@ -269,9 +269,9 @@ def test_control_plane_churn_across_kills(tmp_path: Path) -> None:
 
 
 def test_vm_with_a_device_that_cannot_restart_gets_no_state(tmp_path: Path) -> None:
-    """storvsc cannot save its state yet: vmbusd says so once and sends no saved
-    state, so a crash ends that VM's session at once, as before restart support
-    (not a resume into a controller that forgot the guest's negotiation)."""
+    """A storvsc with a memory disk cannot restart (the disk would come back empty):
+    vmbusd says so once and sends no saved state, so a crash ends that VM's session
+    at once, as before restart support (not a resume into a blank disk)."""
     svc = Service(tmp_path)
     svc.cfg.write_text(
         '[[device]]\ntype = "echo"\n[[device]]\ntype = "storvsc"\n'
@@ -296,7 +296,10 @@ def test_vm_with_a_device_that_cannot_restart_gets_no_state(tmp_path: Path) -> N
         )
     try:
         wait_for(lambda: "idle until" in err.read_text(), "the VM's channels")
-        assert "no restart support for this VM: storvsc cannot save its state yet" in svc.log()
+        assert (
+            "no restart support for this VM: storvsc LUN 0 (MemoryBackend) would come back empty"
+            in svc.log()
+        )
         svc.stop(signal.SIGKILL)
         assert vm.wait(timeout=10) == 0  # long before the 30 s reconnect timeout
         text = err.read_text()

@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from vmbus.ring import Packet
 
 MAX_SUBCHANNELS = 64  # what any device may declare, on top of its primary channel
-INFLIGHT_SLOT_SIZE = 16384
+INFLIGHT_SLOT_SIZE = 256 * 1024  # a storvsc channel journals ~340 requests of 256 KiB
 """Bytes of the in-flight region per relid (`ctx.inflight`); slot n is at n * this."""
 
 
@@ -263,7 +263,10 @@ class Device:
     # `restore` and `resume_rings` carry everything the guest negotiated with it and
     # every request in flight (docs/attach-protocol.md#restart). A VM with any device
     # that is not gets no saved state: a vmbusd restart ends its session, as before.
-    restartable: ClassVar[bool] = False
+    # A device may decide per instance (storvsc: not with a memory disk), saying why
+    # in `restart_blocker`.
+    restartable: bool = False
+    restart_blocker: str | None = None
 
     def __init__(self, instance: uuid.UUID | None = None, *, ring_size_hint: int = 64 * 1024):
         self.instance = instance or uuid.uuid4()

@@ -345,6 +345,50 @@ class VstorProtocol:
         self._last_op = 0
         self._last_sense_len = SENSE_BUFFER_SIZE
 
+    # -- restart (docs/attach-protocol.md, "Restart") --
+
+    def save(self) -> list[int]:
+        """What the guest negotiated, as plain integers (a saved state, a journal entry)."""
+        sub = -1 if self.sub_channels_requested is None else self.sub_channels_requested
+        version = -1 if self.version is None else self.version
+        return [
+            int(self.state),
+            version,
+            sub,
+            self._reply_size,
+            self._last_op,
+            self._last_sense_len,
+        ]
+
+    def restore(self, saved: object) -> None:
+        """Take back save()'s list. It comes from the VMM: ValueError, naming the
+        field, on anything a negotiation of this controller could not have left."""
+        if not (
+            isinstance(saved, (list, tuple))
+            and len(saved) == 6
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in saved)
+        ):
+            raise ValueError("vstor state: not a list of 6 integers")
+        state, version, sub, reply_size, last_op, sense_len = saved
+        if state not in VstorState.__members__.values():
+            raise ValueError(f"vstor state: state {state}")
+        if version != -1 and version not in self.versions:
+            raise ValueError(f"vstor state: version {version:#x}")
+        if (version == -1) != (state < VstorState.QUERY_PROPERTIES):
+            raise ValueError("vstor state: version and state disagree")
+        if sub != -1 and not 1 <= sub <= self.max_sub_channels:
+            raise ValueError(f"vstor state: {sub} sub-channels")
+        if reply_size not in (PACKET_SIZE, PACKET_SIZE_PRE_WIN8):
+            raise ValueError(f"vstor state: reply size {reply_size}")
+        if not 0 <= last_op <= 0xFFFFFFFF or not 0 <= sense_len <= SENSE_BUFFER_SIZE:
+            raise ValueError("vstor state: last operation or sense length")
+        self.state = VstorState(state)
+        self.version = None if version == -1 else version
+        self.sub_channels_requested = None if sub == -1 else sub
+        self._reply_size = reply_size
+        self._last_op = last_op
+        self._last_sense_len = sense_len
+
     # -- sizes --
 
     @property

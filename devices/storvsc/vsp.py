@@ -73,6 +73,7 @@ from devices.storvsc.protocol import (
     Reply,
     Srb,
     SrbStatus,
+    VstorOp,
     VstorProtocol,
 )
 from devices.storvsc.scsi import DiskIdentity, ScsiController
@@ -81,6 +82,7 @@ from devices.storvsc.scsi.disk import ScsiDisk
 from vmbus.channel import Channel, PacketBatch
 from vmbus.cliutil import UserError
 from vmbus.device import Device, DeviceContext, DeviceOffer, GuestError, guest_error
+from vmbus.journal import JournalError, Pending, RequestJournal
 from vmbus.packet import (
     GpaDirectBatch,
     GpaStatus,
@@ -101,6 +103,18 @@ DEFAULT_RING = 128 * 1024  # Linux's storvsc_ringbuffer_size
 MAX_LUNS = 256
 OPEN_TIMEOUT_S = 3.0  # a backend's async open, inside Linux's 5 s init step
 REFUSALS_LOGGED = 8  # per channel; later refusals are only counted
+SAVE_VERSION = 1  # of StorvscDevice.save()
+_PROTO_SNAP = struct.Struct("<6q")  # VstorProtocol.save() before a journalled reply
+
+
+def journal_entry_size(max_transfer_bytes: int) -> int:
+    """Bytes per journal entry: the entry header and the largest EXECUTE_SRB packet
+    a guest can send within max_transfer_bytes (descriptor, GPA-direct header, one
+    range per page plus one, the vstor packet), with room to spare; 8-aligned."""
+    pages = max_transfer_bytes // 4096 + 1
+    return (32 + 16 + 8 + 8 + 8 * pages + 64 + 64 + 7) // 8 * 8
+
+
 # VMBUSD_STORVSC_FAST=0 sends every request down the general path (A/B runs, tests).
 FAST_PATH = os.environ.get("VMBUSD_STORVSC_FAST", "1") != "0"
 
@@ -232,6 +246,9 @@ class StorvscDevice(Device):
         self._absent = ScsiController()  # other path/target: no LUNs (scan sees none)
         self._open_lock: trio.Lock | None = None
         self._rescan: trio.Event | None = None
+        # Restart keeps the guest's disks only where their contents outlive vmbusd.
+        self.restart_blocker = _restart_blocker(self.controller, self._unopened)
+        self.restartable = self.restart_blocker is None
         self.max_in_flight_seen = 0  # per channel high-water mark (tests, stats)
         self.fast_completed = 0  # requests the fast path completed, every channel (tests)
         # `vmbusd serve` builds one device set just to check the config and drops
@@ -250,6 +267,16 @@ class StorvscDevice(Device):
 
     async def reset(self) -> None:
         self.proto.reset()
+
+    def save(self) -> object:
+        """What the guest negotiated (docs/attach-protocol.md, "Restart"); the LUNs
+        are the configuration's, the requests in flight are in each channel's journal."""
+        return {"v": SAVE_VERSION, "vstor": self.proto.save()}
+
+    def restore(self, state: object) -> None:
+        if not isinstance(state, dict) or state.get("v") != SAVE_VERSION:
+            raise ValueError(f"storvsc state: not version {SAVE_VERSION}")
+        self.proto.restore(state.get("vstor"))
 
     async def close(self) -> None:
         for b in self._backends:  # every one, even when another fails
@@ -326,7 +353,7 @@ class StorvscDevice(Device):
 
     async def serve(self, channel: Channel, ctx: DeviceContext) -> None:
         primary = ctx.sub_channel_index == 0
-        if primary:
+        if primary and not ctx.resumed:
             self.proto.reset()  # a new primary open starts the handshake again
         if primary:
             await self._open_backends(ctx)
@@ -356,14 +383,38 @@ class _ChannelWorker:
         self._file_backends: dict[int, FileBackend] = {}  # the fast path's file LUNs
         self.fast_completed = 0  # requests completed by the fast path (tests)
         self.leftovers: dict[int, int] = {}  # fast requests that had to block, by errno
+        self._pending_entries: list[int] = []  # each _pending packet's journal entry, or -1
+        self._dirty = False  # the negotiation moved on: save before sending its replies
+        self.journal: RequestJournal | None = None
+
+    def _open_journal(self) -> list[Pending]:
+        """The channel's request journal, when the session can restart; after a
+        restart, what the last vmbusd took and did not complete."""
+        ctx = self.ctx
+        if ctx.inflight is None or ctx.rings is None or not self.dev.restartable:
+            return []
+        size = journal_entry_size(self.proto.max_transfer_bytes)
+        if ctx.resumed:
+            try:
+                self.journal, pending = RequestJournal.resume(
+                    ctx.inflight, ctx.rings, entry_size=size, log=ctx.log
+                )
+                return pending
+            except JournalError as exc:
+                ctx.log.warning("resumed with no journal (%s): nothing to finish", exc)
+        self.journal = RequestJournal.attach(ctx.inflight, ctx.rings, entry_size=size)
+        return []
 
     async def run(self) -> None:
+        pending = self._open_journal()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._sender)
                 if self.primary:
                     self.dev._rescan = trio.Event()
                     nursery.start_soon(self._notifier)
+                if pending:
+                    self._finish(pending, nursery)
                 await self._receive_loop(nursery)
         finally:
             self._fast.release()  # its views of guest RAM and of memory disks
@@ -374,15 +425,64 @@ class _ChannelWorker:
                     self.leftovers,
                 )
 
+    def _finish(self, pending: list[Pending], nursery: trio.Nursery) -> None:
+        """Complete, exactly once, what the last vmbusd took and did not complete:
+        its replies again, its requests run again (READ and WRITE are idempotent,
+        SYNCHRONIZE CACHE and FUA are issued again), in the order it took them."""
+        snaps = [p for p in pending if p.reply is not None]
+        if snaps and self.primary:
+            try:  # the negotiation as it stood after the newest journalled reply
+                self.proto.restore(list(_PROTO_SNAP.unpack_from(snaps[-1].reply or b"")))
+            except (ValueError, struct.error) as exc:
+                self.ctx.log.warning("journal: a reply's vstor state is unusable: %s", exc)
+        decoder = self.ctx.memory.gpa_direct_decoder()
+        done = 0
+        for p in pending:
+            tid, e = p.trans_id, p.entry
+            if p.reply is not None:
+                self.in_flight += 1
+                self._queue(completion(tid, p.reply[_PROTO_SNAP.size :]), e)
+                done += 1
+                continue
+            packet = p.packet or b""
+            index = array.array("I", [0, len(packet)])
+            try:
+                if p.truncated:
+                    raise ValueError("the packet was longer than its journal entry")
+                (pkt,) = iter_packets(packet, index, 1)
+                op = int.from_bytes(bytes(pkt.payload[:4]), "little")
+                if op == VstorOp.CREATE_SUB_CHANNELS and self.proto.sub_channels_requested:
+                    # Granted before the crash (the bus offered them): say so again.
+                    self.in_flight += 1
+                    self._queue(completion(tid, self.proto.subchannels_created(True)), e)
+                    continue
+                gpa = decoder.decode(packet, index, 1)
+                self._take(pkt, nursery, gpa, 0, e)
+            except (GuestError, ValueError) as exc:
+                self.ctx.log.warning("journal: request %#x not run again: %s", tid, exc)
+                self.in_flight += 1
+                self._queue(
+                    completion(tid, self.proto.failure_reply(NtStatus.INVALID_PARAMETER)), e
+                )
+            done += 1
+        self.ctx.log.info("resumed: %d request(s) the last vmbusd had not completed", done)
+
     async def _receive_loop(self, nursery: trio.Nursery) -> None:
+        journal = self.journal
         cap = self.dev.queue_depth
+        if journal is not None:
+            cap = min(cap, journal.capacity)
         decoder = self.ctx.memory.gpa_direct_decoder()
         fp = self._fast
+        entries: list[int] | None = None
         while True:
             while self.in_flight >= cap:
                 self._room = trio.Event()
                 await self._room.wait()
-            batch = await self.channel.receive(max_pkts=cap - self.in_flight)
+            if journal is None:
+                batch = await self.channel.receive(max_pkts=cap - self.in_flight)
+            else:
+                batch, entries = await journal.receive(self.channel, cap - self.in_flight)
             # Every GPA-direct range list of the batch in one (native) call.
             ranges = decoder.decode_batch(batch)
             n = len(batch)
@@ -401,9 +501,9 @@ class _ChannelWorker:
                 kinds = fp.kinds() if nfast else None
                 for i, pkt in enumerate(batch):
                     if kinds is None or kinds[i] == fastpath.SLOW:
-                        self._take(pkt, nursery, ranges, i)
+                        self._take(pkt, nursery, ranges, i, -1 if entries is None else entries[i])
             if nfast:
-                await self._run_fast(batch, ranges, nfast, nursery)
+                await self._run_fast(batch, ranges, nfast, nursery, entries)
 
     # -- the fast path --
 
@@ -465,27 +565,41 @@ class _ChannelWorker:
         return bool(specs)
 
     async def _run_fast(
-        self, batch: PacketBatch, ranges: GpaDirectBatch, nfast: int, nursery: trio.Nursery
+        self,
+        batch: PacketBatch,
+        ranges: GpaDirectBatch,
+        nfast: int,
+        nursery: trio.Nursery,
+        entries: list[int] | None,
     ) -> None:
         """Execute the batch's FAST requests and send their completions; what would
         block goes to one worker thread (`_leftovers`)."""
         fp = self._fast
         done = fp.execute(ranges)
         if done < nfast:
-            self._take_leftovers(batch, ranges, nursery)
+            self._take_leftovers(batch, ranges, nursery, entries)
         if done:
             buf, idx, k = fp.completions()
             self.in_flight += k
             self.dev.max_in_flight_seen = max(self.dev.max_in_flight_seen, self.in_flight)
             try:
-                await self.channel.send_raw(buf, idx, k)
+                if entries is not None and self.journal is not None:
+                    kinds = fp.kinds()
+                    ents = [entries[i] for i, kind in enumerate(kinds) if kind == fastpath.DONE]
+                    await self.journal.send_completions_raw(self.channel, ents, buf, idx, k)
+                else:
+                    await self.channel.send_raw(buf, idx, k)
             finally:
                 self.in_flight -= k
             self.fast_completed += k
             self.dev.fast_completed += k
 
     def _take_leftovers(
-        self, batch: PacketBatch, ranges: GpaDirectBatch, nursery: trio.Nursery
+        self,
+        batch: PacketBatch,
+        ranges: GpaDirectBatch,
+        nursery: trio.Nursery,
+        entries: list[int] | None,
     ) -> None:
         """Hand the batch's LEFTOVER requests (file I/O that would block) to one
         worker thread: private copies of their records, the batch's segments and
@@ -517,7 +631,14 @@ class _ChannelWorker:
         self.in_flight += count
         self.dev.max_in_flight_seen = max(self.dev.max_in_flight_seen, self.in_flight)
         nursery.start_soon(
-            self._leftovers, job, recs, self.proto.size, packets, index, list(held.values())
+            self._leftovers,
+            job,
+            recs,
+            self.proto.size,
+            packets,
+            index,
+            list(held.values()),
+            entries,
         )
 
     async def _leftovers(
@@ -528,6 +649,7 @@ class _ChannelWorker:
         packets: bytes,
         index: array.array[int],
         held: list[FileBackend],
+        entries: list[int] | None,
     ) -> None:
         """One worker thread runs the batch's blocking file I/O (in C); the requests
         that fail take the general path (which retries them and answers with the
@@ -541,28 +663,29 @@ class _ChannelWorker:
             for b in held:
                 b.unhold()
         buf, idx, k = self._fast.complete_copy(recs, size)
+        kinds = [kind for (kind,) in struct.iter_unpack("=i52x", recs)]
         if k:
             try:
-                await self.channel.send_raw(buf, idx, k)
+                if entries is not None and self.journal is not None:
+                    ents = [entries[i] for i, kind in enumerate(kinds) if kind == fastpath.DONE]
+                    await self.journal.send_completions_raw(self.channel, ents, buf, idx, k)
+                else:
+                    await self.channel.send_raw(buf, idx, k)
             finally:
                 self.in_flight -= k
                 self._room.set()
             self.fast_completed += k
             self.dev.fast_completed += k
-        failed = [
-            i
-            for i, (kind,) in enumerate(struct.iter_unpack("=i52x", recs))
-            if kind == fastpath.LEFTOVER
-        ]
+        failed = [i for i, kind in enumerate(kinds) if kind == fastpath.LEFTOVER]
         if not failed:
             return
         n = len(index) // 2
         gpa = self.ctx.memory.gpa_direct_decoder().decode(packets, index, n)
         pkts = list(iter_packets(packets, index, n))
         for i in failed:
-            await self._retry(pkts[i], gpa.iovecs(i))
+            await self._retry(pkts[i], gpa.iovecs(i), -1 if entries is None else entries[i])
 
-    async def _retry(self, pkt: Packet, iov: list[memoryview]) -> None:
+    async def _retry(self, pkt: Packet, iov: list[memoryview], entry: int) -> None:
         """A fast request whose I/O failed, run again by the general path: the SCSI
         layer retries it and answers with its sense data, exactly as it always did."""
         tid = pkt.trans_id
@@ -572,14 +695,16 @@ class _ChannelWorker:
             )
         except GuestError as exc:  # the protocol was reset meanwhile
             status = exc.status if exc.status is not None else NtStatus.UNSUCCESSFUL
-            self._queue(completion(tid, self.proto.failure_reply(status)))
+            self._queue(completion(tid, self.proto.failure_reply(status)), entry)
             return
         assert isinstance(ev, ExecuteSrb)
-        await self._execute(tid, ev.srb, iov)
+        await self._execute(tid, ev.srb, iov, entry)
 
     # -- intake (synchronous: packets are views valid until the next receive) --
 
-    def _take(self, pkt: Packet, nursery: trio.Nursery, ranges: GpaDirectBatch, i: int) -> None:
+    def _take(
+        self, pkt: Packet, nursery: trio.Nursery, ranges: GpaDirectBatch, i: int, entry: int
+    ) -> None:
         if not wants_completion(pkt):
             guest_error("a vstor request that asks for no completion")
         tid = pkt.trans_id
@@ -598,6 +723,8 @@ class _ChannelWorker:
                 data_bytes = _declared_bytes(pkt)
         self.in_flight += 1
         self.dev.max_in_flight_seen = max(self.dev.max_in_flight_seen, self.in_flight)
+        journal = self.journal if entry >= 0 else None
+        before = self.proto.save() if journal is not None else None
         try:
             ev = self.proto.receive(pkt.payload, primary=self.primary, data_bytes=data_bytes)
             if bad_pfn:
@@ -607,14 +734,20 @@ class _ChannelWorker:
                 self.in_flight -= 1
                 raise
             self._refused(exc.reason)
-            self._queue(completion(tid, self.proto.failure_reply(exc.status)))
+            self._queue(completion(tid, self.proto.failure_reply(exc.status)), entry)
             return
         if isinstance(ev, Reply):
-            self._queue(completion(tid, ev.payload))
+            if journal is not None:
+                # The answer and the negotiation it leaves, kept together: a restarted
+                # vmbusd sends this answer and stands where it left the guest.
+                after = self.proto.save()
+                journal.record_reply(entry, _PROTO_SNAP.pack(*after) + ev.payload)
+                self._dirty = self._dirty or after != before
+            self._queue(completion(tid, ev.payload), entry)
         elif isinstance(ev, ExecuteSrb):
-            nursery.start_soon(self._execute, tid, ev.srb, iov)
+            nursery.start_soon(self._execute, tid, ev.srb, iov, entry)
         elif isinstance(ev, CreateSubChannels):
-            nursery.start_soon(self._create_sub_channels, tid, ev.count)
+            nursery.start_soon(self._create_sub_channels, tid, ev.count, entry)
 
     def _refused(self, reason: str) -> None:
         self._refusals += 1
@@ -625,29 +758,30 @@ class _ChannelWorker:
 
     # -- work --
 
-    async def _execute(self, tid: int, srb: Srb, iov: Sequence[memoryview]) -> None:
+    async def _execute(self, tid: int, srb: Srb, iov: Sequence[memoryview], entry: int) -> None:
         dev = self.dev
         present = srb.path_id == 0 and srb.target_id == 0 and srb.lun in dev.controller
         op = srb.cdb[0]
         if not present and op not in (Op.INQUIRY, Op.REPORT_LUNS):
             # What Linux's scan and its "LUN is gone" handling expect (spec 9.3, 4.2).
-            self._queue(completion(tid, self.proto.srb_failure(srb, SrbStatus.INVALID_LUN)))
+            self._queue(completion(tid, self.proto.srb_failure(srb, SrbStatus.INVALID_LUN)), entry)
             return
         ctl = dev.controller if srb.path_id == 0 and srb.target_id == 0 else dev._absent
         # Direction is the SRB's: only a READ's buffer may be written by the device.
         bufs = list(iov) if srb.data_in == DataIn.READ else [v.toreadonly() for v in iov]
         res = await ctl.execute(srb.lun, srb.cdb, bufs, srb.data_in == DataIn.READ)
         self._queue(
-            completion(tid, self.proto.complete_srb(srb, res.status, res.sense, res.transferred))
+            completion(tid, self.proto.complete_srb(srb, res.status, res.sense, res.transferred)),
+            entry,
         )
 
-    async def _create_sub_channels(self, tid: int, count: int) -> None:
+    async def _create_sub_channels(self, tid: int, count: int, entry: int) -> None:
         try:
             relids = await self.ctx.enable_subchannels(count)
         except GuestError as exc:
             self._refused(f"CREATE_SUB_CHANNELS: {exc.reason}")
             relids = []
-        self._queue(completion(tid, self.proto.subchannels_created(len(relids) >= count)))
+        self._queue(completion(tid, self.proto.subchannels_created(len(relids) >= count)), entry)
 
     async def _notifier(self) -> None:
         while True:
@@ -658,12 +792,15 @@ class _ChannelWorker:
             payload = self.proto.enumerate_bus()
             if payload is not None:
                 self._pending.append(inband(payload))
+                self._pending_entries.append(-1)
                 self._wake.set()
 
     # -- completions out --
 
-    def _queue(self, pkt: OutPacket) -> None:
+    def _queue(self, pkt: OutPacket, entry: int) -> None:
+        """A completion to send; `entry` is its request's journal entry (or -1)."""
         self._pending.append(pkt)
+        self._pending_entries.append(entry)
         self._pending_requests += 1
         self._wake.set()
 
@@ -671,11 +808,32 @@ class _ChannelWorker:
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
+            if self._dirty:  # the VMM holds the negotiation before the guest hears of it
+                self._dirty = False
+                await self.ctx.save_state()
             out, self._pending = self._pending, []
+            ents, self._pending_entries = self._pending_entries, []
             done, self._pending_requests = self._pending_requests, 0
-            await self.channel.send(out)  # waits (this channel only) while the ring is full
+            # Each waits (this channel only) while the ring is full.
+            if self.journal is not None:
+                await self.journal.send_completions(self.channel, ents, out)
+            else:
+                await self.channel.send(out)
             self.in_flight -= done
             self._room.set()
+
+
+def _restart_blocker(
+    controller: ScsiController, unopened: list[tuple[int, DiskBackend, DiskIdentity]]
+) -> str | None:
+    """Why this controller cannot be restarted under a running guest, or None: a LUN
+    whose contents die with vmbusd (a memory disk) would come back empty."""
+    backends = [(n, controller.disk(n).backend) for n in controller.luns]
+    backends += [(n, b) for n, b, _ in unopened]
+    for n, b in backends:
+        if not getattr(b, "survives_restart", False):
+            return f"storvsc LUN {n} ({type(b).__name__}) would come back empty"
+    return None
 
 
 def _release_fds(backends: list[DiskBackend]) -> None:

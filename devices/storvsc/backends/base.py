@@ -50,6 +50,9 @@ class DiskBackend(Protocol):
     can_unmap: bool
     can_write_zeroes: bool
     max_transfer: int  # bytes per readv/writev the backend accepts at most
+    # Optional, read with getattr(backend, "survives_restart", False): True when what
+    # was written outlives vmbusd (a file, an NBD server), so a controller with only
+    # such LUNs can be restarted under a running guest (docs/attach-protocol.md).
 
     async def readv(self, offset: int, buffers: Sequence[memoryview]) -> None: ...
     async def writev(

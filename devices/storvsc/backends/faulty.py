@@ -174,6 +174,8 @@ class FaultyBackend:
         volatile_cache: bool = False,
     ) -> None:
         self.inner = _build_inner(inner)
+        # Faults are per run; the data is the inner disk's.
+        self.survives_restart = bool(getattr(self.inner, "survives_restart", False))
         self.block_size = self.inner.block_size
         self.physical_block_exponent = self.inner.physical_block_exponent
         self.max_transfer = self.inner.max_transfer

@@ -103,6 +103,7 @@ class FileBackend:
     """A disk backed by a raw image file or a block device."""
 
     can_write_zeroes = True
+    survives_restart = True  # what vmbusd wrote is in the file (or the page cache)
     unmap_zeroes = True  # punched holes read as zeros (LBPRZ); fallbacks write zeros
 
     def __init__(
