@@ -203,13 +203,17 @@ class VmSession:
                 await self.conn.abort(attach.ErrorCode.RESOURCE, refusal)
                 return
             self.saved_state = attach.FEATURE_SAVED_STATE in self.peer.features
-            stuck = [d.name for d in self.devices if not d.restartable]
+            stuck = [
+                d.restart_blocker or f"{d.name} cannot save its state yet"
+                for d in self.devices
+                if not d.restartable
+            ]
             if self.saved_state and stuck:
                 self.saved_state = False
                 log.info(
-                    "%s: no restart support for this VM: %s cannot save its state yet",
+                    "%s: no restart support for this VM: %s",
                     self.label,
-                    ", ".join(sorted(set(stuck))),
+                    "; ".join(sorted(set(stuck))),
                 )
             if self.saved_state:
                 self._new_inflight_region()
@@ -350,9 +354,9 @@ class VmSession:
             # The VMM's saved state stops being usable: a restart now ends the session.
             self.saved_state = False
             log.info(
-                "%s: no restart support from now on: %s cannot save its state yet",
+                "%s: no restart support from now on: %s",
                 self.label,
-                dev.name,
+                dev.restart_blocker or f"{dev.name} cannot save its state yet",
             )
         self._offer(dev)
         await self._pump()
