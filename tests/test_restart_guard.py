@@ -178,14 +178,14 @@ async def _soak_across_break(
 def test_resume_waits_for_the_old_sessions_slow_teardown(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The old session saw EOF but its device still finishes work for 1 s: the
+    """The old session saw EOF but its device still finishes work for 2 s: the
     resume waits for it, so one serve() at a time, and the soak goes on intact."""
     caplog.set_level(logging.INFO, logger="vmbus")
     path = str(tmp_path / "vmbusd.sock")
     tracker = Tracker()
 
     async def main() -> None:
-        async with _service(path, lambda: [LingeringEcho(tracker, 1.0)]) as sessions:
+        async with _service(path, lambda: [LingeringEcho(tracker, 2.0)]) as sessions:
             _, _old, summary = await _soak_across_break(path, sessions, tracker, keep_socket=False)
             assert summary["channels"][0]["packets"] > 0, summary
 
@@ -219,12 +219,17 @@ def test_resume_ends_an_old_session_stuck_on_a_dead_socket(
     assert len(_lines(caplog, "guarded: resumed")) == 1
 
 
+@pytest.mark.parametrize("stuck", [False, True], ids=["ending", "stuck-on-dead-socket"])
 def test_a_predecessor_that_will_not_end_gets_the_resume_refused(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    stuck: bool,
 ) -> None:
     """The old session's device does not stop within the bound: the resume is
     refused with one log line and `error resource` (never a second session); once
-    the old one has ended, the VM's name attaches again."""
+    the old one has ended, the VM's name attaches again. Either way in: the old
+    session saw EOF (the hello waits), or it did not (the memory ends it, waits)."""
     caplog.set_level(logging.INFO, logger="vmbus")
     monkeypatch.setattr(server, "PREDECESSOR_WAIT_S", 0.5)
     path = str(tmp_path / "vmbusd.sock")
@@ -233,6 +238,7 @@ def test_a_predecessor_that_will_not_end_gets_the_resume_refused(
     async def main() -> None:
         async with _service(path, lambda: [LingeringEcho(tracker, 3.0)]) as sessions:
             vm = _vm(path)
+            held: list[int] = []
             try:
                 async with trio.open_nursery() as n:
                     await vm.start(await attach.connect(path), n)
@@ -240,12 +246,16 @@ def test_a_predecessor_that_will_not_end_gets_the_resume_refused(
                     await _until(lambda: tracker.serves == 1, "the echo channel served")
                     (old,) = sessions
                     assert vm.conn is not None
+                    if stuck:
+                        held.append(os.dup(vm.conn.socket.fileno()))
                     await vm.conn.aclose()
                     await _until(vm.lost.is_set, "the VM gives up")
                     assert not old.ended.is_set()  # it was still there all along
                     n.cancel_scope.cancel()
             finally:
                 _close(vm)
+                for fd in held:
+                    os.close(fd)
             assert not any(s.resumed for s in sessions)  # nobody took its state
             assert (vm.closed_reason or "").startswith("resource: "), vm.closed_reason
             assert "still ending" in (vm.closed_reason or "")
@@ -264,6 +274,7 @@ def test_a_predecessor_that_will_not_end_gets_the_resume_refused(
     assert max(tracker.most.values()) == 1, tracker.most
     refused = _lines(caplog, "still ending")
     assert len(refused) == 1, refused
+    assert len(_lines(caplog, "ending its old session")) == (1 if stuck else 0)
 
 
 def test_fresh_hello_waits_and_builds_its_devices_after_the_old_ones_closed(
@@ -277,7 +288,7 @@ def test_fresh_hello_waits_and_builds_its_devices_after_the_old_ones_closed(
     tracker = Tracker()
 
     async def main() -> None:
-        async with _service(path, lambda: [LingeringEcho(tracker, 1.0)]) as sessions:
+        async with _service(path, lambda: [LingeringEcho(tracker, 2.0)]) as sessions:
             first = SimulatedVm(ram_size=32 << 20, vm_id="guarded", restartable=False)
             try:
                 async with trio.open_nursery() as n:
