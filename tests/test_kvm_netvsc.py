@@ -20,6 +20,7 @@ before the guest's packet filter), with the simulated VSC now as strict as Linux
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -27,7 +28,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,6 +109,7 @@ class Guest:
     cpus: int = 1
     kvm: subprocess.Popen[bytes] | None = None
     kvm_log: Path | None = None
+    stats: Path | None = None  # vmbusd serve --stats
 
     def ping(self, *args: str, count: int = 3) -> subprocess.CompletedProcess[str]:
         return _run(
@@ -129,7 +131,27 @@ def guest(
     backend joins br0, the netconsole listener, and the guest booted until IP-Config
     is done; everything stopped and removed afterwards. Twice: one vCPU and queue,
     then two vCPUs and `queues = 2` (hv_netvsc opens a vRSS sub-channel)."""
-    cpus = int(request.param)
+    with nic_guest(tmp_path_factory.mktemp("kvm-netvsc"), int(request.param)) as g:
+        yield g
+
+
+def tap_backend(ns: str) -> str:
+    """The NIC's backend lines: vmbusd's TAP vh0, joined to br0 in namespace `ns`."""
+    return f'backend = "tap"\nifname = "vh0"\nnetns = "{ns}"\nbridge = "br0"\n'
+
+
+@contextlib.contextmanager
+def nic_guest(
+    tmp: Path,
+    cpus: int,
+    backend: Callable[[str], str] = tap_backend,
+    *,
+    append: str = APPEND,
+    ipv6: bool = True,
+) -> Iterator[Guest]:
+    """`guest`'s set-up for any NIC backend (`backend(ns)` gives its TOML lines; it
+    must reach br0 in namespace ns): also used by test_kvm_impair. `ipv6=False`
+    turns IPv6 off in the namespace, so the host side sends nothing unasked."""
     if not HAS_KVM:
         pytest.skip("/dev/kvm is absent")
     if os.geteuid() != 0:
@@ -137,12 +159,22 @@ def guest(
     from vmbus.kvm import kernel as kbuild
 
     vmlinux = kbuild.build(lambda line: print(f"guest-kernel: {line}", file=sys.stderr)).vmlinux
-    tmp = tmp_path_factory.mktemp("kvm-netvsc")
     ns = f"vmbt-kn-{uuid.uuid4().hex[:6]}"
     procs: list[subprocess.Popen[bytes]] = []
     files = []
     _run("ip", "netns", "add", ns)
     try:
+        if not ipv6:
+            for conf in ("all", "default"):
+                _run(
+                    "ip",
+                    "netns",
+                    "exec",
+                    ns,
+                    "sysctl",
+                    "-qw",
+                    f"net.ipv6.conf.{conf}.disable_ipv6=1",
+                )
         _run("ip", "-n", ns, "link", "set", "lo", "up")
         _run("ip", "-n", ns, "link", "add", "br0", "address", BR_MAC, "type", "bridge")
         _run("ip", "-n", ns, "addr", "add", f"{H_ADDR}/24", "dev", "br0")
@@ -150,12 +182,13 @@ def guest(
         cfg = tmp / "nic.toml"
         cfg.write_text(
             f'[[device]]\ntype = "netvsc"\nmac = "{NIC_MAC}"\nmtu = 1500\nqueues = {cpus}\n'
-            f'backend = "tap"\nifname = "vh0"\nnetns = "{ns}"\nbridge = "br0"\n'
+            + backend(ns)
         )
         sock, control = tmp / "s.sock", tmp / "c.sock"
         g = Guest(
             ns, tmp / "console.txt", tmp / "serve.log", tmp / "netconsole.txt", control, "", cpus
         )
+        g.stats = tmp / "st.sock"
         files.append(open(g.netconsole, "wb"))
         procs.append(
             subprocess.Popen(
@@ -170,7 +203,7 @@ def guest(
             subprocess.Popen(
                 [
                     *(VMBUSD, "-v", "serve", "--listen", str(sock), "--control", str(control)),
-                    *("--config", str(cfg)),
+                    *("--config", str(cfg), "--stats", str(g.stats)),
                 ],
                 stdout=files[-1],
                 stderr=subprocess.STDOUT,
@@ -185,7 +218,7 @@ def guest(
                 [
                     *(VMBUSD, "kvm", "--connect", str(sock), "--kernel", str(vmlinux)),
                     *("--cpus", str(cpus)),
-                    *("--console", str(g.console), "--append", APPEND),
+                    *("--console", str(g.console), "--append", append),
                     *("--until", "will not match", "--timeout", "900"),
                 ],
                 stdout=files[-1],
