@@ -16,7 +16,11 @@ re-executed after a newer one was acknowledged shows up as an older seq on disk.
 
 The guest never has two requests on one block at once (a later request waits), as a
 file system never does: so a read of an acknowledged block must return exactly the
-last acknowledged write of it, and the disk's final state is well defined.
+last acknowledged write of it, and the disk's final state is well defined. Besides
+reading back a recent request every few steps, when the guest sees its session
+resumed it reads back the requests acknowledged last before vmbusd went and those
+in flight across it, ahead of any new request on their blocks -- so a write lost or
+left half done at the crash is found before a later write could hide it.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ DEPTH = 8  # requests in flight at once (the brief's QD 4-8)
 MAX_BLOCKS = 4  # blocks per request, at most
 FUA_EVERY = 7  # every 7th write is FUA
 FLUSH_EVERY = 50  # every 50th step also issues a SYNCHRONIZE CACHE
-VERIFY_EVERY = 10  # every 10th step also reads back a recently acknowledged request
+VERIFY_EVERY = 4  # every 4th step also reads back a recently acknowledged request
 RECENT = 64  # acknowledged requests the read-backs choose from
 WATCH_S = 0.1  # how often the guest looks for a rescind, a rescan or a driver error
 _M64 = (1 << 64) - 1
@@ -264,6 +268,8 @@ class SoakCounts:
     fua: int = 0
     flushes: int = 0
     reads: int = 0  # read-backs verified
+    restart_checks: int = 0  # times the guest saw vmbusd come back and read back
+    restart_reads: int = 0  # requests read back after a restart (acked before, in flight)
     waits: int = 0  # requests that waited for an earlier one on the same block
 
 
@@ -305,6 +311,9 @@ class DiskSoak:
         self._released = trio.Event()
         self.next_seq = 1
         self._steps = itertools.count()
+        self.writing: dict[int, tuple[int, int, int]] = {}  # seq -> (seq, start, n) in flight
+        self._reconnects = vm.reconnects
+        self._checks: trio.Nursery | None = None  # where read-backs after a restart run
         self.counts = SoakCounts()
         self.failure: str | None = None
 
@@ -341,6 +350,7 @@ class DiskSoak:
     async def _write(self, seq: int) -> None:
         start, n, fua = plan(seq, self.span, self.seed)
         ticket = self._queue_up(start, n)  # in seq order: no checkpoint before this
+        self.writing[seq] = (seq, start, n)
         await self._claim(ticket, start, n)
         try:
             data = encode_request(seq, start, n)
@@ -372,6 +382,7 @@ class DiskSoak:
             self.counts.blocks += n
             self.counts.fua += fua
         finally:
+            self.writing.pop(seq, None)
             self._release(start, n)
 
     async def _flush(self) -> None:
@@ -385,16 +396,20 @@ class DiskSoak:
             )
         self.counts.flushes += 1
 
-    async def verify(self, seq: int, start: int, n: int) -> None:
+    async def verify(self, start: int, n: int, ticket: int | None = None) -> None:
         """Read back an acknowledged request's blocks: each must be whole and hold the
-        newest acknowledged write of it (no request on it is in flight meanwhile)."""
-        ticket = self._queue_up(start, n)
+        newest acknowledged write of it (no request on it is in flight meanwhile).
+        `ticket`: its place in the blocks' lines, taken earlier (else now)."""
+        if ticket is None:
+            ticket = self._queue_up(start, n)
         await self._claim(ticket, start, n)
         try:
             data = await self.hba.read(self.lun, start * self.per_block, n * self.per_block)
             for i in range(n):
                 b = start + i
-                want = self.acked.get(b, seq)
+                want = self.acked.get(b)
+                if want is None:
+                    raise DiskSoakError(f"disk-soak: block {b} read back, never acknowledged")
                 try:
                     head = decode_block(data[i * BLOCK : (i + 1) * BLOCK])
                 except BadBlock as exc:
@@ -412,13 +427,32 @@ class DiskSoak:
 
     # -- the loop --
 
+    def _after_restart(self) -> None:
+        """vmbusd came back (the VM resumed its session): read back the requests
+        acknowledged last before it went and those in flight across it, before any
+        new request may touch their blocks (their tickets are taken now, in line
+        behind the in-flight writes, ahead of every later one)."""
+        self._reconnects = self.vm.reconnects
+        assert self._checks is not None
+        self.counts.restart_checks += 1
+        for _seq, start, n in [*self.recent, *self.writing.values()]:
+            ticket = self._queue_up(start, n)
+            self._checks.start_soon(self._restart_read, start, n, ticket)
+
+    async def _restart_read(self, start: int, n: int, ticket: int) -> None:
+        await self.verify(start, n, ticket)
+        self.counts.restart_reads += 1
+
     async def _worker(self, stop: trio.Event, rng: random.Random) -> None:
         while not stop.is_set():
+            if self.vm.reconnects != self._reconnects:
+                self._after_restart()  # before this worker makes its next request
             step = next(self._steps)
             if step % FLUSH_EVERY == FLUSH_EVERY - 1:
                 await self._flush()
             if step % VERIFY_EVERY == VERIFY_EVERY - 1 and self.recent:
-                await self.verify(*rng.choice(self.recent))
+                _seq, start, n = rng.choice(self.recent)
+                await self.verify(start, n)
             if stop.is_set():
                 break
             seq = self.next_seq  # _write queues it up before its first checkpoint
@@ -460,10 +494,11 @@ class DiskSoak:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(watch)
                 async with trio.open_nursery() as writers:
+                    self._checks = writers
                     for _ in range(self.depth):
                         writers.start_soon(self._worker, stop, rng)
-                for seq, start, n in list(self.recent):
-                    await self.verify(seq, start, n)
+                for _seq, start, n in list(self.recent):
+                    await self.verify(start, n)
                 self.check_guest(baseline, rescans)
                 nursery.cancel_scope.cancel()
         except* Exception as group:  # also StorvscError, HostError: the driver gave up
@@ -547,6 +582,8 @@ async def disk_soak(
         "fua": c.fua,
         "flushes": c.flushes,
         "reads_verified": c.reads,
+        "restart_checks": c.restart_checks,
+        "restart_reads": c.restart_reads,
         "waits": c.waits,
         "seconds": round(time.monotonic() - t0, 3),
     }
