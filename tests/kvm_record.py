@@ -41,8 +41,8 @@ def tap(
     """Wrap `channel`'s receive and send so each packet is passed to `write`."""
     receive, send = channel.receive, channel.send
 
-    async def rec_receive(max_pkts: int | None = None) -> PacketBatch:
-        batch = await receive(max_pkts)
+    async def rec_receive(max_pkts: int | None = None, **kw: Any) -> PacketBatch:
+        batch = await receive(max_pkts, **kw)  # consume=False: the netvsc journal
         for p in batch:
             write(
                 {
@@ -60,7 +60,7 @@ def tap(
             )
         return batch
 
-    async def rec_send(packets: Sequence[OutPacket]) -> None:
+    async def rec_send(packets: Sequence[OutPacket], **kw: Any) -> None:
         for p in packets:
             body = b"".join(bytes(b) for b in p.body)
             write(
@@ -75,7 +75,7 @@ def tap(
                     **(extra_out(body[: p.ext_len]) if extra_out and p.type == 7 else {}),
                 }
             )
-        await send(packets)
+        await send(packets, **kw)
 
     channel.receive = rec_receive  # type: ignore[method-assign]
     channel.send = rec_send  # type: ignore[method-assign]

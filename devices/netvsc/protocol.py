@@ -429,6 +429,15 @@ class NvspServer:
         self.subchannels = 0
         self._pending: MapReceiveBuffer | MapSendBuffer | None = None
 
+    @property
+    def ndis_config_seen(self) -> bool:
+        """SEND_NDIS_CONFIG came (a restarted vmbusd must know: it comes once)."""
+        return self._ndis_config_seen
+
+    @ndis_config_seen.setter
+    def ndis_config_seen(self, seen: bool) -> None:
+        self._ndis_config_seen = seen
+
     @classmethod
     def for_subchannel(cls, primary: NvspServer) -> NvspServer:
         """A sub-channel's server: no NVSP init happens there (Linux goes straight to

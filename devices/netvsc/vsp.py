@@ -34,10 +34,12 @@ Not yet (issue 10): receive segment coalescing (RSC), link indications from
 
 from __future__ import annotations
 
+import struct
 import uuid
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import trio
 
@@ -53,11 +55,31 @@ from devices.netvsc.backends.base import (
     partial_frame,
 )
 from devices.netvsc.backends.tap import parse_mac
+from devices.netvsc.restart import (
+    MASK_BITS,
+    POST_GROUP,
+    PostRecord,
+    Sections,
+    check_state,
+    journal_offset,
+    load_nic,
+    save_nic,
+    section_id,
+)
 from vmbus import plugins
-from vmbus.channel import Channel, CompletedRequest
-from vmbus.device import Device, DeviceContext, DeviceOffer, GpadlMapping, GuestError
+from vmbus.channel import Channel
+from vmbus.device import (
+    INFLIGHT_SLOT_SIZE,
+    Device,
+    DeviceContext,
+    DeviceOffer,
+    GpadlMapping,
+    GuestError,
+)
+from vmbus.journal import JournalError, Pending, RequestJournal
 from vmbus.packet import (
     PacketType,
+    completion,
     completion_for,
     inband,
     packet_types_mask,
@@ -69,8 +91,10 @@ from vmbus.ring import OutPacket, Packet
 NETVSC_IF_TYPE = uuid.UUID("f8615163-df3e-46c5-913f-f2d2f965ed0e")  # HV_NIC_GUID
 CONTROL_SECTIONS = 16  # receive sections kept for control replies and indications
 RX_QUEUE_DEPTH = 1024  # frames queued towards one guest queue before drops
-MAX_RX_IN_FLIGHT = 4096  # transfer-page packets awaiting the guest's completion
-RX_RANGES_PER_PACKET = 64  # RNDIS messages (ranges) in one transfer-page packet
+RX_RANGES_PER_PACKET = MASK_BITS  # RNDIS messages (ranges) in one transfer-page packet
+JOURNAL_ENTRY = 192  # a journal entry: 160 bytes of the packet (a control GPA-direct fits)
+_DESC = struct.Struct("<HHHHQ")
+_U32 = struct.Struct("<I")
 
 
 MAX_MTU = 9000  # jumbo frames (without the Ethernet header)
@@ -106,6 +130,16 @@ class _Nic:
     release_send: trio.Event = field(default_factory=trio.Event)
     control_out: list[bytes] = field(default_factory=list)
     filtered: int = 0  # frames dropped before the guest set a packet filter
+    recv_handle: int | None = None  # the buffers' GPADLs (saved: a resume maps them again)
+    send_handle: int | None = None
+    # The receive sections in the guest's hands (restart.Sections), in `slot`: the
+    # primary channel's in-flight slot, or private memory without restart support.
+    sections: Sections | None = None
+    slot: memoryview | bytearray | None = None
+    changes: int = 0  # negotiation steps taken (NVSP, RNDIS control, link) ...
+    saved: int = 0  # ... and how many of them a saved state holds
+    replaying: bool = False  # running a dead vmbusd's requests again (resume)
+    sections_bad_logged: bool = False
 
     def wake(self) -> None:
         for q in self.queues:
@@ -120,13 +154,45 @@ class _Nic:
         the remainder."""
         return self.queues[min(self.runs - 1, (section - CONTROL_SECTIONS) // self.run)]
 
+    @property
+    def section_count(self) -> int:
+        """Receive sections in use (the layout's, capped by the in-flight bitmap)."""
+        return self.sections.count if self.sections is not None else CONTROL_SECTIONS
+
+    def init_free(self, busy: set[int]) -> None:
+        """Every section of the receive buffer free but `busy` (the guest holds them:
+        they come back with its completions), partitioned between the queues."""
+        count = self.section_count
+        self.free_control = [s for s in range(CONTROL_SECTIONS) if s not in busy]
+        for q in self.queues:
+            q.free = []
+        self.queues[0].free = [s for s in range(CONTROL_SECTIONS, count) if s not in busy]
+        self.partition()
+
+    def release(self, trans_ids: Iterable[int]) -> int:
+        """The guest completed these transfer-page packets: their sections go back
+        (control ones to the control pool, data ones to the queue that owns them
+        now). Returns how many ids named no section in the guest's hands."""
+        bad = 0
+        for tid in trans_ids:
+            secs = self.sections.release(tid) if self.sections is not None else None
+            if secs is None:
+                bad += 1
+                continue
+            for s in secs:
+                if s < CONTROL_SECTIONS:
+                    self.free_control.append(s)
+                else:
+                    self.owner(s).free.append(s)
+        self.wake()
+        return bad
+
     def partition(self) -> None:
         """Hand the free data sections to their queues (after the receive buffer is
         mapped, and again when sub-channels are granted); sections in flight go to
         their owner when the guest returns them."""
-        layout = self.nvsp.receive_layout
         self.runs = max(1, min(self.rndis.queues, len(self.queues)))
-        data = (layout.count if layout is not None else CONTROL_SECTIONS) - CONTROL_SECTIONS
+        data = self.section_count - CONTROL_SECTIONS
         self.run = max(1, data // self.runs)
         free = [s for q in self.queues for s in q.free]
         for q in self.queues:
@@ -196,6 +262,7 @@ class NetvscDevice(Device):
     packet_types = packet_types_mask(
         PacketType.INBAND, PacketType.GPA_DIRECT, PacketType.COMPLETION
     )
+    restartable = True  # save/restore, the receive sections' bitmap, the journal
 
     def __init__(
         self,
@@ -247,86 +314,311 @@ class NetvscDevice(Device):
     async def reset(self) -> None:
         self._nic = None
 
+    # -- restart (docs/attach-protocol.md#restart; devices/netvsc/restart.py) --
+
+    def save(self) -> object:
+        """The link state and everything the guest negotiated (restart.save_nic)."""
+        out: dict[str, object] = {"v": 1, "link": self.config.connected}
+        nic = self._nic
+        if nic is not None:
+            # the handles, not the mappings: a resumed NIC saved before its task has
+            # mapped them again still has them
+            out["nic"] = save_nic(nic.nvsp, nic.rndis, nic.recv_handle, nic.send_handle)
+        return out
+
+    def restore(self, state: object) -> None:
+        """Take the state back (checked as hostile: restart.load_nic); the primary
+        channel's `serve` then maps the buffers again instead of waiting for the
+        guest to negotiate."""
+        link, nic_state = check_state(state, self.config)
+        nic = None
+        if nic_state is not None:
+            nvsp, rndis, recv, send = load_nic(nic_state, self.config)
+            nic = _Nic(nvsp, rndis, [_Queue(i) for i in range(self.config.max_queues)])
+            nic.recv_handle, nic.send_handle = recv, send
+        self.config.connected = link
+        self._nic = nic
+
     def set_link(self, up: bool) -> bool:
         """Media connect/disconnect (what `vmbusd ctl ... nic link` will call): the
-        guest gets an RNDIS INDICATE_STATUS through a control section. Returns
-        whether a guest NIC was there to tell (the state is kept either way)."""
+        guest gets an RNDIS INDICATE_STATUS through a control section (after a saved
+        state holds the new link state). Returns whether a guest NIC was there to
+        tell (the state is kept either way)."""
         self.config.connected = up
         nic = self._nic
         if nic is None or nic.rndis.state is not rn.State.INITIALIZED:
             return False
         status = rn.Status.MEDIA_CONNECT if up else rn.Status.MEDIA_DISCONNECT
+        nic.changes += 1
         nic.control_out.append(rn.indicate_status(status))
         nic.queues[0].wakeup.set()
         return True
 
-    async def serve(self, channel: Channel, ctx: DeviceContext) -> None:
-        if ctx.sub_channel_index:
-            await self._serve_subchannel(channel, ctx)
+    @staticmethod
+    async def _persist(nic: _Nic, ctx: DeviceContext) -> None:
+        """Before the guest hears of a negotiation step: a saved state holding it
+        (one for all the steps taken so far; nothing when none is new)."""
+        gen = nic.changes
+        if nic.saved >= gen:
             return
-        nic = _Nic(
-            nv.NvspServer(max_subchannels=self.config.max_queues - 1),
-            rn.RndisDevice(self.config),
-            [_Queue(i) for i in range(self.config.max_queues)],
-        )
-        self._nic = nic
-        info = NicInfo(self.config.mac, self.config.mtu, self.config.max_queues)
-        async with trio.open_nursery() as nursery:
+        await ctx.save_state()
+        nic.saved = max(nic.saved, gen)
+
+    def _journal(self, ctx: DeviceContext) -> tuple[RequestJournal | None, list[Pending]]:
+        """The channel's request journal (restart support only): fresh for a channel
+        the guest just opened, the last vmbusd's with what it left undone otherwise."""
+        slot, rings = ctx.inflight, ctx.rings
+        if slot is None or rings is None:
+            return None, []
+        area = slot[journal_offset(len(slot)) :]
+        if ctx.resumed:
             try:
-                await nursery.start(self.backend.run, info, nic.deliver_batch)
-            except BackendError as exc:  # the host side is missing: this NIC cannot serve
-                ctx.log.warning("netvsc backend %s: %s", self.backend.name, exc)
-                raise
-            self._open_queue(nic, 0, channel, nursery)
-            while True:
-                out: list[OutPacket] = []
-                sends: list[_Send] = []
-                for pkt in await channel.receive():
-                    done = await self._handle(pkt, channel, ctx, nic, nursery)
-                    if isinstance(done, _Send):
-                        sends.append(done)
-                    else:
-                        out.extend(done)
-                if sends:
-                    out.extend(self._transmit(sends, nic.nvsp, ctx, nic, primary=True))
-                await channel.send(out)
-                nic.queues[0].wakeup.set()
+                return RequestJournal.resume(
+                    area, rings, entry_size=JOURNAL_ENTRY, copy=True, log=ctx.log
+                )
+            except JournalError as exc:
+                ctx.log.warning("netvsc: %s: a fresh journal", exc)
+        return RequestJournal.attach(area, rings, entry_size=JOURNAL_ENTRY, copy=True), []
 
-    def _open_queue(self, nic: _Nic, index: int, channel: Channel, nursery: trio.Nursery) -> None:
-        channel.track_completions(
-            lambda done: self._rx_completions(nic, done), max_in_flight=MAX_RX_IN_FLIGHT
-        )
-        nic.queues[index].channel = channel
-        nursery.start_soon(self._receive_path, nic, nic.queues[index])
-
-    async def _serve_subchannel(self, channel: Channel, ctx: DeviceContext) -> None:
-        nic = self._nic
-        if nic is None:
-            raise GuestError("sub-channel opened before the primary")
+    async def serve(self, channel: Channel, ctx: DeviceContext) -> None:
+        """One channel: the primary negotiates (or, resumed, maps the buffers the
+        guest negotiated with the last vmbusd), every channel transmits and
+        receives. Packets are taken through the channel's journal when the session
+        has restart support, so each SEND_RNDIS_PKT is completed exactly once."""
         index = ctx.sub_channel_index
-        if index >= len(nic.queues):
-            raise GuestError(f"sub-channel {index} beyond {len(nic.queues)} queues")
-        await nic.ready.wait()
-        nvsp = nv.NvspServer.for_subchannel(nic.nvsp)
+        if index:
+            nic = self._nic
+            if nic is None:
+                raise GuestError("sub-channel opened before the primary")
+            if index >= len(nic.queues):
+                raise GuestError(f"sub-channel {index} beyond {len(nic.queues)} queues")
+        elif ctx.resumed and self._nic is not None:
+            nic = self._nic
+        else:
+            nic = _Nic(
+                nv.NvspServer(max_subchannels=self.config.max_queues - 1),
+                rn.RndisDevice(self.config),
+                [_Queue(i) for i in range(self.config.max_queues)],
+            )
+            self._nic = nic
+        slot: memoryview | bytearray = (
+            ctx.inflight if ctx.inflight is not None else bytearray(INFLIGHT_SLOT_SIZE)
+        )
+        post = PostRecord(slot, ctx.rings if ctx.inflight is not None else None)
+        if not ctx.resumed:
+            post.clear()
+        journal, pending = self._journal(ctx)
         queue = nic.queues[index]
         try:
             async with trio.open_nursery() as nursery:
-                self._open_queue(nic, index, channel, nursery)
+                if not index:
+                    nic.slot = slot
+                    info = NicInfo(self.config.mac, self.config.mtu, self.config.max_queues)
+                    try:
+                        await nursery.start(self.backend.run, info, nic.deliver_batch)
+                    except BackendError as exc:  # the host side is missing: cannot serve
+                        ctx.log.warning("netvsc backend %s: %s", self.backend.name, exc)
+                        raise
+                    if ctx.resumed:
+                        await self._resume_buffers(ctx, nic, post, nursery)
+                    nvsp = nic.nvsp
+                else:
+                    await nic.ready.wait()
+                    nvsp = nv.NvspServer.for_subchannel(nic.nvsp)
+                    if ctx.resumed:
+                        nic.release(post.unpublished(ctx.log))
+                queue.channel = channel
+                nursery.start_soon(self._receive_path, nic, queue, ctx, post)
+                if pending:
+                    await self._replay(pending, channel, ctx, nic, nvsp, journal, post, nursery)
                 while True:
-                    out: list[OutPacket] = []
-                    sends: list[_Send] = []
-                    for pkt in await channel.receive():
-                        done = self._gather(pkt, nvsp, ctx, nic)
-                        if isinstance(done, _Send):
-                            sends.append(done)
-                        else:
-                            out.extend(done)
-                    if sends:
-                        out.extend(self._transmit(sends, nvsp, ctx, nic, primary=False))
-                    await channel.send(out)
-                    queue.wakeup.set()
+                    if journal is None:
+                        batch = await channel.receive()
+                        entries = [-1] * len(batch)
+                    else:
+                        batch, entries = await journal.receive(channel, channel.max_batch)
+                    await self._batch(
+                        list(zip(batch, entries, strict=True)),
+                        channel,
+                        ctx,
+                        nic,
+                        nvsp,
+                        journal,
+                        post,
+                        nursery,
+                    )
         finally:
-            queue.channel = None
+            if index:
+                queue.channel = None
+
+    async def _resume_buffers(
+        self, ctx: DeviceContext, nic: _Nic, post: PostRecord, nursery: trio.Nursery
+    ) -> None:
+        """A resumed primary: hold the buffers' GPADLs again; the receive sections
+        the guest still holds (the slot's bitmap, less what the last vmbusd never
+        published) stay out of use until the guest completes them."""
+        layout = nic.nvsp.receive_layout
+        if nic.recv_handle is not None and layout is not None:
+            nic.recv = await nursery.start(self._hold, ctx, nic, nic.recv_handle, True)
+            assert nic.slot is not None
+            nic.sections = Sections(nic.slot, layout.count)
+            if nic.sections.matches(nic.recv_handle):
+                busy = nic.sections.busy()
+            else:
+                ctx.log.warning("netvsc: no record of the receive sections: all taken as free")
+                nic.sections.reset(nic.recv_handle)
+                busy = set()
+            nic.init_free(busy)
+            unpublished = post.unpublished(ctx.log)
+            nic.release(unpublished)
+            ctx.log.info(
+                "netvsc resumed: %d receive section(s) in the guest's hands, %d never sent",
+                len(busy),
+                len(unpublished),
+            )
+        if nic.send_handle is not None and nic.nvsp.send_layout is not None:
+            nic.send = await nursery.start(self._hold, ctx, nic, nic.send_handle, False)
+            nic.ready.set()
+
+    async def _replay(
+        self,
+        pending: list[Pending],
+        channel: Channel,
+        ctx: DeviceContext,
+        nic: _Nic,
+        nvsp: nv.NvspServer,
+        journal: RequestJournal | None,
+        post: PostRecord,
+        nursery: trio.Nursery,
+    ) -> None:
+        """What the last vmbusd took off the ring and did not complete, each
+        completed once now: a kept answer is sent as it is; a control request runs
+        again (idempotently: the saved state may already hold its effect); a data
+        send is completed without its frames (frames may be lost at a crash)."""
+        items: list[tuple[Packet, int]] = []
+        out: list[OutPacket] = []
+        out_e: list[int] = []
+        for p in pending:
+            if p.reply is not None:
+                out.append(completion(p.trans_id, p.reply))
+                out_e.append(p.entry)
+                continue
+            pkt = _packet_of(p.packet or b"")
+            if pkt is None or p.truncated:
+                # Only a data send has packets this long (a GPA-direct frame): lost.
+                done = _packet_desc(p.packet or b"")
+                if done is not None and done[1] & 1 and done[0] == PacketType.GPA_DIRECT:
+                    out.append(completion(p.trans_id, nv.rndis_pkt_complete(nv.Status.SUCCESS)))
+                    out_e.append(p.entry)
+                elif journal is not None:
+                    journal.drop(p.entry)
+                continue
+            if _is_data_send(pkt):
+                if wants_completion(pkt):
+                    out.append(completion_for(pkt, nv.rndis_pkt_complete(nv.Status.SUCCESS)))
+                    out_e.append(p.entry)
+                elif journal is not None:
+                    journal.drop(p.entry)
+                continue
+            items.append((pkt, p.entry))
+        ctx.log.info(
+            "netvsc resumed: %d request(s) the last vmbusd left: %d completed, %d run again",
+            len(pending),
+            len(out),
+            len(items),
+        )
+        if out:
+            await self._complete(channel, journal, out_e, out)
+        nic.replaying = True
+        try:
+            await self._batch(items, channel, ctx, nic, nvsp, journal, post, nursery)
+        finally:
+            nic.replaying = False
+
+    @staticmethod
+    async def _complete(
+        channel: Channel,
+        journal: RequestJournal | None,
+        entries: list[int],
+        packets: list[OutPacket],
+    ) -> None:
+        if journal is None:
+            await channel.send(packets)
+        else:
+            await journal.send_completions(channel, entries, packets)
+
+    async def _batch(
+        self,
+        items: list[tuple[Packet, int]],
+        channel: Channel,
+        ctx: DeviceContext,
+        nic: _Nic,
+        nvsp: nv.NvspServer,
+        journal: RequestJournal | None,
+        post: PostRecord,
+        nursery: trio.Nursery,
+    ) -> None:
+        """One ring batch (packet, journal entry): receive completions give sections
+        back, NVSP control is answered, sends are transmitted together. Then a saved
+        state if the guest negotiated something, RNDIS replies into control sections,
+        and last the completions (exactly once, through the journal)."""
+        primary = not ctx.sub_channel_index
+        out: list[OutPacket] = []
+        out_e: list[int] = []
+        sends: list[_Send] = []
+        send_e: list[int] = []
+        drops: list[int] = []
+        bad = 0
+        for pkt, e in items:
+            if pkt.type == PacketType.COMPLETION:  # the guest gave receive sections back
+                # Forget the entry first, then free the sections: a crash in between
+                # loses them (never completed again), the other order could free
+                # sections a resumed vmbusd has handed out again since.
+                if journal is not None and e >= 0:
+                    journal.drop(e)
+                bad += nic.release((pkt.trans_id,))
+                continue
+            if primary:
+                done = await self._handle(pkt, channel, ctx, nic, nursery)
+            else:
+                done = self._gather(pkt, nvsp, ctx, nic)
+            if isinstance(done, _Send):
+                sends.append(done)
+                send_e.append(e)
+                continue
+            used = False
+            for op in done:
+                mine = not used and op.type == PacketType.COMPLETION and op.trans_id == pkt.trans_id
+                used = used or mine
+                out.append(op)
+                out_e.append(e if mine else -1)
+            if not used:
+                drops.append(e)
+        if bad and not nic.sections_bad_logged:
+            nic.sections_bad_logged = True
+            ctx.log.warning(
+                "netvsc: %d receive completion(s) named sections the guest does not "
+                "hold: ignored (further ones only counted)",
+                bad,
+            )
+        if sends:
+            replies = self._transmit(sends, nvsp, ctx, nic, primary=primary)
+            for e, reply in zip(send_e, replies, strict=True):
+                if reply is None:
+                    drops.append(e)
+                else:
+                    out.append(reply)
+                    out_e.append(e)
+        await self._persist(nic, ctx)
+        if journal is not None:
+            for e in drops:
+                if e >= 0:
+                    journal.drop(e)
+        if primary and nic.control_out:  # the RNDIS reply before the NVSP completion
+            await self._post_control(channel, nic, post)
+        if out:
+            await self._complete(channel, journal, out_e, out)
+        nic.queues[ctx.sub_channel_index].wakeup.set()
 
     # -- guest -> host --
 
@@ -338,14 +630,17 @@ class NetvscDevice(Device):
         nic: _Nic,
         nursery: trio.Nursery,
     ) -> list[OutPacket] | _Send:
-        if pkt.type == PacketType.COMPLETION:
-            return []  # not one of ours (ours are matched by the channel): ignored
+        if nic.replaying and pkt.type == PacketType.INBAND:
+            again = self._answered_before(pkt, nic)
+            if again is not None:
+                return again
         try:
             ev = nic.nvsp.receive(pkt.payload) if pkt.type == PacketType.INBAND else None
         except nv.NvspError as exc:
             return self._refuse(pkt, exc, ctx)
         if ev is None or isinstance(ev, nv.RndisPacket):
             return self._gather(pkt, nic.nvsp, ctx, nic, event=ev)
+        nic.changes += 1  # a negotiation step: saved before the guest hears of it
         reply: bytes | None = None
         try:
             if isinstance(ev, nv.MapReceiveBuffer | nv.MapSendBuffer):
@@ -354,16 +649,16 @@ class NetvscDevice(Device):
                 if receive:
                     reply = nic.nvsp.receive_buffer_mapped(mapping.size)
                     nic.recv = mapping
+                    nic.recv_handle = ev.gpadl_handle
                     layout = nic.nvsp.receive_layout
-                    assert layout is not None
-                    nic.free_control = list(range(CONTROL_SECTIONS))
-                    for q in nic.queues:
-                        q.free = []
-                    nic.queues[0].free = list(range(CONTROL_SECTIONS, layout.count))
-                    nic.partition()
+                    assert layout is not None and nic.slot is not None
+                    nic.sections = Sections(nic.slot, layout.count)
+                    nic.sections.reset(ev.gpadl_handle)
+                    nic.init_free(set())
                 else:
                     reply = nic.nvsp.send_buffer_mapped(mapping.size)
                     nic.send = mapping
+                    nic.send_handle = ev.gpadl_handle
                     nic.ready.set()
             elif isinstance(ev, nv.AllocateSubchannels):
                 relids = await ctx.enable_subchannels(ev.granted)
@@ -386,6 +681,31 @@ class NetvscDevice(Device):
         if reply is not None and wants_completion(pkt):
             return [completion_for(pkt, reply)]
         return []
+
+    @staticmethod
+    def _answered_before(pkt: Packet, nic: _Nic) -> list[OutPacket] | None:
+        """Resume: a request the last vmbusd may have applied (and saved) without
+        completing: the answer it gave, where running it again would be refused as a
+        repeat (INIT, the NDIS messages, the buffers); None: run it as usual."""
+        data = bytes(pkt.payload[: nv.NVSP_MESSAGE_SIZE])
+        if len(data) < 4:
+            return None
+        (msg_type,) = _U32.unpack_from(data)
+        n = nic.nvsp
+        reply: bytes | None
+        if msg_type == nv.Msg.INIT and n.phase is not nv.Phase.AWAIT_INIT:
+            reply = nv.init_complete(nv.Status.SUCCESS, version=n.version)
+        elif msg_type == nv.Msg.SEND_NDIS_VER and n.ndis_version is not None:
+            reply = None
+        elif msg_type == nv.Msg.SEND_NDIS_CONFIG and n.ndis_config_seen:
+            reply = None
+        elif msg_type == nv.Msg.SEND_RECV_BUF and n.receive_layout is not None:
+            reply = nv.recv_buf_complete(nv.Status.SUCCESS, n.receive_layout)
+        elif msg_type == nv.Msg.SEND_SEND_BUF and n.send_layout is not None:
+            reply = nv.send_buf_complete(nv.Status.SUCCESS, n.send_layout.section_size)
+        else:
+            return None
+        return [completion_for(pkt, reply)] if reply is not None and wants_completion(pkt) else []
 
     async def _map(
         self, ctx: DeviceContext, nic: _Nic, handle: int, nursery: trio.Nursery, *, receive: bool
@@ -415,12 +735,12 @@ class NetvscDevice(Device):
                 await release.wait()
                 watch.cancel_scope.cancel()
             if receive:
-                nic.recv = None
+                nic.recv = nic.recv_handle = None
                 for q in nic.queues:
                     q.free.clear()
                 nic.free_control.clear()
             else:
-                nic.send = None
+                nic.send = nic.send_handle = None
 
     @staticmethod
     def _refuse(pkt: Packet, exc: nv.NvspError, ctx: DeviceContext) -> list[OutPacket]:
@@ -470,11 +790,12 @@ class NetvscDevice(Device):
         nic: _Nic,
         *,
         primary: bool,
-    ) -> list[OutPacket]:
+    ) -> list[OutPacket | None]:
         """A batch of SEND_RNDIS_PKTs: every RNDIS message checked and read in one
         fastpath call; the frames of the NVSP messages it accepts offloaded here, the
         others (control, or refused) through the Python slow path; all the batch's
-        frames to the backend in one `transmit`; the completions."""
+        frames to the backend in one `transmit`; each send's completion (None for a
+        send that asked for none)."""
         index: list[tuple[int, int]] = []
         pos = 0
         for snd in sends:
@@ -484,7 +805,7 @@ class NetvscDevice(Device):
         max_frame = min(nvsp.mtu, self.config.mtu + rn.ETH_HLEN)
         results = fastpath.tx_parse(buf, index, max_frame)
         frames: list[Frame] = []
-        out: list[OutPacket] = []
+        out: list[OutPacket | None] = []
         view = memoryview(buf)
         counters = nic.rndis.counters
         for snd, res, (start, length) in zip(sends, results, index, strict=True):
@@ -497,8 +818,8 @@ class NetvscDevice(Device):
                 status = self._rndis_slow(
                     view[start : start + length], max_frame, ctx, nic, frames, primary=primary
                 )
-            if wants_completion(snd.pkt):
-                out.append(completion_for(snd.pkt, nvsp.rndis_complete(status)))
+            wanted = wants_completion(snd.pkt)
+            out.append(completion_for(snd.pkt, nvsp.rndis_complete(status)) if wanted else None)
         if frames:
             self.backend.transmit(ctx.sub_channel_index, frames)
         return out
@@ -571,7 +892,9 @@ class NetvscDevice(Device):
                 elif not primary:
                     raise rn.RndisError("RNDIS control on a sub-channel")
                 else:
-                    result = nic.rndis.control(msg)
+                    nic.changes += 1  # saved before the guest hears the reply
+                    again = self._initialized_before(msg, nic)
+                    result = nic.rndis.control(msg) if again is None else again
                     if result.reply is not None:
                         nic.control_out.append(result.reply)
         except offload.OffloadError as exc:
@@ -588,6 +911,17 @@ class NetvscDevice(Device):
         return status
 
     @staticmethod
+    def _initialized_before(msg: memoryview, nic: _Nic) -> rn.ControlResult | None:
+        """Resume: an INITIALIZE the last vmbusd applied (and saved) without
+        answering gets the answer it would have had, not "second INITIALIZE"."""
+        if not nic.replaying or nic.rndis.state is not rn.State.INITIALIZED or len(msg) < 12:
+            return None
+        msg_type, _len, req_id = struct.unpack_from("<III", msg)
+        if msg_type != rn.MsgType.INITIALIZE:
+            return None
+        return rn.ControlResult(nic.rndis.init_cmplt(req_id, rn.Status.SUCCESS))
+
+    @staticmethod
     def _offload(frame: bytes, p: rn.TxPacket) -> list[bytes]:
         """What the guest asked of us before the frame leaves, in the reference code:
         segmentation (which fills every checksum) or the checksums alone."""
@@ -601,34 +935,44 @@ class NetvscDevice(Device):
 
     # -- host -> guest --
 
-    @staticmethod
-    def _rx_completions(nic: _Nic, done: list[CompletedRequest]) -> None:
-        """The guest gave receive sections back (its completion's status is not
-        ours to act on: Linux reports a bad range as FAIL and drops the frame); each
-        data section goes back to the queue that owns it now."""
-        for c in done:
-            sections, control = cast(tuple[tuple[int, ...], bool], c.context)
-            if control:
-                nic.free_control.extend(sections)
-            else:
-                for section in sections:
-                    nic.owner(section).free.append(section)
-        nic.wake()
-
-    async def _receive_path(self, nic: _Nic, queue: _Queue) -> None:
-        """Control replies (queue 0 only), then the frames steered to this queue, into
-        its free sections, indicated on this queue's channel. Woken by new frames, by
-        each batch the channel handled and when sections come back."""
+    async def _receive_path(
+        self, nic: _Nic, queue: _Queue, ctx: DeviceContext, post: PostRecord
+    ) -> None:
+        """Control replies (queue 0 only: after a saved state holds what they
+        answer), then the frames steered to this queue, into its free sections,
+        indicated on this queue's channel. Woken by new frames, by each batch the
+        channel handled and when sections come back."""
         assert queue.channel is not None
         channel = queue.channel
         while True:
             await queue.wakeup.wait()
             queue.wakeup = trio.Event()
-            if queue.index == 0:
-                await self._post_control(channel, nic)
-            await self._post_data(channel, nic, queue)
+            if queue.index == 0 and nic.control_out:
+                await self._persist(nic, ctx)
+                await self._post_control(channel, nic, post)
+            await self._post_data(channel, nic, queue, post)
 
-    async def _post_control(self, channel: Channel, nic: _Nic) -> None:
+    @staticmethod
+    async def _publish(
+        channel: Channel, nic: _Nic, post: PostRecord, pkts: list[OutPacket]
+    ) -> None:
+        """Transfer-page packets to the guest, POST_GROUP at a time: each group's
+        sections marked in the guest's hands and its ids recorded, with the send
+        lock held, right before it is written (restart.PostRecord)."""
+        sections = nic.sections
+        assert sections is not None
+        for i in range(0, len(pkts), POST_GROUP):
+            group = pkts[i : i + POST_GROUP]
+            ids = [p.trans_id for p in group]
+
+            def before(ids: list[int] = ids) -> None:
+                post.before(ids)
+                sections.mark(ids)
+
+            await channel.send(group, before=before)
+            post.done(ids)
+
+    async def _post_control(self, channel: Channel, nic: _Nic, post: PostRecord) -> None:
         """RNDIS control replies and indications, one per transfer-page packet (as
         Linux's rndis_filter_receive expects a completion per request)."""
         layout = nic.nvsp.receive_layout
@@ -636,7 +980,6 @@ class NetvscDevice(Device):
             return
         view = nic.recv.view
         pkts: list[OutPacket] = []
-        ctxs: list[Any] = []
         while nic.free_control and nic.control_out:
             msg = nic.control_out.pop(0)
             if len(msg) > layout.section_size:
@@ -646,14 +989,18 @@ class NetvscDevice(Device):
             offset = section * layout.section_size
             view[offset : offset + len(msg)] = msg
             rndis = nv.rndis_pkt(nv.CHANNEL_TYPE_CONTROL)
-            pkts.append(xfer_pages(layout.buffer_id, [(len(msg), offset)], rndis))
-            ctxs.append(((section,), True))
+            base, bit = section_id(section)
+            tid = base << MASK_BITS | bit
+            pkts.append(xfer_pages(layout.buffer_id, [(len(msg), offset)], rndis, trans_id=tid))
         if pkts:
-            await channel.post_requests(pkts, ctxs)
+            await self._publish(channel, nic, post, pkts)
 
-    async def _post_data(self, channel: Channel, nic: _Nic, queue: _Queue) -> None:
+    async def _post_data(
+        self, channel: Channel, nic: _Nic, queue: _Queue, post: PostRecord
+    ) -> None:
         """As many queued frames as the queue has free sections, built in one
-        fastpath call, RX_RANGES_PER_PACKET sections to a transfer-page packet."""
+        fastpath call, in ascending sections; a transfer-page packet takes the
+        sections within MASK_BITS of its first (its id names them: restart.py)."""
         layout = nic.nvsp.receive_layout
         recv = nic.recv
         if layout is None or recv is None:
@@ -663,28 +1010,70 @@ class NetvscDevice(Device):
             return
         size = layout.section_size
         batch = [queue.frames.popleft() for _ in range(n)]
-        sections = [queue.free.pop() for _ in range(n)]
+        sections = sorted(queue.free.pop() for _ in range(n))
         lens = fastpath.rx_build(recv.view, batch, [s * size for s in sections], size)
-        ranges: list[tuple[int, int]] = []
-        used: list[int] = []
-        for section, length in zip(sections, lens, strict=True):
-            if length:
-                ranges.append((length, section * size))
-                used.append(section)
-            else:  # larger than a section: never the case for frames within the MTU
-                nic.rndis.counters.rcv_error += 1
-                queue.free.append(section)
-        if not used:
-            return
         rndis = nv.rndis_pkt(nv.CHANNEL_TYPE_DATA)
         pkts: list[OutPacket] = []
-        ctxs: list[Any] = []
-        for i in range(0, len(used), RX_RANGES_PER_PACKET):
-            pkts.append(xfer_pages(layout.buffer_id, ranges[i : i + RX_RANGES_PER_PACKET], rndis))
-            ctxs.append((tuple(used[i : i + RX_RANGES_PER_PACKET]), False))
-        nic.rndis.counters.rcv_ok += len(used)
-        queue.delivered += len(used)
-        await channel.post_requests(pkts, ctxs)
+        ranges: list[tuple[int, int]] = []
+        base = mask = 0
+        used = 0
+        for section, length in zip(sections, lens, strict=True):
+            if not length:  # larger than a section: never the case for frames within the MTU
+                nic.rndis.counters.rcv_error += 1
+                queue.free.append(section)
+                continue
+            if ranges and section >= base * 8 + MASK_BITS:
+                pkts.append(
+                    xfer_pages(layout.buffer_id, ranges, rndis, trans_id=base << MASK_BITS | mask)
+                )
+                ranges = []
+            if not ranges:
+                base, mask = section >> 3, 0
+            mask |= 1 << (section - base * 8)
+            ranges.append((length, section * size))
+            used += 1
+        if ranges:
+            pkts.append(
+                xfer_pages(layout.buffer_id, ranges, rndis, trans_id=base << MASK_BITS | mask)
+            )
+        if not pkts:
+            return
+        nic.rndis.counters.rcv_ok += used
+        queue.delivered += used
+        await self._publish(channel, nic, post, pkts)
+
+
+def _packet_desc(data: bytes) -> tuple[int, int, int] | None:
+    """(type, flags, trans_id) of a journalled packet, when its descriptor is there."""
+    if len(data) < 16:
+        return None
+    typ, _off8, _len8, flags, tid = _DESC.unpack_from(data)
+    return typ, flags, tid
+
+
+def _packet_of(data: bytes) -> Packet | None:
+    """A journalled packet (descriptor included) as the ring reader gives it; None
+    when the bytes do not hold a whole one (the slot is memory the VMM can write)."""
+    if len(data) < 16:
+        return None
+    typ, off8, len8, flags, tid = _DESC.unpack_from(data)
+    if not 2 <= off8 <= len8 or len8 * 8 > len(data):
+        return None
+    if typ not in (PacketType.INBAND, PacketType.GPA_DIRECT, PacketType.COMPLETION):
+        return None
+    view = memoryview(data)
+    return Packet(typ, flags, tid, off8, len8, view[16 : off8 * 8], view[off8 * 8 : len8 * 8])
+
+
+def _is_data_send(pkt: Packet) -> bool:
+    """A SEND_RNDIS_PKT of the data channel type (frames, no RNDIS control)."""
+    if pkt.type not in (PacketType.INBAND, PacketType.GPA_DIRECT):
+        return False
+    head = bytes(pkt.payload[:8])
+    return len(head) == 8 and struct.unpack("<II", head) == (
+        nv.Msg.SEND_RNDIS_PKT,
+        nv.CHANNEL_TYPE_DATA,
+    )
 
 
 @dataclass(frozen=True)
