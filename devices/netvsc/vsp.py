@@ -86,7 +86,7 @@ from vmbus.packet import (
     wants_completion,
     xfer_pages,
 )
-from vmbus.ring import OutPacket, Packet
+from vmbus.ring import OutPacket, Packet, packet_ring_bytes
 
 NETVSC_IF_TYPE = uuid.UUID("f8615163-df3e-46c5-913f-f2d2f965ed0e")  # HV_NIC_GUID
 CONTROL_SECTIONS = 16  # receive sections kept for control replies and indications
@@ -424,6 +424,8 @@ class NetvscDevice(Device):
                     nvsp = nic.nvsp
                 else:
                     await nic.ready.wait()
+                    if nic.nvsp.phase is not nv.Phase.READY:  # revoked: the guest is leaving
+                        await trio.sleep_forever()
                     nvsp = nv.NvspServer.for_subchannel(nic.nvsp)
                     if ctx.resumed:
                         nic.release(post.unpublished(ctx.log))
@@ -459,7 +461,13 @@ class NetvscDevice(Device):
         published) stay out of use until the guest completes them."""
         layout = nic.nvsp.receive_layout
         if nic.recv_handle is not None and layout is not None:
-            nic.recv = await nursery.start(self._hold, ctx, nic, nic.recv_handle, True)
+            try:
+                nic.recv = await nursery.start(self._hold, ctx, nic, nic.recv_handle, True)
+            except GuestError as exc:  # the guest was tearing it down: gone, as it would be
+                ctx.log.info("netvsc resumed without its receive buffer: %s", exc.reason)
+                nic.recv_handle = None
+                layout = None
+        if nic.recv_handle is not None and layout is not None:
             assert nic.slot is not None
             nic.sections = Sections(nic.slot, layout.count)
             if nic.sections.matches(nic.recv_handle):
@@ -477,7 +485,12 @@ class NetvscDevice(Device):
                 len(unpublished),
             )
         if nic.send_handle is not None and nic.nvsp.send_layout is not None:
-            nic.send = await nursery.start(self._hold, ctx, nic, nic.send_handle, False)
+            try:
+                nic.send = await nursery.start(self._hold, ctx, nic, nic.send_handle, False)
+            except GuestError as exc:
+                ctx.log.info("netvsc resumed without its send buffer: %s", exc.reason)
+                nic.send_handle = None
+                return
             nic.ready.set()
 
     async def _replay(
@@ -703,6 +716,10 @@ class NetvscDevice(Device):
             reply = nv.recv_buf_complete(nv.Status.SUCCESS, n.receive_layout)
         elif msg_type == nv.Msg.SEND_SEND_BUF and n.send_layout is not None:
             reply = nv.send_buf_complete(nv.Status.SUCCESS, n.send_layout.section_size)
+        elif msg_type == nv.Msg.REVOKE_RECV_BUF and n.receive_layout is None:
+            reply = None
+        elif msg_type == nv.Msg.REVOKE_SEND_BUF and n.send_layout is None:
+            reply = None
         else:
             return None
         return [completion_for(pkt, reply)] if reply is not None and wants_completion(pkt) else []
@@ -912,14 +929,17 @@ class NetvscDevice(Device):
 
     @staticmethod
     def _initialized_before(msg: memoryview, nic: _Nic) -> rn.ControlResult | None:
-        """Resume: an INITIALIZE the last vmbusd applied (and saved) without
-        answering gets the answer it would have had, not "second INITIALIZE"."""
-        if not nic.replaying or nic.rndis.state is not rn.State.INITIALIZED or len(msg) < 12:
+        """Resume: an INITIALIZE (or HALT) the last vmbusd applied (and saved)
+        without answering gets the answer it would have had, not a refusal."""
+        if not nic.replaying or len(msg) < 12:
             return None
         msg_type, _len, req_id = struct.unpack_from("<III", msg)
-        if msg_type != rn.MsgType.INITIALIZE:
-            return None
-        return rn.ControlResult(nic.rndis.init_cmplt(req_id, rn.Status.SUCCESS))
+        state = nic.rndis.state
+        if msg_type == rn.MsgType.INITIALIZE and state is rn.State.INITIALIZED:
+            return rn.ControlResult(nic.rndis.init_cmplt(req_id, rn.Status.SUCCESS))
+        if msg_type == rn.MsgType.HALT and state is rn.State.HALTED:
+            return rn.ControlResult(None)
+        return None
 
     @staticmethod
     def _offload(frame: bytes, p: rn.TxPacket) -> list[bytes]:
@@ -956,13 +976,22 @@ class NetvscDevice(Device):
     async def _publish(
         channel: Channel, nic: _Nic, post: PostRecord, pkts: list[OutPacket]
     ) -> None:
-        """Transfer-page packets to the guest, POST_GROUP at a time: each group's
+        """Transfer-page packets to the guest, POST_GROUP at a time (and at most half
+        the ring, so the span a resume reads back never wraps): each group's
         sections marked in the guest's hands and its ids recorded, with the send
         lock held, right before it is written (restart.PostRecord)."""
         sections = nic.sections
         assert sections is not None
-        for i in range(0, len(pkts), POST_GROUP):
-            group = pkts[i : i + POST_GROUP]
+        limit = post.rings.downstream_size // 2 if post.rings is not None else 1 << 62
+        i = 0
+        while i < len(pkts):
+            j, size = i, 0
+            while j < len(pkts) and j - i < POST_GROUP:
+                size += packet_ring_bytes(sum(memoryview(b).nbytes for b in pkts[j].body))
+                if j > i and size > limit:
+                    break
+                j += 1
+            group, i = pkts[i:j], j
             ids = [p.trans_id for p in group]
 
             def before(ids: list[int] = ids) -> None:
