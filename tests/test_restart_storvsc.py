@@ -322,12 +322,9 @@ def restart_loop(tmp: Path, kills: int, seed: int, sig: int) -> None:
     rng = random.Random(seed)
     with disk_soak(tmp, "--reconnect-timeout", "60") as (svc, soak):
         soak.started()
-        progressed = 0
         for i in range(kills):
-            before = soak.acked()
             time.sleep(rng.uniform(0.05, 0.6))
             assert soak.proc.poll() is None, f"the VM exited at kill {i}: {soak.text()[-2000:]}"
-            progressed += soak.acked() > before
             svc.stop(sig)
             if rng.random() < 0.3:
                 time.sleep(rng.uniform(0.0, 0.5))  # the VM finds nobody listening
@@ -337,6 +334,10 @@ def restart_loop(tmp: Path, kills: int, seed: int, sig: int) -> None:
                 f"the resume after kill {i}: {svc.logs[-1].read_text(errors='replace')[-1500:]}",
                 30,
             )
+            # ... and its disk is busy again (a request stuck in a ring shows here, at
+            # the kill that lost it, not as the guest's 30 s I/O timeout much later)
+            acked = soak.acked()
+            wait_for(lambda n=acked: soak.acked() > n, f"a write acknowledged after kill {i}", 20)
         # The last vmbusd serves the VM a while: writes are acknowledged again.
         after = soak.acked()
         wait_for(lambda: soak.acked() > after + 100, "writes after the last restart")
@@ -348,7 +349,6 @@ def restart_loop(tmp: Path, kills: int, seed: int, sig: int) -> None:
         restart_checks = summary["restart_checks"]
         assert isinstance(restart_checks, int) and 1 <= restart_checks <= kills, summary
         assert summary["restart_reads"] > restart_checks, summary  # type: ignore[operator]
-        assert progressed >= kills // 2, (progressed, kills)  # kills hit a busy disk
         assert "resume refused" not in log
         assert "channel reset" not in log
         assert "no restart support" not in log
