@@ -337,7 +337,13 @@ def restart_loop(tmp: Path, kills: int, seed: int, sig: int) -> None:
             # ... and its disk is busy again (a request stuck in a ring shows here, at
             # the kill that lost it, not as the guest's 30 s I/O timeout much later)
             acked = soak.acked()
-            wait_for(lambda n=acked: soak.acked() > n, f"a write acknowledged after kill {i}", 20)
+            try:
+                wait_for(lambda n=acked: soak.acked() > n, "", 20)
+            except AssertionError:
+                raise AssertionError(
+                    f"no write acknowledged within 20 s of the resume after kill {i}:\n"
+                    f"{svc.logs[-1].read_text(errors='replace')[-2000:]}\n{soak.text()[-1500:]}"
+                ) from None
         # The last vmbusd serves the VM a while: writes are acknowledged again.
         after = soak.acked()
         wait_for(lambda: soak.acked() > after + 100, "writes after the last restart")

@@ -41,7 +41,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from devices.storvsc.protocol import DataIn
+from devices.storvsc.protocol import DataIn, SrbReply
+from devices.storvsc.vsc import StorvscError
 from vmbus.guest.workloads import EchoMismatch
 
 if TYPE_CHECKING:
@@ -361,8 +362,8 @@ class DiskSoak:
                 + (n * self.per_block).to_bytes(4, "big")
                 + b"\0\0"
             )
-            reply, _ = await self.hba.execute(cdb, lun=self.lun, data_in=DataIn.WRITE, data=data)
             what = f"WRITE(16) seq {seq} at block {start}+{n}{' FUA' if fua else ''}"
+            reply, _ = await self._srb(what, cdb, data_in=DataIn.WRITE, data=data)
             if not reply.success:
                 sense = reply.sense.hex() if reply.sense else "-"
                 raise DiskSoakError(
@@ -385,10 +386,18 @@ class DiskSoak:
             self.writing.pop(seq, None)
             self._release(start, n)
 
+    async def _srb(
+        self, what: str, cdb: bytes, *, data_in: int = DataIn.NONE, **kw: Any
+    ) -> tuple[SrbReply, bytes]:
+        """One SRB to our LUN; the driver giving up (a timeout) is a DiskSoakError
+        saying what the queues looked like at that moment."""
+        try:
+            return await self.hba.execute(cdb, lun=self.lun, data_in=data_in, **kw)
+        except StorvscError as exc:
+            raise DiskSoakError(f"disk-soak: {what}: {exc}; {self.queue_state()}") from None
+
     async def _flush(self) -> None:
-        reply, _ = await self.hba.execute(
-            bytes([0x35]) + bytes(9), lun=self.lun, data_in=DataIn.NONE
-        )
+        reply, _ = await self._srb("SYNCHRONIZE CACHE", bytes([0x35]) + bytes(9))
         if not reply.success:
             raise DiskSoakError(
                 f"disk-soak: SYNCHRONIZE CACHE: srb {reply.srb_status:#x} "
@@ -404,7 +413,15 @@ class DiskSoak:
             ticket = self._queue_up(start, n)
         await self._claim(ticket, start, n)
         try:
-            data = await self.hba.read(self.lun, start * self.per_block, n * self.per_block)
+            lba, count = start * self.per_block, n * self.per_block
+            cdb = bytes([0x88, 0]) + lba.to_bytes(8, "big") + count.to_bytes(4, "big") + b"\0\0"
+            what = f"READ(16) of block {start}+{n}"
+            reply, data = await self._srb(what, cdb, data_in=DataIn.READ, length=n * BLOCK)
+            if not reply.success or len(data) != n * BLOCK:
+                raise DiskSoakError(
+                    f"disk-soak: {what}: srb {reply.srb_status:#x} scsi "
+                    f"{reply.scsi_status:#x}, {len(data)} of {n * BLOCK} bytes"
+                )
             for i in range(n):
                 b = start + i
                 want = self.acked.get(b)
@@ -503,6 +520,22 @@ class DiskSoak:
                 nursery.cancel_scope.cancel()
         except* Exception as group:  # also StorvscError, HostError: the driver gave up
             raise _first_failure(group) from None
+
+    def queue_state(self) -> str:
+        """Per queue: requests waiting for a completion, and completion bytes in the
+        ring unread (> 0 with requests waiting: the guest missed an interrupt; 0: the
+        host never answered). For the line a timed-out request is reported with."""
+        parts = []
+        for q in self.hba.queues:
+            try:
+                unread: object = q.channel.reader.bytes_to_read()
+            except Exception as exc:  # a corrupt ring says so here
+                unread = exc
+            parts.append(
+                f"queue {q.index} (relid {q.gch.offer.relid}): {len(q.waiters)} waiting, "
+                f"{unread} bytes unread, {q.channel.stats.wakeups} wake-ups"
+            )
+        return "; ".join(parts)
 
 
 def _first_failure(group: BaseExceptionGroup[Exception]) -> DiskSoakError:
