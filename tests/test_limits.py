@@ -437,3 +437,46 @@ def test_bad_per_vm_limits_name_the_vm() -> None:
         VmDevices(cfg, "vm.toml")
     with pytest.raises(LimitsError, match="must be a table"):
         parse_limits(5, "[limits]")
+
+
+async def test_storvsc_takes_a_budget_slot_per_request_and_none_idle(tmp_path: Path) -> None:
+    """storvsc holds one slot of the VM's budget per request from the ring to its
+    completion: with outstanding_requests = 6, 40 concurrent slow READs are never
+    more than 6 at the backend at once; idle, the controller holds no slot."""
+    from devices.storvsc.protocol import SCSI_IF_TYPE
+    from devices.storvsc.vsc import attach_storvsc
+
+    lun = {
+        "backend": "faulty",
+        "inner": {"backend": "memory", "size": 1 << 20},
+        "read_latency": 50,  # ms
+    }
+    cfg = {
+        "device": [{"type": "storvsc", "lun": [lun]}],
+        "vm": {"tight": {"limits": {"outstanding_requests": 6}}},
+    }
+    async with _service(tmp_path, cfg) as (path, sessions):
+        async with _vm(path, "tight") as vm:
+            (offer,) = vm.find_offers(SCSI_IF_TYPE)
+            async with attach_storvsc(vm, offer) as hba:
+                budget = _session(sessions, "tight").limits.requests  # type: ignore[union-attr]
+                peak = 0
+
+                async def watch() -> None:
+                    nonlocal peak
+                    while True:
+                        peak = max(peak, budget.in_use)
+                        await trio.sleep(0.005)
+
+                async with trio.open_nursery() as n:
+                    n.start_soon(watch)
+                    t = trio.current_time()
+                    async with trio.open_nursery() as reads:
+                        for i in range(40):
+                            reads.start_soon(hba.read, 0, i, 1)
+                    took = trio.current_time() - t
+                    n.cancel_scope.cancel()
+                assert peak == 6, peak
+                assert took >= 40 / 6 * 0.05 * 0.9, took
+                await trio.sleep(0.1)
+                assert budget.in_use == 0  # an idle controller holds nothing

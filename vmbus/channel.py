@@ -316,6 +316,17 @@ class Channel:
                 raise RingCorrupt(res.error)
             await self._idle()
 
+    async def wait_readable(self) -> None:
+        """Wait until the ring holds a packet (without taking it): a device that must
+        hold a budget slot per request it takes asks for slots only then."""
+        if self._pending_error is not None:
+            return  # receive() raises it
+        if not self._masked:
+            self.reader.mask()
+            self._masked = True
+        while not self.reader.bytes_to_read():
+            await self._idle()
+
     @property
     def read_position(self) -> int:
         """The upstream ring offset our next receive starts at."""

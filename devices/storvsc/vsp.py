@@ -386,6 +386,24 @@ class _ChannelWorker:
         self._pending_entries: list[int] = []  # each _pending packet's journal entry, or -1
         self._dirty = False  # the negotiation moved on: save before sending its replies
         self.journal: RequestJournal | None = None
+        # The VM's outstanding-request budget (vmbus.limits): a slot per request from
+        # the ring to its completion, so one VM's disks cannot hold every request.
+        self._budget = ctx.requests
+        self._held = 0
+
+    async def _acquire(self, want: int) -> int:
+        """Up to `want` slots of the VM's budget (at least one; waits for one)."""
+        if self._budget is None:
+            return want
+        got = await self._budget.acquire(want)
+        self._held += got
+        return got
+
+    def _give_back(self, n: int) -> None:
+        if self._budget is not None and n > 0:
+            n = min(n, self._held)
+            self._held -= n
+            self._budget.release(n)
 
     def _open_journal(self) -> list[Pending]:
         """The channel's request journal, when the session can restart; after a
@@ -407,6 +425,8 @@ class _ChannelWorker:
 
     async def run(self) -> None:
         pending = self._open_journal()
+        for _ in pending:
+            await self._acquire(1)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._sender)
@@ -417,6 +437,7 @@ class _ChannelWorker:
                     self._finish(pending, nursery)
                 await self._receive_loop(nursery)
         finally:
+            self._give_back(self._held)  # a reset channel's requests are gone
             self._fast.release()  # its views of guest RAM and of memory disks
             if self.leftovers:
                 self.ctx.log.debug(
@@ -479,10 +500,17 @@ class _ChannelWorker:
             while self.in_flight >= cap:
                 self._room = trio.Event()
                 await self._room.wait()
+            # A slot of the VM's budget per request taken, asked for once requests
+            # are there (an idle channel holds none); run() gives back what a reset
+            # channel held.
+            if self._budget is not None:
+                await self.channel.wait_readable()
+            want = await self._acquire(cap - self.in_flight)
             if journal is None:
-                batch = await self.channel.receive(max_pkts=cap - self.in_flight)
+                batch = await self.channel.receive(max_pkts=want)
             else:
-                batch, entries = await journal.receive(self.channel, cap - self.in_flight)
+                batch, entries = await journal.receive(self.channel, want)
+            self._give_back(want - len(batch))
             # Every GPA-direct range list of the batch in one (native) call.
             ranges = decoder.decode_batch(batch)
             n = len(batch)
@@ -590,7 +618,7 @@ class _ChannelWorker:
                 else:
                     await self.channel.send_raw(buf, idx, k)
             finally:
-                self.in_flight -= k
+                self._completed(k)
             self.fast_completed += k
             self.dev.fast_completed += k
 
@@ -672,8 +700,7 @@ class _ChannelWorker:
                 else:
                     await self.channel.send_raw(buf, idx, k)
             finally:
-                self.in_flight -= k
-                self._room.set()
+                self._completed(k)
             self.fast_completed += k
             self.dev.fast_completed += k
         failed = [i for i, kind in enumerate(kinds) if kind == fastpath.LEFTOVER]
@@ -819,8 +846,20 @@ class _ChannelWorker:
                 await self.journal.send_completions(self.channel, ents, out)
             else:
                 await self.channel.send(out)
-            self.in_flight -= done
-            self._room.set()
+            self._completed(done)
+
+    def _completed(self, k: int) -> None:
+        """k requests' completions are in the ring: their room (and their share of
+        the VM's request budget) is free again."""
+        if not k:
+            return
+        self.in_flight -= k
+        if self._budget is not None:
+            k = min(k, self._held)
+            if k:
+                self._held -= k
+                self._budget.release(k)
+        self._room.set()
 
 
 def _restart_blocker(
