@@ -118,6 +118,9 @@ class RequestJournal:
         if self.capacity < 1:
             raise ValueError("the slot holds no entry of this size")
         self._free: list[int] = []
+        # Entry e's state word is _words[e * _stride + _first]: one store each.
+        self._words = slot[: HEADER_SIZE + self.capacity * entry_size].cast("I")
+        self._stride, self._first = entry_size // 4, HEADER_SIZE // 4
         self._seq = 0
         self._lock = trio.Lock()
         self._room = trio.Event()
@@ -279,7 +282,7 @@ class RequestJournal:
         )
 
     def _set_state(self, e: int, state: int) -> None:
-        _U32.pack_into(self.slot, HEADER_SIZE + e * self.entry_size, state)
+        self._words[e * self._stride + self._first] = state
 
     @property
     def free(self) -> int:
@@ -287,9 +290,10 @@ class RequestJournal:
         return len(self._free)
 
     def _release(self, entries: Sequence[int]) -> None:
+        words, stride, first = self._words, self._stride, self._first
         for e in entries:
-            self._set_state(e, FREE)
-            self._free.append(e)
+            words[e * stride + first] = FREE
+        self._free.extend(entries)
         self._room.set()
 
     def drop(self, entry: int) -> None:
@@ -348,9 +352,10 @@ class RequestJournal:
         self._write_header(staged=1, r_before=r_before, r_after=r_after, completing=0, w_mark=0)
         if channel is not None:
             channel.consume()
+        words, stride, first = self._words, self._stride, self._first
         for e in entries:
-            _U32.pack_into(slot, HEADER_SIZE + e * esize, TAKEN)
-        _U32.pack_into(slot, 16, 0)  # staged = 0
+            words[e * stride + first] = TAKEN
+        words[4] = 0  # staged = 0
         return entries
 
     # -- completing ------------------------------------------------------------------
@@ -360,17 +365,17 @@ class RequestJournal:
         rings = self._rings
         assert rings is not None
         w = _U32.unpack_from(rings.downstream_hdr, OFF_WRITE_INDEX)[0]
-        slot, esize = self.slot, self.entry_size
+        words, stride, first = self._words, self._stride, self._first
         for e in entries:
-            base = HEADER_SIZE + e * esize
-            if _U32.unpack_from(slot, base)[0] == REPLY:
-                struct.pack_into("<I", slot, base + 16, F_REPLY_DONE)
-            _U32.pack_into(slot, base, COMPLETING)
+            i = e * stride + first
+            if words[i] == REPLY:
+                words[i + 4] = F_REPLY_DONE  # the flags word
+            words[i] = COMPLETING
         self._write_header(staged=0, r_before=0, r_after=0, completing=1, w_mark=w)
 
     def _done(self, entries: Sequence[int]) -> None:
         self._release(entries)
-        _U32.pack_into(self.slot, 28, 0)  # completing = 0
+        self._words[7] = 0  # completing = 0
 
     async def send_completions(
         self, channel: Channel, entries: Sequence[int], packets: Sequence[OutPacket]
@@ -381,10 +386,12 @@ class RequestJournal:
             return
         batch = SendBatch(list(packets))
         sizes = [batch.packet_ring_bytes(i) for i in range(len(packets))]
-        for a, b in self._groups(sizes):
+        groups = self._groups(sizes)
+        for a, b in groups:
             group = [e for e in entries[a:b] if e >= 0]
+            part = batch if len(groups) == 1 else SendBatch(list(packets[a:b]))
             async with self._lock:  # one COMPLETING group at a time
-                await channel.send(packets[a:b], before=functools.partial(self._mark, group))
+                await channel.send_batch(part, before=functools.partial(self._mark, group))
                 self._done(group)
 
     async def send_completions_raw(
