@@ -16,7 +16,7 @@
  * the extension reports it as lib.VMBUSD_NATIVE_ABI and vmbus/native.py compares
  * that with this line of the source tree, so a build older than the checkout is
  * refused at import. */
-#define VMBUSD_NATIVE_ABI 11
+#define VMBUSD_NATIVE_ABI 12
 /* cffi:end */
 
 #define vmb_mb()   __atomic_thread_fence(__ATOMIC_SEQ_CST)

@@ -10,6 +10,8 @@ import struct
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_channel import channel_pair
 
 from vmbus.journal import (
@@ -200,3 +202,53 @@ async def test_consume_refuses_what_was_not_read() -> None:
         host.consume()
         assert host.read_position != before and host.unconsumed == 0
         assert host.reader.bytes_to_read() == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    sizes=st.lists(st.integers(2, 120), min_size=1, max_size=12),
+    esize=st.sampled_from([48, 64, 256, 1024]),
+    copy=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+    state=st.sampled_from([FREE, TAKEN, COMPLETING]),
+)
+def test_native_and_twin_write_the_same_journal(
+    sizes: list[int], esize: int, copy: bool, seed: int, state: int
+) -> None:
+    """vmb_journal_stage / set_states and their Python twins leave the same bytes,
+    and refuse the same caller errors."""
+    from vmbus.journal import _NativeJournal, _py_set_states, _py_stage
+
+    rng = random.Random(seed)
+    out = bytearray()
+    index: list[int] = []
+    for n8 in sizes:
+        pkt = bytearray(rng.randbytes(8 * n8))
+        pkt[4:6] = n8.to_bytes(2, "little")
+        index += [len(out), len(pkt)]
+        out += pkt
+    cap = (4096 - HEADER_SIZE) // esize
+    entries = rng.sample(range(cap), min(cap, len(sizes)))
+    n = len(entries)
+    a, b = memoryview(bytearray(4096)), memoryview(bytearray(4096))
+    for e in entries[: n // 2]:  # some were REPLY (set_states COMPLETING flags them)
+        struct.pack_into("<I", a, HEADER_SIZE + e * esize, 3)
+        struct.pack_into("<I", b, HEADER_SIZE + e * esize, 3)
+    c = _NativeJournal()
+    _py_stage(a, esize, copy, out, index, n, entries, seed)
+    c.stage(b, esize, copy, out, index, n, entries, seed)
+    assert a.tobytes() == b.tobytes()
+    _py_set_states(a, esize, entries[::2], state)
+    c.set_states(b, esize, entries[::2], state)
+    assert a.tobytes() == b.tobytes()
+    bad = [*entries[:1], cap]
+    with pytest.raises(ValueError):
+        _py_set_states(a, esize, bad, state)
+    with pytest.raises(ValueError):
+        c.set_states(b, esize, bad, state)
+    outside = [*index[: 2 * n - 2], len(out), 16]  # packet n-1 past the batch
+    with pytest.raises(ValueError):
+        _py_stage(a, esize, copy, out, outside, n, entries, 0)
+    with pytest.raises(ValueError):
+        c.stage(b, esize, copy, out, outside, n, entries, 0)
+    assert a.tobytes() == b.tobytes()

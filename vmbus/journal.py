@@ -33,6 +33,7 @@ with one log line, never more.
 
 from __future__ import annotations
 
+import array
 import functools
 import logging
 import struct
@@ -42,6 +43,7 @@ from typing import Protocol
 
 import trio
 
+from vmbus import native as _native_sel
 from vmbus.channel import Channel, PacketBatch
 from vmbus.ring import (
     DESC_SIZE,
@@ -70,6 +72,115 @@ F_REPLY_DONE = 2  # COMPLETING an entry that held a reply (resume: the reply aga
 
 _U32 = struct.Struct("<I")
 _DESC = struct.Struct("<HHHHQ")
+
+
+def _py_stage(
+    slot: memoryview,
+    entry_size: int,
+    copy: bool,
+    out: Buffer,
+    index: Sequence[int],
+    n: int,
+    entries: Sequence[int],
+    seq: int,
+) -> None:
+    """Twin of vmb_journal_stage (native/journal.h): packet i into entry entries[i]."""
+    buf = memoryview(out).cast("B")
+    room = entry_size - ENTRY_HEADER
+    cap = (slot.nbytes - HEADER_SIZE) // entry_size
+    if (
+        entry_size % 8
+        or entry_size < ENTRY_HEADER + DESC_SIZE
+        or any(not 0 <= e < cap for e in entries[:n])
+    ):
+        raise ValueError("journal stage: bad entry size or entry")
+    for i in range(n):
+        off, ln = index[2 * i], index[2 * i + 1]
+        if ln < DESC_SIZE or off + ln > buf.nbytes:
+            raise ValueError("journal stage: index entry outside the batch")
+    for i in range(n):
+        off, ln = index[2 * i], index[2 * i + 1]
+        base = HEADER_SIZE + entries[i] * entry_size
+        kept, flags = 0, 0
+        if copy:
+            kept = min(ln, room)
+            flags = F_TRUNCATED if kept < ln else 0
+            slot[base + ENTRY_HEADER : base + ENTRY_HEADER + kept] = buf[off : off + kept]
+        tid = int.from_bytes(buf[off + 8 : off + 16], "little")
+        struct.pack_into("<IQIIQ", slot, base + 4, kept, tid, flags, 0, (seq + i) & (2**64 - 1))
+        _U32.pack_into(slot, base, STAGED)  # the state last
+
+
+def _py_set_states(slot: memoryview, entry_size: int, entries: Sequence[int], state: int) -> None:
+    """Twin of vmb_journal_set_states."""
+    cap = (slot.nbytes - HEADER_SIZE) // entry_size
+    if (
+        entry_size % 8
+        or entry_size < ENTRY_HEADER + DESC_SIZE
+        or any(not 0 <= e < cap for e in entries)
+    ):
+        raise ValueError("journal set_states: bad entry size or entry")
+    for e in entries:
+        base = HEADER_SIZE + e * entry_size
+        if state == COMPLETING and _U32.unpack_from(slot, base)[0] == REPLY:
+            _U32.pack_into(slot, base + 16, F_REPLY_DONE)
+        _U32.pack_into(slot, base, state)
+
+
+class _NativeJournal:
+    """vmb_journal_stage / vmb_journal_set_states (buffers taken per call: the slot's
+    mapping must stay closable)."""
+
+    def __init__(self) -> None:
+        mod = _native_sel if _native_sel.NATIVE else _native_sel.native_module()
+        self.ffi, self.lib = mod.ffi, mod.lib
+
+    def stage(
+        self,
+        slot: memoryview,
+        entry_size: int,
+        copy: bool,
+        out: Buffer,
+        index: Sequence[int],
+        n: int,
+        entries: Sequence[int],
+        seq: int,
+    ) -> None:
+        ffi = self.ffi
+        ents = array.array("I", entries)
+        idx = index if isinstance(index, array.array) else array.array("I", index)
+        rc = self.lib.vmb_journal_stage(
+            ffi.from_buffer("uint8_t[]", slot, require_writable=True),
+            slot.nbytes,
+            entry_size,
+            int(copy),
+            ffi.from_buffer("uint8_t[]", out),
+            memoryview(out).nbytes,
+            ffi.from_buffer("uint32_t[]", idx),
+            n,
+            ffi.from_buffer("uint32_t[]", ents),
+            seq & (2**64 - 1),
+        )
+        if rc:
+            raise ValueError("journal stage: bad entry size, entry or index")
+
+    def set_states(
+        self, slot: memoryview, entry_size: int, entries: Sequence[int], state: int
+    ) -> None:
+        if not entries:
+            return
+        ents = array.array("I", entries)
+        ffi = self.ffi
+        rc = self.lib.vmb_journal_set_states(
+            ffi.from_buffer("uint8_t[]", slot, require_writable=True),
+            slot.nbytes,
+            entry_size,
+            ffi.from_buffer("uint32_t[]", ents),
+            len(ents),
+            state,
+        )
+        if rc:
+            raise ValueError("journal set_states: bad entry size or entry")
 
 
 class JournalError(ValueError):
@@ -108,7 +219,9 @@ class Pending:
 class RequestJournal:
     """One channel's journal; see the module docstring for the protocol."""
 
-    def __init__(self, slot: memoryview, entry_size: int, *, copy: bool = True) -> None:
+    def __init__(
+        self, slot: memoryview, entry_size: int, *, copy: bool = True, native: bool | None = None
+    ) -> None:
         if entry_size % 8 or entry_size < ENTRY_HEADER + (DESC_SIZE if copy else 0):
             raise ValueError(f"entry_size {entry_size}: a multiple of 8 of at least 32 + 16")
         self.slot = slot
@@ -118,10 +231,11 @@ class RequestJournal:
         if self.capacity < 1:
             raise ValueError("the slot holds no entry of this size")
         self._free: list[int] = []
-        # Entry e's state word is _words[e * _stride + _first]: one store each.
-        self._words = slot[: HEADER_SIZE + self.capacity * entry_size].cast("I")
-        self._stride, self._first = entry_size // 4, HEADER_SIZE // 4
+        self._words = slot[:HEADER_SIZE].cast("I")  # the header's words
         self._seq = 0
+        self._native = (
+            _NativeJournal() if (_native_sel.NATIVE if native is None else native) else None
+        )
         self._lock = trio.Lock()
         self._room = trio.Event()
         self._rings: RingHeaders | None = None
@@ -282,17 +396,21 @@ class RequestJournal:
         )
 
     def _set_state(self, e: int, state: int) -> None:
-        self._words[e * self._stride + self._first] = state
+        _U32.pack_into(self.slot, HEADER_SIZE + e * self.entry_size, state)
 
     @property
     def free(self) -> int:
         """Entries available for requests."""
         return len(self._free)
 
+    def _set_states(self, entries: Sequence[int], state: int) -> None:
+        if self._native is not None:
+            self._native.set_states(self.slot, self.entry_size, entries, state)
+        else:
+            _py_set_states(self.slot, self.entry_size, entries, state)
+
     def _release(self, entries: Sequence[int]) -> None:
-        words, stride, first = self._words, self._stride, self._first
-        for e in entries:
-            words[e * stride + first] = FREE
+        self._set_states(entries, FREE)
         self._free.extend(entries)
         self._room.set()
 
@@ -327,35 +445,40 @@ class RequestJournal:
         """Record the batch (STAGED), note its ring span, consume it, mark it TAKEN."""
         rings = self._rings
         assert rings is not None
-        slot, esize, cap = self.slot, self.entry_size, self.entry_size - ENTRY_HEADER
-        buf, idx = batch.buffer, batch.index
-        pack = ENTRY.pack_into
-        entries: list[int] = []
-        seq = self._seq
-        for i in range(len(batch)):
-            e = self._free.pop()
-            off, ln = idx[2 * i], idx[2 * i + 1]
-            tid = int.from_bytes(buf[off + 8 : off + 16], "little")
-            base = HEADER_SIZE + e * esize
-            flags = 0
-            n = 0
-            if self.copy:
-                n = min(ln, cap)
-                if n < ln:
-                    flags = F_TRUNCATED
-                slot[base + ENTRY_HEADER : base + ENTRY_HEADER + n] = buf[off : off + n]
-            pack(slot, base, STAGED, n, tid, flags, 0, seq)
-            seq += 1
-            entries.append(e)
-        self._seq = seq & (2**64 - 1)
+        n = len(batch)
+        if n > len(self._free):
+            raise ValueError(f"{n} packets, {len(self._free)} free entries")
+        entries = self._free[len(self._free) - n :]
+        del self._free[len(self._free) - n :]
+        if self._native is not None:
+            self._native.stage(
+                self.slot,
+                self.entry_size,
+                self.copy,
+                batch.buffer,
+                batch.index,
+                n,
+                entries,
+                self._seq,
+            )
+        else:
+            _py_stage(
+                self.slot,
+                self.entry_size,
+                self.copy,
+                batch.buffer,
+                batch.index,
+                n,
+                entries,
+                self._seq,
+            )
+        self._seq = (self._seq + n) & (2**64 - 1)
         r_after = (r_before + nbytes) % rings.upstream_size
         self._write_header(staged=1, r_before=r_before, r_after=r_after, completing=0, w_mark=0)
         if channel is not None:
             channel.consume()
-        words, stride, first = self._words, self._stride, self._first
-        for e in entries:
-            words[e * stride + first] = TAKEN
-        words[4] = 0  # staged = 0
+        self._set_states(entries, TAKEN)
+        self._words[4] = 0  # staged = 0
         return entries
 
     # -- completing ------------------------------------------------------------------
@@ -365,12 +488,7 @@ class RequestJournal:
         rings = self._rings
         assert rings is not None
         w = _U32.unpack_from(rings.downstream_hdr, OFF_WRITE_INDEX)[0]
-        words, stride, first = self._words, self._stride, self._first
-        for e in entries:
-            i = e * stride + first
-            if words[i] == REPLY:
-                words[i + 4] = F_REPLY_DONE  # the flags word
-            words[i] = COMPLETING
+        self._set_states(entries, COMPLETING)
         self._write_header(staged=0, r_before=0, r_after=0, completing=1, w_mark=w)
 
     def _done(self, entries: Sequence[int]) -> None:
