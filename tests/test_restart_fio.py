@@ -41,6 +41,7 @@ def _fio_cmd(sock: Path, out: Path) -> list[str]:
         "--verify=crc32c",
         "--verify_backlog=64",
         "--verify_fatal=1",
+        "--verify_state_save=0",  # no verify-state file left in the working directory
         "--time_based",
         "--runtime=600",
         f"--output={out}",
