@@ -171,6 +171,22 @@ def test_checker_finds_a_short_image_and_a_bad_log(tmp_path: Path) -> None:
         read_ack_log(tmp_path / "bad.log")
 
 
+def test_checker_by_hand(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m vmbus.guest.disk_soak IMAGE ACK_LOG`: a line per problem, exit 1."""
+    from vmbus.guest.disk_soak import main
+
+    image, log = simulate(300)
+    judge(tmp_path, image, log)
+    assert main([str(tmp_path / "disk.img"), str(tmp_path / "acks.log")]) == 0
+    assert capsys.readouterr().out.endswith("by 300 requests: OK\n")
+    b = sorted(read_ack_log_lines(log))[0]
+    image[b * BLOCK + 100] ^= 1
+    judge(tmp_path, image, log)
+    assert main([str(tmp_path / "disk.img"), str(tmp_path / "acks.log")]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"block {b}: checksum mismatch") and out[-1].endswith("FAILED")
+
+
 def test_check_blocks_reads_only_what_it_is_given() -> None:
     image, log = simulate(100)
     ack = read_ack_log_lines(log)

@@ -620,3 +620,26 @@ async def disk_soak(
         "waits": c.waits,
         "seconds": round(time.monotonic() - t0, 3),
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m vmbus.guest.disk_soak IMAGE ACK_LOG`: the checker by hand; exit 1
+    and one line per problem when the image is not what the guest was told."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("image", help="the LUN's backend file")
+    p.add_argument("ack_log", help="the guest's --ack-log")
+    args = p.parse_args(argv)
+    result = check_image(args.image, args.ack_log)
+    for problem in result.problems:
+        print(problem)
+    print(
+        f"{result.blocks} blocks, {result.written} written, {result.acked} acknowledged "
+        f"by {result.requests} requests: {'OK' if result.ok else 'FAILED'}"
+    )
+    return 0 if result.ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
