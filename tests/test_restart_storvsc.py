@@ -394,6 +394,15 @@ def test_sigkill_under_disk_soak(tmp_path: Path, seed: int) -> None:
     restart_loop(tmp_path, kills=20, seed=seed, sig=signal.SIGKILL)
 
 
+def test_sigkill_under_disk_soak_general_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same without storvsc's C fast path (VMBUSD_STORVSC_FAST=0): every request
+    a trio task of the general path, journalled and run again just the same."""
+    monkeypatch.setenv("VMBUSD_STORVSC_FAST", "0")
+    restart_loop(tmp_path, kills=10, seed=24, sig=signal.SIGKILL)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 @pytest.mark.parametrize("seed", [22])
