@@ -292,8 +292,9 @@ def test_nic_negotiation_churn_across_kills(tmp_path: Path) -> None:
                             bad += gch.channel.stats.bad_completions
                             for sub in nic.subchannels.values():
                                 bad += sub.channel.stats.bad_completions
-                                await vm.close_channel(sub)
-                            inner.cancel_scope.cancel()
+                            inner.cancel_scope.cancel()  # the receive loops, before the closes
+                    for sub in nic.subchannels.values():
+                        await vm.close_channel(sub)
                     nic.release_views()
                     await vm.close_channel(gch)
                     assert nic.indications == [] and nic.received_bad == 0

@@ -546,6 +546,17 @@ class VmBusServer:
             raise UnknownGpadl(f"GPADL {handle:#x} belongs to relid {entry.relid}, not {relid}")
         return entry.gpadl
 
+    def finish_teardowns(self) -> int:
+        """After `restore`: every GPADL the guest was tearing down and nothing holds
+        (device holds do not survive a restart) is freed and its GPADL_TORNDOWN
+        queued. Returns how many."""
+        dying = [
+            e for e in self._gpadls.values() if e.state is GpadlState.TEARING_DOWN and not e.refs
+        ]
+        for e in dying:
+            self._maybe_free(e)
+        return len(dying)
+
     def gpadl_acquire(self, handle: int, relid: int | None = None) -> Gpadl:
         """Pin a created GPADL: its TORNDOWN waits for the matching ``gpadl_release``."""
         gpadl = self.gpadl(handle, relid)

@@ -922,6 +922,11 @@ class VmSession:
             oc.call.signal()  # the last vmbusd may have published without signalling
         for relid in broken:
             self._pump_soon_reset(relid)
+        # A GPADL the guest was tearing down while a device held it: holds do not
+        # survive a restart (and a dying GPADL cannot be taken again), so its
+        # TORNDOWN is owed now; the pump sends it under a state.
+        if self.bus.finish_teardowns():
+            self._pump_soon()
 
     def _bind_of(self, oc: _ChannelTask) -> attach.Bind:
         return attach.Bind(

@@ -41,7 +41,8 @@ STATE_VERSION = 1
 # -- the in-flight slot: [0, 64) rx header (primary), [64, 512) posting record,
 # [512, 512 + bitmap) the section bitmap (primary), then the request journal.
 RX_MAGIC = 0x5852564E  # "NVRX"
-RX_HEADER = struct.Struct("<IIII")  # magic, receive GPADL handle, sections, 0
+RX_HEADER = struct.Struct("<III")  # magic, receive GPADL handle, sections
+OPEN_NONCE_OFF = 12  # u32: which open of the primary channel the slot records
 POST_OFF = 64
 POST_MAGIC = 0x54534F50  # "POST"
 POST_HEADER = struct.Struct("<IIII")  # magic, downstream write_index before, ids, 0
@@ -62,6 +63,16 @@ def bitmap_bytes(slot_size: int) -> int:
 def journal_offset(slot_size: int) -> int:
     """Where the request journal starts in a channel's slot."""
     return BITMAP_OFF + bitmap_bytes(slot_size) + 64
+
+
+def open_nonce(slot: memoryview | bytearray) -> int:
+    """The nonce the primary channel's current open wrote (0: none: vmbusd clears
+    the slot's first 64 bytes when the guest opens a channel)."""
+    return int(_U32.unpack_from(slot, OPEN_NONCE_OFF)[0])
+
+
+def set_open_nonce(slot: memoryview | bytearray, nonce: int) -> None:
+    _U32.pack_into(slot, OPEN_NONCE_OFF, nonce)
 
 
 def section_id(section: int) -> tuple[int, int]:
@@ -96,11 +107,11 @@ class Sections:
         """A fresh receive buffer: nothing in the guest's hands."""
         end = BITMAP_OFF + self.nbytes + 8
         self.slot[BITMAP_OFF:end] = bytes(end - BITMAP_OFF)
-        RX_HEADER.pack_into(self.slot, 0, RX_MAGIC, handle, self.count, 0)
+        RX_HEADER.pack_into(self.slot, 0, RX_MAGIC, handle, self.count)
 
     def matches(self, handle: int) -> bool:
         """The slot records this receive buffer (a resumed one)."""
-        magic, h, count, _ = RX_HEADER.unpack_from(self.slot, 0)
+        magic, h, count = RX_HEADER.unpack_from(self.slot, 0)
         return bool(magic == RX_MAGIC and h == handle and count == self.count)
 
     def busy(self) -> set[int]:
@@ -233,11 +244,14 @@ def save_nic(
     rndis: rn.RndisDevice,
     recv_handle: int | None,
     send_handle: int | None,
+    nonce: int = 0,
 ) -> dict[str, Any]:
-    """The NIC's negotiated state as msgpack data."""
+    """The NIC's negotiated state as msgpack data; `nonce` names the open of the
+    primary channel it belongs to (its slot holds the same: `open_nonce`)."""
     rl, sl = nvsp.receive_layout, nvsp.send_layout
     rss = rndis.rss
     return {
+        "nonce": nonce,
         "phase": nvsp.phase.value,
         "version": nvsp.version,
         "ndis": list(nvsp.ndis_version) if nvsp.ndis_version is not None else None,
@@ -275,11 +289,13 @@ def _uint(d: dict[str, Any], key: str, hi: int, *, none: bool = False) -> Any:
 
 def load_nic(
     state: object, config: rn.NicConfig
-) -> tuple[nv.NvspServer, rn.RndisDevice, int | None, int | None]:
-    """A saved NIC state back as (nvsp, rndis, receive GPADL, send GPADL); ValueError
-    naming the first thing that is not what `save_nic` writes for this config."""
+) -> tuple[nv.NvspServer, rn.RndisDevice, int | None, int | None, int]:
+    """A saved NIC state back as (nvsp, rndis, receive GPADL, send GPADL, nonce);
+    ValueError naming the first thing that is not what `save_nic` writes for this
+    config."""
     _need(type(state) is dict, "nic state must be a map")
     assert isinstance(state, dict)
+    nonce = _uint(state, "nonce", 0xFFFFFFFF)
     nvsp = nv.NvspServer(max_subchannels=config.max_queues - 1)
     phases = {p.value: p for p in nv.Phase}
     phase = state.get("phase")
@@ -390,7 +406,7 @@ def load_nic(
         assert isinstance(off, bytes)
         rndis.offload_params = rn.OffloadParams(off)
     rndis.nvsp_version = _uint(r, "nvsp_version", 0xFFFFFFFF)
-    return nvsp, rndis, handles[0], handles[1]
+    return nvsp, rndis, handles[0], handles[1], nonce
 
 
 def check_state(state: object, config: rn.NicConfig) -> tuple[bool, object]:

@@ -34,6 +34,7 @@ Not yet (issue 10): receive segment coalescing (RSC), link indications from
 
 from __future__ import annotations
 
+import secrets
 import struct
 import uuid
 from collections import deque
@@ -63,8 +64,10 @@ from devices.netvsc.restart import (
     check_state,
     journal_offset,
     load_nic,
+    open_nonce,
     save_nic,
     section_id,
+    set_open_nonce,
 )
 from vmbus import plugins
 from vmbus.channel import Channel
@@ -139,6 +142,7 @@ class _Nic:
     changes: int = 0  # negotiation steps taken (NVSP, RNDIS control, link) ...
     saved: int = 0  # ... and how many of them a saved state holds
     replaying: bool = False  # running a dead vmbusd's requests again (resume)
+    nonce: int = 0  # this open of the primary channel (restart.open_nonce)
     sections_bad_logged: bool = False
 
     def wake(self) -> None:
@@ -323,7 +327,7 @@ class NetvscDevice(Device):
         if nic is not None:
             # the handles, not the mappings: a resumed NIC saved before its task has
             # mapped them again still has them
-            out["nic"] = save_nic(nic.nvsp, nic.rndis, nic.recv_handle, nic.send_handle)
+            out["nic"] = save_nic(nic.nvsp, nic.rndis, nic.recv_handle, nic.send_handle, nic.nonce)
         return out
 
     def restore(self, state: object) -> None:
@@ -333,9 +337,9 @@ class NetvscDevice(Device):
         link, nic_state = check_state(state, self.config)
         nic = None
         if nic_state is not None:
-            nvsp, rndis, recv, send = load_nic(nic_state, self.config)
+            nvsp, rndis, recv, send, nonce = load_nic(nic_state, self.config)
             nic = _Nic(nvsp, rndis, [_Queue(i) for i in range(self.config.max_queues)])
-            nic.recv_handle, nic.send_handle = recv, send
+            nic.recv_handle, nic.send_handle, nic.nonce = recv, send, nonce
         self.config.connected = link
         self._nic = nic
 
@@ -386,24 +390,14 @@ class NetvscDevice(Device):
         receives. Packets are taken through the channel's journal when the session
         has restart support, so each SEND_RNDIS_PKT is completed exactly once."""
         index = ctx.sub_channel_index
-        if index:
-            nic = self._nic
-            if nic is None:
-                raise GuestError("sub-channel opened before the primary")
-            if index >= len(nic.queues):
-                raise GuestError(f"sub-channel {index} beyond {len(nic.queues)} queues")
-        elif ctx.resumed and self._nic is not None:
-            nic = self._nic
-        else:
-            nic = _Nic(
-                nv.NvspServer(max_subchannels=self.config.max_queues - 1),
-                rn.RndisDevice(self.config),
-                [_Queue(i) for i in range(self.config.max_queues)],
-            )
-            self._nic = nic
         slot: memoryview | bytearray = (
             ctx.inflight if ctx.inflight is not None else bytearray(INFLIGHT_SLOT_SIZE)
         )
+        nic = self._nic if index else self._primary_nic(ctx, slot)
+        if nic is None:
+            raise GuestError("sub-channel opened before the primary")
+        if index >= len(nic.queues):
+            raise GuestError(f"sub-channel {index} beyond {len(nic.queues)} queues")
         post = PostRecord(slot, ctx.rings if ctx.inflight is not None else None)
         if not ctx.resumed:
             post.clear()
@@ -452,6 +446,26 @@ class NetvscDevice(Device):
         finally:
             if index:
                 queue.channel = None
+
+    def _primary_nic(self, ctx: DeviceContext, slot: memoryview | bytearray) -> _Nic:
+        """The NIC state the primary channel serves: the restored one when it belongs
+        to this open of the channel (the slot's nonce says so), else a fresh one (a
+        state saved between the guest's open and its task's start is an earlier
+        open's, which the guest closed)."""
+        nic = self._nic
+        if ctx.resumed and nic is not None and nic.nonce and nic.nonce == open_nonce(slot):
+            return nic
+        if ctx.resumed and nic is not None:
+            ctx.log.info("netvsc: the saved NIC state is an earlier open's: not used")
+        nic = _Nic(
+            nv.NvspServer(max_subchannels=self.config.max_queues - 1),
+            rn.RndisDevice(self.config),
+            [_Queue(i) for i in range(self.config.max_queues)],
+        )
+        nic.nonce = secrets.randbits(32) or 1
+        set_open_nonce(slot, nic.nonce)
+        self._nic = nic
+        return nic
 
     async def _resume_buffers(
         self, ctx: DeviceContext, nic: _Nic, post: PostRecord, nursery: trio.Nursery
@@ -614,8 +628,9 @@ class NetvscDevice(Device):
                 "hold: ignored (further ones only counted)",
                 bad,
             )
+        frames: list[Frame] = []
         if sends:
-            replies = self._transmit(sends, nvsp, ctx, nic, primary=primary)
+            replies = self._transmit(sends, nvsp, ctx, nic, frames, primary=primary)
             for e, reply in zip(send_e, replies, strict=True):
                 if reply is None:
                     drops.append(e)
@@ -631,6 +646,8 @@ class NetvscDevice(Device):
             await self._post_control(channel, nic, post)
         if out:
             await self._complete(channel, journal, out_e, out)
+        if frames:  # after the completions: a bounced frame never overtakes its send's
+            self.backend.transmit(ctx.sub_channel_index, frames)
         nic.queues[ctx.sub_channel_index].wakeup.set()
 
     # -- guest -> host --
@@ -805,14 +822,15 @@ class NetvscDevice(Device):
         nvsp: nv.NvspServer,
         ctx: DeviceContext,
         nic: _Nic,
+        frames: list[Frame],
         *,
         primary: bool,
     ) -> list[OutPacket | None]:
         """A batch of SEND_RNDIS_PKTs: every RNDIS message checked and read in one
         fastpath call; the frames of the NVSP messages it accepts offloaded here, the
         others (control, or refused) through the Python slow path; all the batch's
-        frames to the backend in one `transmit`; each send's completion (None for a
-        send that asked for none)."""
+        frames into `frames` (for the backend, in one `transmit`); each send's
+        completion (None for a send that asked for none)."""
         index: list[tuple[int, int]] = []
         pos = 0
         for snd in sends:
@@ -821,7 +839,6 @@ class NetvscDevice(Device):
         buf = b"".join(snd.data for snd in sends)
         max_frame = min(nvsp.mtu, self.config.mtu + rn.ETH_HLEN)
         results = fastpath.tx_parse(buf, index, max_frame)
-        frames: list[Frame] = []
         out: list[OutPacket | None] = []
         view = memoryview(buf)
         counters = nic.rndis.counters
@@ -837,8 +854,6 @@ class NetvscDevice(Device):
                 )
             wanted = wants_completion(snd.pkt)
             out.append(completion_for(snd.pkt, nvsp.rndis_complete(status)) if wanted else None)
-        if frames:
-            self.backend.transmit(ctx.sub_channel_index, frames)
         return out
 
     def _fast_frames(self, buf: bytes, pkts: list[fastpath.TxPkt]) -> list[Frame] | None:
