@@ -468,6 +468,38 @@ def test_sections_bitmap_names_and_checks_completions() -> None:
     assert Sections(slot, 4).busy() == {0, 1, 2, 3}
 
 
+def test_gpadl_torn_down_while_held_gets_its_torndown_after_a_restore() -> None:
+    """The guest tears a NIC buffer's GPADL down while the VSP holds it and vmbusd
+    dies before letting go: the saved bus has it tearing down with a hold no new
+    vmbusd has, so `finish_teardowns` frees it and queues its GPADL_TORNDOWN (the
+    guest waits for it; the churn test above found this)."""
+    from test_bus import INST1, NIC, Harness, pfns
+
+    from vmbus import bus as b
+    from vmbus import protocol as p
+
+    h = Harness()
+    h.server.add_offer(b.Offer(NIC, INST1))
+    h.connect()
+    h.open_channel(1)
+    buf = h.client.create_gpadl(1, pfns(16))
+    h.pump()
+    h.server.gpadl_acquire(buf, relid=1)  # the VSP's hold
+    h.client.teardown_gpadl(1, buf)
+    h.pump()
+    assert p.GpadlTorndown(buf) not in h.sent
+    saved = h.server.save()
+    again = b.VmBusServer(1)
+    again.restore(saved)
+    assert again.finish_teardowns() == 1
+    sent = []
+    while (ev := again.next_event()) is not None:
+        if isinstance(ev, b.SendMessage):
+            sent.append(p.decode(ev.payload))
+    assert sent == [p.GpadlTorndown(buf)]
+    assert again.finish_teardowns() == 0  # once
+
+
 # -- iperf3 through the VMBus path, vmbusd SIGTERMed in its middle -----------------------
 
 
