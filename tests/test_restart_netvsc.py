@@ -220,6 +220,13 @@ def test_nic_survives_sigkills_at_random_moments(tmp_path: Path) -> None:
     assert r["log"].count("netvsc resumed:") >= 12
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_nic_survives_sigkills_at_random_moments_long(tmp_path: Path) -> None:
+    r = run_nic_under_kills(tmp_path, kills=50, seed=22, sig=signal.SIGKILL)
+    check_nothing_noticed(r, 50)
+
+
 def test_nic_survives_sigterm_restarts(tmp_path: Path) -> None:
     """Planned restarts: the last state handed over, the channels left bound."""
     r = run_nic_under_kills(tmp_path, kills=3, seed=4, sig=signal.SIGTERM)
