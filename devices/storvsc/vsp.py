@@ -355,7 +355,10 @@ class StorvscDevice(Device):
         primary = ctx.sub_channel_index == 0
         if primary and not ctx.resumed:
             self.proto.reset()  # a new primary open starts the handshake again
-        if primary:
+        if primary or ctx.resumed:
+            # Resumed, a sub-channel carries the guest's I/O (journalled requests
+            # first) to LUNs the primary may still be opening: wait for them (the
+            # lock), or they get INVALID_LUN and Linux fails the I/O.
             await self._open_backends(ctx)
         await _ChannelWorker(self, channel, ctx, primary).run()
 
