@@ -256,6 +256,7 @@ def test_nic_negotiation_churn_across_kills(tmp_path: Path) -> None:
 
         vm = SimulatedVm(vm_id="churn", reconnect=again, reconnect_timeout=60)
         bad = 0
+        nics: list[NetvscGuest] = []
         try:
             async with trio.open_nursery() as nursery:
                 await vm.start(await again(), nursery)
@@ -278,6 +279,7 @@ def test_nic_negotiation_churn_across_kills(tmp_path: Path) -> None:
                 while not done.is_set() or n < 2:
                     gch = await vm.open_channel(offer, 64 * 4096)
                     nic = NetvscGuest(vm, gch, recv_size=512 << 10, send_size=128 << 10)
+                    nics.append(nic)
                     with trio.fail_after(60):
                         async with trio.open_nursery() as inner:
                             inner.start_soon(nic.receive_loop)
@@ -310,6 +312,8 @@ def test_nic_negotiation_churn_across_kills(tmp_path: Path) -> None:
                 assert not any(o.rescinded for o in vm.offers.values())
                 nursery.cancel_scope.cancel()
         finally:
+            for nic in nics:
+                nic.release_views()
             for g in vm.channels.values():
                 g.channel.release()
                 g.mapping.close()
@@ -326,6 +330,63 @@ def test_nic_negotiation_churn_across_kills(tmp_path: Path) -> None:
     log = svc.log()
     for bad_line in ("Traceback", "channel reset", "resume refused", "violation"):
         assert bad_line not in log, log[-3000:]
+
+
+@pytest.mark.parametrize("restartable", [False, True])
+def test_nic_with_and_without_restart_support(tmp_path: Path, restartable: bool) -> None:
+    """A VMM without the saved-state feature gets the NIC as before (no journal, the
+    bitmap in private memory); one with it, the journalled path: both bounce every
+    frame, on both queues."""
+    from devices.netvsc.vsc import NetvscGuest, TxFrame
+    from vmbus import attach
+    from vmbus.guest.vm import SimulatedVm
+    from vmbus.server import serve_listener
+
+    path = str(tmp_path / "s.sock")
+
+    async def main() -> tuple[int, list[int], int]:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                lambda **kw: serve_listener(path, lambda: [NetvscDevice(queues=2)], **kw)
+            )
+            vm = SimulatedVm(ram_size=64 << 20, vm_id="plain", restartable=restartable)
+            try:
+                async with trio.open_nursery() as vmn:
+                    await vm.start(await attach.connect(path), vmn)
+                    (offer,) = vm.find_offers(NETVSC_IF_TYPE)
+                    gch = await vm.open_channel(offer, 64 * 4096)
+                    nic = NetvscGuest(vm, gch, recv_size=1 << 20, send_size=256 << 10)
+                    queues = [0, 0]
+                    with trio.fail_after(30):
+                        async with trio.open_nursery() as inner:
+                            inner.start_soon(nic.receive_loop)
+                            await nic.connect()
+                            await nic.device_add(queues=2, nursery=inner)
+                            for base in range(0, 600, 30):
+                                frames = [
+                                    TxFrame(tcp_frame(nic.mac, i)) for i in range(base, base + 30)
+                                ]
+                                await nic.send_frames(frames, queue=base // 30 % 2)
+                            got = set()
+                            while len(got) < 600:
+                                rx = await nic.frames.receive()
+                                assert rx.frame == tcp_frame(nic.mac, seq_of(rx.frame))
+                                got.add(seq_of(rx.frame))
+                                queues[rx.queue] += 1
+                            inner.cancel_scope.cancel()
+                    for sub in nic.subchannels.values():
+                        await vm.close_channel(sub)
+                    nic.release_views()
+                    await vm.close_channel(gch)
+                    vmn.cancel_scope.cancel()
+            finally:
+                vm.close()
+            nursery.cancel_scope.cancel()
+        return len(got), queues, nic.received_bad
+
+    got, queues, bad = trio.run(main)
+    assert got == 600 and bad == 0
+    assert all(queues), queues
 
 
 # -- the saved state and the in-flight record are the VMM's: checked as hostile ----------

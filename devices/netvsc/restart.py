@@ -343,8 +343,7 @@ def load_nic(
             count = size // section
             _need(count >= nv.MIN_RECV_SECTIONS, f"receive buffer holds {count} sections")
             nvsp.receive_layout = nv.ReceiveLayout(buf_id, size, section, count)
-        else:
-            _need(nvsp.receive_layout is not None, "send buffer without a receive buffer")
+        else:  # (without a receive buffer: the guest revoked that one first)
             count = size // nv.SEND_SECTION_SIZE
             _need(count >= nv.MIN_SEND_SECTIONS, f"send buffer holds {count} sections")
             nvsp.send_layout = nv.SendLayout(buf_id, size, nv.SEND_SECTION_SIZE, count)
