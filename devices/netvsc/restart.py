@@ -312,7 +312,7 @@ def load_nic(
             and len(ndis) == 2
             and ndis[0] in (5, 6)
             and type(ndis[1]) is int
-            and 0 <= ndis[1] <= 0xFFFF,
+            and 0 <= ndis[1] <= 0xFFFFFFFF,
             f"NDIS version {str(ndis)[:40]}",
         )
         nvsp.ndis_version = (ndis[0], ndis[1])
@@ -395,7 +395,7 @@ def load_nic(
             type(table) is list
             and len(table) <= rn.ITAB_NUM_MAX
             and (bool(table) or not enabled)
-            and all(type(q) is int and 0 <= q < queues for q in table),
+            and all(type(q) is int and 0 <= q < config.max_queues for q in table),
             "rss table",
         )
         rndis.rss = rn.RssParams(enabled, hash_info, key, tuple(table))
