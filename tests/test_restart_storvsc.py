@@ -201,9 +201,11 @@ def test_check_blocks_reads_only_what_it_is_given() -> None:
 
 
 @contextmanager
-def disk_soak(tmp: Path, *vm_args: str, lun: str = "") -> Iterator[tuple[Service, Soak]]:
+def disk_soak(
+    tmp: Path, *vm_args: str, lun: str = "", config: str | None = None
+) -> Iterator[tuple[Service, Soak]]:
     svc = Service(tmp)
-    svc.cfg.write_text(storvsc_config(tmp / "disk.img", lun))
+    svc.cfg.write_text(config or storvsc_config(tmp / "disk.img", lun))
     svc.start()
     soak = Soak(tmp, svc.path, *vm_args)
     try:
@@ -332,11 +334,11 @@ def test_disk_soak_read_back_finds_a_disk_wiped_under_it(tmp_path: Path) -> None
         assert "vmbusd vm: MISMATCH: disk-soak: read of block" in text, text[-3000:]
 
 
-def restart_loop(tmp: Path, kills: int, seed: int, sig: int) -> None:
+def restart_loop(tmp: Path, kills: int, seed: int, sig: int, config: str | None = None) -> None:
     """Kill (or stop) vmbusd `kills` times at random moments under the disk soak; each
     next kill only once the VM is back. Then the verdicts of the guest and the disk."""
     rng = random.Random(seed)
-    with disk_soak(tmp, "--reconnect-timeout", "60") as (svc, soak):
+    with disk_soak(tmp, "--reconnect-timeout", "60", config=config) as (svc, soak):
         soak.started()
         for i in range(kills):
             time.sleep(rng.uniform(0.05, 0.6))
@@ -401,6 +403,20 @@ def test_sigkill_under_disk_soak_general_path(
     a trio task of the general path, journalled and run again just the same."""
     monkeypatch.setenv("VMBUSD_STORVSC_FAST", "0")
     restart_loop(tmp_path, kills=10, seed=24, sig=signal.SIGKILL)
+
+
+def test_sigkill_under_disk_soak_lun_opened_late(tmp_path: Path) -> None:
+    """A LUN whose backend opens asynchronously (faulty around the file, with write
+    latency so kills catch requests): after a resume a sub-channel's journalled
+    requests must wait for the primary to open it again, not get INVALID_LUN (the
+    real guest's md resync found it failing a mirror leg)."""
+    config = (
+        '[[device]]\ntype = "storvsc"\n[[device.lun]]\nbackend = "faulty"\n'
+        f'inner = {{ backend = "file", path = "{tmp_path / "disk.img"}", '
+        f"create_size = {DISK_SIZE} }}\n"
+        'write_latency = { dist = "uniform", min_ms = 2, max_ms = 20 }\n'
+    )
+    restart_loop(tmp_path, kills=10, seed=25, sig=signal.SIGKILL, config=config)
 
 
 @pytest.mark.slow
