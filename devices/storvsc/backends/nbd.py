@@ -247,6 +247,7 @@ class NbdBackend:
     """A disk on an NBD server. Attributes are valid after `open()`."""
 
     survives_restart = True  # the server keeps what was written
+
     def __init__(
         self,
         address: str,
