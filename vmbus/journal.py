@@ -74,6 +74,17 @@ _U32 = struct.Struct("<I")
 _DESC = struct.Struct("<HHHHQ")
 
 
+def _check_entries(slot: memoryview, entry_size: int, entries: Sequence[int], what: str) -> None:
+    """The caller errors both twins refuse (as entries_ok in native/journal.c)."""
+    cap = (slot.nbytes - HEADER_SIZE) // entry_size if entry_size > 0 else 0
+    if (
+        entry_size % 8
+        or entry_size < ENTRY_HEADER + DESC_SIZE
+        or any(not 0 <= e < cap for e in entries)
+    ):
+        raise ValueError(f"journal {what}: bad entry size or entry")
+
+
 def _py_stage(
     slot: memoryview,
     entry_size: int,
@@ -87,13 +98,7 @@ def _py_stage(
     """Twin of vmb_journal_stage (native/journal.h): packet i into entry entries[i]."""
     buf = memoryview(out).cast("B")
     room = entry_size - ENTRY_HEADER
-    cap = (slot.nbytes - HEADER_SIZE) // entry_size
-    if (
-        entry_size % 8
-        or entry_size < ENTRY_HEADER + DESC_SIZE
-        or any(not 0 <= e < cap for e in entries[:n])
-    ):
-        raise ValueError("journal stage: bad entry size or entry")
+    _check_entries(slot, entry_size, entries[:n], "stage")
     for i in range(n):
         off, ln = index[2 * i], index[2 * i + 1]
         if ln < DESC_SIZE or off + ln > buf.nbytes:
@@ -113,13 +118,7 @@ def _py_stage(
 
 def _py_set_states(slot: memoryview, entry_size: int, entries: Sequence[int], state: int) -> None:
     """Twin of vmb_journal_set_states."""
-    cap = (slot.nbytes - HEADER_SIZE) // entry_size
-    if (
-        entry_size % 8
-        or entry_size < ENTRY_HEADER + DESC_SIZE
-        or any(not 0 <= e < cap for e in entries)
-    ):
-        raise ValueError("journal set_states: bad entry size or entry")
+    _check_entries(slot, entry_size, entries, "set_states")
     for e in entries:
         base = HEADER_SIZE + e * entry_size
         if state == COMPLETING and _U32.unpack_from(slot, base)[0] == REPLY:
